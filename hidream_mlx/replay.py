@@ -13,6 +13,9 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
+from .patches import patches_to_image
+from .pipeline import Conditioning, PromptState, sample, schedule_for
+from .recipes import Recipe, get_recipe
 from .transformer import HiDreamO1
 
 
@@ -29,15 +32,63 @@ def prefix_length(token_types: np.ndarray) -> int:
     return n
 
 
+def recorded_state(model: HiDreamO1, input_ids, position_ids, token_types) -> PromptState:
+    """A prompt's prefix cache and generation positions, from recorded ids and positions."""
+    positions = np.asarray(position_ids).reshape(3, -1)
+    n_prefix = prefix_length(token_types)
+    cache = model.encode_prefix(mx.array(np.asarray(input_ids).reshape(1, -1)[:, :n_prefix]),
+                                positions[:, :n_prefix])
+    return PromptState(cache, positions[:, n_prefix:])
+
+
 def predict_recorded(model: HiDreamO1, input_ids, position_ids, token_types, vinputs, timestep,
                      num_target: int | None = None) -> np.ndarray:
     """x_pred for one recorded forward: prefix cache, then the generation tokens."""
-    positions = np.asarray(position_ids).reshape(3, -1)
-    n_prefix = prefix_length(token_types)
-    cache = model.encode_prefix(mx.array(np.asarray(input_ids)[:, :n_prefix]), positions[:, :n_prefix])
-    out = model.denoise(cache, mx.array(np.asarray(timestep, np.float32)), mx.array(vinputs),
-                        positions[:, n_prefix:], num_target=num_target)
+    state = recorded_state(model, input_ids, position_ids, token_types)
+    out = model.denoise(state.cache, mx.array(np.asarray(timestep, np.float32)), mx.array(vinputs),
+                        state.positions, num_target=num_target)
     return np.array(out)
+
+
+def run_recorded(model: HiDreamO1, cond: Conditioning, recipe: Recipe, z0: np.ndarray,
+                 noise_raw: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Free-running sampling from a recorded z[0]; returns every z and the final image."""
+    step_noise = None if noise_raw is None else (lambda i, shape: mx.array(noise_raw[i]))
+    zs = [np.asarray(z0, np.float32)]
+    for step in sample(model, cond, recipe, mx.array(z0), step_noise=step_noise):
+        mx.eval(step.latent)
+        zs.append(np.array(step.latent))
+    return {"z": np.stack(zs), "image": np.asarray(zs[-1][0])}
+
+
+def _image(z: np.ndarray, data) -> np.ndarray:
+    h, w, _ = data["image"].shape
+    return patches_to_image(z, h, w)
+
+
+def replay_dev(model: HiDreamO1, data, model_dir: Path) -> dict[str, np.ndarray]:
+    steps = len(data["timesteps"])
+    recipe = get_recipe("dev")
+    recipe = recipe.with_overrides(steps=steps, s_noise=float(data["s_noise"][0]))
+    if not np.array_equal(schedule_for(recipe).timesteps, data["timesteps"]):
+        raise ReplayError("dev_sampling: recorded timesteps are not the distilled Dev timesteps")
+    cond = Conditioning(recorded_state(model, data["input_ids"], data["position_ids"], data["token_types"]))
+    out = run_recorded(model, cond, recipe, data["z"][0], data["noise_raw"])
+    out["image"] = _image(out["image"], data)
+    return out
+
+
+def replay_full(model: HiDreamO1, data, model_dir: Path) -> dict[str, np.ndarray]:
+    recipe = get_recipe("full").with_overrides(steps=len(data["timesteps"]))
+    if not np.array_equal(schedule_for(recipe).timesteps, data["timesteps"]):
+        raise ReplayError("full_sampling: recorded timesteps are not those of the Full recipe (UniPC, shift 3)")
+    cond = Conditioning(
+        recorded_state(model, data["input_ids_cond"], data["position_ids_cond"], data["token_types_cond"]),
+        recorded_state(model, data["input_ids_uncond"], data["position_ids_uncond"], data["token_types_uncond"]),
+    )
+    out = run_recorded(model, cond, recipe, data["z"][0])
+    out["image"] = _image(out["image"], data)
+    return out
 
 
 def _forward_prefixes(data) -> list[str]:
@@ -70,7 +121,11 @@ def detect_format(data) -> str:
                       "full_sampling, edit_forward or flow_match_sampling")
 
 
-REPLAYERS: dict[str, Callable] = {"forward_t2i": replay_forward}
+REPLAYERS: dict[str, Callable] = {
+    "forward_t2i": replay_forward,
+    "dev_sampling": replay_dev,
+    "full_sampling": replay_full,
+}
 
 
 def replay_case(model: HiDreamO1, case: Path, model_dir: Path) -> dict[str, np.ndarray]:

@@ -1,0 +1,535 @@
+"""Reference images on the prompt side: editing and subject-driven generation with 1..10 refs.
+
+Each reference enters the sequence twice, as the official pipeline does it:
+
+* as **ref patches**: resized (how much depends on the number of references) to a multiple of
+  32 px, in [-1, 1], cut into 32x32 patches appended after the target patches;
+* as a **conditioning image** for the Qwen3-VL vision tower: that resized ref resized again with
+  LANCZOS to about 384^2 (smaller for many refs), turned into ``pixel_values`` by the Qwen3-VL
+  image processor; its merged features replace the ``<|image_pad|>`` tokens of the prompt.
+
+Optionally a layout image (coloured boxes on black, boxes given as relative [x1, x2, y1, y2])
+is added as one more reference and each ref gets a border in its box's colour.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .config import FIX_POINT, PATCH_SIZE, TMS_TOKEN_ID
+from .patches import from_uint8, patchify
+from .prompt import chat_text
+
+MAX_REFERENCES = 10
+CONDITION_IMAGE_SIZE = 384
+KEEP_ASPECT_MAX_SIZE = 2048
+MAX_LAYOUT_BOXES = 5
+LAYOUT_COLORS = (
+    (255, 0, 0), (0, 180, 0), (0, 0, 255), (204, 180, 0), (255, 0, 255),
+    (0, 255, 255), (128, 0, 0), (0, 128, 0), (0, 0, 128), (128, 128, 0),
+)  # fmt: skip
+
+ImageLike = Union[str, Path, Image.Image]
+
+
+# ---------------------------------------------------------------------------------- inputs
+
+
+def check_reference_count(count: int) -> None:
+    if count > MAX_REFERENCES:
+        raise ValueError(f"at most {MAX_REFERENCES} reference images are supported, got {count}")
+
+
+def load_reference_images(sources: Sequence[ImageLike]) -> list[Image.Image]:
+    """Open paths (or take PIL images) as RGB, rejecting too many refs and unreadable files."""
+    check_reference_count(len(sources))
+    images = []
+    for source in sources:
+        if isinstance(source, Image.Image):
+            images.append(source.convert("RGB"))
+            continue
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"reference image not found: {path}")
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+            raise ValueError(f"reference image {path} is not a readable image ({type(e).__name__})") from None
+    return images
+
+
+# ----------------------------------------------------------------------------------- sizes
+
+
+def reference_max_size(num_refs: int, height: int, width: int) -> int:
+    """Side of the square whose area each resized ref gets: fewer pixels as refs add up."""
+    side = max(height, width)
+    if num_refs <= 1:
+        return side
+    if num_refs == 2:
+        return side * 48 // 64
+    if num_refs <= 4:
+        return side // 2
+    if num_refs <= 8:
+        return side * 24 // 64
+    return side // 4
+
+
+def condition_image_size(num_refs: int) -> int:
+    if num_refs <= 4:
+        return CONDITION_IMAGE_SIZE
+    if num_refs <= 8:
+        return CONDITION_IMAGE_SIZE * 48 // 64
+    return CONDITION_IMAGE_SIZE // 2
+
+
+def resize_reference(
+    image: Image.Image, max_size: int, patch_size: int = PATCH_SIZE, resample=Image.BICUBIC
+) -> Image.Image:
+    """Scale to an area of at most max_size^2 with sides multiple of patch_size, keeping the
+    aspect by a centred crop (the official ``resize_pilimage``)."""
+    while min(image.size) >= 2 * max_size:
+        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
+    width, height = image.size
+    area = max_size * max_size
+    scale = math.sqrt(area / (width * height))
+    m = patch_size
+    candidates = [
+        (round(width * scale) // m * m, round(height * scale) // m * m),
+        (round(width * scale) // m * m, math.floor(height * scale) // m * m),
+        (math.floor(width * scale) // m * m, round(height * scale) // m * m),
+        (math.floor(width * scale) // m * m, math.floor(height * scale) // m * m),
+    ]
+    candidates.sort(key=lambda size: size[0] * size[1], reverse=True)
+    new_w, new_h = next((size for size in candidates if size[0] * size[1] <= area), candidates[-1])
+    if new_w == 0 or new_h == 0:
+        raise ValueError(f"reference image {width}x{height} is too elongated to resize to {max_size}^2 pixels")
+    # Same float expressions as the reference, so ties round the same way.
+    s1, s2 = width / new_w, height / new_h
+    if s1 < s2:
+        scaled_h = round(height / s1)
+        image = image.resize((new_w, scaled_h), resample=resample)
+        top = (scaled_h - new_h) // 2
+        return image.crop((0, top, new_w, top + new_h))
+    scaled_w = round(width / s2)
+    image = image.resize((scaled_w, new_h), resample=resample)
+    left = (scaled_w - new_w) // 2
+    return image.crop((left, 0, left + new_w, new_h))
+
+
+def condition_dimensions(max_size: int, ratio: float) -> tuple[int, int]:
+    """(width, height) of area about max_size^2 with the given width/height ratio, multiples of 32."""
+    width = math.sqrt(max_size * max_size * ratio)
+    height = width / ratio
+    return int(width / 32) * 32, int(height / 32) * 32
+
+
+def condition_image(resized_ref: Image.Image, num_refs: int) -> Image.Image:
+    """The copy of a resized ref that the vision tower reads."""
+    cond_w, cond_h = condition_dimensions(condition_image_size(num_refs), resized_ref.width / resized_ref.height)
+    if cond_w == 0 or cond_h == 0:
+        raise ValueError(f"reference image {resized_ref.width}x{resized_ref.height} is too elongated")
+    return resized_ref.resize((cond_w, cond_h), resample=Image.LANCZOS)
+
+
+# ----------------------------------------------------------------- Qwen3-VL image processor
+
+
+@dataclass(frozen=True)
+class ImageProcessorConfig:
+    """The fields of ``preprocessor_config.json`` (Qwen2VLImageProcessor) that matter here."""
+
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    min_pixels: int = 65536
+    max_pixels: int = 16777216
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    rescale_factor: float = 1 / 255
+    resample: int = 3
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ImageProcessorConfig":
+        size = data.get("size") or {}
+        defaults = cls()
+        return cls(
+            patch_size=int(data.get("patch_size", defaults.patch_size)),
+            temporal_patch_size=int(data.get("temporal_patch_size", defaults.temporal_patch_size)),
+            merge_size=int(data.get("merge_size", defaults.merge_size)),
+            # Explicit min/max_pixels override `size`, as in transformers.
+            min_pixels=int(data.get("min_pixels") or size.get("shortest_edge") or defaults.min_pixels),
+            max_pixels=int(data.get("max_pixels") or size.get("longest_edge") or defaults.max_pixels),
+            image_mean=tuple(float(v) for v in data.get("image_mean", defaults.image_mean)),
+            image_std=tuple(float(v) for v in data.get("image_std", defaults.image_std)),
+            rescale_factor=float(data.get("rescale_factor", defaults.rescale_factor)),
+            resample=int(data.get("resample", defaults.resample)),
+        )
+
+    @classmethod
+    def from_file(cls, path: Union[str, Path]) -> "ImageProcessorConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(height, width) nearest to the input with sides multiple of factor and area in bounds."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"image {width}x{height}: aspect ratio must be below 200")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def image_to_vision_patches(image: Image.Image, config: ImageProcessorConfig) -> tuple[np.ndarray, np.ndarray]:
+    """One RGB image -> (rows [grid_h*grid_w, C*T*P*P] in merge order, grid (1, grid_h, grid_w))."""
+    p, m, t = config.patch_size, config.merge_size, config.temporal_patch_size
+    height, width = smart_resize(image.height, image.width, p * m, config.min_pixels, config.max_pixels)
+    if (width, height) != image.size:
+        image = image.resize((width, height), resample=Image.Resampling(config.resample))
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64) * config.rescale_factor
+    mean = np.asarray(config.image_mean, dtype=np.float32)
+    std = np.asarray(config.image_std, dtype=np.float32)
+    x = ((pixels.astype(np.float32) - mean) / std).transpose(2, 0, 1)
+    channels = x.shape[0]
+    gh, gw = height // p, width // p
+    x = x.reshape(channels, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+    # A still image is its own temporal_patch_size frames.
+    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))
+    return x.reshape(gh * gw, channels * t * p * p), np.array([1, gh, gw], dtype=np.int64)
+
+
+def vision_inputs(images: Sequence[Image.Image], config: ImageProcessorConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Conditioning images -> (pixel_values [L, C*T*P*P] float32, image_grid_thw [n, 3] int64)."""
+    rows, grids = zip(*(image_to_vision_patches(image, config) for image in images))
+    return np.concatenate(rows).astype(np.float32), np.stack(grids)
+
+
+def image_token_counts(image_grid_thw: np.ndarray, merge_size: int) -> list[int]:
+    """How many ``<|image_pad|>`` tokens stand for each conditioning image in the prompt."""
+    grid = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
+    return (grid.prod(axis=1) // merge_size**2).tolist()
+
+
+# ----------------------------------------------------------------------------- ref patches
+
+
+def reference_patches(resized_refs: Sequence[Image.Image], patch_size: int = PATCH_SIZE) -> np.ndarray:
+    """Resized refs -> their 32x32 patches in [-1, 1], concatenated [sum N_i, 3*p*p]."""
+    return np.concatenate([patchify(from_uint8(np.asarray(ref)), patch_size) for ref in resized_refs])
+
+
+# ----------------------------------------------------------------------------- prompt text
+
+
+def edit_prompt_text(prompt: str, token_counts: Sequence[int]) -> str:
+    """The full text of an editing prompt, ``<|image_pad|>`` already repeated per reference,
+    ending with ``<|boi_token|><|tms_token|>``."""
+    vision = "".join(f"<|vision_start|>{'<|image_pad|>' * n}<|vision_end|>" for n in token_counts)
+    return chat_text(vision + prompt)
+
+
+# ------------------------------------------------------------------------------- positions
+
+
+def rope_index(
+    input_ids,
+    image_grid_thw,
+    skip_vision_start: Sequence[int],
+    *,
+    image_token_id: int,
+    vision_start_token_id: int,
+    spatial_merge_size: int = 1,
+    fix_point: int = FIX_POINT,
+) -> tuple[np.ndarray, int]:
+    """MRoPE positions [3, L] and delta (max position + 1 - L) of a sequence whose image blocks
+    are ``<|vision_start|>`` followed by image tokens (the official ``get_rope_index_fix_point``).
+
+    Text runs count up on all three axes from one past the largest position so far. An image
+    block with skip 0 is a Qwen-VL image: its vision_start is text and its tokens sit at
+    (t, h, w) offset past that text. With skip 1 the vision_start token is the block's first
+    image token; the first such block is anchored at ``fix_point`` and later ones continue one
+    past the largest position so far.
+    """
+    ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+    grid = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
+    first_image_tokens = np.flatnonzero((ids[:-1] == vision_start_token_id) & (ids[1:] == image_token_id)) + 1
+    if len(first_image_tokens) != len(grid) or len(skip_vision_start) != len(grid):
+        raise ValueError(
+            f"sequence has {len(first_image_tokens)} image blocks but {len(grid)} grids "
+            f"and {len(skip_vision_start)} skip flags"
+        )
+    pieces, cursor, next_pos, anchor = [], 0, 0, fix_point
+    for ed, (t, h, w), skip in zip(first_image_tokens.tolist(), grid.tolist(), skip_vision_start):
+        h, w = h // spatial_merge_size, w // spatial_merge_size
+        text_len = max(0, ed - cursor - int(skip))
+        pieces.append(np.broadcast_to(np.arange(text_len, dtype=np.int64) + next_pos, (3, text_len)))
+        thw = np.stack([a.reshape(-1) for a in np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")])
+        if skip and anchor > 0:
+            offset, anchor = anchor, 0
+        elif skip:
+            offset = next_pos
+        else:
+            offset = next_pos + text_len
+        pieces.append(thw + offset)
+        next_pos = max(int(piece.max()) for piece in pieces if piece.size) + 1
+        cursor = ed + t * h * w
+    if cursor < len(ids):
+        pieces.append(np.broadcast_to(np.arange(len(ids) - cursor, dtype=np.int64) + next_pos, (3, len(ids) - cursor)))
+    positions = np.concatenate(pieces, axis=1)
+    if positions.shape[1] != len(ids):
+        raise ValueError(f"image blocks do not match their grids ({positions.shape[1]} positions for {len(ids)} tokens)")
+    return positions, int(positions.max()) + 1 - len(ids)
+
+
+@dataclass(frozen=True)
+class EditSequence:
+    """Positions and attention types of text ++ target patches ++ ref patches (length L)."""
+
+    position_ids: np.ndarray  # [3, L] int64
+    token_types: np.ndarray  # [L] int64: 0 text (causal), 1 tms + target + ref patches (full)
+    vinput_mask: np.ndarray  # [L] bool: target and ref patches (the rows fed with vinputs)
+    text_len: int
+    num_target: int
+    num_ref: int
+
+
+def edit_sequence(
+    input_ids,
+    image_grid_thw,
+    target_hw: tuple[int, int],
+    ref_grids: Sequence[tuple[int, int]],
+    *,
+    image_token_id: int,
+    vision_start_token_id: int,
+    spatial_merge_size: int,
+    patch_size: int = PATCH_SIZE,
+) -> EditSequence:
+    """Positions and types for an editing sequence.
+
+    ``input_ids`` [T] is the tokenized ``edit_prompt_text`` (ending with the tms token);
+    ``image_grid_thw`` the processor grids of the conditioning images; ``target_hw`` the target
+    size in pixels; ``ref_grids`` the (rows, cols) of 32 px patches of each resized ref.
+    """
+    ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+    cond_grid = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3).copy()
+    if ids[-1] != TMS_TOKEN_ID:
+        raise ValueError("editing input_ids must end with <|tms_token|>")
+    if len(ref_grids) != len(cond_grid):
+        raise ValueError(f"{len(ref_grids)} ref patch grids for {len(cond_grid)} conditioning images")
+    pads = int((ids == image_token_id).sum())
+    expected_pads = sum(image_token_counts(cond_grid, spatial_merge_size))
+    if pads != expected_pads:
+        raise ValueError(f"prompt has {pads} <|image_pad|> tokens, the conditioning images need {expected_pads}")
+
+    cond_grid[:, 1:] //= spatial_merge_size
+    height, width = target_hw
+    target_grid = np.array([[1, height // patch_size, width // patch_size]], dtype=np.int64)
+    ref_grid = np.array([[1, rows, cols] for rows, cols in ref_grids], dtype=np.int64).reshape(-1, 3)
+    block_lengths = np.concatenate([target_grid, ref_grid]).prod(axis=1)
+    blocks = np.full(int(block_lengths.sum()), image_token_id, dtype=np.int64)
+    blocks[np.concatenate([[0], np.cumsum(block_lengths)[:-1]])] = vision_start_token_id
+
+    num_refs = len(cond_grid)
+    positions, _ = rope_index(
+        np.concatenate([ids, blocks]),
+        np.concatenate([cond_grid, target_grid, ref_grid]),
+        [0] * num_refs + [1] + [1] * num_refs,
+        image_token_id=image_token_id,
+        vision_start_token_id=vision_start_token_id,
+        spatial_merge_size=1,
+    )
+    text_len, num_target, num_ref = len(ids), int(block_lengths[0]), int(block_lengths[1:].sum())
+    token_types = np.zeros(positions.shape[1], dtype=np.int64)
+    token_types[text_len - 1 :] = 1
+    vinput_mask = np.zeros(positions.shape[1], dtype=bool)
+    vinput_mask[text_len:] = True
+    return EditSequence(positions, token_types, vinput_mask, text_len, num_target, num_ref)
+
+
+# ---------------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class LayoutBox:
+    bbox: tuple[int, int, int, int]  # absolute (x1, y1, x2, y2) in target pixels
+    text: str = ""
+
+
+def _layout_items(spec: Any) -> list:
+    if isinstance(spec, (str, Path)):
+        path = Path(spec)
+        try:
+            is_file = path.is_file()
+        except OSError:  # a JSON string too long to be a path
+            is_file = False
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8") if is_file else str(spec))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"layout boxes are neither valid JSON nor a JSON file ({e.msg})") from None
+    if isinstance(spec, dict):
+        spec = next((spec[k] for k in ("layout_bboxes", "bboxes", "boxes", "bbox_list") if k in spec), spec)
+    if not isinstance(spec, list) or not spec:
+        raise ValueError("layout boxes must be a non-empty list of [x1, x2, y1, y2] or {'bbox': ..., 'text': ...}")
+    return spec
+
+
+def _to_absolute(values: Any, width: int, height: int, index: int) -> tuple[int, int, int, int]:
+    if (
+        not isinstance(values, (list, tuple))
+        or len(values) != 4
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    ):
+        raise ValueError(f"layout box {index}: expected 4 numbers [x1, x2, y1, y2], got {values!r}")
+    x1, x2, y1, y2 = (float(v) for v in values)
+    largest = max(x1, x2, y1, y2)
+    if min(x1, x2, y1, y2) < 0 or largest > 100:
+        raise ValueError(f"layout box {index}: {list(values)} out of range (relative 0..1, or percent 0..100)")
+    scale = 1.0 if largest <= 1.0 else 0.01
+    x1, x2 = sorted((x1 * scale * width, x2 * scale * width))
+    y1, y2 = sorted((y1 * scale * height, y2 * scale * height))
+    x1, x2 = (min(width - 1, int(round(v))) for v in (x1, x2))
+    y1, y2 = (min(height - 1, int(round(v))) for v in (y1, y2))
+    if x2 <= x1 or y2 <= y1:
+        raise ValueError(f"layout box {index}: {list(values)} is empty at {width}x{height}")
+    return x1, y1, x2, y2
+
+
+def parse_layout_boxes(spec: Any, width: int, height: int) -> list[LayoutBox]:
+    """Boxes from a JSON string, a JSON file path, a list or a dict holding one: each item is
+    [x1, x2, y1, y2] (relative; 0..100 read as percent) or {"bbox"/"box": ..., "text"/"label": ...}."""
+    boxes = []
+    for index, item in enumerate(_layout_items(spec)):
+        if isinstance(item, dict):
+            values = item.get("bbox") or item.get("box")
+            if values is None:
+                raise ValueError(f"layout box {index}: missing 'bbox'")
+            text = str(item.get("text") or item.get("label") or "")
+        else:
+            values, text = item, ""
+        boxes.append(LayoutBox(_to_absolute(values, width, height, index), text))
+    return boxes
+
+
+def draw_layout(boxes: Sequence[LayoutBox], width: int, height: int) -> tuple[Image.Image, list]:
+    """Black image with the largest MAX_LAYOUT_BOXES boxes outlined, thickest first; returns it
+    and each box's colour (None for boxes not drawn), in input order."""
+    from PIL import ImageDraw
+
+    max_line = int(math.sqrt(width * height) * 0.05)
+    gap = max(1, max_line // MAX_LAYOUT_BOXES)
+    image = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    colors: list = [None] * len(boxes)
+
+    def area(i: int) -> int:
+        x1, y1, x2, y2 = boxes[i].bbox
+        return (x2 - x1) * (y2 - y1)
+
+    largest_first = sorted(range(len(boxes)), key=area, reverse=True)[:MAX_LAYOUT_BOXES]
+    for rank, i in enumerate(largest_first):
+        colors[i] = LAYOUT_COLORS[rank % len(LAYOUT_COLORS)]
+        draw.rectangle(list(boxes[i].bbox), outline=colors[i], width=max(max_line - rank * gap, 5))
+    return image, colors
+
+
+def add_border(image: Image.Image, color: Sequence[int], width: int) -> Image.Image:
+    """A frame of ``width`` pixels drawn inside the image (size unchanged)."""
+    pixels = np.array(image.convert("RGB"))
+    if width > 0:
+        for region in (np.s_[:width, :], np.s_[-width:, :], np.s_[:, :width], np.s_[:, -width:]):
+            pixels[region] = color
+    return Image.fromarray(pixels)
+
+
+def layout_reference_images(
+    refs: Sequence[Image.Image],
+    boxes: Sequence[LayoutBox],
+    width: int,
+    height: int,
+    ref_max_size: int,
+    patch_size: int = PATCH_SIZE,
+) -> list[Image.Image]:
+    """Each ref resized and framed in its box's colour, then the layout image itself."""
+    layout, colors = draw_layout(boxes, width, height)
+    framed = []
+    for i, ref in enumerate(refs):
+        ref = resize_reference(ref, ref_max_size, patch_size)
+        color = colors[i] if i < len(colors) and colors[i] is not None else LAYOUT_COLORS[i % len(LAYOUT_COLORS)]
+        framed.append(add_border(ref, color, int(math.sqrt(ref.width * ref.height) * 0.04)))
+    return framed + [layout]
+
+
+# --------------------------------------------------------------------------------- together
+
+
+@dataclass(frozen=True)
+class ReferenceInputs:
+    """Everything the transformer needs from the references, prompt aside."""
+
+    height: int  # target size (changed only by keep_original_aspect)
+    width: int
+    resized_refs: list  # PIL images, sides multiple of 32 (the layout image last, if any)
+    condition_images: list  # PIL images read by the vision tower
+    pixel_values: np.ndarray  # [L, C*T*P*P] float32
+    image_grid_thw: np.ndarray  # [K, 3] int64, in 16 px patches
+    ref_patches: np.ndarray  # [sum N_i, 3072] float32 in [-1, 1]
+    ref_grids: list  # (rows, cols) of 32 px patches per ref
+    token_counts: list  # <|image_pad|> tokens per ref
+
+
+def prepare_references(
+    images: Sequence[ImageLike],
+    height: int,
+    width: int,
+    processor: ImageProcessorConfig,
+    *,
+    layout_boxes: Any = None,
+    keep_original_aspect: bool = False,
+) -> ReferenceInputs:
+    """The official pipeline's reference handling for 1..10 refs (plus an optional layout).
+
+    With ``keep_original_aspect`` and exactly one ref, the ref is resized to about 2048^2 and the
+    target takes its size; layout boxes are then ignored, as in the official pipeline.
+    """
+    refs = load_reference_images(images)
+    if not refs:
+        raise ValueError("prepare_references needs at least one reference image")
+    if keep_original_aspect and len(refs) == 1:
+        resized = [resize_reference(refs[0], KEEP_ASPECT_MAX_SIZE)]
+        width, height = resized[0].size
+    else:
+        boxes = parse_layout_boxes(layout_boxes, width, height) if layout_boxes is not None else None
+        num_refs = len(refs) + (boxes is not None)
+        max_size = reference_max_size(num_refs, height, width)
+        if boxes is not None:
+            refs = layout_reference_images(refs, boxes, width, height, max_size)
+        resized = [resize_reference(ref, max_size) for ref in refs]
+    conditions = [condition_image(ref, len(resized)) for ref in resized]
+    pixel_values, grid = vision_inputs(conditions, processor)
+    return ReferenceInputs(
+        height=height,
+        width=width,
+        resized_refs=resized,
+        condition_images=conditions,
+        pixel_values=pixel_values,
+        image_grid_thw=grid,
+        ref_patches=reference_patches(resized),
+        ref_grids=[(ref.height // PATCH_SIZE, ref.width // PATCH_SIZE) for ref in resized],
+        token_counts=image_token_counts(grid, processor.merge_size),
+    )
