@@ -103,6 +103,17 @@ def encode(model: HiDreamO1, tokenizer: Tokenizer, prompt: str, height: int, wid
     return Conditioning(cond, uncond)
 
 
+def encode_synthetic(model: HiDreamO1, prompt: str, height: int, width: int, guidance: float) -> Conditioning:
+    """Like ``encode`` for tokenizer-less (random-weight) models: about one token per word."""
+    from .synthetic import synthetic_prompt_ids
+
+    grid = grid_size(height, width)
+    text_len = 14 + len(prompt.split()) * 4 // 3  # chat template overhead + words
+    cond = encode_prompt_state(model, synthetic_prompt_ids(text_len), grid)
+    uncond = encode_prompt_state(model, synthetic_prompt_ids(13, seed=1), grid) if guidance > 1.0 else None
+    return Conditioning(cond, uncond)
+
+
 def initial_latent(noise, recipe: Recipe, height: int, width: int) -> mx.array:
     """``noise_scale * N(0,1)`` drawn as a (1, 3, H, W) image, then patchified, as the reference."""
     image = noise.initial((3, height, width))

@@ -18,13 +18,13 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .config import FIX_POINT, PATCH_SIZE, TMS_TOKEN_ID
-from .patches import from_uint8, patchify
+from .patches import patchify
 from .prompt import chat_text
 
 MAX_REFERENCES = 10
@@ -229,9 +229,16 @@ def image_token_counts(image_grid_thw: np.ndarray, merge_size: int) -> list[int]
 # ----------------------------------------------------------------------------- ref patches
 
 
+def to_unit_range(image: Image.Image) -> np.ndarray:
+    """RGB image -> float32 [3, H, W] in [-1, 1], rounding exactly as the reference's
+    ToDtype(scale=True) (multiply by 1/255) then Normalize(0.5, 0.5)."""
+    x = np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)
+    return (x * np.float32(1 / 255) - np.float32(0.5)) / np.float32(0.5)
+
+
 def reference_patches(resized_refs: Sequence[Image.Image], patch_size: int = PATCH_SIZE) -> np.ndarray:
     """Resized refs -> their 32x32 patches in [-1, 1], concatenated [sum N_i, 3*p*p]."""
-    return np.concatenate([patchify(from_uint8(np.asarray(ref)), patch_size) for ref in resized_refs])
+    return np.concatenate([patchify(to_unit_range(ref), patch_size) for ref in resized_refs])
 
 
 # ----------------------------------------------------------------------------- prompt text
@@ -287,7 +294,7 @@ def rope_index(
         else:
             offset = next_pos + text_len
         pieces.append(thw + offset)
-        next_pos = max(int(piece.max()) for piece in pieces if piece.size) + 1
+        next_pos = max(next_pos + text_len, offset + int(thw.max()) + 1)
         cursor = ed + t * h * w
     if cursor < len(ids):
         pieces.append(np.broadcast_to(np.arange(len(ids) - cursor, dtype=np.int64) + next_pos, (3, len(ids) - cursor)))

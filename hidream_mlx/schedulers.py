@@ -39,6 +39,11 @@ class Schedule:
     timesteps: np.ndarray
     sigmas: np.ndarray
 
+    def __post_init__(self):
+        # Shared by every run of a sampler, so nothing may change it in place.
+        self.timesteps.setflags(write=False)
+        self.sigmas.setflags(write=False)
+
     def __len__(self) -> int:
         return len(self.timesteps)
 

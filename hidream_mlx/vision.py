@@ -161,7 +161,8 @@ class VisionTower(nn.Module):
         (merged embeddings [L/merge^2, out_hidden], one [L/merge^2, out_hidden] per deepstack index)."""
         grid = _as_grid(grid_thw)
         self._check_inputs(pixel_values, grid)
-        x = self.patch_embed(pixel_values.astype(self.patch_embed.proj.weight.dtype))
+        # The bias keeps the compute dtype even if the projection weight is ever quantized.
+        x = self.patch_embed(pixel_values.astype(self.patch_embed.proj.bias.dtype))
         x = x + self.position_embeddings(grid).astype(x.dtype)
         cos, sin = self.rotary_cos_sin(grid)
         frame_lengths = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])
@@ -178,7 +179,8 @@ class VisionTower(nn.Module):
 
     def _check_inputs(self, pixel_values: mx.array, grid: np.ndarray) -> None:
         expected = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
-        patch_dim = self.patch_embed.proj.weight.shape[1]
+        c = self.config
+        patch_dim = c.in_channels * c.temporal_patch_size * c.patch_size**2
         if pixel_values.ndim != 2 or tuple(pixel_values.shape) != (expected, patch_dim):
             raise ValueError(
                 f"pixel_values must be [{expected}, {patch_dim}] for image_grid_thw {grid.tolist()}, "

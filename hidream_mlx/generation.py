@@ -1,0 +1,158 @@
+"""One image from a request: load once, encode the prompt, sample, and report what ran.
+
+This is the library face of ``hidream-mlx generate`` and of the eval harness: ``Engine`` holds
+a loaded model; ``Engine.run`` evaluates and times every step (``on_step`` is where a progress
+bar or a preview writer hooks in) and returns the image with its reproducibility metadata.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import mlx.core as mx
+import numpy as np
+
+from . import __version__
+from .loading import load_model, parse_dtype, read_config, resolve_model_path
+from .noise import make_noise_source
+from .patches import patches_to_image
+from .pipeline import Conditioning, Step, encode, encode_synthetic, initial_latent, sample
+from .prompt import Tokenizer
+from .recipes import Recipe, get_recipe, recipe_for_model
+from .seams import blend_seams
+from .transformer import HiDreamO1
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    width: int
+    height: int
+    seed: int
+    recipe: Recipe
+    noise: str = "torch"
+    blend_seams: int = 0
+    size_note: str = ""
+    references: tuple[str, ...] = ()
+
+    def metadata(self) -> dict:
+        return {
+            "prompt": self.prompt,
+            "seed": self.seed,
+            "width": self.width,
+            "height": self.height,
+            "recipe": self.recipe.name,
+            "official_recipe": self.recipe.official,
+            "steps": self.recipe.steps,
+            "guidance": self.recipe.guidance,
+            "recipe_settings": self.recipe.settings(),
+            "noise": self.noise,
+            "blend_seams": self.blend_seams,
+            "references": list(self.references),
+        }
+
+
+@dataclass
+class Result:
+    image: np.ndarray  # uint8 HWC
+    request: Request
+    step_times: list[float]
+    encode_time: float
+    total_time: float
+    peak_memory: int  # bytes, MLX's peak during this image
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def seconds_per_step(self) -> float:
+        return float(np.median(self.step_times)) if self.step_times else 0.0
+
+
+class Engine:
+    """A loaded model with its tokenizer and what it says about itself.
+
+    ``Engine.load`` reads a folder or repo id; ``Engine(model)`` wraps a model built in memory
+    (random weights for benchmarks), in which case prompts become synthetic token ids.
+    """
+
+    def __init__(self, model: HiDreamO1, tokenizer: Optional[Tokenizer] = None, name: str = "in-memory",
+                 stored: Optional[dict] = None, quantization: Optional[dict] = None, dtype: str = "float32",
+                 load_time: float = 0.0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_arg = name
+        self.stored = stored or {}
+        self.quantization = quantization
+        self.dtype = dtype
+        self.load_time = load_time
+        self.default_recipe = recipe_for_model(name, self.stored)
+
+    @classmethod
+    def load(cls, model_arg: str, dtype: str = "bfloat16", quantize_bits: Optional[int] = None,
+             lazy: bool = False) -> "Engine":
+        start = time.perf_counter()
+        path = resolve_model_path(model_arg)
+        config = read_config(path)
+        quantizer = None
+        if config.quantization or quantize_bits:
+            from .quantization import skeleton_quantizer
+
+            quantizer = skeleton_quantizer(config, quantize_bits)
+        model = load_model(path, dtype=parse_dtype(dtype), lazy=lazy, quantize=quantizer)
+        quantization = quantizer.description if quantizer is not None else None
+        return cls(model, Tokenizer(path), model_arg, config.hidream, quantization, dtype,
+                   time.perf_counter() - start)
+
+    def describe(self) -> dict:
+        return {
+            "model": self.stored.get("source") or self.model_arg,
+            "dtype": self.dtype,
+            "quantization": self.quantization,
+            "tool_version": __version__,
+        }
+
+    def recipe(self, name: Optional[str] = None) -> Recipe:
+        return get_recipe(name or self.default_recipe)
+
+    def encode(self, request: Request) -> Conditioning:
+        if self.tokenizer is None:
+            return encode_synthetic(self.model, request.prompt, request.height, request.width,
+                                    request.recipe.guidance)
+        return encode(self.model, self.tokenizer, request.prompt, request.height, request.width,
+                      request.recipe.guidance)
+
+    def steps(self, request: Request, cond: Conditioning) -> Iterator[Step]:
+        noise = make_noise_source(request.noise, request.seed)
+        z0 = initial_latent(noise, request.recipe, request.height, request.width)
+        return sample(self.model, cond, request.recipe, z0, noise=noise)
+
+    def run(self, request: Request, on_step: Optional[Callable[[Step, float], None]] = None) -> Result:
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        cond = self.encode(request)
+        mx.eval(cond.arrays)
+        encode_time = time.perf_counter() - start
+        step_times, latent = [], None
+        for step in self.steps(request, cond):
+            t0 = time.perf_counter()
+            mx.eval(step.latent, step.preview)
+            step_times.append(time.perf_counter() - t0)
+            latent = step.latent
+            if on_step is not None:
+                on_step(step, step_times[-1])
+        del cond
+        image = patches_to_image(np.array(latent), request.height, request.width)
+        if request.blend_seams:
+            image = blend_seams(image, request.blend_seams)
+        total = time.perf_counter() - start
+        peak = mx.get_peak_memory()
+        mx.clear_cache()
+        meta = {**request.metadata(), **self.describe()}
+        return Result(image, request, step_times, encode_time, total, peak, meta)
+
+
+def preview_image(step: Step, request: Request) -> np.ndarray:
+    """The model's x0 prediction at ``step`` as an image (it predicts the clean image every step)."""
+    return patches_to_image(np.array(step.preview), request.height, request.width)
