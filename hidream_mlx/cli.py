@@ -72,6 +72,30 @@ def replay(model_path, case_path, out_path, overwrite):
 
 
 DEFAULT_MODEL = "HiDream-ai/HiDream-O1-Image-Dev"
+# Editing below about 2 MP is known to give noise with the released checkpoints.
+EDIT_MIN_PIXELS = 2_000_000
+
+
+def _check_references(refs, layout, keep_aspect, width, height):
+    """Validate reference options before any model loads; returns the layout as JSON text."""
+    from .references import load_reference_images, parse_layout_boxes
+
+    if not refs:
+        if layout or keep_aspect:
+            raise ValueError(f"{'--layout' if layout else '--keep-aspect'} needs at least one --ref image")
+        return None
+    load_reference_images(list(refs))
+    if keep_aspect and len(refs) != 1:
+        raise ValueError(f"--keep-aspect works with exactly one --ref image, got {len(refs)}")
+    if layout is not None:
+        path = Path(layout)
+        text = path.read_text() if len(layout) < 4096 and path.is_file() else layout
+        parse_layout_boxes(text, width, height)
+        layout = text
+    if not keep_aspect and width * height < EDIT_MIN_PIXELS:
+        click.echo(f"warning: editing at {width}x{height} (< 2 MP) is known to give noisy images; "
+                   "consider a larger size or --keep-aspect", err=True)
+    return layout
 
 
 def _print_summary(result, engine, elapsed_note: str = "") -> None:
@@ -113,18 +137,23 @@ def _print_summary(result, engine, elapsed_note: str = "") -> None:
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
 @click.option("-q", "--quantize", "quantize_bits", type=click.Choice(["4", "6", "8"]), default=None,
               help="Quantize the decoder in memory at load time.")
+@click.option("--ref", "refs", multiple=True, metavar="IMAGE",
+              help="Reference image for editing / subject-driven generation (repeatable, up to 10).")
+@click.option("--layout", default=None, metavar="JSON|FILE",
+              help='Boxes placing the references: [[x1,x2,y1,y2], ...] relative, or {"bbox": [...], "text": ...}.')
+@click.option("--keep-aspect", is_flag=True, help="One reference: the output takes its aspect ratio (up to 2048).")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @click.option("--force", is_flag=True, help="Run even if the memory estimate says it will not fit.")
 def generate(model_arg, prompt, output, seed, width, height, no_snap, recipe, preset, steps, guidance, shift,
              noise_scale, s_noise, noise_clip, noise, blend_seams, preview_every, dtype, quantize_bits,
-             overwrite, force):
+             refs, layout, keep_aspect, overwrite, force):
     """Generate one image from a prompt."""
     import secrets
 
     from .files import check_output_path
     from .generation import Engine, Request, preview_image
     from .png import save_png
-    from .recipes import apply_preset, get_preset
+    from .recipes import apply_preset, get_preset, recipe_for_references
     from .resolution import resolve_size
     from .seams import blend_seams as check_blend
 
@@ -142,9 +171,10 @@ def generate(model_arg, prompt, output, seed, width, height, no_snap, recipe, pr
     else:
         default_w = default_h = 2048
     w, h, size_note = resolve_size(width or default_w, height or default_h, snap)
+    layout = _check_references(refs, layout, keep_aspect, w, h)
 
     engine = Engine.load(model_arg, dtype=dtype, quantize_bits=int(quantize_bits) if quantize_bits else None)
-    rec = engine.recipe(recipe)
+    rec = engine.recipe(recipe_for_references(recipe or engine.default_recipe, len(refs)))
     if chosen is not None:
         rec = apply_preset(rec, chosen)
     rec = rec.with_overrides(steps=steps, guidance=guidance, shift=shift, noise_scale=noise_scale,
@@ -154,7 +184,8 @@ def generate(model_arg, prompt, output, seed, width, height, no_snap, recipe, pr
 
         check_fits(engine.model, w, h, rec.uses_cfg)
     seed = secrets.randbelow(2**31) if seed is None else seed
-    request = Request(prompt, w, h, seed, rec, noise=noise, blend_seams=blend_seams, size_note=size_note)
+    request = Request(prompt, w, h, seed, rec, noise=noise, blend_seams=blend_seams, size_note=size_note,
+                      references=tuple(str(r) for r in refs), layout=layout, keep_aspect=keep_aspect)
     click.echo(f"size {size_note}; recipe {rec.name}, {rec.steps} steps, guidance {rec.guidance:g}, seed {seed}"
                f" (model loaded in {engine.load_time:.1f} s)", err=True)
     if not rec.official:
@@ -172,3 +203,14 @@ def generate(model_arg, prompt, output, seed, width, height, no_snap, recipe, pr
     save_png(result.image, output, result.metadata, overwrite=overwrite)
     _print_summary(result, engine)
     click.echo(str(output))
+
+
+def _register_commands() -> None:
+    from .commands_eval import eval_group
+    from .commands_quantize import quantize
+
+    main.add_command(quantize)
+    main.add_command(eval_group)
+
+
+_register_commands()

@@ -7,6 +7,7 @@ bar or a preview writer hooks in) and returns the image with its reproducibility
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from . import __version__
 from .loading import load_model, parse_dtype, read_config, resolve_model_path
 from .noise import make_noise_source
 from .patches import patches_to_image
-from .pipeline import Conditioning, Step, encode, encode_synthetic, initial_latent, sample
+from .pipeline import Conditioning, Step, encode, encode_synthetic, encode_with_references, initial_latent, sample
 from .prompt import Tokenizer
 from .recipes import Recipe, get_recipe, recipe_for_model
 from .seams import blend_seams
@@ -36,7 +37,9 @@ class Request:
     noise: str = "torch"
     blend_seams: int = 0
     size_note: str = ""
-    references: tuple[str, ...] = ()
+    references: tuple[str, ...] = ()  # image paths for editing / subject-driven generation
+    layout: Optional[str] = None  # layout boxes (JSON text) placing the references
+    keep_aspect: bool = False  # one reference: the output takes its aspect ratio
 
     def metadata(self) -> dict:
         return {
@@ -52,6 +55,8 @@ class Request:
             "noise": self.noise,
             "blend_seams": self.blend_seams,
             "references": list(self.references),
+            "layout": self.layout,
+            "keep_aspect": self.keep_aspect,
         }
 
 
@@ -79,8 +84,10 @@ class Engine:
 
     def __init__(self, model: HiDreamO1, tokenizer: Optional[Tokenizer] = None, name: str = "in-memory",
                  stored: Optional[dict] = None, quantization: Optional[dict] = None, dtype: str = "float32",
-                 load_time: float = 0.0):
+                 load_time: float = 0.0, path: Optional[Path] = None):
         self.model = model
+        self.path = path
+        self._vision = None
         self.tokenizer = tokenizer
         self.model_arg = name
         self.stored = stored or {}
@@ -103,7 +110,35 @@ class Engine:
         model = load_model(path, dtype=parse_dtype(dtype), lazy=lazy, quantize=quantizer)
         quantization = quantizer.description if quantizer is not None else None
         return cls(model, Tokenizer(path), model_arg, config.hidream, quantization, dtype,
-                   time.perf_counter() - start)
+                   time.perf_counter() - start, path)
+
+    @property
+    def vision(self):
+        """The vision tower, loaded on first use: text-to-image never needs it."""
+        if self._vision is None:
+            from .vision import load_vision_tower
+
+            if self.path is None:
+                raise ValueError("reference images need a model folder with a vision tower")
+            self._vision = load_vision_tower(self.path, self.model.config, parse_dtype(self.dtype))
+        return self._vision
+
+    def prepare(self, request: Request):
+        """Reference inputs for ``request`` (None for text-to-image) and the request at the size
+        that will run (``keep_aspect`` takes the reference's)."""
+        if not request.references:
+            return None, request
+        from .references import ImageProcessorConfig, prepare_references
+
+        if self.path is None or self.tokenizer is None:
+            raise ValueError("reference images need a model folder with a tokenizer and a vision tower")
+        processor = ImageProcessorConfig.from_file(self.path / "preprocessor_config.json")
+        refs = prepare_references(list(request.references), request.height, request.width, processor,
+                                  layout_boxes=request.layout, keep_original_aspect=request.keep_aspect)
+        if (refs.width, refs.height) != (request.width, request.height):
+            request = dataclasses.replace(request, width=refs.width, height=refs.height,
+                                          size_note=f"{refs.width}x{refs.height} (the reference's aspect)")
+        return refs, request
 
     def describe(self) -> dict:
         return {
@@ -116,7 +151,10 @@ class Engine:
     def recipe(self, name: Optional[str] = None) -> Recipe:
         return get_recipe(name or self.default_recipe)
 
-    def encode(self, request: Request) -> Conditioning:
+    def encode(self, request: Request, refs=None) -> Conditioning:
+        if refs is not None:
+            return encode_with_references(self.model, self.vision, self.tokenizer, request.prompt, refs,
+                                          request.recipe.guidance)
         if self.tokenizer is None:
             return encode_synthetic(self.model, request.prompt, request.height, request.width,
                                     request.recipe.guidance)
@@ -131,7 +169,8 @@ class Engine:
     def run(self, request: Request, on_step: Optional[Callable[[Step, float], None]] = None) -> Result:
         mx.reset_peak_memory()
         start = time.perf_counter()
-        cond = self.encode(request)
+        refs, request = self.prepare(request)
+        cond = self.encode(request, refs)
         mx.eval(cond.arrays)
         encode_time = time.perf_counter() - start
         step_times, latent = [], None

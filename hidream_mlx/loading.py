@@ -223,16 +223,27 @@ def load_model(
     """Build the transformer from a folder and load its weights (vision tower left out).
 
     ``quantize`` (from :mod:`hidream_mlx.quantization`) turns the skeleton's linears into
-    quantized ones before loading, for folders whose config.json carries a quantization block.
+    quantized ones before loading; a folder whose config.json carries a quantization block gets
+    one without asking. If it has an ``after_load`` method, that runs on the loaded (still lazy)
+    weights, which is how ``-q BITS`` quantizes a float folder without holding it all in floats.
     """
     from .transformer import HiDreamO1
 
     model_dir = Path(model_dir)
     config = read_config(model_dir)
+    if quantize is None and config.quantization:
+        from .quantization import skeleton_quantizer
+
+        quantize = skeleton_quantizer(config)
     model = HiDreamO1(config)
     if quantize is not None:
         quantize(model, config)
     tensors = select_tensors(checkpoint_index(model_dir), lambda n: not is_vision(n))
     check_against(model, tensors, model_dir)
-    assign(model, load_tensors(tensors, dtype), lazy=lazy)
+    after_load = getattr(quantize, "after_load", None)
+    assign(model, load_tensors(tensors, dtype), lazy=lazy or after_load is not None)
+    if after_load is not None:
+        after_load(model)
+        if not lazy:
+            mx.eval(model.parameters())
     return model

@@ -1,42 +1,160 @@
 """Memory: what the weights take, what a request will need, and what this machine can give.
 
 All sizes are bytes; printed sizes use GiB/MiB (powers of two) and say so.
+
+The prediction is weights + working set + the runtime's own footprint. The working set was
+calibrated by measurement on the CPU path (``hidream-mlx bench``, float32, real layer widths),
+where attention falls back to materializing its score matrix; on Metal the fused kernel never
+does, which is most of the difference between the two at large sizes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import psutil
 from mlx.utils import tree_flatten
 
-from .config import PATCH_SIZE, TextConfig
+from .config import PATCH_DIM, PATCH_SIZE, TextConfig
 
 GiB = 1 << 30
+MiB = 1 << 20
+QUANT_GROUP_SIZE = 64
+# Python, MLX and numpy themselves, measured as RSS before any array exists (~40 MiB on Linux),
+# plus MLX's buffer-cache slack that RSS shows beyond its own active-memory peak.
+RUNTIME_BYTES = 64 * MiB
+# Hidden-size vectors per generation token live at once inside one decoder layer (measured on
+# CPU): ~12 in attention besides the scores (normed input, q/k/v, their rotate-half rope
+# temporaries, the scaled q, the attention output and its transposed copy) and ~6 carried
+# around it (the residual stream, its norm, the layer's output). The MLP's gate, up and gated
+# product (3 intermediate-size vectors) peak below the attention at every size we measured.
+ATTENTION_VECTORS = 12
+RESIDUAL_VECTORS = 6
 
 
 def format_bytes(n: float) -> str:
-    if n >= GiB:
+    if abs(n) >= GiB:
         return f"{n / GiB:.2f} GiB"
-    return f"{n / (1 << 20):.1f} MiB"
+    return f"{n / MiB:.1f} MiB"
 
 
 def parameter_bytes(module: nn.Module) -> int:
     return sum(a.nbytes for _, a in tree_flatten(module.parameters()))
 
 
+def component_of(name: str) -> str:
+    """Reporting group of a parameter (module path, ``model.`` already stripped)."""
+    parts = name.split(".")
+    if parts[0] == "language_model" and len(parts) > 1:
+        return "language_model." + parts[1]
+    return parts[0]
+
+
 def component_bytes(module: nn.Module) -> dict[str, int]:
     """Bytes per top-level component (language model, pixel heads, vision tower if loaded)."""
     out: dict[str, int] = {}
     for name, a in tree_flatten(module.parameters()):
-        parts = name.split(".")
-        key = ".".join(parts[:2]) if parts[0] == "language_model" else parts[0]
-        if parts[0] == "language_model" and parts[1] == "layers":
-            key = "language_model.layers"
-        out[key] = out.get(key, 0) + a.nbytes
+        out[component_of(name)] = out.get(component_of(name), 0) + a.nbytes
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights from shapes alone (safetensors headers or a lazy skeleton): nothing is loaded.
+
+
+@dataclass
+class ComponentSize:
+    parameters: int = 0
+    nbytes: int = 0
+
+    def add(self, parameters: int, nbytes: int) -> None:
+        self.parameters += parameters
+        self.nbytes += nbytes
+
+
+def is_decoder_linear(name: str, shape: tuple[int, ...]) -> bool:
+    """The weights ``-q`` quantizes: 2-D linear weights inside the decoder layers."""
+    return name.startswith("language_model.layers.") and name.endswith(".weight") and len(shape) == 2
+
+
+def quantized_bytes(count: int, bits: int, scale_bytes: int = 2, group_size: int = QUANT_GROUP_SIZE) -> int:
+    """``count`` weights at ``bits`` each, plus one scale and one bias per group."""
+    return count * bits // 8 + (count // group_size) * 2 * scale_bytes
+
+
+def weight_sizes(shapes: Iterable[tuple[str, tuple[int, ...]]], dtype_bytes: int,
+                 bits: Optional[int] = None) -> dict[str, ComponentSize]:
+    """Parameters and bytes per component for float tensors loaded at ``dtype_bytes``.
+
+    With ``bits``, decoder linears take ``quantized_bytes`` (scales and biases in the load dtype).
+    """
+    out: dict[str, ComponentSize] = {}
+    for name, shape in shapes:
+        count = 1
+        for d in shape:
+            count *= d
+        size = quantized_bytes(count, bits, dtype_bytes) if bits and is_decoder_linear(name, shape) \
+            else count * dtype_bytes
+        out.setdefault(component_of(name), ComponentSize()).add(count, size)
+    return out
+
+
+def checkpoint_sizes(model_dir: Path, dtype_bytes: int, bits: Optional[int] = None
+                     ) -> tuple[dict[str, ComponentSize], dict[str, ComponentSize]]:
+    """(loaded, skipped) component sizes of a model folder, from its safetensors headers.
+
+    Skipped are the tensors text-to-image never loads (``lm_head``, the vision tower), shown
+    at their stored size. A folder quantized by our tools keeps its packed weights as stored.
+    """
+    from .loading import SKIPPED_PREFIXES, checkpoint_index, is_vision, module_name, read_config
+
+    config = read_config(model_dir)
+    group = int((config.quantization or {}).get("group_size", QUANT_GROUP_SIZE))
+    index = checkpoint_index(model_dir)
+    loaded: dict[str, ComponentSize] = {}
+    skipped: dict[str, ComponentSize] = {}
+    for ckpt_name, info in index.items():
+        name = module_name(ckpt_name)
+        count = 1
+        for d in info.shape:
+            count *= d
+        if name.startswith(SKIPPED_PREFIXES) or is_vision(name):
+            skipped.setdefault(component_of(name), ComponentSize()).add(count, info.nbytes)
+            continue
+        if info.dtype in ("U32", "I32", "U8") and config.quantization:
+            scales = index.get(ckpt_name[: -len("weight")] + "scales")
+            params = scales_count(scales.shape) * group if scales is not None else count
+            loaded.setdefault(component_of(name), ComponentSize()).add(params, info.nbytes)
+        elif name.endswith((".scales", ".biases")) and config.quantization:
+            loaded.setdefault(component_of(name), ComponentSize()).add(0, count * dtype_bytes)
+        else:
+            for key, size in weight_sizes([(name, info.shape)], dtype_bytes, bits).items():
+                loaded.setdefault(key, ComponentSize()).add(size.parameters, size.nbytes)
+    return loaded, skipped
+
+
+def scales_count(shape: tuple[int, ...]) -> int:
+    count = 1
+    for d in shape:
+        count *= d
+    return count
+
+
+def skeleton_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
+    """Parameter shapes of an unevaluated model: MLX builds the graph but allocates nothing."""
+    from .transformer import HiDreamO1
+
+    return [(name, tuple(a.shape)) for name, a in tree_flatten(HiDreamO1(config).parameters())]
+
+
+# ---------------------------------------------------------------------------------------------
+# The working set of a denoising step.
 
 
 def uses_fused_attention() -> bool:
@@ -49,47 +167,77 @@ class WorkingSet:
     prefix_cache: int
     activations: int
     attention_scores: int
+    latents: int
 
     @property
     def total(self) -> int:
-        return self.prefix_cache + self.activations + self.attention_scores
+        return self.prefix_cache + self.activations + self.attention_scores + self.latents
 
 
 def working_set(cfg: TextConfig, width: int, height: int, text_tokens: int = 128, cfg_pass: bool = False,
-                dtype_bytes: int = 2, fused_attention: bool | None = None) -> WorkingSet:
-    """Memory beyond the weights for one denoising step at a given size.
+                dtype_bytes: int = 2, fused_attention: Optional[bool] = None,
+                batched_cfg: bool = False) -> WorkingSet:
+    """Memory beyond the weights while one denoising step runs at a given size.
 
-    One layer's activations are live at a time (MLX frees each as the next layer consumes it);
-    the largest are the MLP's three intermediate tensors and the float32 rotary copies of q/k.
+    Layers run one after another and MLX frees each temporary once consumed, so only the
+    busiest moment of one layer counts: attention, with its scores (materialized once on CPU:
+    the softmax reuses their buffer) and the temporaries of ATTENTION_VECTORS/RESIDUAL_VECTORS.
+    With sequential CFG the passes run one after the other (only the first's prediction
+    waits); batched CFG holds both at once.
     """
     fused = uses_fused_attention() if fused_attention is None else fused_attention
     n = (width // PATCH_SIZE) * (height // PATCH_SIZE) + 1
     prompts = 2 if cfg_pass else 1
+    batch = 2 if cfg_pass and batched_cfg else 1
     kv_width = 2 * cfg.num_key_value_heads * cfg.head_dim
     cache = prompts * cfg.num_hidden_layers * text_tokens * kv_width * dtype_bytes
-    q_width = cfg.num_attention_heads * cfg.head_dim
-    per_token = (
-        4 * cfg.hidden_size * dtype_bytes  # residual, normed input, attention out, mlp out
-        + 3 * cfg.intermediate_size * dtype_bytes  # gate, up, gated product
-        + (q_width + kv_width) * (dtype_bytes + 4)  # q, k, v and their float32 rotary copies
-        + 2 * 3072 * 4  # the latent and its prediction in float32
-    )
-    scores = 0 if fused else cfg.num_attention_heads * n * (n + text_tokens) * 4 * 2
-    return WorkingSet(cache, n * per_token, scores)
+    d = cfg.hidden_size
+    # Rotary embedding runs in float32 whatever the weights: q and k get float32 copies.
+    rope_extra = 2 * (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim * max(0, 4 - dtype_bytes)
+    attention = ATTENTION_VECTORS * d * dtype_bytes + rope_extra
+    mlp = 3 * cfg.intermediate_size * dtype_bytes
+    per_token = max(attention, mlp) + RESIDUAL_VECTORS * d * dtype_bytes
+    scores = 0 if fused else cfg.num_attention_heads * n * (n + text_tokens) * dtype_bytes
+    # z, the prediction, v and the next z in float32 (plus the first pass's v with CFG).
+    latents = (4 + prompts - 1) * n * PATCH_DIM * 4
+    return WorkingSet(cache, batch * n * per_token, batch * scores, latents)
+
+
+def predict_peak_bytes(weight_bytes: int, cfg: TextConfig, width: int, height: int, cfg_pass: bool,
+                       text_tokens: int = 128, dtype_bytes: int = 2, fused_attention: Optional[bool] = None,
+                       batched_cfg: bool = False) -> int:
+    ws = working_set(cfg, width, height, text_tokens, cfg_pass, dtype_bytes, fused_attention, batched_cfg)
+    return weight_bytes + ws.total + RUNTIME_BYTES
+
+
+def activation_bytes(model: nn.Module) -> int:
+    """Bytes per activation element: the dtype of the unquantized norms."""
+    return model.language_model.norm.weight.dtype.size
+
+
+def predicted_peak(model: nn.Module, width: int, height: int, cfg_pass: bool) -> int:
+    return predict_peak_bytes(parameter_bytes(model), model.config.text, width, height, cfg_pass,
+                              dtype_bytes=activation_bytes(model))
+
+
+# ---------------------------------------------------------------------------------------------
+# This machine.
+
+
+def metal_device_info() -> Optional[dict]:
+    """Metal's device description, or None where Metal is not available (Linux, CPU-only)."""
+    if not mx.metal.is_available():
+        return None
+    info = getattr(mx, "device_info", None) or mx.metal.device_info
+    return dict(info())
 
 
 def machine_memory() -> int:
     """What MLX may use here: Metal's recommended working set on a Mac, else physical RAM."""
-    if mx.metal.is_available():
-        info = mx.metal.device_info()
-        return int(info.get("max_recommended_working_set_size", psutil.virtual_memory().total))
+    info = metal_device_info()
+    if info is not None and "max_recommended_working_set_size" in info:
+        return int(info["max_recommended_working_set_size"])
     return int(psutil.virtual_memory().total)
-
-
-def predicted_peak(model: nn.Module, width: int, height: int, cfg_pass: bool) -> int:
-    cfg = model.config.text
-    dtype_bytes = model.language_model.norm.weight.dtype.size
-    return parameter_bytes(model) + working_set(cfg, width, height, cfg_pass=cfg_pass, dtype_bytes=dtype_bytes).total
 
 
 def check_fits(model: nn.Module, width: int, height: int, cfg_pass: bool) -> None:
@@ -100,3 +248,31 @@ def check_fits(model: nn.Module, width: int, height: int, cfg_pass: bool) -> Non
             f"this run needs about {format_bytes(need)} but this machine offers {format_bytes(have)}; "
             f"try a lower-bit model (-q 6 or -q 4), a smaller size (--preset quick), or --force"
         )
+
+
+@contextlib.contextmanager
+def wired_limit(model: nn.Module) -> Iterator[None]:
+    """Keep the model's memory wired on Metal for the duration (as mlx-lm's generate does).
+
+    Raises the wired limit to the device's recommended working set, warns when the weights
+    alone exceed it (the system will page and generation crawls), and restores the old limit
+    after synchronizing. Does nothing without Metal.
+    """
+    info = metal_device_info()
+    if info is None:
+        yield
+        return
+    recommended = int(info["max_recommended_working_set_size"])
+    weights = parameter_bytes(model)
+    if weights > 0.9 * recommended:
+        warnings.warn(
+            f"the model takes {format_bytes(weights)}, close to or above the {format_bytes(recommended)} "
+            "Metal recommends for this machine; generation may be very slow. Try -q 6 or -q 4.",
+            stacklevel=3,
+        )
+    previous = mx.set_wired_limit(recommended)
+    try:
+        yield
+    finally:
+        mx.synchronize()
+        mx.set_wired_limit(previous)

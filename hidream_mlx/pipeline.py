@@ -30,7 +30,7 @@ from .schedulers import (
     dev_timesteps,
     pipeline_schedule,
 )
-from .transformer import HiDreamO1, PrefixCache
+from .transformer import HiDreamO1, PrefixCache, stack_prefix_caches
 
 
 @dataclass
@@ -103,6 +103,37 @@ def encode(model: HiDreamO1, tokenizer: Tokenizer, prompt: str, height: int, wid
     return Conditioning(cond, uncond)
 
 
+def encode_with_references(model: HiDreamO1, vision, tokenizer: Tokenizer, prompt: str, refs,
+                           guidance: float, uncond_prompt: str = UNCOND_PROMPT) -> Conditioning:
+    """The prompt side of an editing / subject-driven run (``refs`` from ``prepare_references``).
+
+    The vision tower runs once; its embeddings replace the ``<|image_pad|>`` rows of both the
+    prompt and the unconditional prompt (which carries the same images), and the reference
+    patches ride along after the target patches at every step.
+    """
+    from .references import edit_prompt_text, edit_sequence
+
+    if not prompt or not prompt.strip():
+        raise ValueError("the prompt is empty")
+    cfg = model.config
+    embeds, deepstack = vision(mx.array(refs.pixel_values), refs.image_grid_thw)
+    embeds = embeds.astype(model.dtype)
+
+    def state(text: str) -> PromptState:
+        ids = tokenizer.encode(edit_prompt_text(text, refs.token_counts))
+        seq = edit_sequence(ids, refs.image_grid_thw, (refs.height, refs.width), refs.ref_grids,
+                            image_token_id=cfg.image_token_id, vision_start_token_id=cfg.vision_start_token_id,
+                            spatial_merge_size=cfg.vision.spatial_merge_size)
+        n_prefix = seq.text_len - 1
+        prefix_ids = ids[None, :n_prefix]
+        cache = model.encode_prefix(mx.array(prefix_ids), seq.position_ids[:, :n_prefix], embeds,
+                                    prefix_ids == cfg.image_token_id, deepstack)
+        return PromptState(cache, seq.position_ids[:, n_prefix:])
+
+    uncond = state(uncond_prompt) if guidance > 1.0 else None
+    return Conditioning(state(prompt), uncond, mx.array(refs.ref_patches)[None])
+
+
 def encode_synthetic(model: HiDreamO1, prompt: str, height: int, width: int, guidance: float) -> Conditioning:
     """Like ``encode`` for tokenizer-less (random-weight) models: about one token per word."""
     from .synthetic import synthetic_prompt_ids
@@ -127,13 +158,39 @@ def _x_pred(model: HiDreamO1, state: PromptState, z: mx.array, t_model: float,
                          num_target=z.shape[1])
 
 
+# Measured (see hidream_mlx/bench.py, ``--compare-cfg``): on CPU the batch of 2 is no faster
+# than two passes, and at image sizes that fill the GPU it cannot be on Metal either, while it
+# doubles the activations held at once; so the two passes run one after the other by default.
+BATCHED_CFG = False
+
+
+def cfg_batch(cond: Conditioning) -> tuple[PrefixCache, mx.array, np.ndarray]:
+    """The cond and uncond prompts as one batch of 2: padded caches, key mask, positions."""
+    cache, key_mask = stack_prefix_caches(cond.cond.cache, cond.uncond.cache)
+    return cache, key_mask, np.stack([cond.cond.positions, cond.uncond.positions])
+
+
 def velocity(model: HiDreamO1, cond: Conditioning, z: mx.array, t_model: float, sigma: float,
-             guidance: float) -> mx.array:
-    """The guided flow velocity v = (x_pred - z)/sigma, with CFG on v when there is an uncond pass."""
-    v = (_x_pred(model, cond.cond, z, t_model, cond.ref_patches) - z) / sigma
+             guidance: float, batched: Optional[bool] = None) -> mx.array:
+    """The guided flow velocity v = (x_pred - z)/sigma, with CFG on v when there is an uncond pass.
+
+    With CFG, ``batched`` (default :data:`BATCHED_CFG`) runs cond and uncond as one batch of
+    2 over padded prefix caches instead of two passes; both give the same v up to rounding.
+    """
     if cond.uncond is None:
-        return v
-    v_u = (_x_pred(model, cond.uncond, z, t_model, cond.ref_patches) - z) / sigma
+        return (_x_pred(model, cond.cond, z, t_model, cond.ref_patches) - z) / sigma
+    if BATCHED_CFG if batched is None else batched:
+        cache, key_mask, positions = cfg_batch(cond)
+        patches = mx.concatenate([z, z], axis=0)
+        if cond.ref_patches is not None:
+            refs = mx.broadcast_to(cond.ref_patches.astype(z.dtype), (2, *cond.ref_patches.shape[1:]))
+            patches = mx.concatenate([patches, refs], axis=1)
+        x_pred = model.denoise(cache, mx.array([t_model], dtype=mx.float32), patches, positions,
+                               num_target=z.shape[1], key_mask=key_mask)
+        v, v_u = (x_pred[:1] - z) / sigma, (x_pred[1:] - z) / sigma
+    else:
+        v = (_x_pred(model, cond.cond, z, t_model, cond.ref_patches) - z) / sigma
+        v_u = (_x_pred(model, cond.uncond, z, t_model, cond.ref_patches) - z) / sigma
     return v_u + guidance * (v - v_u)
 
 

@@ -70,6 +70,12 @@ def get_recipe(name: str) -> Recipe:
         raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}") from None
 
 
+def recipe_for_references(name: str, num_refs: int) -> str:
+    """Dev with exactly one reference edits with plain flow-match Euler (the official default);
+    several references (subject-driven) keep the flash sampler."""
+    return "dev-edit" if name == "dev" and num_refs == 1 else name
+
+
 def recipe_for_model(name_or_path: str, stored: Optional[dict] = None) -> str:
     """The default recipe: what a converted folder recorded, else what its name says."""
     if stored and stored.get("recipe") in RECIPES:

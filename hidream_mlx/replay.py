@@ -66,7 +66,7 @@ def _image(z: np.ndarray, data) -> np.ndarray:
     return patches_to_image(z, h, w)
 
 
-def replay_dev(model: HiDreamO1, data, model_dir: Path) -> dict[str, np.ndarray]:
+def replay_dev(model: HiDreamO1, data, model_dir: Path, case: Path) -> dict[str, np.ndarray]:
     steps = len(data["timesteps"])
     recipe = get_recipe("dev")
     recipe = recipe.with_overrides(steps=steps, s_noise=float(data["s_noise"][0]))
@@ -78,7 +78,7 @@ def replay_dev(model: HiDreamO1, data, model_dir: Path) -> dict[str, np.ndarray]
     return out
 
 
-def replay_full(model: HiDreamO1, data, model_dir: Path) -> dict[str, np.ndarray]:
+def replay_full(model: HiDreamO1, data, model_dir: Path, case: Path) -> dict[str, np.ndarray]:
     recipe = get_recipe("full").with_overrides(steps=len(data["timesteps"]))
     if not np.array_equal(schedule_for(recipe).timesteps, data["timesteps"]):
         raise ReplayError("full_sampling: recorded timesteps are not those of the Full recipe (UniPC, shift 3)")
@@ -95,7 +95,7 @@ def _forward_prefixes(data) -> list[str]:
     return sorted({k.rsplit(".", 1)[0] for k in data.files if k.endswith(".vinputs")})
 
 
-def replay_forward(model: HiDreamO1, data, model_dir: Path) -> dict[str, np.ndarray]:
+def replay_forward(model: HiDreamO1, data, model_dir: Path, case: Path) -> dict[str, np.ndarray]:
     out = {}
     for p in _forward_prefixes(data):
         out[f"{p}.x_pred"] = predict_recorded(
@@ -121,7 +121,57 @@ def detect_format(data) -> str:
                       "full_sampling, edit_forward or flow_match_sampling")
 
 
+def recorded_edit_state(model: HiDreamO1, vision, data) -> tuple[PromptState, dict[str, np.ndarray]]:
+    """An editing prompt's state from recorded ids, positions and processor outputs, plus the
+    vision tower outputs (under the recorded key names)."""
+    cfg = model.config
+    embeds, deepstack = vision(mx.array(data["pixel_values"]), data["image_grid_thw"])
+    ids, positions = np.asarray(data["input_ids"]).reshape(1, -1), np.asarray(data["position_ids"]).reshape(3, -1)
+    n_prefix = prefix_length(data["token_types"])
+    prefix_ids = ids[:, :n_prefix]
+    cache = model.encode_prefix(mx.array(prefix_ids), positions[:, :n_prefix], embeds.astype(model.dtype),
+                                prefix_ids == cfg.image_token_id, deepstack)
+    vision_out = {"cond_image_embeds": np.array(embeds)}
+    vision_out.update({f"cond_deepstack_{j}": np.array(d) for j, d in enumerate(deepstack)})
+    return PromptState(cache, positions[:, n_prefix:]), vision_out
+
+
+def _vision(model: HiDreamO1, model_dir: Path):
+    from .vision import load_vision_tower
+
+    return load_vision_tower(model_dir, model.config, mx.float32)
+
+
+def replay_edit_forward(model: HiDreamO1, data, model_dir: Path, case: Path) -> dict[str, np.ndarray]:
+    state, out = recorded_edit_state(model, _vision(model, model_dir), data)
+    vinputs = mx.array(data["vinputs"])
+    num_target = vinputs.shape[1] - data["ref_patches"].shape[1]
+    for key, t in (("x_pred", data["timestep"]), ("x_pred_t05", np.array([0.5], np.float32))):
+        out[key] = np.array(model.denoise(state.cache, mx.array(np.asarray(t, np.float32)), vinputs,
+                                          state.positions, num_target=num_target))
+    out["x_pred_all_vis"] = np.array(model.denoise(state.cache, mx.array(np.asarray(data["timestep"], np.float32)),
+                                                   vinputs, state.positions))
+    return out
+
+
+def replay_flow_match(model: HiDreamO1, data, model_dir: Path, case: Path) -> dict[str, np.ndarray]:
+    edit_path = case.parent / "edit_forward.npz"
+    if not edit_path.is_file():
+        raise ReplayError(f"{case.name}: flow_match_sampling replays need edit_forward.npz beside it")
+    with np.load(edit_path, allow_pickle=False) as edit:
+        state, _ = recorded_edit_state(model, _vision(model, model_dir), edit)
+        ref = mx.array(edit["ref_patches"])
+    recipe = get_recipe("dev-edit").with_overrides(steps=len(data["timesteps"]))
+    if not np.array_equal(schedule_for(recipe).timesteps, data["timesteps"]):
+        raise ReplayError("flow_match_sampling: recorded timesteps are not the distilled Dev timesteps")
+    out = run_recorded(model, Conditioning(state, ref_patches=ref), recipe, data["z"][0])
+    out["image"] = _image(out["image"], data)
+    return out
+
+
 REPLAYERS: dict[str, Callable] = {
+    "edit_forward": replay_edit_forward,
+    "flow_match_sampling": replay_flow_match,
     "forward_t2i": replay_forward,
     "dev_sampling": replay_dev,
     "full_sampling": replay_full,
@@ -135,6 +185,4 @@ def replay_case(model: HiDreamO1, case: Path, model_dir: Path) -> dict[str, np.n
         raise ReplayError(f"{case}: not a readable .npz file ({e})") from None
     with data:
         kind = detect_format(data)
-        if kind not in REPLAYERS:
-            raise ReplayError(f"{case}: replaying {kind} files is not supported yet")
-        return REPLAYERS[kind](model, data, Path(model_dir))
+        return REPLAYERS[kind](model, data, Path(model_dir), Path(case))

@@ -169,6 +169,29 @@ class FinalLayer(nn.Module):
         return self.linear(x)
 
 
+def stack_prefix_caches(first: PrefixCache, second: PrefixCache) -> tuple[PrefixCache, mx.array]:
+    """Two prompts' caches as one batch of 2, the shorter right-padded with zero keys/values.
+
+    Keys are roped before caching, so padding moves no position; the returned key mask
+    [2, T_max] (True = a real key) tells ``denoise`` to ignore the padding.
+    """
+    length = max(first.length, second.length)
+
+    def padded(a: mx.array) -> mx.array:
+        missing = length - a.shape[2]
+        if missing == 0:
+            return a
+        pad = mx.zeros((*a.shape[:2], missing, a.shape[3]), dtype=a.dtype)
+        return mx.concatenate([a, pad], axis=2)
+
+    layers = [LayerKV(mx.concatenate([padded(a.keys), padded(b.keys)], axis=0),
+                      mx.concatenate([padded(a.values), padded(b.values)], axis=0))
+              for a, b in zip(first.layers, second.layers)]
+    columns = mx.arange(length)[None, :]
+    key_mask = columns < mx.array([[first.length], [second.length]])
+    return PrefixCache(layers), key_mask
+
+
 def generation_mask(text_len: int, total_len: int) -> mx.array:
     """[L, L] boolean: autoregressive rows causal, generation rows (index >= text_len) full."""
     rows = mx.arange(total_len)[:, None]
@@ -191,6 +214,10 @@ class HiDreamO1(nn.Module):
         return self.language_model.norm.weight.dtype
 
     def _rope(self, positions):
+        positions = np.asarray(positions)
+        if positions.ndim == 3:  # one row of positions per batch item -> tables [B, 1, L, head_dim]
+            tables = [rope_tables(self.config.text, p) for p in positions]
+            return tuple(mx.stack([t[i] for t in tables])[:, None] for i in range(2))
         return rope_tables(self.config.text, positions)
 
     def embed_generation(self, timestep: mx.array, patches: mx.array) -> mx.array:
@@ -232,16 +259,23 @@ class HiDreamO1(nn.Module):
         return PrefixCache(cache)
 
     def denoise(self, cache: PrefixCache, timestep, patches: mx.array, positions,
-                num_target: Optional[int] = None) -> mx.array:
+                num_target: Optional[int] = None, key_mask: Optional[mx.array] = None) -> mx.array:
         """x0 prediction [B, num_target, 3072] in float32 for noisy patches [B, N, 3072].
 
-        ``positions`` [3, 1 + N] are those of the tms token and the patches. Patches past
-        ``num_target`` (editing references) take part but are not returned.
+        ``positions`` [3, 1 + N] (or [B, 3, 1 + N], one row per batch item) are those of the
+        tms token and the patches. Patches past ``num_target`` (editing references) take part
+        but are not returned. ``key_mask`` [B, cache.length] (boolean) marks the cached keys
+        each batch item may see: batched caches of unequal prompts are padded (see
+        :func:`stack_prefix_caches`), and the padding must stay invisible.
         """
         h = self.embed_generation(timestep, patches)
         cos, sin = self._rope(positions)
+        mask = None
+        if key_mask is not None:
+            own = mx.ones((key_mask.shape[0], h.shape[1]), dtype=mx.bool_)
+            mask = mx.concatenate([key_mask.astype(mx.bool_), own], axis=1)[:, None, None, :]
         for layer, kv in zip(self.language_model.layers, cache.layers):
-            h, _ = layer(h, cos, sin, mask=None, prefix=kv)
+            h, _ = layer(h, cos, sin, mask=mask, prefix=kv)
         return self._predict(h[:, 1:], num_target)
 
     def forward(self, input_ids: mx.array, positions, timestep, patches: mx.array,

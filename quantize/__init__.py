@@ -1,0 +1,1 @@
+"""Conversion entry point and shipped recipe files; the logic lives in ``hidream_mlx``."""

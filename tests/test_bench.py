@@ -1,0 +1,68 @@
+"""The benchmark runner, and batched CFG giving what sequential CFG gives."""
+
+import mlx.core as mx
+import numpy as np
+from click.testing import CliRunner
+
+from hidream_mlx.bench import BenchConfig, run_bench
+from hidream_mlx.commands_bench import bench
+from hidream_mlx.patches import grid_size
+from hidream_mlx.pipeline import Conditioning, encode_prompt_state, velocity
+from hidream_mlx.synthetic import synthetic_prompt_ids
+from hidream_mlx.transformer import stack_prefix_caches
+
+
+def conditioning(model, size=256, cond_tokens=20, uncond_tokens=13):
+    grid = grid_size(size, size)
+    return Conditioning(encode_prompt_state(model, synthetic_prompt_ids(cond_tokens), grid),
+                        encode_prompt_state(model, synthetic_prompt_ids(uncond_tokens, seed=1), grid))
+
+
+def test_batched_cfg_equals_sequential_cfg(tiny_model):
+    cond = conditioning(tiny_model)
+    z = mx.random.normal((1, 64, 3072), key=mx.random.key(0)) * 8
+    for t_model, sigma in ((0.1, 0.9), (0.6, 0.4)):
+        seq = velocity(tiny_model, cond, z, t_model, sigma, guidance=5.0, batched=False)
+        bat = velocity(tiny_model, cond, z, t_model, sigma, guidance=5.0, batched=True)
+        np.testing.assert_allclose(np.array(bat), np.array(seq), rtol=1e-4, atol=1e-4)
+
+
+def test_batched_cfg_handles_either_prompt_being_the_longer(tiny_model):
+    cond = conditioning(tiny_model, cond_tokens=5, uncond_tokens=30)
+    z = mx.random.normal((1, 64, 3072), key=mx.random.key(1))
+    seq = velocity(tiny_model, cond, z, 0.5, 0.5, guidance=3.0, batched=False)
+    bat = velocity(tiny_model, cond, z, 0.5, 0.5, guidance=3.0, batched=True)
+    np.testing.assert_allclose(np.array(bat), np.array(seq), rtol=1e-4, atol=1e-4)
+
+
+def test_stacked_caches_are_padded_and_masked(tiny_model):
+    cond = conditioning(tiny_model, cond_tokens=20, uncond_tokens=13)
+    cache, key_mask = stack_prefix_caches(cond.cond.cache, cond.uncond.cache)
+    assert cache.length == 19 and cache.layers[0].keys.shape[0] == 2
+    assert np.array(key_mask).sum(axis=1).tolist() == [19, 12]
+    assert not np.array(cache.layers[0].keys)[1, :, 12:].any()  # padding is zeros, and masked out
+
+
+def test_bench_runner_measures_each_variant_and_memory():
+    result = run_bench(BenchConfig(dims="tiny", size=256, steps=2, repeats=2, guidance=3.0,
+                                   compare_naive=True, compare_cfg=True))
+    assert [v.name for v in result.variants] == ["cached", "cfg-batched", "naive"]
+    assert all(len(v.step_times) == 4 and len(v.run_medians) == 2 for v in result.variants)
+    assert result.generation_tokens == 65 and result.patches == 64
+    assert result.weight_bytes > 0 and result.peak_rss >= result.baseline_rss and result.mlx_peak > 0
+
+
+def test_bench_command_prints_the_cached_over_naive_ratio_last():
+    result = CliRunner().invoke(bench, ["--dims", "tiny", "--size", "256", "--steps", "2", "--compare-naive",
+                                        "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    for expected in ("s/step", "generation 65 per pass", "text 100", "peak RSS", "MLX peak", "working set"):
+        assert expected in result.stdout
+    assert lines[-1].startswith("ratio cached/naive:")
+    assert "(N+1)/(T+N) = 65/164" in lines[-1]
+
+
+def test_bench_rejects_a_size_off_the_patch_grid():
+    result = CliRunner().invoke(bench, ["--dims", "tiny", "--size", "300"])
+    assert result.exit_code != 0 and isinstance(result.exception, ValueError)

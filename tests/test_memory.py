@@ -1,0 +1,134 @@
+"""Memory prediction: what the weights take, what a request needs, refusing what cannot fit."""
+
+import warnings
+
+import mlx.core as mx
+import pytest
+from click.testing import CliRunner
+
+from conftest import FIXTURES
+from hidream_mlx import memory
+from hidream_mlx.commands_bench import info
+from hidream_mlx.loading import checkpoint_index
+from hidream_mlx.synthetic import synthetic_config
+
+
+REAL = synthetic_config("real").text
+
+
+def test_prediction_grows_with_size_and_with_cfg(tiny_model):
+    sizes = [(256, 256), (512, 512), (1024, 1024), (2048, 2048)]
+    for cfg_pass in (False, True):
+        peaks = [memory.predicted_peak(tiny_model, w, h, cfg_pass) for w, h in sizes]
+        assert peaks == sorted(peaks) and len(set(peaks)) == len(peaks)
+    for w, h in sizes:
+        assert memory.predicted_peak(tiny_model, w, h, True) > memory.predicted_peak(tiny_model, w, h, False)
+
+
+def test_working_set_grows_with_size_cfg_and_batching_for_the_real_architecture():
+    small = memory.working_set(REAL, 1024, 1024, fused_attention=False).total
+    large = memory.working_set(REAL, 2048, 2048, fused_attention=False).total
+    with_cfg = memory.working_set(REAL, 1024, 1024, cfg_pass=True, fused_attention=False).total
+    batched = memory.working_set(REAL, 1024, 1024, cfg_pass=True, fused_attention=False, batched_cfg=True).total
+    assert small < with_cfg < batched
+    assert large > 4 * small  # the materialized score matrix grows with the square of the patch count
+
+
+def test_fused_attention_drops_only_the_score_matrix():
+    cpu = memory.working_set(REAL, 2048, 2048, fused_attention=False)
+    metal = memory.working_set(REAL, 2048, 2048, fused_attention=True)
+    assert metal.attention_scores == 0 < cpu.attention_scores
+    assert cpu.total - metal.total == cpu.attention_scores
+
+
+def test_quantized_bytes_are_bits_per_weight_plus_a_scale_and_bias_per_group_of_64():
+    n = 4096 * 4096
+    assert memory.quantized_bytes(n, 8) == n + (n // 64) * 4
+    assert memory.quantized_bytes(n, 4) == n // 2 + (n // 64) * 4
+
+
+def test_quantizing_shrinks_only_the_decoder_linears():
+    shapes = [("language_model.layers.0.mlp.up_proj.weight", (128, 64)),
+              ("language_model.layers.0.input_layernorm.weight", (64,)),
+              ("language_model.embed_tokens.weight", (1000, 64)),
+              ("x_embedder.proj1.weight", (16, 3072))]
+    plain = memory.weight_sizes(shapes, dtype_bytes=2)
+    q4 = memory.weight_sizes(shapes, dtype_bytes=2, bits=4)
+    assert q4["language_model.layers"].nbytes == 128 * 64 // 2 + 128 * 64 // 64 * 4 + 64 * 2
+    assert q4["language_model.layers"].parameters == plain["language_model.layers"].parameters
+    for unchanged in ("language_model.embed_tokens", "x_embedder"):
+        assert q4[unchanged].nbytes == plain[unchanged].nbytes
+
+
+def test_checkpoint_sizes_match_the_loaded_model_without_loading_it(tiny_model):
+    loaded, skipped = memory.checkpoint_sizes(FIXTURES, dtype_bytes=4)
+    assert {k: v.nbytes for k, v in loaded.items()} == memory.component_bytes(tiny_model)
+    assert sum(v.nbytes for v in loaded.values()) == memory.parameter_bytes(tiny_model)
+    assert "visual" in skipped  # the vision tower is reported, never loaded for text-to-image
+    assert len(checkpoint_index(FIXTURES)) > 0
+
+
+def test_check_fits_refuses_a_machine_too_small_with_a_suggestion(tiny_model, monkeypatch):
+    monkeypatch.setattr(memory, "machine_memory", lambda: 1 << 20)
+    with pytest.raises(MemoryError, match=r"needs about .* offers .*-q 6 or -q 4.*smaller size.*--force"):
+        memory.check_fits(tiny_model, 1024, 1024, cfg_pass=True)
+
+
+def test_check_fits_accepts_a_machine_large_enough(tiny_model, monkeypatch):
+    monkeypatch.setattr(memory, "machine_memory", lambda: 64 << 30)
+    memory.check_fits(tiny_model, 1024, 1024, cfg_pass=True)
+
+
+def test_wired_limit_does_nothing_without_metal(tiny_model, monkeypatch):
+    monkeypatch.setattr(memory, "metal_device_info", lambda: None)
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: pytest.fail("no wired limit without Metal"))
+    with memory.wired_limit(tiny_model):
+        pass
+
+
+def test_wired_limit_raises_to_the_recommended_working_set_then_restores(tiny_model, monkeypatch):
+    calls = []
+    monkeypatch.setattr(memory, "metal_device_info", lambda: {"max_recommended_working_set_size": 1 << 30})
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: calls.append(n) or 123)
+    monkeypatch.setattr(mx, "synchronize", lambda *a: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with memory.wired_limit(tiny_model):
+            assert calls == [1 << 30]
+    assert calls == [1 << 30, 123]
+
+
+def test_wired_limit_warns_when_the_model_exceeds_the_recommended_working_set(tiny_model, monkeypatch):
+    monkeypatch.setattr(memory, "metal_device_info", lambda: {"max_recommended_working_set_size": 1 << 20})
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: 0)
+    monkeypatch.setattr(mx, "synchronize", lambda *a: None)
+    with pytest.warns(UserWarning, match="recommends"):
+        with memory.wired_limit(tiny_model):
+            pass
+
+
+def test_info_reports_components_prediction_and_machine_for_the_fixture_folder():
+    result = CliRunner().invoke(info, ["--model", str(FIXTURES), "--width", "512", "--height", "512",
+                                       "--guidance", "5", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    for expected in ("language_model.embed_tokens", "language_model.layers", "x_embedder", "t_embedder1",
+                     "final_layer2", "never loaded", "visual", "512x512, guidance 5 (2 passes)",
+                     "predicted peak on CPU", "predicted peak on Metal", "machine:"):
+        assert expected in out
+    total = sum(v.nbytes for v in memory.checkpoint_sizes(FIXTURES, 4)[0].values())
+    assert f"total: " in out and memory.format_bytes(total) in out
+
+
+def test_info_with_quantization_shows_smaller_decoder_weights():
+    plain = CliRunner().invoke(info, ["--random-weights", "real"])
+    q4 = CliRunner().invoke(info, ["--random-weights", "real", "-q", "4"])
+    assert plain.exit_code == q4.exit_code == 0
+    assert "Q4" in q4.output and "6,946,071,552 params" in q4.output
+    assert plain.output != q4.output
+
+
+def test_info_needs_exactly_one_model_source():
+    result = CliRunner().invoke(info, [])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, ValueError)
