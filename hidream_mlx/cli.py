@@ -47,7 +47,7 @@ def main():
 @click.option("--model", "model_path", required=True, help="Model folder (official or quantized layout).")
 @click.option("--case", "case_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="A recorded case file (.npz in one of the fixture formats).")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
               help="Where to write the replayed outputs (.npz).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 def replay(model_path, case_path, out_path, overwrite):
@@ -114,7 +114,7 @@ def _print_summary(result, engine, elapsed_note: str = "") -> None:
 @click.option("--model", "model_arg", default=DEFAULT_MODEL, show_default=True,
               help="Hugging Face repo id or local folder (official or quantized layout).")
 @click.option("--prompt", required=True, help="What to draw.")
-@click.option("--output", "-o", default="image.png", show_default=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--output", "-o", default="image.png", show_default=True, type=click.Path(path_type=Path))
 @click.option("--seed", type=int, default=None, help="Random seed (default: a random one, printed and stored).")
 @click.option("--width", type=int, default=None, help="Width in pixels (default 2048, or the preset's).")
 @click.option("--height", type=int, default=None, help="Height in pixels (default 2048, or the preset's).")

@@ -12,10 +12,10 @@ from typing import Iterator
 def check_output_path(path: Path | str, overwrite: bool = False) -> Path:
     """Fail early (before any expensive work) if ``path`` cannot be written."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists (use --overwrite to replace it)")
     if path.is_dir():
         raise IsADirectoryError(f"{path}: is a folder, expected a file path")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists (use --overwrite to replace it)")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise FileNotFoundError(f"{parent}: output folder does not exist")
@@ -35,6 +35,10 @@ def atomic_output(path: Path | str, overwrite: bool = False) -> Iterator[Path]:
         yield tmp_path
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path}: appeared while writing (use --overwrite to replace it)")
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -1,0 +1,95 @@
+"""Editing and subject-driven generation: reference images through the same generation code."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import FIXTURES, load_case
+from hidream_mlx.cli import main
+from hidream_mlx.png import read_metadata
+
+REF = str(FIXTURES / "edit_ref.png")
+
+
+def generate(tmp_path, *args, name="o.png"):
+    out = tmp_path / name
+    result = CliRunner().invoke(main, ["generate", "--model", str(FIXTURES), "--prompt", "make the sky purple",
+                                       "--seed", "1", "--output", str(out), *args])
+    return result, out
+
+
+def test_replay_edit_forward_matches_vision_tower_and_x_pred(tmp_path):
+    out = tmp_path / "edit.npz"
+    result = CliRunner().invoke(main, ["replay", "--model", str(FIXTURES), "--case", str(FIXTURES / "edit_forward.npz"),
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    ref, got = load_case("edit_forward.npz"), np.load(out)
+    keys = ["x_pred", "x_pred_t05", "x_pred_all_vis", "cond_image_embeds"]
+    keys += [k for k in ref.files if k.startswith("cond_deepstack_")]
+    for key in keys:
+        assert got[key].shape == ref[key].shape, key
+        np.testing.assert_allclose(got[key], ref[key], atol=1e-4, rtol=1e-4, err_msg=key)
+
+
+def test_replay_flow_match_sampling_writes_every_z_and_the_image(tmp_path):
+    out = tmp_path / "fm.npz"
+    result = CliRunner().invoke(main, ["replay", "--model", str(FIXTURES), "--case",
+                                       str(FIXTURES / "flow_match_sampling.npz"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    ref, got = load_case("flow_match_sampling.npz"), np.load(out)
+    assert got["z"].shape == ref["z"].shape
+    diff = np.abs(got["image"].astype(int) - ref["image"])
+    assert diff.max() <= 1 and (diff == 0).mean() >= 0.99
+
+
+def test_single_reference_edit_records_the_reference(tmp_path):
+    result, out = generate(tmp_path, "--ref", REF, "--no-snap", "--width", "256", "--height", "288", "--recipe", "dev",
+                           "--steps", "4")
+    assert result.exit_code == 0, result.output
+    meta = read_metadata(out)
+    assert meta["references"] == [REF]
+    assert meta["recipe"] == "dev-edit" and meta["recipe_settings"]["scheduler"] == "flow_match"
+    assert Image.open(out).size == (256, 288)
+    assert "< 2 MP" in result.output  # warned, not failed
+
+
+def test_two_references_with_a_layout(tmp_path):
+    layout = json.dumps([{"bbox": [0, 0.5, 0, 1], "text": "left"}, [0.5, 1, 0, 1]])
+    result, out = generate(tmp_path, "--ref", REF, "--ref", REF, "--layout", layout, "--no-snap", "--width", "256",
+                           "--height", "256", "--recipe", "dev", "--steps", "3")
+    assert result.exit_code == 0, result.output
+    meta = read_metadata(out)
+    assert meta["references"] == [REF, REF] and json.loads(meta["layout"])[0]["text"] == "left"
+    assert meta["recipe"] == "dev"  # several references keep the flash sampler
+
+
+def test_keep_aspect_takes_the_reference_shape():
+    # Only the preparation runs: sampling at ~4 MP takes half a minute even for the tiny model.
+    from hidream_mlx.generation import Engine, Request
+    from hidream_mlx.recipes import get_recipe
+
+    engine = Engine.load(str(FIXTURES), dtype="float32")
+    refs, request = engine.prepare(Request("x", 256, 256, 0, get_recipe("dev-edit"), references=(REF,), keep_aspect=True))
+    w, h = request.width, request.height
+    assert (refs.width, refs.height) == (w, h) and "aspect" in request.size_note
+    ref_w, ref_h = Image.open(REF).size
+    assert w % 32 == 0 and h % 32 == 0 and abs(w / h - ref_w / ref_h) < 0.05
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda p: ["--ref", str(p / "missing.png")], "reference image not found"),
+    (lambda p: ["--ref", str(FIXTURES / "config.json")], "is not a readable image"),
+    (lambda p: ["--ref", REF] * 11, "at most 10 reference images"),
+    (lambda p: ["--ref", REF, "--layout", "[[0, 1, 0"], "neither valid JSON"),
+    (lambda p: ["--ref", REF, "--layout", "[[0, 1, 0, 250]]"], "out of range"),
+    (lambda p: ["--ref", REF, "--ref", REF, "--keep-aspect"], "--keep-aspect works with exactly one --ref"),
+    (lambda p: ["--layout", "[[0, 1, 0, 1]]"], "--layout needs at least one --ref"),
+])
+def test_bad_reference_input_fails_in_one_line(tmp_path, make_args, message):
+    result, out = generate(tmp_path, *make_args(tmp_path), "--no-snap", "--width", "256", "--height", "256")
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists()
