@@ -26,9 +26,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import psutil
+from mlx.utils import tree_flatten
 
 from . import pipeline
-from .memory import format_bytes, parameter_bytes, predict_peak_bytes, working_set
+from .memory import format_bytes, parameter_bytes, predict_peak_bytes
 from .patches import grid_size
 from .pipeline import Conditioning, encode_prompt_state
 from .positions import t2i_positions
@@ -247,15 +248,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _: None) -> 
     dtype_bytes = DTYPES[cfg.dtype].size
     predicted = predict_peak_bytes(weight_bytes, text_cfg, cfg.size, cfg.size, use_cfg,
                                    text_tokens=cfg.prompt_tokens, dtype_bytes=dtype_bytes)
-    return BenchResult(cfg, sum(a.size for a in _arrays(model)), weight_bytes, baseline, memory.peak_rss,
+    return BenchResult(cfg, sum(a.size for _, a in tree_flatten(model.parameters())), weight_bytes, baseline, memory.peak_rss,
                        memory.ru_maxrss, memory.mlx_peak, predicted, cfg.prompt_tokens, grid[0] * grid[1] + 1, grid[0] * grid[1],
                        results)
-
-
-def _arrays(model: nn.Module) -> list[mx.array]:
-    from mlx.utils import tree_flatten
-
-    return [a for _, a in tree_flatten(model.parameters())]
 
 
 def token_ratio(result: BenchResult) -> float:

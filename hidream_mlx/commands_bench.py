@@ -6,9 +6,6 @@ ValueError (and the loader's ModelLoadError), which the CLI group turns into one
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-from typing import Optional
 
 import click
 
