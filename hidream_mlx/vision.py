@@ -12,7 +12,6 @@ stripping that prefix; ``VisionTower.sanitize`` does that and flattens the Conv3
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Union
 
@@ -22,6 +21,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig, VisionConfig
+from .loading import checkpoint_index, is_vision, load_tensors, select_tensors
 
 CHECKPOINT_PREFIX = "model.visual."
 LAYER_NORM_EPS = 1e-6
@@ -237,21 +237,6 @@ class VisionTower(nn.Module):
         return out
 
 
-def _visual_shards(model_dir: Path) -> list[Path]:
-    index_path = model_dir / "model.safetensors.index.json"
-    if index_path.exists():
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        shards = sorted({f for name, f in weight_map.items() if name.startswith(CHECKPOINT_PREFIX)})
-        return [model_dir / shard for shard in shards]
-    single = model_dir / "model.safetensors"
-    if single.exists():
-        return [single]
-    shards = sorted(model_dir.glob("*.safetensors"))
-    if not shards:
-        raise ValueError(f"{model_dir}: no safetensors weights found")
-    return shards
-
-
 def load_vision_tower(
     model_dir: Union[str, Path],
     config: Optional[Union[ModelConfig, VisionConfig]] = None,
@@ -267,9 +252,9 @@ def load_vision_tower(
     if vision is None:
         raise ValueError(f"{model_dir}: config.json has no vision_config (needed for reference images)")
 
-    tensors = {}
-    for shard in _visual_shards(model_dir):
-        tensors.update({k: v for k, v in mx.load(str(shard)).items() if k.startswith(CHECKPOINT_PREFIX)})
+    # The shared loader checks every shard's header first (a truncated download names its file).
+    infos = select_tensors(checkpoint_index(model_dir), is_vision)
+    tensors = {f"model.{name}": value for name, value in load_tensors(infos, dtype).items()}
 
     tower = VisionTower(vision)
     weights = tower.sanitize(tensors)
@@ -288,6 +273,6 @@ def load_vision_tower(
                 f"{model_dir}: {CHECKPOINT_PREFIX}{name} has shape {list(value.shape)}, "
                 f"config expects {list(expected[name].shape)}"
             )
-    tower.load_weights([(k, v.astype(dtype)) for k, v in weights.items()], strict=True)
+    tower.load_weights(list(weights.items()), strict=True)
     mx.eval(tower.parameters())
     return tower
