@@ -78,7 +78,8 @@ EDIT_MIN_PIXELS = 2_000_000
 
 def _check_references(refs, layout, keep_aspect, width, height):
     """Validate reference options before any model loads; returns the layout as JSON text."""
-    from .references import load_reference_images, parse_layout_boxes
+    from .layout import parse_layout_boxes
+    from .references import load_reference_images
 
     if not refs:
         if layout or keep_aspect:

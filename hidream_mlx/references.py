@@ -14,7 +14,6 @@ is added as one more reference and each ref gets a border in its box's colour.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,17 +23,20 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .config import FIX_POINT, PATCH_SIZE, TMS_TOKEN_ID
+from .layout import (
+    LAYOUT_COLORS,
+    LayoutBox,
+    add_border,
+    draw_layout,
+    parse_layout_boxes,
+)
 from .patches import patchify
 from .prompt import chat_text
+from .vision_processor import ImageProcessorConfig, image_token_counts, vision_inputs
 
 MAX_REFERENCES = 10
 CONDITION_IMAGE_SIZE = 384
 KEEP_ASPECT_MAX_SIZE = 2048
-MAX_LAYOUT_BOXES = 5
-LAYOUT_COLORS = (
-    (255, 0, 0), (0, 180, 0), (0, 0, 255), (204, 180, 0), (255, 0, 255),
-    (0, 255, 255), (128, 0, 0), (0, 128, 0), (0, 0, 128), (128, 128, 0),
-)  # fmt: skip
 
 ImageLike = Union[str, Path, Image.Image]
 
@@ -138,92 +140,6 @@ def condition_image(resized_ref: Image.Image, num_refs: int) -> Image.Image:
     if cond_w == 0 or cond_h == 0:
         raise ValueError(f"reference image {resized_ref.width}x{resized_ref.height} is too elongated")
     return resized_ref.resize((cond_w, cond_h), resample=Image.LANCZOS)
-
-
-# ----------------------------------------------------------------- Qwen3-VL image processor
-
-
-@dataclass(frozen=True)
-class ImageProcessorConfig:
-    """The fields of ``preprocessor_config.json`` (Qwen2VLImageProcessor) that matter here."""
-
-    patch_size: int = 16
-    temporal_patch_size: int = 2
-    merge_size: int = 2
-    min_pixels: int = 65536
-    max_pixels: int = 16777216
-    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
-    rescale_factor: float = 1 / 255
-    resample: int = 3
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ImageProcessorConfig":
-        size = data.get("size") or {}
-        defaults = cls()
-        return cls(
-            patch_size=int(data.get("patch_size", defaults.patch_size)),
-            temporal_patch_size=int(data.get("temporal_patch_size", defaults.temporal_patch_size)),
-            merge_size=int(data.get("merge_size", defaults.merge_size)),
-            # Explicit min/max_pixels override `size`, as in transformers.
-            min_pixels=int(data.get("min_pixels") or size.get("shortest_edge") or defaults.min_pixels),
-            max_pixels=int(data.get("max_pixels") or size.get("longest_edge") or defaults.max_pixels),
-            image_mean=tuple(float(v) for v in data.get("image_mean", defaults.image_mean)),
-            image_std=tuple(float(v) for v in data.get("image_std", defaults.image_std)),
-            rescale_factor=float(data.get("rescale_factor", defaults.rescale_factor)),
-            resample=int(data.get("resample", defaults.resample)),
-        )
-
-    @classmethod
-    def from_file(cls, path: Union[str, Path]) -> "ImageProcessorConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """(height, width) nearest to the input with sides multiple of factor and area in bounds."""
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"image {width}x{height}: aspect ratio must be below 200")
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
-def image_to_vision_patches(image: Image.Image, config: ImageProcessorConfig) -> tuple[np.ndarray, np.ndarray]:
-    """One RGB image -> (rows [grid_h*grid_w, C*T*P*P] in merge order, grid (1, grid_h, grid_w))."""
-    p, m, t = config.patch_size, config.merge_size, config.temporal_patch_size
-    height, width = smart_resize(image.height, image.width, p * m, config.min_pixels, config.max_pixels)
-    if (width, height) != image.size:
-        image = image.resize((width, height), resample=Image.Resampling(config.resample))
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float64) * config.rescale_factor
-    mean = np.asarray(config.image_mean, dtype=np.float32)
-    std = np.asarray(config.image_std, dtype=np.float32)
-    x = ((pixels.astype(np.float32) - mean) / std).transpose(2, 0, 1)
-    channels = x.shape[0]
-    gh, gw = height // p, width // p
-    x = x.reshape(channels, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
-    # A still image is its own temporal_patch_size frames.
-    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))
-    return x.reshape(gh * gw, channels * t * p * p), np.array([1, gh, gw], dtype=np.int64)
-
-
-def vision_inputs(images: Sequence[Image.Image], config: ImageProcessorConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Conditioning images -> (pixel_values [L, C*T*P*P] float32, image_grid_thw [n, 3] int64)."""
-    rows, grids = zip(*(image_to_vision_patches(image, config) for image in images))
-    return np.concatenate(rows).astype(np.float32), np.stack(grids)
-
-
-def image_token_counts(image_grid_thw: np.ndarray, merge_size: int) -> list[int]:
-    """How many ``<|image_pad|>`` tokens stand for each conditioning image in the prompt."""
-    grid = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
-    return (grid.prod(axis=1) // merge_size**2).tolist()
 
 
 # ----------------------------------------------------------------------------- ref patches
@@ -372,98 +288,6 @@ def edit_sequence(
 # ---------------------------------------------------------------------------------- layout
 
 
-@dataclass(frozen=True)
-class LayoutBox:
-    bbox: tuple[int, int, int, int]  # absolute (x1, y1, x2, y2) in target pixels
-    text: str = ""
-
-
-def _layout_items(spec: Any) -> list:
-    if isinstance(spec, (str, Path)):
-        path = Path(spec)
-        try:
-            is_file = path.is_file()
-        except OSError:  # a JSON string too long to be a path
-            is_file = False
-        try:
-            spec = json.loads(path.read_text(encoding="utf-8") if is_file else str(spec))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"layout boxes are neither valid JSON nor a JSON file ({e.msg})") from None
-    if isinstance(spec, dict):
-        spec = next((spec[k] for k in ("layout_bboxes", "bboxes", "boxes", "bbox_list") if k in spec), spec)
-    if not isinstance(spec, list) or not spec:
-        raise ValueError("layout boxes must be a non-empty list of [x1, x2, y1, y2] or {'bbox': ..., 'text': ...}")
-    return spec
-
-
-def _to_absolute(values: Any, width: int, height: int, index: int) -> tuple[int, int, int, int]:
-    if (
-        not isinstance(values, (list, tuple))
-        or len(values) != 4
-        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
-    ):
-        raise ValueError(f"layout box {index}: expected 4 numbers [x1, x2, y1, y2], got {values!r}")
-    x1, x2, y1, y2 = (float(v) for v in values)
-    largest = max(x1, x2, y1, y2)
-    if min(x1, x2, y1, y2) < 0 or largest > 100:
-        raise ValueError(f"layout box {index}: {list(values)} out of range (relative 0..1, or percent 0..100)")
-    scale = 1.0 if largest <= 1.0 else 0.01
-    x1, x2 = sorted((x1 * scale * width, x2 * scale * width))
-    y1, y2 = sorted((y1 * scale * height, y2 * scale * height))
-    x1, x2 = (min(width - 1, int(round(v))) for v in (x1, x2))
-    y1, y2 = (min(height - 1, int(round(v))) for v in (y1, y2))
-    if x2 <= x1 or y2 <= y1:
-        raise ValueError(f"layout box {index}: {list(values)} is empty at {width}x{height}")
-    return x1, y1, x2, y2
-
-
-def parse_layout_boxes(spec: Any, width: int, height: int) -> list[LayoutBox]:
-    """Boxes from a JSON string, a JSON file path, a list or a dict holding one: each item is
-    [x1, x2, y1, y2] (relative; 0..100 read as percent) or {"bbox"/"box": ..., "text"/"label": ...}."""
-    boxes = []
-    for index, item in enumerate(_layout_items(spec)):
-        if isinstance(item, dict):
-            values = item.get("bbox") or item.get("box")
-            if values is None:
-                raise ValueError(f"layout box {index}: missing 'bbox'")
-            text = str(item.get("text") or item.get("label") or "")
-        else:
-            values, text = item, ""
-        boxes.append(LayoutBox(_to_absolute(values, width, height, index), text))
-    return boxes
-
-
-def draw_layout(boxes: Sequence[LayoutBox], width: int, height: int) -> tuple[Image.Image, list]:
-    """Black image with the largest MAX_LAYOUT_BOXES boxes outlined, thickest first; returns it
-    and each box's colour (None for boxes not drawn), in input order."""
-    from PIL import ImageDraw
-
-    max_line = int(math.sqrt(width * height) * 0.05)
-    gap = max(1, max_line // MAX_LAYOUT_BOXES)
-    image = Image.new("RGB", (width, height), (0, 0, 0))
-    draw = ImageDraw.Draw(image)
-    colors: list = [None] * len(boxes)
-
-    def area(i: int) -> int:
-        x1, y1, x2, y2 = boxes[i].bbox
-        return (x2 - x1) * (y2 - y1)
-
-    largest_first = sorted(range(len(boxes)), key=area, reverse=True)[:MAX_LAYOUT_BOXES]
-    for rank, i in enumerate(largest_first):
-        colors[i] = LAYOUT_COLORS[rank % len(LAYOUT_COLORS)]
-        draw.rectangle(list(boxes[i].bbox), outline=colors[i], width=max(max_line - rank * gap, 5))
-    return image, colors
-
-
-def add_border(image: Image.Image, color: Sequence[int], width: int) -> Image.Image:
-    """A frame of ``width`` pixels drawn inside the image (size unchanged)."""
-    pixels = np.array(image.convert("RGB"))
-    if width > 0:
-        for region in (np.s_[:width, :], np.s_[-width:, :], np.s_[:, :width], np.s_[:, -width:]):
-            pixels[region] = color
-    return Image.fromarray(pixels)
-
-
 def layout_reference_images(
     refs: Sequence[Image.Image],
     boxes: Sequence[LayoutBox],
@@ -480,8 +304,6 @@ def layout_reference_images(
         color = colors[i] if i < len(colors) and colors[i] is not None else LAYOUT_COLORS[i % len(LAYOUT_COLORS)]
         framed.append(add_border(ref, color, int(math.sqrt(ref.width * ref.height) * 0.04)))
     return framed + [layout]
-
-
 # --------------------------------------------------------------------------------- together
 
 

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 from tokenizers import Tokenizer
 
+from hidream_mlx import layout, vision_processor
 from hidream_mlx import references as refs
 from hidream_mlx.config import ModelConfig
 
@@ -37,7 +38,7 @@ def config():
 
 @pytest.fixture(scope="module")
 def processor():
-    return refs.ImageProcessorConfig.from_file(FIXTURES / "preprocessor_config.json")
+    return vision_processor.ImageProcessorConfig.from_file(FIXTURES / "preprocessor_config.json")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def test_small_condition_images_are_upscaled_to_min_pixels(processor):
     """With 9-10 refs the ~192^2 conditioning image is below the checkpoint's min_pixels (256^2):
     smart_resize grows it to 256^2."""
     processor = dataclasses.replace(processor, min_pixels=256 * 256)
-    pixels, grid = refs.vision_inputs([Image.new("RGB", (192, 192), (10, 200, 30))], processor)
+    pixels, grid = vision_processor.vision_inputs([Image.new("RGB", (192, 192), (10, 200, 30))], processor)
     factor = processor.patch_size * processor.merge_size
     side = -(-256 // factor) * factor // processor.patch_size
     assert grid.tolist() == [[1, side, side]]
@@ -171,17 +172,17 @@ def test_many_references_with_layout(processor, config):
 
 
 def test_layout_boxes_relative_and_percent_agree():
-    relative = refs.parse_layout_boxes([[0.1, 0.5, 0.2, 0.6]], 200, 100)
-    percent = refs.parse_layout_boxes({"bboxes": [{"box": [10, 50, 20, 60], "label": "x"}]}, 200, 100)
+    relative = layout.parse_layout_boxes([[0.1, 0.5, 0.2, 0.6]], 200, 100)
+    percent = layout.parse_layout_boxes({"bboxes": [{"box": [10, 50, 20, 60], "label": "x"}]}, 200, 100)
     assert relative[0].bbox == percent[0].bbox == (20, 20, 100, 60)
     assert percent[0].text == "x"
 
 
 def test_layout_drawing_colours_largest_boxes_first():
-    boxes = refs.parse_layout_boxes([[0.0, 0.1, 0.0, 0.1]] * 5 + [[0.2, 0.9, 0.2, 0.9]], 320, 320)
-    image, colors = refs.draw_layout(boxes, 320, 320)
-    assert colors[5] == refs.LAYOUT_COLORS[0] and colors[4] is None
-    assert image.getpixel(boxes[5].bbox[:2]) == refs.LAYOUT_COLORS[0]
+    boxes = layout.parse_layout_boxes([[0.0, 0.1, 0.0, 0.1]] * 5 + [[0.2, 0.9, 0.2, 0.9]], 320, 320)
+    image, colors = layout.draw_layout(boxes, 320, 320)
+    assert colors[5] == layout.LAYOUT_COLORS[0] and colors[4] is None
+    assert image.getpixel(boxes[5].bbox[:2]) == layout.LAYOUT_COLORS[0]
     assert image.getpixel((160, 160)) == (0, 0, 0)
 
 
@@ -200,7 +201,7 @@ def test_layout_drawing_colours_largest_boxes_first():
 )
 def test_malformed_layout_boxes_raise_one_line(spec, message):
     with pytest.raises(ValueError, match=message) as info:
-        refs.parse_layout_boxes(spec, 256, 256)
+        layout.parse_layout_boxes(spec, 256, 256)
     assert "\n" not in str(info.value)
 
 
