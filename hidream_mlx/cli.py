@@ -190,7 +190,8 @@ def generate(model_arg, prompt, output, seed, width, height, no_snap, recipe, pr
     click.echo(f"size {size_note}; recipe {rec.name}, {rec.steps} steps, guidance {rec.guidance:g}, seed {seed}"
                f" (model loaded in {engine.load_time:.1f} s)", err=True)
     if not rec.official:
-        click.echo(f"note: settings differ from the released {rec.name} recipe", err=True)
+        subset = f" ({rec.steps} of the 28 distilled timesteps)" if rec.distilled and rec.steps < 28 else ""
+        click.echo(f"note: settings differ from the released {rec.name} recipe{subset}", err=True)
 
     with click.progressbar(length=rec.steps, label="sampling", file=sys.stderr,
                            show_eta=True, item_show_func=lambda s: s) as bar:

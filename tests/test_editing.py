@@ -93,3 +93,11 @@ def test_bad_reference_input_fails_in_one_line(tmp_path, make_args, message):
     assert result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_full_recipe_edits_with_cfg_over_the_same_references(tmp_path):
+    result, out = generate(tmp_path, "--ref", REF, "--no-snap", "--width", "256", "--height", "256",
+                           "--recipe", "full", "--steps", "3")
+    assert result.exit_code == 0, result.output
+    meta = read_metadata(out)
+    assert meta["recipe"] == "full" and meta["guidance"] == 5.0 and meta["references"] == [REF]

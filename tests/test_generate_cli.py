@@ -53,7 +53,7 @@ def test_flags_override_the_recipe_and_are_recorded(tmp_path):
     assert result.exit_code == 0, result.output
     meta = read_metadata(out)
     assert meta["recipe"] == "dev" and meta["steps"] == 7 and meta["official_recipe"] is False
-    assert "differ from the released dev recipe" in result.output
+    assert "differ from the released dev recipe (7 of the 28 distilled timesteps)" in result.output
 
 
 def test_default_size_snaps_to_an_official_bucket_and_says_so(tmp_path, monkeypatch):
