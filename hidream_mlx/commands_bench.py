@@ -77,7 +77,7 @@ def info(model_arg, dims, layers, bits, dtype, width, height, guidance, text_tok
         from .loading import read_config, resolve_model_path
         from .recipes import get_recipe, recipe_for_model
 
-        path = resolve_model_path(model_arg)
+        path = resolve_model_path(model_arg, allow_download=False)  # info never downloads 33 GB
         config = read_config(path)
         if config.quantization and bits:
             click.echo(f"note: {path} is already quantized ({config.quantization.get('bits')} bits); "

@@ -65,12 +65,13 @@ def resolve_model_path(name_or_path: str, allow_download: bool = True) -> Path:
     patterns = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
     try:
         return Path(snapshot_download(name_or_path, allow_patterns=patterns, local_files_only=True))
-    except Exception as cached_error:  # noqa: BLE001 - any miss means: try the network
+    # Hub errors are OSError subclasses (missing entries, HTTP), or ValueError for a malformed id.
+    except (OSError, ValueError) as cached_error:
         if not allow_download or os.environ.get("HF_HUB_OFFLINE"):
             raise ModelLoadError(f"{name_or_path}: not in the local Hugging Face cache and downloads are off") from cached_error
     try:
         return Path(snapshot_download(name_or_path, allow_patterns=patterns))
-    except Exception as e:  # noqa: BLE001 - hub errors come in many types; report them in one line
+    except (OSError, ValueError) as e:
         raise ModelLoadError(f"{name_or_path}: could not download from Hugging Face ({type(e).__name__}: {e})") from None
 
 

@@ -11,13 +11,12 @@ Per step, exactly as the reference: ``t_model = 1 - t/1000``, ``sigma = max(t/10
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 import numpy as np
 
-from .config import PATCH_DIM
 from .patches import grid_size, patchify
 from .positions import patch_positions, text_positions
 from .prompt import UNCOND_PROMPT, Tokenizer, encode_prompt
