@@ -15,15 +15,11 @@ the process RSS (polled by a thread, and ``ru_maxrss``) and MLX's own peak.
 
 from __future__ import annotations
 
-import resource
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import psutil
 from mlx.utils import tree_flatten
@@ -31,8 +27,10 @@ from mlx.utils import tree_flatten
 from . import pipeline
 from .memory import format_bytes, parameter_bytes, predict_peak_bytes
 from .patches import grid_size
+from .peak_rss import PeakRss
 from .pipeline import Conditioning, encode_prompt_state
 from .positions import t2i_positions
+from .quantization import quantize_in_memory
 from .synthetic import random_model, synthetic_prompt_ids
 
 UNCOND_TOKENS = 13  # the chat template around the unconditional prompt " "
@@ -112,43 +110,6 @@ class MemoryReading:
     mlx_peak: int
 
 
-class PeakRSS:
-    """Polls this process's RSS on a thread (MLX releases the GIL while it evaluates)."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._process = psutil.Process()
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._process.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __enter__(self) -> "PeakRSS":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._process.memory_info().rss)
-
-
-def ru_maxrss_bytes() -> int:
-    """The process's peak RSS so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
-def quantize_decoder(model: nn.Module, bits: int, group_size: int = 64) -> None:
-    """Quantize the decoder layers' linears in place (the pixel heads and embedding stay)."""
-    nn.quantize(model.language_model, group_size=group_size, bits=bits,
-                class_predicate=lambda path, m: isinstance(m, nn.Linear) and path.startswith("layers."))
-
-
 def cached_velocity(model, cond: Conditioning, guidance: float, batched: Optional[bool] = None) -> Velocity:
     return lambda z, t_model, sigma: pipeline.velocity(model, cond, z, t_model, sigma, guidance, batched=batched)
 
@@ -197,10 +158,11 @@ def measure(variants: dict[str, Velocity], z0: mx.array, cfg: BenchConfig,
 
     first, *others = variants
     mx.reset_peak_memory()
-    with PeakRSS() as rss:
+    rss = PeakRss(interval=0.002)
+    with rss.measure():
         time_steps(variants[first], z0, 1)  # warm-up: first-call allocations and kernel setup
         run(first, 0)
-    memory = MemoryReading(rss.peak, ru_maxrss_bytes(), mx.get_peak_memory())
+    memory = MemoryReading(rss.peak, rss.process_max, mx.get_peak_memory())
     for name in others:
         time_steps(variants[name], z0, 1)
     for r in range(cfg.repeats):
@@ -219,7 +181,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _: None) -> 
 
     model = random_model(cfg.dims, cfg.layers, DTYPES[cfg.dtype])
     if cfg.quantize is not None:
-        quantize_decoder(model, cfg.quantize)
+        quantize_in_memory(model, cfg.quantize)
         mx.eval(model.parameters())
     weight_bytes = parameter_bytes(model)
     mx.clear_cache()

@@ -175,6 +175,7 @@ def generate(model_arg, prompt, output, seed, width, height, no_snap, recipe, pr
     layout = _check_references(refs, layout, keep_aspect, w, h)
 
     engine = Engine.load(model_arg, dtype=dtype, quantize_bits=int(quantize_bits) if quantize_bits else None)
+    engine.keep_vision = False
     rec = engine.recipe(recipe_for_references(recipe or engine.default_recipe, len(refs)))
     if chosen is not None:
         rec = apply_preset(rec, chosen)
@@ -208,11 +209,14 @@ def generate(model_arg, prompt, output, seed, width, height, no_snap, recipe, pr
 
 
 def _register_commands() -> None:
+    from .commands_bench import bench, info
     from .commands_eval import eval_group
     from .commands_quantize import quantize
 
     main.add_command(quantize)
     main.add_command(eval_group)
+    main.add_command(info)
+    main.add_command(bench)
 
 
 _register_commands()

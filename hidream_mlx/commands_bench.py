@@ -6,7 +6,6 @@ ValueError (and the loader's ModelLoadError), which the CLI group turns into one
 
 from __future__ import annotations
 
-
 import click
 
 DTYPE_CHOICES = ["bfloat16", "float16", "float32"]

@@ -137,27 +137,24 @@ def load_engine(model: Optional[str], random_weights: Optional[str] = None, laye
                 dtype: str = "bfloat16", quantize_bits: Optional[int] = None):
     """A loaded checkpoint, or random weights of a named size (no download; for speed and memory).
 
-    Random weights with ``quantize_bits`` quantize the decoder layers only (group size 64), like
-    the quantized checkpoints keep the pixel shims and embeddings in full precision.
+    Random weights with ``quantize_bits`` get the same flat recipe as ``generate -q``.
     """
     from .generation import Engine
 
     if random_weights is None:
         return Engine.load(model, dtype=dtype, quantize_bits=quantize_bits)
     import mlx.core as mx
-    import mlx.nn as nn
 
     from .loading import parse_dtype
+    from .quantization import quantize_in_memory
     from .synthetic import random_model
 
     start = time.perf_counter()
     net = random_model(random_weights, layers, dtype=parse_dtype(dtype))
     quantization = None
     if quantize_bits:
-        nn.quantize(net.language_model, group_size=64, bits=quantize_bits,
-                    class_predicate=lambda path, m: isinstance(m, nn.Linear) and path.startswith("layers."))
+        quantization = quantize_in_memory(net, quantize_bits)
         mx.eval(net.parameters())
-        quantization = {"bits": quantize_bits, "group_size": 64, "scope": "decoder layers"}
     return Engine(net, name=f"random-{random_weights}", quantization=quantization, dtype=dtype,
                   load_time=time.perf_counter() - start)
 

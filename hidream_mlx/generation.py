@@ -18,6 +18,7 @@ import numpy as np
 
 from . import __version__
 from .loading import load_model, parse_dtype, read_config, resolve_model_path
+from .memory import wired_limit
 from .noise import make_noise_source
 from .patches import patches_to_image
 from .pipeline import Conditioning, Step, encode, encode_synthetic, encode_with_references, initial_latent, sample
@@ -88,6 +89,8 @@ class Engine:
         self.model = model
         self.path = path
         self._vision = None
+        # One-shot runs drop the vision tower once the references are encoded; batteries keep it.
+        self.keep_vision = True
         self.tokenizer = tokenizer
         self.model_arg = name
         self.stored = stored or {}
@@ -167,21 +170,31 @@ class Engine:
         return sample(self.model, cond, request.recipe, z0, noise=noise)
 
     def run(self, request: Request, on_step: Optional[Callable[[Step, float], None]] = None) -> Result:
+        with wired_limit(self.model):
+            return self._run(request, on_step)
+
+    def _run(self, request: Request, on_step: Optional[Callable[[Step, float], None]]) -> Result:
         mx.reset_peak_memory()
         start = time.perf_counter()
         refs, request = self.prepare(request)
         cond = self.encode(request, refs)
         mx.eval(cond.arrays)
+        del refs
+        if not self.keep_vision:
+            self._vision = None
+        mx.clear_cache()  # the prompt phase's temporaries are not needed while sampling
         encode_time = time.perf_counter() - start
         step_times, latent = [], None
-        for step in self.steps(request, cond):
+        steps = self.steps(request, cond)
+        del cond  # the step generator holds the caches; they go when it is exhausted
+        for step in steps:
             t0 = time.perf_counter()
             mx.eval(step.latent, step.preview)
             step_times.append(time.perf_counter() - t0)
             latent = step.latent
             if on_step is not None:
                 on_step(step, step_times[-1])
-        del cond
+        del steps
         image = patches_to_image(np.array(latent), request.height, request.width)
         if request.blend_seams:
             image = blend_seams(image, request.blend_seams)

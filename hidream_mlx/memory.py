@@ -112,7 +112,13 @@ def checkpoint_sizes(model_dir: Path, dtype_bytes: int, bits: Optional[int] = No
     Skipped are the tensors text-to-image never loads (``lm_head``, the vision tower), shown
     at their stored size. A folder quantized by our tools keeps its packed weights as stored.
     """
-    from .loading import SKIPPED_PREFIXES, checkpoint_index, is_vision, module_name, read_config
+    from .loading import (
+        SKIPPED_PREFIXES,
+        checkpoint_index,
+        is_vision,
+        module_name,
+        read_config,
+    )
 
     config = read_config(model_dir)
     group = int((config.quantization or {}).get("group_size", QUANT_GROUP_SIZE))

@@ -373,13 +373,18 @@ class Quantizer:
             apply_plan(model, plan_from_description(self.description, weight_matrices(model)))
 
     def after_load(self, model: nn.Module) -> None:
-        if self.stored:
-            return
-        plan = resolve_plan(BUILTIN_RECIPES["flat"], weight_matrices(model),
-                            len(model.language_model.layers), self.description["bits"],
-                            self.description["group_size"])
-        quantize_loaded(model, plan.layers)
-        self.description = plan.description()
+        if not self.stored:
+            self.description = quantize_in_memory(model, self.description["bits"], self.description["group_size"])
+
+
+def quantize_in_memory(model: nn.Module, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
+    """``-q BITS``: the flat recipe applied to loaded float weights; returns the quantization block."""
+    check_bits(bits, "-q/--quantize")
+    check_group_size(group_size)
+    plan = resolve_plan(BUILTIN_RECIPES["flat"], weight_matrices(model), len(model.language_model.layers),
+                        bits, group_size)
+    quantize_loaded(model, plan.layers)
+    return plan.description()
 
 
 def skeleton_quantizer(config: ModelConfig, bits: Optional[int] = None,

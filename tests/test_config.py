@@ -4,8 +4,8 @@ import copy
 import json
 
 import pytest
-
 from conftest import FIXTURES
+
 from hidream_mlx.config import ConfigError, ModelConfig
 
 RAW = json.loads((FIXTURES / "config.json").read_text())

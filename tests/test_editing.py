@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import FIXTURES, load_case
 from PIL import Image
 
-from conftest import FIXTURES, load_case
 from hidream_mlx.cli import main
 from hidream_mlx.png import read_metadata
 

@@ -237,6 +237,7 @@ def test_the_cli_runs_a_battery_and_reruns_nothing(tmp_path):
 
 def test_random_weights_can_be_quantized_in_memory():
     engine = load_engine(None, random_weights="tiny", layers=1, dtype="float32", quantize_bits=8)
-    assert engine.quantization == {"bits": 8, "group_size": 64, "scope": "decoder layers"}
+    assert engine.quantization["bits"] == 8 and engine.quantization["group_size"] == 64
+    assert engine.quantization["mode"] == "affine"  # the same block `generate -q 8` records
     assert type(engine.model.language_model.layers[0].mlp.up_proj).__name__ == "QuantizedLinear"
     assert type(engine.model.x_embedder.proj1).__name__ == "Linear"

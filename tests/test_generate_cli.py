@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import FIXTURES
 from PIL import Image
 
-from conftest import FIXTURES
 from hidream_mlx.cli import main
 from hidream_mlx.png import read_metadata
 

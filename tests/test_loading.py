@@ -6,8 +6,8 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from conftest import FIXTURES
+
 from hidream_mlx.loading import ModelLoadError, load_model, resolve_model_path
 
 WEIGHTS = mx.load(str(FIXTURES / "model.safetensors"))

@@ -5,13 +5,12 @@ import warnings
 import mlx.core as mx
 import pytest
 from click.testing import CliRunner
-
 from conftest import FIXTURES
+
 from hidream_mlx import memory
 from hidream_mlx.commands_bench import info
 from hidream_mlx.loading import checkpoint_index
 from hidream_mlx.synthetic import synthetic_config
-
 
 REAL = synthetic_config("real").text
 
@@ -116,7 +115,7 @@ def test_info_reports_components_prediction_and_machine_for_the_fixture_folder()
                      "predicted peak on CPU", "predicted peak on Metal", "machine:"):
         assert expected in out
     total = sum(v.nbytes for v in memory.checkpoint_sizes(FIXTURES, 4)[0].values())
-    assert f"total: " in out and memory.format_bytes(total) in out
+    assert "total: " in out and memory.format_bytes(total) in out
 
 
 def test_info_with_quantization_shows_smaller_decoder_weights():

@@ -2,8 +2,8 @@
 
 import mlx.core as mx
 import numpy as np
-
 from conftest import load_case
+
 from hidream_mlx.patches import patchify, to_uint8, unpatchify
 
 

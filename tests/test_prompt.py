@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import FIXTURES, case_meta, load_case
+
 from hidream_mlx.positions import patch_positions, t2i_positions
 from hidream_mlx.prompt import Tokenizer, chat_text, encode_prompt, token_types
 

@@ -11,9 +11,17 @@ from conftest import FIXTURES, load_case
 
 from hidream_mlx.generation import Engine
 from hidream_mlx.loading import read_config
-from hidream_mlx.quantization import (BUILTIN_RECIPES, KEEP, LayerSetting, Override, QuantRecipe,
-                                      get_quant_recipe, plan_from_description, resolve_plan,
-                                      skeleton_quantizer)
+from hidream_mlx.quantization import (
+    BUILTIN_RECIPES,
+    KEEP,
+    LayerSetting,
+    Override,
+    QuantRecipe,
+    get_quant_recipe,
+    plan_from_description,
+    resolve_plan,
+    skeleton_quantizer,
+)
 from hidream_mlx.replay import predict_recorded
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "quantize" / "recipes"

@@ -2,8 +2,8 @@
 
 import numpy as np
 from click.testing import CliRunner
-
 from conftest import FIXTURES, load_case
+
 from hidream_mlx.cli import main
 
 

@@ -14,7 +14,13 @@ from PIL import Image
 from hidream_mlx.batteries import parse_variants, read_battery
 from hidream_mlx.commands_eval import eval_group
 from hidream_mlx.evaluation import EvalRun, load_engine, plan_jobs
-from hidream_mlx.reports import compare_runs, image_metrics, match_records, variant_summary, write_reports
+from hidream_mlx.reports import (
+    compare_runs,
+    image_metrics,
+    match_records,
+    variant_summary,
+    write_reports,
+)
 from hidream_mlx.seams import grid_energy
 
 BATTERY = [

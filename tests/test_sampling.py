@@ -3,8 +3,8 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from conftest import FIXTURES, case_meta, load_case
+
 from hidream_mlx.pipeline import Conditioning, sampler_for, schedule_for, velocity
 from hidream_mlx.recipes import get_recipe
 from hidream_mlx.replay import recorded_state, replay_case

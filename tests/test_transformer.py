@@ -3,8 +3,8 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from conftest import load_case
+
 from hidream_mlx.positions import rope_tables
 from hidream_mlx.replay import predict_recorded, prefix_length
 from hidream_mlx.transformer import generation_mask
