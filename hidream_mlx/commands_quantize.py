@@ -63,13 +63,17 @@ def quantize(model_arg, bits, recipe_name, recipe_file, group_size, no_vision, o
     from .loading import parse_dtype
 
     recipe = choose_recipe(recipe_name, recipe_file)
+
     def notice(line: str) -> None:
         click.echo(f"note: {line}", err=True)
+
+    def progress(done: int, total: int, name: str) -> None:
+        click.echo(f"[{done}/{total}] {'reading ' + name if name else 'writing index and config'}", err=True)
 
     click.echo(f"converting {model_arg} with recipe {recipe.name} -> {output}", err=True)
     conversion = convert(model_arg, output, recipe, bits=int(bits) if bits else None,
                          group_size=int(group_size) if group_size else None, include_vision=not no_vision,
-                         overwrite=overwrite, on_notice=notice)
+                         overwrite=overwrite, on_notice=notice, on_progress=progress)
     q = conversion.config["quantization"]
     overrides = sum(1 for k, v in q.items() if k not in ("mode", "bits", "group_size") and v != "bf16")
     click.echo(f"wrote {len(conversion.shards)} shard(s): {q['bits']}-bit, group size {q['group_size']}, "

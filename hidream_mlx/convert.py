@@ -137,9 +137,12 @@ def hidream_block(source_arg: str, source_dir: Path, stored: Optional[dict], rec
 
 
 def _convert_into(tmp: Path, infos: dict[str, TensorInfo], plan: QuantPlan, include_vision: bool,
-                  shard_bytes: int, sizes: dict[str, ComponentSize]) -> tuple[list[str], dict[str, str]]:
+                  shard_bytes: int, sizes: dict[str, ComponentSize],
+                  on_progress: Callable[[int, int, str], None]) -> tuple[list[str], dict[str, str]]:
     writer = ShardWriter(tmp, shard_bytes)
-    for path, names in iter_checkpoint(infos):
+    files = list(iter_checkpoint(infos))
+    for done, (path, names) in enumerate(files):
+        on_progress(done, len(files), path.name)
         try:
             arrays = mx.load(str(path))
         except (RuntimeError, ValueError) as e:
@@ -168,14 +171,18 @@ def _convert_into(tmp: Path, infos: dict[str, TensorInfo], plan: QuantPlan, incl
             del outputs
         del arrays
         mx.clear_cache()
+    on_progress(len(files), len(files), "")
     return writer.finish()
 
 
 def convert(source: str, output: Path | str, recipe: QuantRecipe, bits: Optional[int] = None,
             group_size: Optional[int] = None, include_vision: bool = True, overwrite: bool = False,
-            shard_bytes: int = DEFAULT_SHARD_BYTES, on_notice: Callable[[str], None] = lambda _: None
-            ) -> Conversion:
-    """Convert ``source`` (repo id or folder, float32 or bf16 shards) into ``output``."""
+            shard_bytes: int = DEFAULT_SHARD_BYTES, on_notice: Callable[[str], None] = lambda _: None,
+            on_progress: Callable[[int, int, str], None] = lambda done, total, name: None) -> Conversion:
+    """Convert ``source`` (repo id or folder, float32 or bf16 shards) into ``output``.
+
+    ``on_progress(done, total, file)`` is called before each input shard and once at the end.
+    """
     output = Path(output).expanduser()
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output}: already exists (use --overwrite to replace it)")
@@ -200,7 +207,7 @@ def convert(source: str, output: Path | str, recipe: QuantRecipe, bits: Optional
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
         sizes: dict[str, ComponentSize] = {}
-        shards, weight_map = _convert_into(tmp, infos, plan, include_vision, shard_bytes, sizes)
+        shards, weight_map = _convert_into(tmp, infos, plan, include_vision, shard_bytes, sizes, on_progress)
         index = {"metadata": {"total_size": sum(s.bytes for s in sizes.values())},
                  "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
