@@ -7,6 +7,7 @@ outputs are written under the recorded key names so they can be compared one to 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -66,10 +67,26 @@ def _image(z: np.ndarray, data) -> np.ndarray:
     return patches_to_image(z, h, w)
 
 
+def recorded_settings(case: Path, name: str) -> dict:
+    """The run's settings from the ``manifest.json`` beside a case file (empty if there is none)."""
+    manifest = case.parent / "manifest.json"
+    if not manifest.is_file():
+        return {}
+    try:
+        return json.loads(manifest.read_text()).get("files", {}).get("_meta", {}).get(name, {})
+    except ValueError as e:
+        raise ReplayError(f"{manifest}: not valid JSON ({e})") from None
+
+
 def replay_dev(model: HiDreamO1, data, model_dir: Path, case: Path) -> dict[str, np.ndarray]:
-    steps = len(data["timesteps"])
-    recipe = get_recipe("dev")
-    recipe = recipe.with_overrides(steps=steps, s_noise=float(data["s_noise"][0]))
+    s_noise = np.unique(data["s_noise"])
+    if s_noise.size != 1:
+        raise ReplayError("dev_sampling: a per-step noise scale that changes over the run is not a released recipe")
+    meta = recorded_settings(case, "dev_sampling")
+    # dev and dev-2604 differ only in their noise settings; the recorded scale says which ran.
+    name = "dev-2604" if float(s_noise[0]) == get_recipe("dev-2604").s_noise else "dev"
+    recipe = get_recipe(name).with_overrides(steps=len(data["timesteps"]), s_noise=float(s_noise[0]),
+                                              noise_clip=meta.get("noise_clip_std"))
     if not np.array_equal(schedule_for(recipe).timesteps, data["timesteps"]):
         raise ReplayError("dev_sampling: recorded timesteps are not the distilled Dev timesteps")
     cond = Conditioning(recorded_state(model, data["input_ids"], data["position_ids"], data["token_types"]))
@@ -79,9 +96,11 @@ def replay_dev(model: HiDreamO1, data, model_dir: Path, case: Path) -> dict[str,
 
 
 def replay_full(model: HiDreamO1, data, model_dir: Path, case: Path) -> dict[str, np.ndarray]:
-    recipe = get_recipe("full").with_overrides(steps=len(data["timesteps"]))
+    meta = recorded_settings(case, "full_sampling")
+    recipe = get_recipe("full").with_overrides(steps=len(data["timesteps"]), guidance=meta.get("guidance_scale"),
+                                               shift=meta.get("shift"))
     if not np.array_equal(schedule_for(recipe).timesteps, data["timesteps"]):
-        raise ReplayError("full_sampling: recorded timesteps are not those of the Full recipe (UniPC, shift 3)")
+        raise ReplayError("full_sampling: recorded timesteps are not those of a UniPC schedule with this shift")
     cond = Conditioning(
         recorded_state(model, data["input_ids_cond"], data["position_ids_cond"], data["token_types_cond"]),
         recorded_state(model, data["input_ids_uncond"], data["position_ids_uncond"], data["token_types_uncond"]),

@@ -241,3 +241,32 @@ def test_random_weights_can_be_quantized_in_memory():
     assert engine.quantization["mode"] == "affine"  # the same block `generate -q 8` records
     assert type(engine.model.language_model.layers[0].mlp.up_proj).__name__ == "QuantizedLinear"
     assert type(engine.model.x_embedder.proj1).__name__ == "Linear"
+
+
+def test_a_killed_process_loses_nothing_finished(tmp_path):
+    """SIGKILL mid-run (no clean-up at all), then the same command finishes only what is missing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    battery = write_battery(tmp_path, [{"id": f"p{i}", "prompt": f"prompt number {i}"} for i in range(4)])
+    rundir = tmp_path / "run"
+    command = [sys.executable, str(Path(__file__).parents[1] / "evals" / "run_eval.py"), "--battery", str(battery),
+               "--model", str(FIXTURES), "--dtype", "float32", "--variant", "v:recipe=dev,steps=28,size=256x256",
+               "--output", str(rundir)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = rundir / "results.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (results.is_file() and results.read_text().count("\n") >= 1):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = [json.loads(line)["key"] for line in results.read_text().splitlines() if line.endswith("}")]
+    assert 1 <= len(finished) < 4
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    keys = [r["key"] for r in read_results(rundir).values()]
+    assert sorted(keys) == [f"v/p{i}/42" for i in range(4)]
+    assert f"{4 - len(finished)} images made" in rerun.stdout + rerun.stderr
