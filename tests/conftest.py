@@ -1,11 +1,19 @@
 import json
+import os
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-FIXTURES = Path(__file__).parent / "fixtures" / "o1-tiny"
+# Point the suite at another fixture set (same file formats, other dims and sizes) with
+# HIDREAM_FIXTURES=/path/to/set; tests read every shape from the set itself.
+FIXTURES = Path(os.environ.get("HIDREAM_FIXTURES", Path(__file__).parent / "fixtures" / "o1-tiny"))
+
+
+def forward_cases() -> list[str]:
+    """The case prefixes recorded in forward_t2i.npz (e.g. sq256, r192x320 in set A)."""
+    return sorted({k.split(".")[0] for k in load_case("forward_t2i.npz").files})
 
 
 def load_case(name: str):

@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import FIXTURES, load_case
+from conftest import FIXTURES, forward_cases, load_case
 
 from hidream_mlx.commands_quantize import REPORT_FILE, quantize
 from hidream_mlx.convert import TOKENIZER_FILES, ShardWriter, convert
@@ -49,7 +49,7 @@ def test_converted_folder_loads_with_no_flags_and_generates(bits, converted):
 
 
 def test_x_pred_error_shrinks_with_bits(converted, tiny_model):
-    for prefix in ("sq256", "r192x320"):
+    for prefix in forward_cases():
         reference = predict_recorded(tiny_model, **forward_inputs(prefix))
         errors = {}
         for bits, folder in converted.items():
@@ -63,7 +63,7 @@ def test_x_pred_error_shrinks_with_bits(converted, tiny_model):
 def test_in_memory_quantization_equals_the_converted_folder(converted):
     folder_model = load_model(converted[6], dtype=mx.float32)
     memory_model = Engine.load(str(FIXTURES), dtype="float32", quantize_bits=6).model
-    inputs = forward_inputs("sq256")
+    inputs = forward_inputs(forward_cases()[0])
     np.testing.assert_array_equal(predict_recorded(folder_model, **inputs), predict_recorded(memory_model, **inputs))
 
 
@@ -74,8 +74,8 @@ def test_replay_command_runs_on_a_converted_folder(converted, tmp_path):
     result = CliRunner().invoke(main, ["replay", "--model", str(converted[8]), "--case",
                                        str(FIXTURES / "forward_t2i.npz"), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    recorded = load_case("forward_t2i.npz")["sq256.x_pred"]
-    x = np.load(out)["sq256.x_pred"]
+    key = f"{forward_cases()[0]}.x_pred"
+    recorded, x = load_case("forward_t2i.npz")[key], np.load(out)[key]
     assert np.linalg.norm(x - recorded) / np.linalg.norm(recorded) < 2e-2
 
 

@@ -1,16 +1,14 @@
 """Noise: torch's CPU randn stream reproduced without torch, and the MLX alternative."""
 
 import json
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import FIXTURES
 
 from hidream_mlx.noise import MlxNoise, TorchNoise, TorchRandn, make_noise_source
 from hidream_mlx.patches import patchify
-
-FIXTURES = Path(__file__).parent / "fixtures" / "o1-tiny"
 
 
 def _meta(case: str) -> dict:

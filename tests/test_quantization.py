@@ -7,7 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import FIXTURES, load_case
+from conftest import FIXTURES, forward_cases, load_case
 
 from hidream_mlx.generation import Engine
 from hidream_mlx.loading import read_config
@@ -158,7 +158,8 @@ def test_description_without_group_size_is_refused():
         plan_from_description({"bits": 4}, real_matrices(1))
 
 
-def forward_inputs(prefix="sq256"):
+def forward_inputs(prefix=None):
+    prefix = prefix or forward_cases()[0]
     case = load_case("forward_t2i.npz")
     return {k: case[f"{prefix}.{k}"] for k in ("input_ids", "position_ids", "token_types", "vinputs", "timestep")}
 

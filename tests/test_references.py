@@ -2,18 +2,16 @@
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FIXTURES
 from PIL import Image
 from tokenizers import Tokenizer
 
 from hidream_mlx import layout, vision_processor
 from hidream_mlx import references as refs
 from hidream_mlx.config import ModelConfig
-
-FIXTURES = Path(__file__).parent / "fixtures" / "o1-tiny"
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
 """Output sizes: official buckets (snapped like the reference) and validated free sizes."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FIXTURES
 
 from hidream_mlx.resolution import (
     MAX_PIXELS,
@@ -12,8 +12,6 @@ from hidream_mlx.resolution import (
     resolve_size,
     validate_free_size,
 )
-
-FIXTURES = Path(__file__).parent / "fixtures" / "o1-tiny"
 
 
 def test_find_closest_resolution_matches_the_reference():

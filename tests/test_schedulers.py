@@ -2,11 +2,11 @@
 
 import json
 import re
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import FIXTURES
 
 from hidream_mlx.noise import TorchNoise
 from hidream_mlx.schedulers import (
@@ -21,7 +21,6 @@ from hidream_mlx.schedulers import (
     unipc_schedule,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "o1-tiny"
 SCHEDULERS = np.load(FIXTURES / "schedulers.npz")
 SCHEDULE_KEY = re.compile(r"(flash|fm_euler|unipc)\.n(\d+)\.shift([\d.]+)\.timesteps$")
 STEP_TOL = dict(rtol=1e-5, atol=1e-5)

@@ -79,3 +79,29 @@ def test_bfloat16_weights_stay_close_to_float32(fixtures_dir):
     ref = FORWARD[f"{CASES[0]}.x_pred"]
     assert x_pred.dtype == np.float32
     assert np.abs(x_pred - ref).max() < 0.05 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim, section, grid", [
+    (6, 3, 32, [6, 5, 5], (3, 5)),
+    (8, 8, 8, [2, 1, 1], (4, 2)),
+])
+def test_other_dims_give_the_same_x_pred_through_cache_and_full_pass(heads, kv_heads, head_dim, section, grid):
+    """Nothing is tuned to the fixture dims: any head layout, MRoPE split and non-square grid."""
+    from hidream_mlx.config import ModelConfig
+    from hidream_mlx.positions import t2i_positions
+    from hidream_mlx.synthetic import synthetic_prompt_ids
+    from hidream_mlx.transformer import HiDreamO1
+
+    text = dict(hidden_size=heads * head_dim, num_hidden_layers=2, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=96, vocab_size=151936,
+                rope_scaling={"mrope_section": section, "mrope_interleaved": True})
+    model = HiDreamO1(ModelConfig.from_dict({"model_type": "qwen3_vl", "text_config": text}))
+    ids = synthetic_prompt_ids(11)
+    positions = t2i_positions(len(ids), *grid)
+    patches = mx.random.normal((1, grid[0] * grid[1], 3072), key=mx.random.key(0))
+    full = model.forward(mx.array(ids[None]), positions, mx.array([0.4]), patches)
+    n = len(ids) - 1
+    cache = model.encode_prefix(mx.array(ids[None, :n]), positions[:, :n])
+    cached = model.denoise(cache, mx.array([0.4]), patches, positions[:, n:])
+    assert cached.shape == (1, grid[0] * grid[1], 3072)
+    np.testing.assert_allclose(np.array(cached), np.array(full), atol=1e-4, rtol=1e-4)

@@ -7,12 +7,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import FIXTURES
 from mlx.utils import tree_flatten
 
 from hidream_mlx.config import ModelConfig
 from hidream_mlx.vision import VisionTower, load_vision_tower
-
-FIXTURES = Path(__file__).parent / "fixtures" / "o1-tiny"
 
 
 @pytest.fixture(scope="module")
