@@ -94,7 +94,9 @@ def generate(model_arg, prompt, output, seed, width, height, no_snap, recipe, pr
     from .files import check_output_path
     from .generation import Engine, Request, preview_image
     from .png import save_png
-    from .recipes import apply_preset, get_preset, recipe_for_references
+    from .loading import parse_dtype, read_config, resolve_model_path
+    from .memory import check_fits_folder
+    from .recipes import apply_preset, get_preset, get_recipe, recipe_for_model, recipe_for_references
     from .resolution import resolve_size
     from .seams import blend_seams as check_blend
 
@@ -114,17 +116,20 @@ def generate(model_arg, prompt, output, seed, width, height, no_snap, recipe, pr
     w, h, size_note = resolve_size(width or default_w, height or default_h, snap)
     layout = _check_references(refs, layout, keep_aspect, w, h)
 
-    engine = Engine.load(model_arg, dtype=dtype, quantize_bits=int(quantize_bits) if quantize_bits else None)
-    engine.keep_vision = False
-    rec = engine.recipe(recipe_for_references(recipe or engine.default_recipe, len(refs)))
+    # Everything that can be refused is refused before the (possibly 30 GB) weights load.
+    model_dir = resolve_model_path(model_arg)
+    stored = read_config(model_dir).hidream
+    rec = get_recipe(recipe_for_references(recipe or recipe_for_model(model_arg, stored), len(refs)))
     if chosen is not None:
         rec = apply_preset(rec, chosen)
     rec = rec.with_overrides(steps=steps, guidance=guidance, shift=shift, noise_scale=noise_scale,
                              s_noise=s_noise, noise_clip=noise_clip)
+    bits = int(quantize_bits) if quantize_bits else None
     if not force:
-        from .memory import check_fits
+        check_fits_folder(model_dir, parse_dtype(dtype).size, bits, w, h, rec.uses_cfg)
 
-        check_fits(engine.model, w, h, rec.uses_cfg)
+    engine = Engine.load(model_arg, dtype=dtype, quantize_bits=bits)
+    engine.keep_vision = False
     seed = secrets.randbelow(2**31) if seed is None else seed
     request = Request(prompt, w, h, seed, rec, noise=noise, blend_seams=blend_seams, size_note=size_note,
                       references=tuple(str(r) for r in refs), layout=layout, keep_aspect=keep_aspect)

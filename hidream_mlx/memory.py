@@ -247,7 +247,22 @@ def machine_memory() -> int:
 
 def check_fits(model: nn.Module, width: int, height: int, cfg_pass: bool) -> None:
     """Refuse, with a suggestion, a request the machine cannot hold."""
-    need, have = predicted_peak(model, width, height, cfg_pass), machine_memory()
+    _refuse_beyond_machine(predicted_peak(model, width, height, cfg_pass))
+
+
+def check_fits_folder(model_dir: Path, dtype_bytes: int, bits: Optional[int], width: int, height: int,
+                      cfg_pass: bool) -> None:
+    """``check_fits`` from the folder's safetensors headers alone, before anything is loaded."""
+    from .loading import read_config
+
+    loaded, _ = checkpoint_sizes(model_dir, dtype_bytes, bits)
+    weights = sum(size.nbytes for size in loaded.values())
+    _refuse_beyond_machine(predict_peak_bytes(weights, read_config(model_dir).text, width, height, cfg_pass,
+                                              dtype_bytes=dtype_bytes))
+
+
+def _refuse_beyond_machine(need: int) -> None:
+    have = machine_memory()
     if need > have:
         raise MemoryError(
             f"this run needs about {format_bytes(need)} but this machine offers {format_bytes(have)}; "
