@@ -93,10 +93,16 @@ def generate(model_arg, prompt, output, seed, width, height, no_snap, recipe, pr
 
     from .files import check_output_path
     from .generation import Engine, Request, preview_image
-    from .png import save_png
     from .loading import parse_dtype, read_config, resolve_model_path
     from .memory import check_fits_folder
-    from .recipes import apply_preset, get_preset, get_recipe, recipe_for_model, recipe_for_references
+    from .png import save_png
+    from .recipes import (
+        apply_preset,
+        get_preset,
+        get_recipe,
+        recipe_for_model,
+        recipe_for_references,
+    )
     from .resolution import resolve_size
     from .seams import blend_seams as check_blend
 

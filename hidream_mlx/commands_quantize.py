@@ -11,7 +11,13 @@ from pathlib import Path
 
 import click
 
-from .quantization import BUILTIN_RECIPES, GROUP_SIZES, SUPPORTED_BITS, QuantRecipe, get_quant_recipe
+from .quantization import (
+    BUILTIN_RECIPES,
+    GROUP_SIZES,
+    SUPPORTED_BITS,
+    QuantRecipe,
+    get_quant_recipe,
+)
 
 REPORT_FILE = "quantization_report.md"
 

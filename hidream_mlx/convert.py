@@ -19,8 +19,17 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from . import __version__
-from .loading import (SKIPPED_PREFIXES, ModelLoadError, TensorInfo, checkpoint_index, is_vision,
-                      iter_checkpoint, module_name, read_config, resolve_model_path)
+from .loading import (
+    SKIPPED_PREFIXES,
+    TensorInfo,
+    checkpoint_index,
+    is_vision,
+    iter_checkpoint,
+    module_name,
+    open_shard,
+    read_config,
+    resolve_model_path,
+)
 from .quantization import QuantPlan, QuantRecipe, quantize_weight, resolve_plan
 from .recipes import recipe_for_model
 
@@ -143,10 +152,7 @@ def _convert_into(tmp: Path, infos: dict[str, TensorInfo], plan: QuantPlan, incl
     files = list(iter_checkpoint(infos))
     for done, (path, names) in enumerate(files):
         on_progress(done, len(files), path.name)
-        try:
-            arrays = mx.load(str(path))
-        except (RuntimeError, ValueError) as e:
-            raise ModelLoadError(f"{path.name}: cannot be read as safetensors ({e})") from None
+        arrays = open_shard(path)
         for name in sorted(names):
             source = arrays.pop(name)
             mpath = module_name(name)

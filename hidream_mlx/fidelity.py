@@ -17,7 +17,14 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_unflatten
 
-from .quantization import KEEP, MODE, LayerSetting, QuantPlan, is_decoder_linear, quantize_weight
+from .quantization import (
+    KEEP,
+    MODE,
+    LayerSetting,
+    QuantPlan,
+    is_decoder_linear,
+    quantize_weight,
+)
 
 DEFAULT_PROMPT = "a lighthouse on a rocky coast at sunset, waves, warm light"
 MAX_ROWS = 256  # activation rows kept per layer: enough for a stable norm, bounded memory

@@ -21,7 +21,15 @@ from .loading import load_model, parse_dtype, read_config, resolve_model_path
 from .memory import wired_limit
 from .noise import make_noise_source
 from .patches import patches_to_image
-from .pipeline import Conditioning, Step, encode, encode_synthetic, encode_with_references, initial_latent, sample
+from .pipeline import (
+    Conditioning,
+    Step,
+    encode,
+    encode_synthetic,
+    encode_with_references,
+    initial_latent,
+    sample,
+)
 from .prompt import Tokenizer
 from .recipes import Recipe, get_recipe, recipe_for_model
 from .seams import blend_seams

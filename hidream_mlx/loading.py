@@ -164,20 +164,22 @@ def check_against(module: nn.Module, tensors: dict[str, TensorInfo], where: Path
                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
 
 
+def open_shard(path: Path) -> dict[str, mx.array]:
+    """All tensors of one safetensors file, mapped lazily (read only when evaluated)."""
+    try:
+        return mx.load(str(path))
+    except (RuntimeError, ValueError) as e:
+        raise ModelLoadError(f"{path.name}: cannot be read as safetensors ({e})") from None
+
+
 def load_tensors(tensors: dict[str, TensorInfo], dtype: mx.Dtype) -> dict[str, mx.array]:
     """Read the named tensors file by file; float tensors are cast to ``dtype``, others kept.
 
     ``mx.load`` maps lazily, so only the tensors asked for are ever materialized.
     """
-    by_file: dict[Path, list[str]] = {}
-    for name, info in tensors.items():
-        by_file.setdefault(info.file, []).append(name)
     out = {}
-    for path, names in by_file.items():
-        try:
-            arrays = mx.load(str(path))
-        except (RuntimeError, ValueError) as e:
-            raise ModelLoadError(f"{path.name}: cannot be read as safetensors ({e})") from None
+    for path, names in iter_checkpoint(tensors):
+        arrays = open_shard(path)
         for name in names:
             a = arrays[tensors[name].name]
             out[name] = a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a
@@ -204,7 +206,7 @@ def read_config(model_dir: Path) -> ModelConfig:
 
 
 def iter_checkpoint(infos: dict[str, TensorInfo]) -> Iterable[tuple[Path, list[str]]]:
-    """Checkpoint names grouped by file, in file order (for streaming conversions)."""
+    """The keys of ``infos`` grouped by file, in file order: one shard open at a time."""
     by_file: dict[Path, list[str]] = {}
     for name, info in infos.items():
         by_file.setdefault(info.file, []).append(name)

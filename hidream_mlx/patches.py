@@ -44,12 +44,6 @@ def to_uint8(image_chw) -> np.ndarray:
     return np.round(x).astype(np.uint8).transpose(1, 2, 0)
 
 
-def from_uint8(image_hwc: np.ndarray) -> np.ndarray:
-    """uint8 HWC -> float32 [3, H, W] in [-1, 1]."""
-    x = np.asarray(image_hwc, dtype=np.float32) / 255.0
-    return (x * 2.0 - 1.0).transpose(2, 0, 1)
-
-
 def patches_to_image(patches, height: int, width: int) -> np.ndarray:
     """[N, 3072] (or [1, N, 3072]) patches -> uint8 HWC image."""
     x = np.asarray(patches, dtype=np.float32).reshape(-1, patches.shape[-1])

@@ -12,13 +12,13 @@ Per step, exactly as the reference: ``t_model = 1 - t/1000``, ``sigma = max(t/10
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from .patches import grid_size, patchify
-from .positions import patch_positions, text_positions
+from .positions import t2i_positions
 from .prompt import UNCOND_PROMPT, Tokenizer, encode_prompt
 from .recipes import Recipe
 from .schedulers import (
@@ -78,15 +78,21 @@ def sampler_for(recipe: Recipe, schedule: Optional[Schedule] = None):
     return UniPCSampler(schedule)
 
 
-def encode_prompt_state(model: HiDreamO1, ids: np.ndarray, grid: tuple[int, int],
-                        extra_positions: Optional[np.ndarray] = None) -> PromptState:
+def prompt_state(model: HiDreamO1, ids, positions, n_prefix: int, image_embeds: Optional[mx.array] = None,
+                 deepstack: Sequence[mx.array] = ()) -> PromptState:
+    """Cache the first ``n_prefix`` tokens of ``ids`` at their ``positions`` [3, L]; the rest of
+    the positions belong to the generation tokens. ``image_embeds`` (editing) replace the
+    ``<|image_pad|>`` rows of the prefix."""
+    prefix = np.asarray(ids).reshape(1, -1)[:, :n_prefix]
+    positions = np.asarray(positions).reshape(3, -1)
+    image_mask = None if image_embeds is None else prefix == model.config.image_token_id
+    cache = model.encode_prefix(mx.array(prefix), positions[:, :n_prefix], image_embeds, image_mask, deepstack)
+    return PromptState(cache, positions[:, n_prefix:])
+
+
+def encode_prompt_state(model: HiDreamO1, ids: np.ndarray, grid: tuple[int, int]) -> PromptState:
     """Prefix cache for text ids (ending with boi, tms) and the generation-token positions."""
-    n_prefix = len(ids) - 1
-    cache = model.encode_prefix(mx.array(ids[None, :n_prefix]), text_positions(n_prefix))
-    parts = [text_positions(1, start=n_prefix), patch_positions(*grid)]
-    if extra_positions is not None:
-        parts.append(extra_positions)
-    return PromptState(cache, np.concatenate(parts, axis=1))
+    return prompt_state(model, ids, t2i_positions(len(ids), *grid), len(ids) - 1)
 
 
 def encode(model: HiDreamO1, tokenizer: Tokenizer, prompt: str, height: int, width: int,
@@ -95,10 +101,10 @@ def encode(model: HiDreamO1, tokenizer: Tokenizer, prompt: str, height: int, wid
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty")
     grid = grid_size(height, width)
-    cond = encode_prompt_state(model, encode_prompt(tokenizer, prompt).input_ids, grid)
+    cond = encode_prompt_state(model, encode_prompt(tokenizer, prompt), grid)
     uncond = None
     if guidance > 1.0:
-        uncond = encode_prompt_state(model, encode_prompt(tokenizer, uncond_prompt).input_ids, grid)
+        uncond = encode_prompt_state(model, encode_prompt(tokenizer, uncond_prompt), grid)
     return Conditioning(cond, uncond)
 
 
@@ -123,11 +129,7 @@ def encode_with_references(model: HiDreamO1, vision, tokenizer: Tokenizer, promp
         seq = edit_sequence(ids, refs.image_grid_thw, (refs.height, refs.width), refs.ref_grids,
                             image_token_id=cfg.image_token_id, vision_start_token_id=cfg.vision_start_token_id,
                             spatial_merge_size=cfg.vision.spatial_merge_size)
-        n_prefix = seq.text_len - 1
-        prefix_ids = ids[None, :n_prefix]
-        cache = model.encode_prefix(mx.array(prefix_ids), seq.position_ids[:, :n_prefix], embeds,
-                                    prefix_ids == cfg.image_token_id, deepstack)
-        return PromptState(cache, seq.position_ids[:, n_prefix:])
+        return prompt_state(model, ids, seq.position_ids, seq.text_len - 1, embeds, deepstack)
 
     uncond = state(uncond_prompt) if guidance > 1.0 else None
     return Conditioning(state(prompt), uncond, mx.array(refs.ref_patches)[None])

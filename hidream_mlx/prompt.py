@@ -8,7 +8,6 @@ like the image patches that follow it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,29 +41,13 @@ class Tokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
-    def token_id(self, token: str) -> int:
-        value = self._tok.token_to_id(token)
-        if value is None:
-            raise KeyError(f"token {token!r} is not in the tokenizer")
-        return value
 
-
-@dataclass(frozen=True)
-class EncodedPrompt:
-    """Token ids [T] of the text part, ending with boi and tms; the prefix is ids[:-1]."""
-
-    input_ids: np.ndarray
-
-    @property
-    def prefix_len(self) -> int:
-        return int(self.input_ids.shape[0]) - 1
-
-
-def encode_prompt(tokenizer: Tokenizer, prompt: str) -> EncodedPrompt:
+def encode_prompt(tokenizer: Tokenizer, prompt: str) -> np.ndarray:
+    """Token ids [T] of the text part, ending with boi and tms; the cached prefix is ids[:-1]."""
     ids = tokenizer.encode(chat_text(prompt))
     if ids[-1] != TMS_TOKEN_ID:
         raise ValueError("tokenized prompt does not end with <|tms_token|>")
-    return EncodedPrompt(ids)
+    return ids
 
 
 def token_types(text_len: int, num_image_tokens: int) -> np.ndarray:

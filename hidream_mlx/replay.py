@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from .patches import patches_to_image
-from .pipeline import Conditioning, PromptState, sample, schedule_for
+from .pipeline import Conditioning, PromptState, prompt_state, sample, schedule_for
 from .recipes import Recipe, get_recipe
 from .transformer import HiDreamO1
 
@@ -35,11 +35,7 @@ def prefix_length(token_types: np.ndarray) -> int:
 
 def recorded_state(model: HiDreamO1, input_ids, position_ids, token_types) -> PromptState:
     """A prompt's prefix cache and generation positions, from recorded ids and positions."""
-    positions = np.asarray(position_ids).reshape(3, -1)
-    n_prefix = prefix_length(token_types)
-    cache = model.encode_prefix(mx.array(np.asarray(input_ids).reshape(1, -1)[:, :n_prefix]),
-                                positions[:, :n_prefix])
-    return PromptState(cache, positions[:, n_prefix:])
+    return prompt_state(model, input_ids, position_ids, prefix_length(token_types))
 
 
 def predict_recorded(model: HiDreamO1, input_ids, position_ids, token_types, vinputs, timestep,
@@ -143,16 +139,12 @@ def detect_format(data) -> str:
 def recorded_edit_state(model: HiDreamO1, vision, data) -> tuple[PromptState, dict[str, np.ndarray]]:
     """An editing prompt's state from recorded ids, positions and processor outputs, plus the
     vision tower outputs (under the recorded key names)."""
-    cfg = model.config
     embeds, deepstack = vision(mx.array(data["pixel_values"]), data["image_grid_thw"])
-    ids, positions = np.asarray(data["input_ids"]).reshape(1, -1), np.asarray(data["position_ids"]).reshape(3, -1)
-    n_prefix = prefix_length(data["token_types"])
-    prefix_ids = ids[:, :n_prefix]
-    cache = model.encode_prefix(mx.array(prefix_ids), positions[:, :n_prefix], embeds.astype(model.dtype),
-                                prefix_ids == cfg.image_token_id, deepstack)
+    state = prompt_state(model, data["input_ids"], data["position_ids"], prefix_length(data["token_types"]),
+                         embeds.astype(model.dtype), deepstack)
     vision_out = {"cond_image_embeds": np.array(embeds)}
     vision_out.update({f"cond_deepstack_{j}": np.array(d) for j, d in enumerate(deepstack)})
-    return PromptState(cache, positions[:, n_prefix:]), vision_out
+    return state, vision_out
 
 
 def _vision(model: HiDreamO1, model_dir: Path):

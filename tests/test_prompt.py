@@ -34,18 +34,18 @@ def test_chat_text_agrees_with_the_checkpoint_jinja_template():
 @pytest.mark.parametrize("case", CASES)
 def test_prompt_ids_equal_the_recorded_input_ids(tokenizer, case):
     meta = case_meta(f"forward_t2i.{case}")
-    ids = encode_prompt(tokenizer, meta["prompt"]).input_ids
+    ids = encode_prompt(tokenizer, meta["prompt"])
     np.testing.assert_array_equal(ids, FORWARD[f"{case}.input_ids"][0])
 
 
 def test_sampling_prompts_and_the_unconditional_prompt_encode_exactly(tokenizer):
     full = load_case("full_sampling.npz")
     meta = case_meta("full_sampling")
-    np.testing.assert_array_equal(encode_prompt(tokenizer, meta["prompt"]).input_ids, full["input_ids_cond"][0])
-    np.testing.assert_array_equal(encode_prompt(tokenizer, meta["uncond_prompt"]).input_ids,
+    np.testing.assert_array_equal(encode_prompt(tokenizer, meta["prompt"]), full["input_ids_cond"][0])
+    np.testing.assert_array_equal(encode_prompt(tokenizer, meta["uncond_prompt"]),
                                   full["input_ids_uncond"][0])
     dev = load_case("dev_sampling.npz")
-    np.testing.assert_array_equal(encode_prompt(tokenizer, case_meta("dev_sampling")["prompt"]).input_ids,
+    np.testing.assert_array_equal(encode_prompt(tokenizer, case_meta("dev_sampling")["prompt"]),
                                   dev["input_ids"][0])
 
 
