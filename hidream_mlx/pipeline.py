@@ -38,6 +38,7 @@ class PromptState:
 
     cache: PrefixCache
     positions: np.ndarray  # [3, 1 + N (+ refs)]
+    rope: tuple[mx.array, mx.array]  # their rotary tables, built once instead of at every step
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Conditioning:
     @property
     def arrays(self) -> list[mx.array]:
         states = [s for s in (self.cond, self.uncond) if s is not None]
-        return [a for s in states for kv in s.cache.layers for a in (kv.keys, kv.values)]
+        return [a for s in states for a in (*s.rope, *(t for kv in s.cache.layers for t in (kv.keys, kv.values)))]
 
 
 @dataclass
@@ -87,7 +88,8 @@ def prompt_state(model: HiDreamO1, ids, positions, n_prefix: int, image_embeds: 
     positions = np.asarray(positions).reshape(3, -1)
     image_mask = None if image_embeds is None else prefix == model.config.image_token_id
     cache = model.encode_prefix(mx.array(prefix), positions[:, :n_prefix], image_embeds, image_mask, deepstack)
-    return PromptState(cache, positions[:, n_prefix:])
+    generation = positions[:, n_prefix:]
+    return PromptState(cache, generation, model.rope(generation))
 
 
 def encode_prompt_state(model: HiDreamO1, ids: np.ndarray, grid: tuple[int, int]) -> PromptState:
@@ -156,7 +158,7 @@ def _x_pred(model: HiDreamO1, state: PromptState, z: mx.array, t_model: float,
             ref_patches: Optional[mx.array]) -> mx.array:
     patches = z if ref_patches is None else mx.concatenate([z, ref_patches.astype(z.dtype)], axis=1)
     return model.denoise(state.cache, mx.array([t_model], dtype=mx.float32), patches, state.positions,
-                         num_target=z.shape[1])
+                         num_target=z.shape[1], rope=state.rope)
 
 
 # Measured with ``hidream-mlx bench --guidance 5 --compare-cfg`` (CPU, mid dims): the batch of 2

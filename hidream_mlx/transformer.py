@@ -213,7 +213,7 @@ class HiDreamO1(nn.Module):
     def dtype(self):
         return self.language_model.norm.weight.dtype
 
-    def _rope(self, positions):
+    def rope(self, positions) -> tuple[mx.array, mx.array]:
         positions = np.asarray(positions)
         if positions.ndim == 3:  # one row of positions per batch item -> tables [B, 1, L, head_dim]
             tables = [rope_tables(self.config.text, p) for p in positions]
@@ -249,7 +249,7 @@ class HiDreamO1(nn.Module):
         and ``deepstack[i]`` is added there after decoder layer i.
         """
         h = self.embed_text(input_ids, image_embeds, image_mask)
-        cos, sin = self._rope(positions)
+        cos, sin = self.rope(positions)
         cache = []
         for i, layer in enumerate(self.language_model.layers):
             h, own = layer(h, cos, sin, mask="causal")
@@ -259,17 +259,19 @@ class HiDreamO1(nn.Module):
         return PrefixCache(cache)
 
     def denoise(self, cache: PrefixCache, timestep, patches: mx.array, positions,
-                num_target: Optional[int] = None, key_mask: Optional[mx.array] = None) -> mx.array:
+                num_target: Optional[int] = None, key_mask: Optional[mx.array] = None,
+                rope: Optional[tuple[mx.array, mx.array]] = None) -> mx.array:
         """x0 prediction [B, num_target, 3072] in float32 for noisy patches [B, N, 3072].
 
         ``positions`` [3, 1 + N] (or [B, 3, 1 + N], one row per batch item) are those of the
         tms token and the patches. Patches past ``num_target`` (editing references) take part
         but are not returned. ``key_mask`` [B, cache.length] (boolean) marks the cached keys
         each batch item may see: batched caches of unequal prompts are padded (see
-        :func:`stack_prefix_caches`), and the padding must stay invisible.
+        :func:`stack_prefix_caches`), and the padding must stay invisible. ``rope`` are the
+        tables of ``positions`` when the caller already has them (they do not change between steps).
         """
         h = self.embed_generation(timestep, patches)
-        cos, sin = self._rope(positions)
+        cos, sin = rope if rope is not None else self.rope(positions)
         mask = None
         if key_mask is not None:
             own = mx.ones((key_mask.shape[0], h.shape[1]), dtype=mx.bool_)
@@ -285,7 +287,7 @@ class HiDreamO1(nn.Module):
         h = mx.concatenate([text, self.embed_generation(timestep, patches)], axis=1)
         length = h.shape[1]
         mask = generation_mask(input_ids.shape[1] - 1, length)
-        cos, sin = self._rope(positions)
+        cos, sin = self.rope(positions)
         hidden = []
         for layer in self.language_model.layers:
             h, _ = layer(h, cos, sin, mask=mask)
