@@ -16,12 +16,12 @@ from typing import Callable, Iterator, Optional
 import mlx.core as mx
 import numpy as np
 
-from . import __version__
-from .loading import load_model, parse_dtype, read_config, resolve_model_path
-from .memory import wired_limit
-from .noise import make_noise_source
-from .patches import patches_to_image
-from .pipeline import (
+from hidream_mlx import __version__
+from hidream_mlx.models.loading import load_model, parse_dtype, read_config, resolve_model_path
+from hidream_mlx.memory import wired_limit
+from hidream_mlx.noise import make_noise_source
+from hidream_mlx.patches import patches_to_image
+from hidream_mlx.pipeline import (
     Conditioning,
     Step,
     encode,
@@ -30,10 +30,10 @@ from .pipeline import (
     initial_latent,
     sample,
 )
-from .prompt import Tokenizer
-from .recipes import Recipe, get_recipe, recipe_for_model
-from .seams import blend_seams
-from .transformer import HiDreamO1
+from hidream_mlx.prompt import Tokenizer
+from hidream_mlx.recipes import Recipe, get_recipe, recipe_for_model
+from hidream_mlx.seams import blend_seams
+from hidream_mlx.models.o1.transformer import HiDreamO1
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ class Engine:
         config = read_config(path)
         quantizer = None
         if config.quantization or quantize_bits:
-            from .quantization import skeleton_quantizer
+            from hidream_mlx.quant.quantization import skeleton_quantizer
 
             quantizer = skeleton_quantizer(config, quantize_bits)
         model = load_model(path, dtype=parse_dtype(dtype), lazy=lazy, quantize=quantizer)
@@ -127,7 +127,7 @@ class Engine:
     def vision(self):
         """The vision tower, loaded on first use: text-to-image never needs it."""
         if self._vision is None:
-            from .vision import load_vision_tower
+            from hidream_mlx.models.o1.vision import load_vision_tower
 
             if self.path is None:
                 raise ValueError("reference images need a model folder with a vision tower")
@@ -139,7 +139,7 @@ class Engine:
         that will run (``keep_aspect`` takes the reference's)."""
         if not request.references:
             return None, request
-        from .references import ImageProcessorConfig, prepare_references
+        from hidream_mlx.editing.references import ImageProcessorConfig, prepare_references
 
         if self.path is None or self.tokenizer is None:
             raise ValueError("reference images need a model folder with a tokenizer and a vision tower")

@@ -21,7 +21,7 @@ import mlx.nn as nn
 import psutil
 from mlx.utils import tree_flatten
 
-from .config import PATCH_DIM, PATCH_SIZE, TextConfig
+from hidream_mlx.models.o1.config import PATCH_DIM, PATCH_SIZE, TextConfig
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -112,7 +112,7 @@ def checkpoint_sizes(model_dir: Path, dtype_bytes: int, bits: Optional[int] = No
     Skipped are the tensors text-to-image never loads (``lm_head``, the vision tower), shown
     at their stored size. A folder quantized by our tools keeps its packed weights as stored.
     """
-    from .loading import (
+    from hidream_mlx.models.loading import (
         SKIPPED_PREFIXES,
         checkpoint_index,
         is_vision,
@@ -154,7 +154,7 @@ def scales_count(shape: tuple[int, ...]) -> int:
 
 def skeleton_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
     """Parameter shapes of an unevaluated model: MLX builds the graph but allocates nothing."""
-    from .transformer import HiDreamO1
+    from hidream_mlx.models.o1.transformer import HiDreamO1
 
     return [(name, tuple(a.shape)) for name, a in tree_flatten(HiDreamO1(config).parameters())]
 
@@ -253,7 +253,7 @@ def check_fits(model: nn.Module, width: int, height: int, cfg_pass: bool) -> Non
 def check_fits_folder(model_dir: Path, dtype_bytes: int, bits: Optional[int], width: int, height: int,
                       cfg_pass: bool) -> None:
     """``check_fits`` from the folder's safetensors headers alone, before anything is loaded."""
-    from .loading import read_config
+    from hidream_mlx.models.loading import read_config
 
     loaded, _ = checkpoint_sizes(model_dir, dtype_bytes, bits)
     weights = sum(size.nbytes for size in loaded.values())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import PATCH_SIZE
+from hidream_mlx.models.o1.config import PATCH_SIZE
 
 
 def grid_size(height: int, width: int) -> tuple[int, int]:

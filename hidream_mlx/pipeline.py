@@ -17,11 +17,11 @@ from typing import Callable, Iterator, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .patches import grid_size, patchify
-from .positions import t2i_positions
-from .prompt import UNCOND_PROMPT, Tokenizer, encode_prompt
-from .recipes import Recipe
-from .schedulers import (
+from hidream_mlx.patches import grid_size, patchify
+from hidream_mlx.positions import t2i_positions
+from hidream_mlx.prompt import UNCOND_PROMPT, Tokenizer, encode_prompt
+from hidream_mlx.recipes import Recipe
+from hidream_mlx.schedulers import (
     FlashEulerSampler,
     FlowMatchEulerSampler,
     Schedule,
@@ -29,7 +29,7 @@ from .schedulers import (
     dev_timesteps,
     pipeline_schedule,
 )
-from .transformer import HiDreamO1, PrefixCache, stack_prefix_caches
+from hidream_mlx.models.o1.transformer import HiDreamO1, PrefixCache, stack_prefix_caches
 
 
 @dataclass
@@ -118,7 +118,7 @@ def encode_with_references(model: HiDreamO1, vision, tokenizer: Tokenizer, promp
     prompt and the unconditional prompt (which carries the same images), and the reference
     patches ride along after the target patches at every step.
     """
-    from .references import edit_prompt_text, edit_sequence
+    from hidream_mlx.editing.references import edit_prompt_text, edit_sequence
 
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty")
@@ -139,7 +139,7 @@ def encode_with_references(model: HiDreamO1, vision, tokenizer: Tokenizer, promp
 
 def encode_synthetic(model: HiDreamO1, prompt: str, height: int, width: int, guidance: float) -> Conditioning:
     """Like ``encode`` for tokenizer-less (random-weight) models: about one token per word."""
-    from .synthetic import synthetic_prompt_ids
+    from hidream_mlx.models.o1.synthetic import synthetic_prompt_ids
 
     grid = grid_size(height, width)
     text_len = 14 + len(prompt.split()) * 4 // 3  # chat template overhead + words

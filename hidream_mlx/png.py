@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from .files import atomic_output
+from hidream_mlx.files import atomic_output
 
 METADATA_KEY = "hidream-mlx"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from .config import FIX_POINT, TextConfig
+from hidream_mlx.models.o1.config import FIX_POINT, TextConfig
 
 
 def text_positions(length: int, start: int = 0) -> np.ndarray:

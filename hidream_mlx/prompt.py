@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import TMS_TOKEN_ID
+from hidream_mlx.models.o1.config import TMS_TOKEN_ID
 
 IMAGE_START = "<|boi_token|><|tms_token|>"
 UNCOND_PROMPT = " "

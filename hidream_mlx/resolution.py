@@ -7,7 +7,7 @@ sizes (``--no-snap``); :func:`resolve_size` says which one ran.
 
 from __future__ import annotations
 
-from .config import PATCH_SIZE
+from hidream_mlx.models.o1.config import PATCH_SIZE
 
 # (width, height), in the reference's order: on an aspect-ratio tie the earlier one wins.
 OFFICIAL_BUCKETS: tuple[tuple[int, int], ...] = (

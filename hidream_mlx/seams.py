@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import PATCH_SIZE
+from hidream_mlx.models.o1.config import PATCH_SIZE
 
 
 def blend_seams(image: np.ndarray, radius: int, patch: int = PATCH_SIZE, strength: float = 0.5) -> np.ndarray:

@@ -13,7 +13,7 @@ if __package__ in (None, ""):
 import click  # noqa: E402
 
 from hidream_mlx.cli import USER_ERRORS  # noqa: E402
-from hidream_mlx.commands_quantize import quantize  # noqa: E402
+from hidream_mlx.cli.quantize import quantize  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

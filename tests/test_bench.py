@@ -4,12 +4,12 @@ import mlx.core as mx
 import numpy as np
 from click.testing import CliRunner
 
-from hidream_mlx.bench import BenchConfig, run_bench
-from hidream_mlx.commands_bench import bench
+from hidream_mlx.harness.bench import BenchConfig, run_bench
+from hidream_mlx.cli.bench import bench
 from hidream_mlx.patches import grid_size
 from hidream_mlx.pipeline import Conditioning, encode_prompt_state, velocity
-from hidream_mlx.synthetic import synthetic_prompt_ids
-from hidream_mlx.transformer import stack_prefix_caches
+from hidream_mlx.models.o1.synthetic import synthetic_prompt_ids
+from hidream_mlx.models.o1.transformer import stack_prefix_caches
 
 
 def conditioning(model, size=256, cond_tokens=20, uncond_tokens=13):

@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import FIXTURES
 
-from hidream_mlx import evaluation
-from hidream_mlx.batteries import (
+from hidream_mlx.harness import evaluation
+from hidream_mlx.harness.batteries import (
     DEFAULT_VARIANT,
     parse_seeds,
     parse_variant,
@@ -17,9 +17,9 @@ from hidream_mlx.batteries import (
     read_battery,
     read_variants_file,
 )
-from hidream_mlx.commands_eval import eval_group
-from hidream_mlx.evaluation import EvalRun, load_engine, plan_jobs, read_results
-from hidream_mlx.peak_rss import ru_maxrss_bytes
+from hidream_mlx.cli.eval import eval_group
+from hidream_mlx.harness.evaluation import EvalRun, load_engine, plan_jobs, read_results
+from hidream_mlx.harness.peak_rss import ru_maxrss_bytes
 
 BATTERIES = Path(__file__).parent.parent / "evals" / "batteries"
 STEPS = 3

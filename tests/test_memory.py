@@ -8,9 +8,9 @@ from click.testing import CliRunner
 from conftest import FIXTURES
 
 from hidream_mlx import memory
-from hidream_mlx.commands_bench import info
-from hidream_mlx.loading import checkpoint_index
-from hidream_mlx.synthetic import synthetic_config
+from hidream_mlx.cli.bench import info
+from hidream_mlx.models.loading import checkpoint_index
+from hidream_mlx.models.o1.synthetic import synthetic_config
 
 REAL = synthetic_config("real").text
 

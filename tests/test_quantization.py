@@ -10,8 +10,8 @@ import pytest
 from conftest import FIXTURES, forward_cases, load_case
 
 from hidream_mlx.generation import Engine
-from hidream_mlx.loading import read_config
-from hidream_mlx.quantization import (
+from hidream_mlx.models.loading import read_config
+from hidream_mlx.quant.quantization import (
     BUILTIN_RECIPES,
     KEEP,
     LayerSetting,
@@ -22,7 +22,7 @@ from hidream_mlx.quantization import (
     resolve_plan,
     skeleton_quantizer,
 )
-from hidream_mlx.replay import predict_recorded
+from hidream_mlx.harness.replay import predict_recorded
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "quantize" / "recipes"
 LAYERS = 36

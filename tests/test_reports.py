@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from conftest import FIXTURES
 from PIL import Image
 
-from hidream_mlx.batteries import parse_variants, read_battery
-from hidream_mlx.commands_eval import eval_group
-from hidream_mlx.evaluation import EvalRun, load_engine, plan_jobs
-from hidream_mlx.reports import (
+from hidream_mlx.harness.batteries import parse_variants, read_battery
+from hidream_mlx.cli.eval import eval_group
+from hidream_mlx.harness.evaluation import EvalRun, load_engine, plan_jobs
+from hidream_mlx.harness.reports import (
     compare_runs,
     image_metrics,
     match_records,

@@ -7,7 +7,7 @@ from conftest import FIXTURES, case_meta, load_case
 
 from hidream_mlx.pipeline import Conditioning, sampler_for, schedule_for, velocity
 from hidream_mlx.recipes import get_recipe
-from hidream_mlx.replay import recorded_state, replay_case
+from hidream_mlx.harness.replay import recorded_state, replay_case
 
 TEACHER_TOL = 2e-4
 

@@ -1,0 +1,63 @@
+"""The ``hidream-mlx`` command: a thin click layer over the library.
+
+Every expected failure (bad input, a broken model folder, an existing output) becomes one
+``error: ...`` line on stderr and exit code 1; Ctrl-C exits 130. No tracebacks for users.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from hidream_mlx import __version__
+from hidream_mlx.models.o1.config import ConfigError
+from hidream_mlx.models.loading import ModelLoadError
+
+USER_ERRORS = (ConfigError, ModelLoadError, ValueError, FileExistsError, FileNotFoundError,
+               IsADirectoryError, PermissionError, KeyError, OSError, MemoryError)
+
+
+class FriendlyGroup(click.Group):
+    """Turns our exceptions into one clear line instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
+        except USER_ERRORS as e:
+            message = e.args[0] if isinstance(e, KeyError) and e.args else e
+            click.echo(f"error: {message}", err=True)
+            sys.exit(1)
+        except RuntimeError as e:
+            # Metal reports running out of memory as a RuntimeError from deep inside MLX.
+            if "memory" not in str(e).lower():
+                raise
+            click.echo(f"error: out of memory ({e}); try -q 6 or -q 4, or a smaller size", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=FriendlyGroup)
+@click.version_option(__version__, prog_name="hidream-mlx")
+def main():
+    """HiDream-O1-Image in native MLX: generate, quantize, evaluate."""
+
+
+def _register_commands() -> None:
+    from hidream_mlx.cli.bench import bench, info
+    from hidream_mlx.cli.eval import eval_group
+    from hidream_mlx.cli.generate import generate
+    from hidream_mlx.cli.quantize import quantize
+    from hidream_mlx.cli.replay import replay
+
+    main.add_command(generate)
+    main.add_command(quantize)
+    main.add_command(eval_group)
+    main.add_command(info)
+    main.add_command(bench)
+    main.add_command(replay)
+
+
+_register_commands()

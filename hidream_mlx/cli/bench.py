@@ -1,0 +1,146 @@
+"""``hidream-mlx info`` (what a model needs, before loading it) and ``hidream-mlx bench``.
+
+Both are plain click commands; ``cli.py`` registers them. User errors are raised as
+ValueError (and the loader's ModelLoadError), which the CLI group turns into one line.
+"""
+
+from __future__ import annotations
+
+import click
+
+DTYPE_CHOICES = ["bfloat16", "float16", "float32"]
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+COMPONENT_ORDER = ["language_model.embed_tokens", "language_model.layers", "language_model.norm",
+                   "x_embedder", "t_embedder1", "final_layer2"]
+
+
+def _sorted_components(sizes: dict) -> list:
+    rank = {name: i for i, name in enumerate(COMPONENT_ORDER)}
+    return sorted(sizes.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0]))
+
+
+def _size_table(sizes: dict) -> list[str]:
+    from hidream_mlx.memory import format_bytes
+
+    width = max(len(name) for name in sizes)
+    return [f"  {name:<{width}}  {size.parameters:>15,} params  {format_bytes(size.nbytes):>10}"
+            for name, size in _sorted_components(sizes)]
+
+
+@click.command("info")
+@click.option("--model", "model_arg", default=None, help="Model folder or Hugging Face repo id (only headers are read).")
+@click.option("--random-weights", "dims", type=click.Choice(["tiny", "mid", "real"]), default=None,
+              help="Describe a random-weight model of these dims instead (as `bench` builds).")
+@click.option("--layers", type=int, default=None, help="With --random-weights: number of decoder layers.")
+@click.option("-q", "--quantize", "bits", type=click.Choice(["4", "6", "8"]), default=None,
+              help="Size the decoder linears as if quantized at load (group size 64).")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="bfloat16", show_default=True,
+              help="Load dtype of the unquantized weights and the activations.")
+@click.option("--width", type=int, default=2048, show_default=True)
+@click.option("--height", type=int, default=2048, show_default=True)
+@click.option("--guidance", type=float, default=None,
+              help="CFG scale of the request (default: the model's recipe; > 1 adds the uncond pass).")
+@click.option("--text-tokens", type=int, default=128, show_default=True,
+              help="Prompt length assumed for the prefix cache and attention.")
+def info(model_arg, dims, layers, bits, dtype, width, height, guidance, text_tokens):
+    """Parameters and bytes per component, predicted peak memory for a request, and this machine's memory."""
+    from hidream_mlx.memory import (
+        checkpoint_sizes,
+        format_bytes,
+        machine_memory,
+        predict_peak_bytes,
+        skeleton_shapes,
+        uses_fused_attention,
+        weight_sizes,
+        working_set,
+    )
+
+    if (model_arg is None) == (dims is None):
+        raise ValueError("give exactly one of --model or --random-weights")
+    if layers is not None and dims is None:
+        raise ValueError("--layers goes with --random-weights")
+    if width < 32 or height < 32 or width % 32 or height % 32:
+        raise ValueError(f"--width and --height must be multiples of 32, got {width}x{height}")
+    if text_tokens < 3:
+        raise ValueError(f"--text-tokens must be at least 3, got {text_tokens}")
+    bits = int(bits) if bits else None
+    dtype_bytes = DTYPE_BYTES[dtype]
+
+    if dims is not None:
+        from hidream_mlx.models.o1.synthetic import synthetic_config
+
+        config = synthetic_config(dims, layers)
+        loaded, skipped = weight_sizes(skeleton_shapes(config), dtype_bytes, bits), {}
+        title, recipe_guidance = f"random {dims} ({config.text.num_hidden_layers} layers)", 1.0
+    else:
+        from hidream_mlx.models.loading import read_config, resolve_model_path
+        from hidream_mlx.recipes import get_recipe, recipe_for_model
+
+        path = resolve_model_path(model_arg, allow_download=False)  # info never downloads 33 GB
+        config = read_config(path)
+        if config.quantization and bits:
+            click.echo(f"note: {path} is already quantized ({config.quantization.get('bits')} bits); "
+                       f"-q {bits} is ignored", err=True)
+            bits = None
+        loaded, skipped = checkpoint_sizes(path, dtype_bytes, bits)
+        title = str(path)
+        recipe_guidance = get_recipe(recipe_for_model(model_arg, config.hidream)).guidance
+    guidance = recipe_guidance if guidance is None else guidance
+    cfg_pass = guidance > 1.0
+    weights = sum(s.nbytes for s in loaded.values())
+    t = config.text
+    quant = f", decoder linears Q{bits} (group 64, scales/biases in {dtype})" if bits else ""
+    if config.quantization:
+        quant = f", stored quantization {config.quantization}"
+
+    lines = [f"model: {title}",
+             f"architecture: {t.num_hidden_layers} layers, hidden {t.hidden_size}, heads {t.num_attention_heads}/"
+             f"{t.num_key_value_heads} x {t.head_dim}, MLP {t.intermediate_size}, vocab {t.vocab_size}",
+             f"weights loaded for text-to-image ({dtype}{quant}):"]
+    lines += _size_table(loaded)
+    lines.append(f"  total: {sum(s.parameters for s in loaded.values()):,} params, {format_bytes(weights)}")
+    if skipped:
+        lines.append("never loaded for text-to-image (stored size):")
+        lines += _size_table(skipped)
+    lines.append(f"request: {width}x{height}, guidance {guidance:g} ({'2 passes' if cfg_pass else '1 pass'}), "
+                 f"{text_tokens} text tokens assumed")
+    for fused, where in ((False, "CPU (attention scores materialized)"), (True, "Metal (fused attention)")):
+        ws = working_set(t, width, height, text_tokens, cfg_pass, dtype_bytes, fused_attention=fused)
+        peak = predict_peak_bytes(weights, t, width, height, cfg_pass, text_tokens, dtype_bytes, fused)
+        here = " <- this machine" if fused == uses_fused_attention() else ""
+        lines.append(f"predicted peak on {where}: {format_bytes(peak)} (working set {format_bytes(ws.total)}: "
+                     f"prefix cache {format_bytes(ws.prefix_cache)}, activations {format_bytes(ws.activations)}, "
+                     f"scores {format_bytes(ws.attention_scores)}, latents {format_bytes(ws.latents)}){here}")
+    have = machine_memory()
+    need = predict_peak_bytes(weights, t, width, height, cfg_pass, text_tokens, dtype_bytes)
+    source = "Metal recommended working set" if uses_fused_attention() else "physical RAM"
+    verdict = "fits" if need <= have else "does NOT fit (try -q 6 or -q 4, or a smaller size)"
+    lines.append(f"machine: {format_bytes(have)} ({source}); this request {verdict}")
+    click.echo("\n".join(lines))
+
+
+@click.command("bench")
+@click.option("--dims", type=click.Choice(["tiny", "mid", "real"]), default="mid", show_default=True,
+              help="Architecture of the random-weight model (real = HiDream-O1's decoder).")
+@click.option("--layers", type=int, default=None, help="Decoder layers (default: the dims' own).")
+@click.option("-q", "--quantize", "bits", type=click.Choice(["4", "6", "8"]), default=None,
+              help="Quantize the decoder linears (slow on CPU: quantized matmul has no fast CPU kernel).")
+@click.option("--size", type=int, default=512, show_default=True, help="Square image side in pixels.")
+@click.option("--steps", type=int, default=3, show_default=True, help="Timed steps per run.")
+@click.option("--guidance", type=float, default=1.0, show_default=True, help="> 1 adds the unconditional pass.")
+@click.option("--compare-naive", is_flag=True, help="Also time the uncached full-sequence path; ratio printed last.")
+@click.option("--compare-cfg", is_flag=True, help="With --guidance > 1: also time the other CFG mode (batched/sequential).")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Runs of --steps steps per variant.")
+@click.option("--prompt-tokens", type=int, default=100, show_default=True,
+              help="Length T of the synthetic prompt (with boi and tms).")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="float32", show_default=True,
+              help="float32 on CPU: MLX's CPU bf16 matmul is ~15x slower.")
+def bench(dims, layers, bits, size, steps, guidance, compare_naive, compare_cfg, repeats, prompt_tokens, dtype):
+    """Time denoising steps on random weights (no download): s/step, tokens, peak memory."""
+    from hidream_mlx.harness.bench import BenchConfig, report_lines, run_bench
+
+    config = BenchConfig(dims=dims, layers=layers, quantize=int(bits) if bits else None, size=size, steps=steps,
+                         guidance=guidance, prompt_tokens=prompt_tokens, repeats=repeats, dtype=dtype,
+                         compare_naive=compare_naive, compare_cfg=compare_cfg)
+    result = run_bench(config, log=lambda line: click.echo(line, err=True))
+    click.echo("\n".join(report_lines(result)))

@@ -1,0 +1,140 @@
+"""``hidream-mlx eval``: run a prompt battery (the default), ``eval compare``, ``eval report``.
+
+Everything a user can get wrong (battery lines, variant keys and values, sizes, seeds, a run
+folder made with another model) is checked before the model is loaded. User errors are raised
+as ValueError / FileNotFoundError; the top-level group turns them into one ``error:`` line.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from hidream_mlx.models.o1.synthetic import TEXT_DIMS
+
+
+def _echo(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _image_line(done: int, todo: int, record: dict) -> None:
+    from hidream_mlx.memory import format_bytes
+
+    _echo(f"[{done}/{todo}] {record['variant']}/{record['id']} seed {record['seed']} "
+          f"{record['width']}x{record['height']}: {record['total_time']:.2f} s, "
+          f"{record['seconds_per_step']:.3f} s/step, peak RSS {format_bytes(record['peak_rss_bytes'])}, "
+          f"MLX peak {format_bytes(record['mlx_peak_bytes'])}")
+
+
+@click.group(name="eval", invoke_without_command=True)
+@click.option("--battery", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Battery file: JSONL, one prompt per line (id, prompt, optional genre/seed/size/steps/"
+                   "guidance/recipe).")
+@click.option("--model", "model_arg", default=None, help="Hugging Face repo id or local model folder.")
+@click.option("--random-weights", type=click.Choice(sorted(TEXT_DIMS)), default=None,
+              help="Measure a random-weight model of this size instead of --model (no download).")
+@click.option("--layers", type=int, default=None, help="With --random-weights: number of decoder layers.")
+@click.option("--variant", "variant_specs", multiple=True, metavar="NAME:key=value,...",
+              help="A setting variant (keys: steps, guidance, size, recipe, shift, blend_seams, noise, snap); "
+                   "repeatable. Default: one variant 'default'.")
+@click.option("--variants-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Variant specs, one per line (# comments); added before any --variant.")
+@click.option("--seeds", default=None, metavar="42,43", help="Run every prompt at these seeds (replaces each line's seed).")
+@click.option("--output", "-o", "rundir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run folder; rerunning with the same folder does only what is missing.")
+@click.option("--warmup", is_flag=True, help="One short untimed generation before the first measured image.")
+@click.option("--baseline", default=None, help="Variant the report's speed-ups are against (default: the first).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
+              show_default=True, help="Weight dtype (CPU benchmarks: use float32).")
+@click.option("-q", "--quantize", "quantize_bits", type=click.Choice(["4", "6", "8"]), default=None,
+              help="Quantize the decoder in memory at load time.")
+@click.pass_context
+def eval_group(ctx, battery, model_arg, random_weights, layers, variant_specs, variants_file, seeds, rundir,
+               warmup, baseline, dtype, quantize_bits):
+    """Run a prompt battery and log per-step time, peak RSS and MLX memory per image.
+
+    \b
+    hidream-mlx eval --battery evals/batteries/showcase.jsonl --model M --output runs/showcase
+    hidream-mlx eval compare runs/q8 runs/q6
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    run_battery(battery, model_arg, random_weights, layers, list(variant_specs), variants_file, seeds, rundir,
+                warmup, baseline, dtype, int(quantize_bits) if quantize_bits else None)
+
+
+def run_battery(battery: Optional[Path], model_arg: Optional[str], random_weights: Optional[str],
+                layers: Optional[int], variant_specs: list[str], variants_file: Optional[Path],
+                seeds: Optional[str], rundir: Optional[Path], warmup: bool, baseline: Optional[str],
+                dtype: str, quantize_bits: Optional[int]) -> Path:
+    from hidream_mlx.harness.batteries import parse_seeds, parse_variants, read_battery, read_variants_file
+    from hidream_mlx.harness.evaluation import EvalRun, load_engine, plan_jobs
+    from hidream_mlx.harness.reports import write_reports
+
+    if battery is None:
+        raise ValueError("--battery is required (or use a subcommand: compare, report)")
+    if rundir is None:
+        raise ValueError("--output RUNDIR is required")
+    if (model_arg is None) == (random_weights is None):
+        raise ValueError("give exactly one of --model and --random-weights")
+    if layers is not None and random_weights is None:
+        raise ValueError("--layers only applies to --random-weights")
+    specs = (read_variants_file(variants_file) if variants_file else []) + variant_specs
+    variants = parse_variants(specs)
+    if baseline is not None and baseline not in {v.name for v in variants}:
+        raise ValueError(f"--baseline {baseline!r} is not one of the variants: {', '.join(v.name for v in variants)}")
+    items = read_battery(battery)
+    jobs = plan_jobs(items, variants, parse_seeds(seeds))
+    model_name = model_arg or f"random-{random_weights}" + (f" ({layers} layers)" if layers else "")
+    identity = {"model": model_name, "dtype": dtype, "quantize": quantize_bits, "battery": battery.stem}
+    run = EvalRun(rundir, identity, variants, {"battery_path": str(battery), "baseline": baseline})
+
+    _echo(f"{len(items)} prompts x {len(jobs) // len(items)} variant/seed combinations = {len(jobs)} images; "
+          f"loading {model_name} ({dtype}{f', Q{quantize_bits}' if quantize_bits else ''})")
+    engine = load_engine(model_arg, random_weights, layers, dtype, quantize_bits)
+    run.start_session(engine)
+    _echo(f"model loaded in {engine.load_time:.2f} s (reported separately, not in image times)")
+    try:
+        records = run.run(engine, jobs, warmup=warmup, on_image=_image_line)
+    finally:
+        # Also on Ctrl-C: the report covers every image finished so far.
+        report = write_reports(rundir, baseline)
+    skipped = len(jobs) - len(records)
+    _echo(f"{len(records)} images made" + (f", {skipped} already done" if skipped else "") + f"; report: {report}")
+    click.echo(str(report))
+    return report
+
+
+@eval_group.command()
+@click.argument("run_a", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run_b", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--output", "-o", "output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the table to this markdown file.")
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@click.option("--ignore-seed", is_flag=True, help="Match by prompt id alone (e.g. to measure how much two seeds differ).")
+def compare(run_a, run_b, output, overwrite, ignore_seed):
+    """Per matching image (same prompt id and seed): MAD, PSNR, brightness shift, grid-energy ratio B/A."""
+    from hidream_mlx.files import atomic_output, check_output_path
+    from hidream_mlx.harness.reports import compare_runs, render_comparison
+
+    if output is not None:
+        check_output_path(output, overwrite)
+    text = render_comparison(run_a, run_b, compare_runs(run_a, run_b, ignore_seed))
+    if output is not None:
+        with atomic_output(output, overwrite) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        _echo(f"wrote {output}")
+    sys.stdout.write(text)
+
+
+@eval_group.command()
+@click.argument("rundir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--baseline", default=None, help="Variant the speed-ups are against (default: the run's).")
+def report(rundir, baseline):
+    """Rewrite RUNDIR/report.md and the contact sheet from the results so far."""
+    from hidream_mlx.harness.reports import write_reports
+
+    click.echo(str(write_reports(rundir, baseline)))

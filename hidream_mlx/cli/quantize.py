@@ -1,0 +1,99 @@
+"""``hidream-mlx quantize``: convert an official checkpoint into a quantized folder.
+
+The click layer only parses and prints; :mod:`hidream_mlx.convert` does the work and
+:mod:`hidream_mlx.fidelity` the optional report. User errors are raised as ValueError /
+FileExistsError / ModelLoadError for the command group to print as one ``error:`` line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from hidream_mlx.quant.quantization import (
+    BUILTIN_RECIPES,
+    GROUP_SIZES,
+    SUPPORTED_BITS,
+    QuantRecipe,
+    get_quant_recipe,
+)
+
+REPORT_FILE = "quantization_report.md"
+
+
+def choose_recipe(name: str | None, recipe_file: Path | None) -> QuantRecipe:
+    if name and recipe_file:
+        raise ValueError("give --recipe or --recipe-file, not both")
+    if recipe_file is not None:
+        return QuantRecipe.from_file(recipe_file)
+    return get_quant_recipe(name or "flat")
+
+
+def size_table(conversion) -> list[str]:
+    from hidream_mlx.memory import format_bytes
+
+    lines = [f"{'component':<14} {'parameters':>14} {'size':>12} {'bits/weight':>12}"]
+    for name, size in [*conversion.sizes.items(), ("total", conversion.total)]:
+        lines.append(f"{name:<14} {size.params:>14,} {format_bytes(size.bytes):>12} {size.bits_per_weight:>12.2f}")
+    return lines
+
+
+@click.command("quantize")
+@click.option("--model", "model_arg", required=True,
+              help="Source: Hugging Face repo id or folder in the official layout (float32 or bf16 shards).")
+@click.option("--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default=None,
+              help="Bits for the decoder's linear layers (a recipe may fix them).")
+@click.option("--recipe", "recipe_name", type=click.Choice(sorted(BUILTIN_RECIPES)), default=None,
+              help="Built-in mixed-precision recipe (default: flat).")
+@click.option("--recipe-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON recipe: per-layer overrides, first match wins (see quantize/recipes/).")
+@click.option("--group-size", type=click.Choice([str(g) for g in GROUP_SIZES]), default=None,
+              help="Quantization group size (default: the recipe's, else 64).")
+@click.option("--no-vision", is_flag=True, help="Leave the vision tower out (text-to-image only; no editing).")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to create.")
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@click.option("--report", is_flag=True,
+              help=f"Also measure each layer's output error on real activations ({REPORT_FILE}).")
+@click.option("--report-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
+              help="Precision of the unquantized model that the report runs.")
+def quantize(model_arg, bits, recipe_name, recipe_file, group_size, no_vision, output, overwrite, report,
+             report_dtype):
+    """Convert a checkpoint to affine-quantized MLX weights (Q4/Q6/Q8 and mixed recipes).
+
+    The output folder loads with no flags: its config.json records mode, bits, group size and
+    every per-layer override.
+    """
+    from hidream_mlx.quant.convert import convert
+    from hidream_mlx.models.loading import parse_dtype
+
+    recipe = choose_recipe(recipe_name, recipe_file)
+
+    def notice(line: str) -> None:
+        click.echo(f"note: {line}", err=True)
+
+    def progress(done: int, total: int, name: str) -> None:
+        click.echo(f"[{done}/{total}] {'reading ' + name if name else 'writing index and config'}", err=True)
+
+    click.echo(f"converting {model_arg} with recipe {recipe.name} -> {output}", err=True)
+    conversion = convert(model_arg, output, recipe, bits=int(bits) if bits else None,
+                         group_size=int(group_size) if group_size else None, include_vision=not no_vision,
+                         overwrite=overwrite, on_notice=notice, on_progress=progress)
+    q = conversion.config["quantization"]
+    overrides = sum(1 for k, v in q.items() if k not in ("mode", "bits", "group_size") and v != "bf16")
+    click.echo(f"wrote {len(conversion.shards)} shard(s): {q['bits']}-bit, group size {q['group_size']}, "
+               f"{overrides} layer override(s); sizes in MiB/GiB (powers of two)")
+    for line in size_table(conversion):
+        click.echo(line)
+    if report:
+        from hidream_mlx.quant.fidelity import fidelity_report
+        from hidream_mlx.models.loading import resolve_model_path
+
+        result = fidelity_report(resolve_model_path(model_arg), conversion.plan, output.name,
+                                 dtype=parse_dtype(report_dtype))
+        (output / REPORT_FILE).write_text(result.markdown())
+        click.echo(f"fidelity ({output / REPORT_FILE}), worst layers first:")
+        for line in result.top(5):
+            click.echo(f"  {line}")
+    click.echo(str(output))

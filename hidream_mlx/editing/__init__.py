@@ -1,0 +1,1 @@
+"""Editing and subject-driven generation: reference images, the Qwen3-VL image processor, layout boxes."""

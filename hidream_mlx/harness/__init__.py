@@ -1,0 +1,1 @@
+"""Evaluation: batteries, the resumable runner, reports, bench, peak RSS and replay of golden cases."""

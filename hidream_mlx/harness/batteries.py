@@ -1,0 +1,246 @@
+"""Battery files and variant specs: parsing and validation, before any model is loaded.
+
+A battery is JSONL, one prompt per line: ``id`` and ``prompt``, optionally ``genre``, ``seed``,
+``size`` ("WxH"), ``steps``, ``guidance``, ``recipe`` and a free-text ``note``. A variant is a
+named set of setting overrides, ``NAME:key=value,...`` with keys from :data:`VARIANT_KEYS`.
+Every problem is reported with the file and line, or the variant, it comes from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from hidream_mlx.models.o1.config import PATCH_SIZE
+from hidream_mlx.recipes import get_recipe
+from hidream_mlx.resolution import FREE_SIZE_MULTIPLE, MAX_PIXELS, resolve_size
+
+VARIANT_KEYS = ("steps", "guidance", "size", "recipe", "shift", "blend_seams", "noise", "snap")
+BATTERY_FIELDS = ("id", "prompt", "genre", "seed", "size", "steps", "guidance", "recipe", "note")
+DEFAULT_SIZE = (1024, 1024)  # the size the seeds' batteries were run at
+DEFAULT_SEED = 42
+# Ids and variant names become file and folder names.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+# --- values shared by battery lines and variants ---------------------------------------------
+
+def parse_size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+    if not match:
+        raise ValueError(f"size must look like 1024x768, got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def eval_size(width: int, height: int, snap: bool) -> tuple[int, int, str]:
+    """The size that runs. Free sizes only need whole patches and the area cap: unlike
+    ``generate``, eval accepts sides below 256 px, which makes fast measurements and tests."""
+    if snap:
+        return resolve_size(width, height, snap=True)
+    for name, side in (("width", width), ("height", height)):
+        if side <= 0 or side % FREE_SIZE_MULTIPLE:
+            raise ValueError(f"{name} {side} is not a positive multiple of {FREE_SIZE_MULTIPLE}")
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"size {width}x{height} is above the maximum of {MAX_PIXELS:,} px")
+    return width, height, f"{width}x{height} (free size, not snapped)"
+
+
+def _positive_int(key: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _number(key: str, value, minimum: float, inclusive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    if value < minimum or (not inclusive and value == minimum):
+        raise ValueError(f"{key} must be {'at least' if inclusive else 'above'} {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def _recipe_name(value) -> str:
+    get_recipe(str(value))
+    return str(value)
+
+
+def _check_name(kind: str, name) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"{kind} {name!r} must be letters, digits, '_', '-' or '.', starting with a letter or digit")
+    return name
+
+
+# --- batteries ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BatteryItem:
+    id: str
+    prompt: str
+    genre: str = ""
+    seed: Optional[int] = None
+    size: Optional[tuple[int, int]] = None
+    steps: Optional[int] = None
+    guidance: Optional[float] = None
+    recipe: Optional[str] = None
+    note: str = ""
+
+    def settings(self) -> dict:
+        keys = ("size", "steps", "guidance", "recipe")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+def _battery_item(entry: dict) -> BatteryItem:
+    if not isinstance(entry, dict):
+        raise ValueError("expected a JSON object")
+    unknown = sorted(set(entry) - set(BATTERY_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r}; allowed: {', '.join(BATTERY_FIELDS)}")
+    for required in ("id", "prompt"):
+        if required not in entry:
+            raise ValueError(f"missing {required!r}")
+    prompt = entry["prompt"]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("'prompt' must be a non-empty string")
+    seed = entry.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return BatteryItem(
+        id=_check_name("id", entry["id"]),
+        prompt=prompt,
+        genre=str(entry.get("genre", "")),
+        seed=seed,
+        size=parse_size(entry["size"]) if "size" in entry else None,
+        steps=_positive_int("steps", entry["steps"]) if "steps" in entry else None,
+        guidance=_number("guidance", entry["guidance"], 0.0) if "guidance" in entry else None,
+        recipe=_recipe_name(entry["recipe"]) if "recipe" in entry else None,
+        note=str(entry.get("note", "")),
+    )
+
+
+def read_battery(path: Path | str) -> list[BatteryItem]:
+    """Parse a JSONL battery; any problem is reported as ``FILE:LINE: what is wrong``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such battery file")
+    items, seen = [], {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = _battery_item(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno})") from None
+        except ValueError as e:
+            raise ValueError(f"{path}:{number}: {e}") from None
+        if item.id in seen:
+            raise ValueError(f"{path}:{number}: id {item.id!r} already used on line {seen[item.id]}")
+        seen[item.id] = number
+        items.append(item)
+    if not items:
+        raise ValueError(f"{path}: the battery has no prompts")
+    return items
+
+
+# --- variants ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    overrides: dict = field(default_factory=dict)
+
+    def spec(self) -> str:
+        body = ",".join(f"{k}={_format_value(v)}" for k, v in self.overrides.items())
+        return f"{self.name}:{body}" if body else self.name
+
+
+DEFAULT_VARIANT = Variant("default")
+
+
+def _format_value(value) -> str:
+    if isinstance(value, tuple):
+        return f"{value[0]}x{value[1]}"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _parse_number(key: str, text: str, kind: type):
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+
+
+def _variant_value(key: str, text: str):
+    if key == "steps":
+        return _positive_int(key, _parse_number(key, text, int))
+    if key in ("guidance", "shift"):
+        return _number(key, _parse_number(key, text, float), 0.0, inclusive=(key == "guidance"))
+    if key == "blend_seams":
+        radius = _parse_number(key, text, int)
+        if not 0 <= radius <= PATCH_SIZE // 2:
+            raise ValueError(f"blend_seams must be between 0 and {PATCH_SIZE // 2}, got {radius}")
+        return radius
+    if key == "size":
+        return parse_size(text)
+    if key == "recipe":
+        return _recipe_name(text)
+    if key == "noise":
+        if text not in ("torch", "mlx"):
+            raise ValueError(f"noise must be torch or mlx, got {text!r}")
+        return text
+    if text.lower() in _TRUE + _FALSE:  # snap
+        return text.lower() in _TRUE
+    raise ValueError(f"snap must be true or false, got {text!r}")
+
+
+def parse_variant(spec: str) -> Variant:
+    """``NAME`` or ``NAME:key=value,key=value`` with keys from :data:`VARIANT_KEYS`."""
+    name, _, body = spec.strip().partition(":")
+    _check_name("variant name", name.strip())
+    overrides = {}
+    for part in filter(None, (p.strip() for p in body.split(","))):
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        if key not in VARIANT_KEYS:
+            raise ValueError(f"variant {name!r}: unknown key {key!r}; allowed: {', '.join(VARIANT_KEYS)}")
+        if not eq or not value.strip():
+            raise ValueError(f"variant {name!r}: {key} needs a value ({key}=...)")
+        if key in overrides:
+            raise ValueError(f"variant {name!r}: {key} given twice")
+        overrides[key] = _variant_value(key, value.strip())
+    return Variant(name.strip(), overrides)
+
+
+def read_variants_file(path: Path | str) -> list[str]:
+    """Variant specs, one per line; blank lines and ``#`` comments are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such variants file")
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line]
+
+
+def parse_variants(specs: list[str]) -> list[Variant]:
+    variants = [parse_variant(s) for s in specs] or [DEFAULT_VARIANT]
+    names = [v.name for v in variants]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"variant {name!r} is given more than once")
+    return variants
+
+
+def parse_seeds(text: Optional[str]) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise ValueError(f"--seeds must be non-negative integers, got {text!r}")
+    return list(dict.fromkeys(seeds))

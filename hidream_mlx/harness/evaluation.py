@@ -1,0 +1,271 @@
+"""The resumable eval runner: jobs, the run folder, and honest per-image measurement.
+
+Every (prompt, seed, variant) is one job. Each finished job is one line of
+``RUNDIR/results.jsonl``, appended and fsynced as soon as its image is on disk (images are
+written atomically), so Ctrl-C loses nothing finished and a rerun with the same folder does
+only what is missing (key: variant + prompt id + seed, with the same settings).
+``RUNDIR/run.json`` keeps the run's identity (model, dtype, quantization, battery), variant
+definitions, and one entry per session with its model load time, kept out of image times.
+
+Settings are layered: eval defaults < the battery line < the variant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from hidream_mlx.harness.batteries import DEFAULT_SEED, DEFAULT_SIZE, BatteryItem, Variant, eval_size
+from hidream_mlx.harness.peak_rss import PeakRss, reset_high_water, ru_maxrss_bytes
+from hidream_mlx.recipes import get_recipe
+
+RESULTS_FILE = "results.jsonl"
+RUN_FILE = "run.json"
+
+
+# --- jobs ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Job:
+    item: BatteryItem
+    variant: Variant
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return job_key(self.variant.name, self.item.id, self.seed)
+
+    @property
+    def image_path(self) -> str:
+        return f"images/{self.variant.name}/{self.item.id}_s{self.seed}.png"
+
+    def settings(self) -> dict:
+        merged = {"size": DEFAULT_SIZE, "snap": False, "noise": "torch", "blend_seams": 0}
+        return {**merged, **self.item.settings(), **self.variant.overrides}
+
+    def request(self, default_recipe: str):
+        from hidream_mlx.generation import Request
+
+        s = self.settings()
+        recipe = get_recipe(s.get("recipe") or default_recipe)
+        recipe = recipe.with_overrides(steps=s.get("steps"), guidance=s.get("guidance"), shift=s.get("shift"))
+        width, height, note = eval_size(*s["size"], snap=s["snap"])
+        return Request(self.item.prompt, width, height, self.seed, recipe, noise=s["noise"],
+                       blend_seams=s["blend_seams"], size_note=note)
+
+
+def job_key(variant: str, item_id: str, seed: int) -> str:
+    return f"{variant}/{item_id}/{seed}"
+
+
+def plan_jobs(items: list[BatteryItem], variants: list[Variant], seeds: Optional[list[int]] = None) -> list[Job]:
+    """Prompt-major order: a prompt's variants run back to back, so slow drift of the machine
+    (heat, other load) hits every variant alike. ``seeds`` replaces each line's own seed."""
+    jobs = []
+    for item in items:
+        for seed in seeds or [item.seed if item.seed is not None else DEFAULT_SEED]:
+            jobs.extend(Job(item, v, seed) for v in variants)
+    for job in jobs:  # sizes are checked before any model is loaded
+        settings = job.settings()
+        eval_size(*settings["size"], snap=settings["snap"])
+    return jobs
+
+
+# --- the run folder ----------------------------------------------------------------------------
+
+def read_results(rundir: Path | str) -> dict[str, dict]:
+    """Finished images by key; a later line for the same key replaces an earlier one."""
+    path = Path(rundir) / RESULTS_FILE
+    records: dict[str, dict] = {}
+    if not path.is_file():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            # Only a write cut short by a hard kill leaves such a line (later appends start on a
+            # fresh line after it); its image counts as not done and is made again.
+            continue
+        records[record["key"]] = record
+    return records
+
+
+def append_result(rundir: Path, record: dict) -> None:
+    path = Path(rundir) / RESULTS_FILE
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell():
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # finish a line a hard kill cut short
+                f.write(b"\n")
+        f.write((json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def machine_description() -> str:
+    import mlx.core as mx
+
+    device = "Metal GPU" if mx.metal.is_available() else "CPU"
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, MLX {mx.__version__} on {device}, "
+            f"Python {platform.python_version()}")
+
+
+def load_engine(model: Optional[str], random_weights: Optional[str] = None, layers: Optional[int] = None,
+                dtype: str = "bfloat16", quantize_bits: Optional[int] = None):
+    """A loaded checkpoint, or random weights of a named size (no download; for speed and memory).
+
+    Random weights with ``quantize_bits`` get the same flat recipe as ``generate -q``.
+    """
+    from hidream_mlx.generation import Engine
+
+    if random_weights is None:
+        return Engine.load(model, dtype=dtype, quantize_bits=quantize_bits)
+    import mlx.core as mx
+
+    from hidream_mlx.models.loading import parse_dtype
+    from hidream_mlx.quant.quantization import quantize_in_memory
+    from hidream_mlx.models.o1.synthetic import random_model
+
+    start = time.perf_counter()
+    net = random_model(random_weights, layers, dtype=parse_dtype(dtype))
+    quantization = None
+    if quantize_bits:
+        quantization = quantize_in_memory(net, quantize_bits)
+        mx.eval(net.parameters())
+    return Engine(net, name=f"random-{random_weights}", quantization=quantization, dtype=dtype,
+                  load_time=time.perf_counter() - start)
+
+
+class EvalRun:
+    """A run folder: refuses to mix in measurements of another model or setup (or a redefined
+    variant), which would make its comparisons meaningless, and records each session."""
+
+    def __init__(self, rundir: Path | str, identity: dict, variants: list[Variant], details: Optional[dict] = None):
+        self.rundir = Path(rundir)
+        self.rundir.mkdir(parents=True, exist_ok=True)
+        path = self.rundir / RUN_FILE
+        run = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        for key, value in identity.items():
+            if key in run.get("identity", {}) and run["identity"][key] != value:
+                raise ValueError(f"{self.rundir} was run with {key}={run['identity'][key]!r}, not {value!r}; "
+                                 f"use another --output folder")
+        known = run.get("variants", {})
+        for v in variants:
+            if v.name in known and known[v.name] != v.spec():
+                raise ValueError(f"{self.rundir}: variant {v.name!r} was {known[v.name]!r} there, now "
+                                 f"{v.spec()!r}; rename the variant or use another --output folder")
+        run.update(details or {})
+        run["identity"] = {**run.get("identity", {}), **identity}
+        run["variants"] = {**known, **{v.name: v.spec() for v in variants}}
+        order = run.setdefault("variant_order", [])
+        order += [v.name for v in variants if v.name not in order]
+        run.setdefault("sessions", [])
+        self.data = run
+        self.session: dict = {}
+
+    def save(self) -> None:
+        write_json(self.rundir / RUN_FILE, self.data)
+
+    def start_session(self, engine) -> None:
+        """Call right after loading: the process high-water mark so far is the load's peak."""
+        import psutil
+
+        from hidream_mlx.memory import parameter_bytes
+
+        self.session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_time": engine.load_time,
+                        "load_peak_rss": ru_maxrss_bytes(), "rss_after_load": psutil.Process().memory_info().rss,
+                        "images": 0, "warmup_time": None}
+        self.data["sessions"].append(self.session)
+        self.data["machine"] = machine_description()
+        self.data["weight_bytes"] = parameter_bytes(engine.model)
+        self.data["rss_method"] = ("kernel high-water mark reset per image (/proc/self/clear_refs), "
+                                   "with 5 ms psutil sampling" if reset_high_water()
+                                   else "psutil RSS sampled every 5 ms, and ru_maxrss")
+        self.save()
+
+    def run(self, engine, jobs: list[Job], warmup: bool = False,
+            on_image: Optional[Callable[[int, int, dict], None]] = None, on_step=None) -> list[dict]:
+        """Run what is not finished yet and return the new records.
+
+        ``on_image(done, todo, record)`` is called once an image's line is safely on disk; an
+        exception raised there (KeyboardInterrupt, say) stops the run with that image kept.
+        """
+        finished = read_results(self.rundir)
+        requests = [(job, job.request(engine.default_recipe)) for job in jobs]  # bad settings fail here
+        todo = [(job, req) for job, req in requests if not is_done(finished.get(job.key), req, self.rundir)]
+        if todo and warmup:
+            self.session["warmup_time"] = warm_up(engine, todo[0][1])
+            self.save()
+        rss, records = PeakRss(), []
+        for done, (job, request) in enumerate(todo, start=1):
+            with rss.measure():
+                result = engine.run(request, on_step)
+            record = self._store(job, request, result, rss)
+            records.append(record)
+            self.session["images"] += 1
+            self.save()
+            if on_image is not None:
+                on_image(done, len(todo), record)
+        return records
+
+    def _store(self, job: Job, request, result, rss: PeakRss) -> dict:
+        from hidream_mlx.png import save_png
+
+        image_path = self.rundir / job.image_path
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {**result.metadata, "eval_variant": job.variant.name, "eval_id": job.item.id}
+        save_png(result.image, image_path, meta, overwrite=True)
+        record = {
+            "key": job.key, "variant": job.variant.name, "id": job.item.id, "genre": job.item.genre,
+            "seed": job.seed, "prompt": job.item.prompt, "width": request.width, "height": request.height,
+            "size_note": request.size_note, "recipe": request.recipe.name, "steps": request.recipe.steps,
+            "guidance": request.recipe.guidance, "variant_overrides": job.variant.spec(),
+            "settings": request.metadata(), "model": result.metadata.get("model"),
+            "dtype": result.metadata.get("dtype"), "quantization": result.metadata.get("quantization"),
+            "image": job.image_path, "sha256": sha256_file(image_path),
+            "step_times": result.step_times, "seconds_per_step": statistics.median(result.step_times),
+            "encode_time": result.encode_time, "total_time": result.total_time,
+            "peak_rss_bytes": rss.peak, "process_max_rss_bytes": rss.process_max,
+            "mlx_peak_bytes": int(result.peak_memory), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        append_result(self.rundir, record)
+        return record
+
+
+def is_done(record: Optional[dict], request, rundir: Path) -> bool:
+    """Finished with these exact settings, and its image is still there."""
+    if record is None or not (rundir / record["image"]).is_file():
+        return False
+    return json.dumps(record["settings"], sort_keys=True) == json.dumps(request.metadata(), sort_keys=True)
+
+
+def warm_up(engine, request) -> float:
+    """One short untimed generation at the first job's size, so one-time costs (allocations,
+    kernel setup) stay out of the first measured image."""
+    recipe = request.recipe.with_overrides(steps=min(2, request.recipe.steps))
+    start = time.perf_counter()
+    engine.run(dataclasses.replace(request, recipe=recipe, blend_seams=0))
+    return time.perf_counter() - start

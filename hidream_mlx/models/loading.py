@@ -1,0 +1,252 @@
+"""Finding a model folder and loading its safetensors into our modules, strictly.
+
+Only safetensors are read (never pickle) and nothing from the folder is executed. Each shard's
+header is checked before any tensor is touched, so a truncated download names its file rather
+than failing deep inside a matmul. ``lm_head`` is never loaded; the vision tower only on request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from hidream_mlx.models.o1.config import ModelConfig
+
+# Never loaded: image generation has no use for the language-model head.
+SKIPPED_PREFIXES = ("lm_head.",)
+VISION_PREFIX = "visual."
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+_ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4,
+                   "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder that cannot be loaded; the message names the file or tensor."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str  # checkpoint name, e.g. model.language_model.norm.weight
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        n = _ST_DTYPE_BYTES.get(self.dtype, 4)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def resolve_model_path(name_or_path: str, allow_download: bool = True) -> Path:
+    """A local folder as given, or a Hugging Face repo id fetched into the local cache.
+
+    The cache is tried first, so a downloaded model works offline.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path}: is a file; --model takes a folder or a Hugging Face repo id")
+        return path
+    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):
+        raise ModelLoadError(f"{name_or_path}: no such folder (and not a Hugging Face repo id like owner/name)")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=patterns, local_files_only=True))
+    # Hub errors are OSError subclasses (missing entries, HTTP), or ValueError for a malformed id.
+    except (OSError, ValueError) as cached_error:
+        if not allow_download or os.environ.get("HF_HUB_OFFLINE"):
+            raise ModelLoadError(f"{name_or_path}: not in the local Hugging Face cache and downloads are off") from cached_error
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=patterns))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{name_or_path}: could not download from Hugging Face ({type(e).__name__}: {e})") from None
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Tensor names, shapes and dtypes of one file, after checking it is whole."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ModelLoadError(f"{path.name}: not a safetensors file (too short)")
+            (header_len,) = struct.unpack("<Q", raw)
+            if header_len > min(size - 8, 100_000_000):
+                raise ModelLoadError(f"{path.name}: corrupt or truncated safetensors header")
+            header = json.loads(f.read(header_len))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        if isinstance(e, ModelLoadError):
+            raise
+        raise ModelLoadError(f"{path.name}: cannot read safetensors header ({e})") from None
+    infos, end = {}, 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        infos[name] = TensorInfo(name, path, tuple(meta["shape"]), meta["dtype"])
+        end = max(end, meta["data_offsets"][1])
+    if 8 + header_len + end > size:
+        raise ModelLoadError(
+            f"{path.name}: truncated ({size} bytes, the header says {8 + header_len + end}); re-download it"
+        )
+    return infos
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a folder: from the shard index if there is one."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise ModelLoadError(f"{index.name}: not a valid shard index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (model_dir / f).is_file()]
+        if missing:
+            raise ModelLoadError(f"{model_dir}: missing shard {missing[0]} (listed in {index.name})"
+                                 + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        return [model_dir / f for f in files]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(
+            f"{model_dir}: only {pickles[0]} found; hidream-mlx loads safetensors only (pickle files are never opened)"
+        )
+    raise ModelLoadError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def checkpoint_index(model_dir: Path) -> dict[str, TensorInfo]:
+    """Every tensor of the folder, by checkpoint name, with headers checked."""
+    infos: dict[str, TensorInfo] = {}
+    for path in weight_files(model_dir):
+        infos.update(read_safetensors_header(path))
+    return infos
+
+
+def module_name(checkpoint_name: str) -> str:
+    """Checkpoint name -> our module path: only the ``model.`` prefix goes."""
+    return checkpoint_name[len("model."):] if checkpoint_name.startswith("model.") else checkpoint_name
+
+
+def select_tensors(infos: dict[str, TensorInfo], want: Callable[[str], bool]) -> dict[str, TensorInfo]:
+    return {module_name(k): v for k, v in infos.items()
+            if not module_name(k).startswith(SKIPPED_PREFIXES) and want(module_name(k))}
+
+
+def check_against(module: nn.Module, tensors: dict[str, TensorInfo], where: Path) -> None:
+    """Strict: every parameter present with its shape, nothing unexpected."""
+    expected = dict(tree_flatten(module.parameters()))
+    for name, param in expected.items():
+        info = tensors.get(name)
+        if info is None:
+            raise ModelLoadError(f"{where}: missing tensor model.{name} (expected shape {tuple(param.shape)})")
+        if tuple(info.shape) != tuple(param.shape):
+            raise ModelLoadError(
+                f"{info.file.name}: tensor model.{name} has shape {tuple(info.shape)}, expected {tuple(param.shape)}"
+            )
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise ModelLoadError(f"{tensors[extra[0]].file.name}: unexpected tensor model.{extra[0]}"
+                             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+
+
+def open_shard(path: Path) -> dict[str, mx.array]:
+    """All tensors of one safetensors file, mapped lazily (read only when evaluated)."""
+    try:
+        return mx.load(str(path))
+    except (RuntimeError, ValueError) as e:
+        raise ModelLoadError(f"{path.name}: cannot be read as safetensors ({e})") from None
+
+
+def load_tensors(tensors: dict[str, TensorInfo], dtype: mx.Dtype) -> dict[str, mx.array]:
+    """Read the named tensors file by file; float tensors are cast to ``dtype``, others kept.
+
+    ``mx.load`` maps lazily, so only the tensors asked for are ever materialized.
+    """
+    out = {}
+    for path, names in iter_checkpoint(tensors):
+        arrays = open_shard(path)
+        for name in names:
+            a = arrays[tensors[name].name]
+            out[name] = a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a
+    return out
+
+
+def assign(module: nn.Module, weights: dict[str, mx.array], lazy: bool = False) -> None:
+    module.load_weights(list(weights.items()), strict=True)
+    if not lazy:
+        mx.eval(module.parameters())
+
+
+def parse_dtype(name: str) -> mx.Dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def read_config(model_dir: Path) -> ModelConfig:
+    if not (model_dir / "config.json").is_file():
+        raise ModelLoadError(f"{model_dir}: no config.json (not a HiDream-O1 model folder)")
+    return ModelConfig.from_file(model_dir / "config.json")
+
+
+def iter_checkpoint(infos: dict[str, TensorInfo]) -> Iterable[tuple[Path, list[str]]]:
+    """The keys of ``infos`` grouped by file, in file order: one shard open at a time."""
+    by_file: dict[Path, list[str]] = {}
+    for name, info in infos.items():
+        by_file.setdefault(info.file, []).append(name)
+    return sorted(by_file.items())
+
+
+def is_vision(name: str) -> bool:
+    return name.startswith(VISION_PREFIX)
+
+
+def load_model(
+    model_dir: Path | str,
+    dtype: mx.Dtype = mx.bfloat16,
+    lazy: bool = False,
+    quantize: Optional[Callable[[nn.Module, ModelConfig], None]] = None,
+):
+    """Build the transformer from a folder and load its weights (vision tower left out).
+
+    ``quantize`` (from :mod:`hidream_mlx.quantization`) turns the skeleton's linears into
+    quantized ones before loading; a folder whose config.json carries a quantization block gets
+    one without asking. If it has an ``after_load`` method, that runs on the loaded (still lazy)
+    weights, which is how ``-q BITS`` quantizes a float folder without holding it all in floats.
+    """
+    from hidream_mlx.models.o1.transformer import HiDreamO1
+
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    if quantize is None and config.quantization:
+        from hidream_mlx.quant.quantization import skeleton_quantizer
+
+        quantize = skeleton_quantizer(config)
+    model = HiDreamO1(config)
+    if quantize is not None:
+        quantize(model, config)
+    tensors = select_tensors(checkpoint_index(model_dir), lambda n: not is_vision(n))
+    check_against(model, tensors, model_dir)
+    after_load = getattr(quantize, "after_load", None)
+    assign(model, load_tensors(tensors, dtype), lazy=lazy or after_load is not None)
+    if after_load is not None:
+        after_load(model)
+        if not lazy:
+            mx.eval(model.parameters())
+    return model
