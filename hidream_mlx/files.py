@@ -1,21 +1,37 @@
-"""Writing outputs safely: never half-written, never silently overwritten."""
+"""Writing outputs safely: never half-written, never silently overwritten, nothing but a file replaced.
+
+Every output goes to a temporary file beside the target (``.NAME.PID.partial``) and is renamed
+into place only when complete. A run killed with SIGKILL cannot clean up, so the next run of the
+same target removes the partial files that dead processes left for it.
+"""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+PARTIAL_MARK = ".partial"
+
 
 def check_output_path(path: Path | str, overwrite: bool = False) -> Path:
-    """Fail early (before any expensive work) if ``path`` cannot be written."""
+    """Fail early (before any expensive work) if ``path`` cannot or must not be written.
+
+    Any existing directory entry counts as existing (a dangling symlink too), and only a
+    regular file is ever replaced, whatever ``overwrite`` says.
+    """
     path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path}: is a folder, expected a file path")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists (use --overwrite to replace it)")
+    if os.path.lexists(path):
+        mode = os.lstat(path).st_mode
+        if stat.S_ISDIR(mode) or (stat.S_ISLNK(mode) and path.is_dir()):
+            raise IsADirectoryError(f"{path}: is a folder, expected a file path")
+        if not stat.S_ISREG(mode):
+            kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+            raise FileExistsError(f"{path}: exists and is {kind}; only a regular file can be replaced")
+        if not overwrite:
+            raise FileExistsError(f"{path}: already exists (use --overwrite to replace it)")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise FileNotFoundError(f"{parent}: output folder does not exist")
@@ -24,21 +40,53 @@ def check_output_path(path: Path | str, overwrite: bool = False) -> Path:
     return path
 
 
+def partial_path(path: Path, pid: int | None = None) -> Path:
+    """The temporary name a write to ``path`` uses; it keeps the suffix so encoders see it."""
+    return path.with_name(f".{path.name}.{os.getpid() if pid is None else pid}{PARTIAL_MARK}{path.suffix}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(path: Path) -> list[Path]:
+    """Delete the partial files of ``path`` left by processes that no longer run."""
+    removed = []
+    prefix, tail = f".{path.name}.", f"{PARTIAL_MARK}{path.suffix}"
+    parent = path.parent if str(path.parent) else Path(".")
+    for candidate in parent.glob(f".{path.name}.*{tail}"):
+        pid_text = candidate.name[len(prefix):-len(tail)]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
+def default_file_mode() -> int:
+    """The permissions a plain ``open()`` gives a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_output(path: Path | str, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
     path = check_output_path(path, overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent or ".")
+    remove_stale_partials(path)
+    tmp_path = partial_path(path)
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, default_file_mode())
     os.close(fd)
-    tmp_path = Path(tmp)
     try:
         yield tmp_path
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path}: appeared while writing (use --overwrite to replace it)")
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
+        # The target may have appeared (or changed kind) while we worked: check again.
+        check_output_path(path, overwrite)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -80,8 +80,8 @@ def test_keep_aspect_takes_the_reference_shape():
 
 
 @pytest.mark.parametrize("make_args, message", [
-    (lambda p: ["--ref", str(p / "missing.png")], "reference image not found"),
-    (lambda p: ["--ref", str(FIXTURES / "config.json")], "is not a readable image"),
+    (lambda p: ["--ref", str(p / "missing.png")], "image not found"),
+    (lambda p: ["--ref", str(FIXTURES / "config.json")], "not a readable image"),
     (lambda p: ["--ref", REF] * 11, "at most 10 reference images"),
     (lambda p: ["--ref", REF, "--layout", "[[0, 1, 0"], "neither valid JSON"),
     (lambda p: ["--ref", REF, "--layout", "[[0, 1, 0, 250]]"], "out of range"),

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from hidream_mlx.models.o1.config import FIX_POINT, PATCH_SIZE, TMS_TOKEN_ID
 from hidream_mlx.editing.layout import (
@@ -30,6 +30,7 @@ from hidream_mlx.editing.layout import (
     draw_layout,
     parse_layout_boxes,
 )
+from hidream_mlx.images import as_viewer_rgb, open_rgb
 from hidream_mlx.patches import patchify
 from hidream_mlx.prompt import chat_text
 from hidream_mlx.editing.vision_processor import ImageProcessorConfig, image_token_counts, vision_inputs
@@ -50,25 +51,10 @@ def check_reference_count(count: int) -> None:
 
 
 def load_reference_images(sources: Sequence[ImageLike]) -> list[Image.Image]:
-    """Open paths (or take PIL images) as RGB, rejecting too many refs and unreadable files."""
+    """Open paths (or take PIL images) as the RGB picture a viewer shows, rejecting too many
+    refs and unreadable files (the error names the file)."""
     check_reference_count(len(sources))
-    images = []
-    for source in sources:
-        if isinstance(source, Image.Image):
-            images.append(source.convert("RGB"))
-            continue
-        path = Path(source)
-        if not path.is_file():
-            raise ValueError(f"reference image not found: {path}")
-        try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-            raise ValueError(f"reference image {path} is not a readable image ({type(e).__name__})") from None
-    return images
-
-
-# ----------------------------------------------------------------------------------- sizes
+    return [as_viewer_rgb(s) if isinstance(s, Image.Image) else open_rgb(s) for s in sources]
 
 
 def reference_max_size(num_refs: int, height: int, width: int) -> int:
