@@ -6,6 +6,8 @@ Every expected failure (bad input, a broken model folder, an existing output) be
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 import click
@@ -18,15 +20,45 @@ USER_ERRORS = (ConfigError, ModelLoadError, ValueError, FileExistsError, FileNot
                IsADirectoryError, PermissionError, KeyError, OSError, MemoryError)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C so every ``finally`` cleans up the same way."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
+def install_signal_handlers() -> None:
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
+
+
+def _silence_stdout() -> None:
+    """After a reader closed our stdout (``... | head -1``): drop what is left to print."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 class FriendlyGroup(click.Group):
     """Turns our exceptions into one clear line instead of a traceback."""
 
     def invoke(self, ctx):
+        install_signal_handlers()
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:
-            click.echo("\ninterrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", signal.SIGINT)
+            click.echo("\ninterrupted" if signum == signal.SIGINT else f"\nstopped by {signal.Signals(signum).name}",
+                       err=True)
+            sys.exit(128 + signum)
+        except BrokenPipeError:
+            # Results are written before anything late is printed, so a closed stdout loses nothing.
+            _silence_stdout()
+            sys.exit(0)
         except USER_ERRORS as e:
             message = e.args[0] if isinstance(e, KeyError) and e.args else e
             click.echo(f"error: {message}", err=True)
