@@ -147,20 +147,23 @@ def select_tensors(infos: dict[str, TensorInfo], want: Callable[[str], bool]) ->
             if not module_name(k).startswith(SKIPPED_PREFIXES) and want(module_name(k))}
 
 
-def check_against(module: nn.Module, tensors: dict[str, TensorInfo], where: Path) -> None:
-    """Strict: every parameter present with its shape, nothing unexpected."""
+def check_against(module: nn.Module, tensors: dict[str, TensorInfo], where: Path, prefix: str = "model.") -> None:
+    """Strict: every parameter present with its shape, nothing unexpected.
+
+    ``prefix`` is what ``module_name`` stripped, so messages name the checkpoint's own tensor.
+    """
     expected = dict(tree_flatten(module.parameters()))
     for name, param in expected.items():
         info = tensors.get(name)
         if info is None:
-            raise ModelLoadError(f"{where}: missing tensor model.{name} (expected shape {tuple(param.shape)})")
+            raise ModelLoadError(f"{where}: missing tensor {prefix}{name} (expected shape {tuple(param.shape)})")
         if tuple(info.shape) != tuple(param.shape):
             raise ModelLoadError(
-                f"{info.file.name}: tensor model.{name} has shape {tuple(info.shape)}, expected {tuple(param.shape)}"
+                f"{info.file.name}: tensor {prefix}{name} has shape {tuple(info.shape)}, expected {tuple(param.shape)}"
             )
     extra = sorted(set(tensors) - set(expected))
     if extra:
-        raise ModelLoadError(f"{tensors[extra[0]].file.name}: unexpected tensor model.{extra[0]}"
+        raise ModelLoadError(f"{tensors[extra[0]].file.name}: unexpected tensor {prefix}{extra[0]}"
                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
 
 
