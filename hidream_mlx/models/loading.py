@@ -159,11 +159,11 @@ def check_against(module: nn.Module, tensors: dict[str, TensorInfo], where: Path
             raise ModelLoadError(f"{where}: missing tensor {prefix}{name} (expected shape {tuple(param.shape)})")
         if tuple(info.shape) != tuple(param.shape):
             raise ModelLoadError(
-                f"{info.file.name}: tensor {prefix}{name} has shape {tuple(info.shape)}, expected {tuple(param.shape)}"
+                f"{info.file.name}: tensor {info.name} has shape {tuple(info.shape)}, expected {tuple(param.shape)}"
             )
     extra = sorted(set(tensors) - set(expected))
     if extra:
-        raise ModelLoadError(f"{tensors[extra[0]].file.name}: unexpected tensor {prefix}{extra[0]}"
+        raise ModelLoadError(f"{tensors[extra[0]].file.name}: unexpected tensor {tensors[extra[0]].name}"
                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
 
 
