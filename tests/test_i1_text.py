@@ -68,8 +68,9 @@ def test_clip_from_vocab_and_merges_gives_the_tokenizer_json_ids(encoders, golde
 def test_long_prompts_are_truncated_keeping_the_end_tokens(encoders):
     long = " ".join(["cat"] * 400)
     for name in COMPONENTS:
-        ids = encoders.tokenize(name, [long]).input_ids
-        assert ids.shape == (1, encoders.tokenizer(name).max_length)
+        tokens = encoders.tokenize(name, [long, "a cat"])
+        assert tokens.input_ids.shape == (2, encoders.tokenizer(name).max_length)
+        assert tokens.truncated == [True, False]
     clip = encoders.tokenize("clip_l", [long]).input_ids[0]
     assert clip[-1] == encoders.tokenizer("clip_l").tokenizer.token_to_id("<|endoftext|>")
 

@@ -163,7 +163,10 @@ class TextEncoders:
 
 
 class PromptCache:
-    """Encoded texts by text: each distinct prompt goes through the encoders once."""
+    """Encoded texts by text: each distinct prompt goes through the encoders once.
+
+    Keyed by text only: use one cache per ``TextEncoders`` (dtype and quantization change the
+    arrays)."""
 
     def __init__(self):
         self._store: dict[str, PromptEmbedding] = {}

@@ -33,6 +33,7 @@ _CLIP_SPLIT = (r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L
 class Tokenized:
     input_ids: np.ndarray  # [B, T] int64
     attention_mask: np.ndarray  # [B, T] int64, 1 = a real token
+    truncated: list[bool]  # per text: tokens were cut at max_length (the pipeline warns)
 
 
 def _token_text(value) -> str | None:
@@ -83,7 +84,7 @@ class PromptTokenizer:
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        return Tokenized(ids, mask)
+        return Tokenized(ids, mask, [bool(e.overflowing) for e in encodings])
 
 
 def load_tokenizer(folder: Path | str, kind: str, max_sequence_length: int = 128) -> PromptTokenizer:
