@@ -54,7 +54,7 @@ class LlamaConfig:
         # transformers 5 writes rope_parameters (theta inside); 4.x rope_theta + rope_scaling.
         rope = cfg.get("rope_parameters") or {}
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        scaling = dict(rope) if rope else cfg.get("rope_scaling")
+        scaling = dict(rope or cfg.get("rope_scaling") or {}) or None
         if scaling is not None:
             scaling.pop("rope_theta", None)
             kind = scaling.get("rope_type", scaling.get("type", "default"))
