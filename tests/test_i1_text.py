@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten
 from hidream_mlx.models.i1.clip import load_clip
 from hidream_mlx.models.i1.encoder_common import quantize_linears
 from hidream_mlx.models.i1.llama import LlamaConfig, inverse_frequencies, load_llama
+from hidream_mlx.models.i1.spiece import t5_tokenizer_from_spiece
 from hidream_mlx.models.i1.t5 import load_t5
 from hidream_mlx.models.i1.text_encoding import COMPONENTS, PromptCache, TextEncoders, prompt_embedding
 from hidream_mlx.models.i1.tokenization import PromptTokenizer, _clip_from_vocab
@@ -62,6 +63,14 @@ def test_clip_from_vocab_and_merges_gives_the_tokenizer_json_ids(encoders, golde
     rebuilt = PromptTokenizer(_clip_from_vocab(FIXTURES / folder, config), reference.max_length,
                               reference.pad_token, folder)
     texts = [text_of(golden, "pos"), "", "Two  SPACES, digits 2026 and <|endoftext|> inside!"]
+    np.testing.assert_array_equal(rebuilt(texts).input_ids, reference(texts).input_ids)
+
+
+def test_t5_from_spiece_model_gives_the_tokenizer_json_ids(encoders, golden):
+    reference = encoders.tokenizer("t5")
+    rebuilt = PromptTokenizer(t5_tokenizer_from_spiece(FIXTURES / "tokenizer_3" / "spiece.model"),
+                              reference.max_length, reference.pad_token, "tokenizer_3")
+    texts = [text_of(golden, "pos"), "", "  Two   spaces, ＡＢＣ café <extra_id_3> and </s>\tx", "ﬁne ½"]
     np.testing.assert_array_equal(rebuilt(texts).input_ids, reference(texts).input_ids)
 
 

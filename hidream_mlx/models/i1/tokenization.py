@@ -6,8 +6,9 @@ Per encoder (read from each ``tokenizer_N/`` folder, never assumed):
   token (CLIP-L: ``<|endoftext|>``, CLIP-G: ``!``) to ``min(max_sequence_length, 218)``.
 * T5: text ``</s>``, padded with ``<pad>`` to ``min(max_sequence_length, model_max_length)``.
 * Llama: ``<|begin_of_text|>`` text, padded with the eos token (the pipeline sets pad = eos).
-A folder without ``tokenizer.json`` is accepted for CLIP only (``vocab.json`` + ``merges.txt``,
-assembled the way transformers converts a slow CLIP tokenizer).
+``tokenizer.json`` is used when present; otherwise CLIP is assembled from ``vocab.json`` +
+``merges.txt`` and T5 from ``spiece.model``, the way transformers converts the slow tokenizers
+(both checked to give the same ids).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from hidream_mlx.models.i1.spiece import t5_tokenizer_from_spiece
 from hidream_mlx.models.loading import ModelLoadError
 
 CLIP_MAX_LENGTH = 218  # the pipeline's cap for both CLIP tokenizers
@@ -100,6 +102,8 @@ def load_tokenizer(folder: Path | str, kind: str, max_sequence_length: int = 128
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     elif kind == "clip":
         tok = _clip_from_vocab(folder, config)
+    elif kind == "t5" and (folder / "spiece.model").is_file():
+        tok = t5_tokenizer_from_spiece(folder / "spiece.model", int(config.get("extra_ids", 100)))
     else:
         raise ModelLoadError(f"{folder}: no tokenizer.json (needed for the {kind} tokenizer)")
     if kind == "clip":
