@@ -51,9 +51,12 @@ def _image_line(done: int, todo: int, record: dict) -> None:
               show_default=True, help="Weight dtype (CPU benchmarks: use float32).")
 @click.option("-q", "--quantize", "quantize_bits", type=click.Choice(["4", "6", "8"]), default=None,
               help="Quantize the decoder in memory at load time.")
+@click.option("--hosts", default=None, metavar="HOSTFILE|IP,IP,...",
+              help="Run over several Macs with mlx.launch (ring backend): an mlx.launch JSON hostfile or a comma "
+                   "list of IPs, the first being this machine (127.0.0.1,127.0.0.1 = two local ranks).")
 @click.pass_context
 def eval_group(ctx, battery, model_arg, random_weights, layers, variant_specs, variants_file, seeds, rundir,
-               warmup, baseline, dtype, quantize_bits):
+               warmup, baseline, dtype, quantize_bits, hosts):
     """Run a prompt battery and log per-step time, peak RSS and MLX memory per image.
 
     \b
@@ -63,15 +66,27 @@ def eval_group(ctx, battery, model_arg, random_weights, layers, variant_specs, v
     if ctx.invoked_subcommand is not None:
         return
     run_battery(battery, model_arg, random_weights, layers, list(variant_specs), variants_file, seeds, rundir,
-                warmup, baseline, dtype, int(quantize_bits) if quantize_bits else None)
+                warmup, baseline, dtype, int(quantize_bits) if quantize_bits else None, hosts)
+
+
+def _eval_args(battery, model_arg, random_weights, layers, variant_specs, variants_file, seeds, rundir, warmup,
+               baseline, dtype, quantize_bits) -> list[str]:
+    """The same eval command line, minus ``--hosts``, for each launched rank."""
+    pairs = [("--battery", battery), ("--model", model_arg), ("--random-weights", random_weights),
+             ("--layers", layers), ("--variants-file", variants_file), ("--seeds", seeds), ("--output", rundir),
+             ("--baseline", baseline), ("--dtype", dtype), ("--quantize", quantize_bits)]
+    args = [a for flag, value in pairs if value is not None for a in (flag, str(value))]
+    args += [a for spec in variant_specs for a in ("--variant", spec)]
+    return args + (["--warmup"] if warmup else [])
 
 
 def run_battery(battery: Optional[Path], model_arg: Optional[str], random_weights: Optional[str],
                 layers: Optional[int], variant_specs: list[str], variants_file: Optional[Path],
                 seeds: Optional[str], rundir: Optional[Path], warmup: bool, baseline: Optional[str],
-                dtype: str, quantize_bits: Optional[int]) -> Path:
+                dtype: str, quantize_bits: Optional[int], hosts: Optional[str] = None) -> Path:
     from hidream_mlx.harness.batteries import parse_seeds, parse_variants, read_battery, read_variants_file
-    from hidream_mlx.harness.evaluation import EvalRun, load_engine, plan_jobs
+    from hidream_mlx.harness import distributed
+    from hidream_mlx.harness.evaluation import load_engine, plan_jobs, run_lock
     from hidream_mlx.harness.reports import write_reports
 
     if battery is None:
@@ -82,26 +97,121 @@ def run_battery(battery: Optional[Path], model_arg: Optional[str], random_weight
         raise ValueError("give exactly one of --model and --random-weights")
     if layers is not None and random_weights is None:
         raise ValueError("--layers only applies to --random-weights")
+    group = None
+    if distributed.launched_rank():
+        if hosts is not None:
+            raise ValueError("--hosts starts mlx.launch itself: inside mlx.launch, leave it out")
+        group = distributed.init_group()
+        distributed.check_inputs(group, [str(battery), variants_file and str(variants_file), model_arg])
     specs = (read_variants_file(variants_file) if variants_file else []) + variant_specs
     variants = parse_variants(specs)
     if baseline is not None and baseline not in {v.name for v in variants}:
         raise ValueError(f"--baseline {baseline!r} is not one of the variants: {', '.join(v.name for v in variants)}")
     items = read_battery(battery)
     jobs = plan_jobs(items, variants, parse_seeds(seeds))
-    model_name = model_arg or f"random-{random_weights}" + (f" ({layers} layers)" if layers else "")
+    model_name = _model_name(model_arg, random_weights, layers)
+    if group is not None:
+        distributed.check_same_jobs(group, jobs)
+        return _rank_battery(group, jobs, lambda: _open_run(rundir, model_name, dtype, quantize_bits, battery,
+                                                            variants, baseline),
+                             lambda: load_engine(model_arg, random_weights, layers, dtype, quantize_bits),
+                             rundir, baseline)
+    if hosts is not None:
+        return _launch(hosts, _eval_args(battery, model_arg, random_weights, layers, variant_specs, variants_file,
+                                         seeds, rundir, warmup, baseline, dtype, quantize_bits), rundir, jobs)
+    with run_lock(rundir):
+        run = _open_run(rundir, model_name, dtype, quantize_bits, battery, variants, baseline)
+        _echo(f"{len(items)} prompts x {len(jobs) // len(items)} variant/seed combinations = {len(jobs)} images; "
+              f"loading {model_name} ({dtype}{f', Q{quantize_bits}' if quantize_bits else ''})")
+        engine = load_engine(model_arg, random_weights, layers, dtype, quantize_bits)
+        run.start_session(engine)
+        _echo(f"model loaded in {engine.load_time:.2f} s (reported separately, not in image times)")
+        try:
+            records = run.run(engine, jobs, warmup=warmup, on_image=_image_line)
+        finally:
+            # Also on Ctrl-C: the report covers every image finished so far.
+            report = write_reports(rundir, baseline)
+    return _finish(jobs, records, report)
+
+
+def _model_name(model_arg, random_weights, layers) -> str:
+    return model_arg or f"random-{random_weights}" + (f" ({layers} layers)" if layers else "")
+
+
+def _open_run(rundir, model_name, dtype, quantize_bits, battery, variants, baseline):
+    from hidream_mlx.harness.evaluation import EvalRun
+
     identity = {"model": model_name, "dtype": dtype, "quantize": quantize_bits, "battery": battery.stem}
     run = EvalRun(rundir, identity, variants, {"battery_path": str(battery), "baseline": baseline})
+    for line in run.dropped:
+        _echo(f"warning: {line}")
+    return run
 
-    _echo(f"{len(items)} prompts x {len(jobs) // len(items)} variant/seed combinations = {len(jobs)} images; "
-          f"loading {model_name} ({dtype}{f', Q{quantize_bits}' if quantize_bits else ''})")
-    engine = load_engine(model_arg, random_weights, layers, dtype, quantize_bits)
-    run.start_session(engine)
-    _echo(f"model loaded in {engine.load_time:.2f} s (reported separately, not in image times)")
-    try:
-        records = run.run(engine, jobs, warmup=warmup, on_image=_image_line)
-    finally:
-        # Also on Ctrl-C: the report covers every image finished so far.
-        report = write_reports(rundir, baseline)
+
+def _launch(hosts: str, eval_args: list[str], rundir: Path, jobs) -> Path:
+    """Run the ranks with mlx.launch and judge the outcome from the run folder itself:
+    mlx.launch exits 0 even when a rank failed, so a missing result is the one sure sign."""
+    import subprocess
+
+    from hidream_mlx.harness.distributed import launch_command
+    from hidream_mlx.harness.evaluation import read_results
+    from hidream_mlx.harness.reports import REPORT_FILE
+
+    command = launch_command(hosts, eval_args)
+    _echo(f"launching {len(jobs)} jobs with mlx.launch over {hosts}")
+    subprocess.run(command, check=False)
+    missing = sorted({job.key for job in jobs} - set(read_results(rundir)))
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(jobs)} jobs have no result ({', '.join(missing[:8])}"
+                         f"{', ...' if len(missing) > 8 else ''}); see the messages above, then rerun the same "
+                         f"command to make only those")
+    return rundir / REPORT_FILE
+
+
+def _rank_battery(group, jobs, open_run, load, rundir: Path, baseline: Optional[str]) -> Optional[Path]:
+    """One launched rank. Rank 0 locks and opens the run folder first; every rank loads the model;
+    one collective after loading is the barrier before any job starts."""
+    import socket
+    from contextlib import ExitStack
+
+    from hidream_mlx.harness.distributed import agree, gather_json, run_ranks
+    from hidream_mlx.harness.evaluation import run_lock
+    from hidream_mlx.harness.reports import write_reports
+
+    rank, run = group.rank(), None
+    with ExitStack() as stack:
+        problem = None
+        if rank == 0:
+            try:
+                stack.enter_context(run_lock(rundir))
+                run = open_run()
+            except (ValueError, OSError) as e:
+                problem = str(e)
+        agree(group, problem)
+        if rank == 0:
+            _echo(f"{len(jobs)} images over {group.size()} ranks; every rank loads the model")
+        engine, problem = None, None
+        try:
+            engine = load()
+        except (ValueError, OSError) as e:
+            problem = f"cannot load the model: {e}"
+        agree(group, problem)  # the barrier: nobody starts before everyone has loaded
+        hosts = gather_json(group, {"host": socket.gethostname(), "load_time": engine.load_time})
+        if rank != 0:
+            run_ranks(group, engine, jobs)
+            return None
+        run.start_session(engine)
+        run.session["ranks"] = hosts
+        run.save()
+        _echo(f"all {group.size()} ranks loaded (rank 0 in {engine.load_time:.2f} s, not in image times)")
+        try:
+            records = run_ranks(group, engine, jobs, run, on_image=_image_line, log=_echo)
+        finally:
+            report = write_reports(rundir, baseline)
+    return _finish(jobs, records, report)
+
+
+def _finish(jobs, records, report) -> Path:
     skipped = len(jobs) - len(records)
     _echo(f"{len(records)} images made" + (f", {skipped} already done" if skipped else "") + f"; report: {report}")
     click.echo(str(report))

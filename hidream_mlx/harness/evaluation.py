@@ -6,6 +6,8 @@ written atomically), so Ctrl-C loses nothing finished and a rerun with the same 
 only what is missing (key: variant + prompt id + seed, with the same settings).
 ``RUNDIR/run.json`` keeps the run's identity (model, dtype, quantization, battery), variant
 definitions, and one entry per session with its model load time, kept out of image times.
+One process at a time owns a run folder (:func:`run_lock`); a line torn by a hard kill is
+dropped and reported when the folder is opened, and its job runs again.
 
 Settings are layered: eval defaults < the battery line < the variant.
 """
@@ -13,22 +15,27 @@ Settings are layered: eval defaults < the battery line < the variant.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import platform
+import socket
 import statistics
 import time
 from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from hidream_mlx.harness.batteries import DEFAULT_SEED, DEFAULT_SIZE, BatteryItem, Variant, eval_size
 from hidream_mlx.harness.peak_rss import PeakRss, reset_high_water, ru_maxrss_bytes
+from hidream_mlx.png import save_png
 from hidream_mlx.recipes import get_recipe
 
 RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
 
 
 # --- jobs ----------------------------------------------------------------------------------------
@@ -111,6 +118,53 @@ def append_result(rundir: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def repair_results(rundir: Path | str) -> list[str]:
+    """Drop lines that are not whole JSON records (a write cut short by a hard kill) and return
+    a description of each, so the caller can say so; their jobs then count as not done."""
+    path = Path(rundir) / RESULTS_FILE
+    if not path.is_file():
+        return []
+    kept, dropped = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "key" not in record:
+                raise ValueError("not a result record")
+        except ValueError:
+            if line.strip():
+                dropped.append(f"{path}:{number}: dropped a torn line ({len(line)} bytes: {line[:60]!r}...); "
+                               f"that image is made again")
+            continue
+        kept.append(line)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
+
+
+@contextmanager
+def run_lock(rundir: Path | str) -> Iterator[Path]:
+    """Hold an exclusive lock on a run folder: two runs appending to one ``results.jsonl`` would
+    duplicate rows. The lock file names the holder; the kernel frees the lock if it dies."""
+    rundir = Path(rundir)
+    rundir.mkdir(parents=True, exist_ok=True)
+    path = rundir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
+            raise ValueError(f"{rundir} is in use by another eval run ({holder}); wait for it to finish "
+                             f"or use another --output folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode("utf-8"), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -185,6 +239,7 @@ class EvalRun:
         run.setdefault("sessions", [])
         self.data = run
         self.session: dict = {}
+        self.dropped = repair_results(self.rundir)
 
     def save(self) -> None:
         write_json(self.rundir / RUN_FILE, self.data)
@@ -213,9 +268,7 @@ class EvalRun:
         ``on_image(done, todo, record)`` is called once an image's line is safely on disk; an
         exception raised there (KeyboardInterrupt, say) stops the run with that image kept.
         """
-        finished = read_results(self.rundir)
-        requests = [(job, job.request(engine.default_recipe)) for job in jobs]  # bad settings fail here
-        todo = [(job, req) for job, req in requests if not is_done(finished.get(job.key), req, self.rundir)]
+        todo = self.pending(engine, jobs)
         if todo and warmup:
             self.session["warmup_time"] = warm_up(engine, todo[0][1])
             self.save()
@@ -231,28 +284,55 @@ class EvalRun:
                 on_image(done, len(todo), record)
         return records
 
-    def _store(self, job: Job, request, result, rss: PeakRss) -> dict:
-        from hidream_mlx.png import save_png
+    def pending(self, engine, jobs: list[Job]) -> list[tuple[Job, object]]:
+        """The jobs with no finished result for their exact settings, with their requests."""
+        finished = read_results(self.rundir)
+        requests = [(job, job.request(engine.default_recipe)) for job in jobs]  # bad settings fail here
+        return [(job, req) for job, req in requests if not is_done(finished.get(job.key), req, self.rundir)]
 
+    def _store(self, job: Job, request, result, rss: PeakRss) -> dict:
         image_path = self.rundir / job.image_path
         image_path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {**result.metadata, "eval_variant": job.variant.name, "eval_id": job.item.id}
-        save_png(result.image, image_path, meta, overwrite=True)
-        record = {
-            "key": job.key, "variant": job.variant.name, "id": job.item.id, "genre": job.item.genre,
-            "seed": job.seed, "prompt": job.item.prompt, "width": request.width, "height": request.height,
-            "size_note": request.size_note, "recipe": request.recipe.name, "steps": request.recipe.steps,
-            "guidance": request.recipe.guidance, "variant_overrides": job.variant.spec(),
-            "settings": request.metadata(), "model": result.metadata.get("model"),
-            "dtype": result.metadata.get("dtype"), "quantization": result.metadata.get("quantization"),
-            "image": job.image_path, "sha256": sha256_file(image_path),
-            "step_times": result.step_times, "seconds_per_step": statistics.median(result.step_times),
-            "encode_time": result.encode_time, "total_time": result.total_time,
-            "peak_rss_bytes": rss.peak, "process_max_rss_bytes": rss.process_max,
-            "mlx_peak_bytes": int(result.peak_memory), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+        save_png(result.image, image_path, image_metadata(job, result), overwrite=True)
+        record = make_record(job, request, result, rss, sha256_file(image_path))
         append_result(self.rundir, record)
         return record
+
+    def store_remote(self, record: dict, png: bytes) -> dict:
+        """Write an image made by another rank (its bytes, checked against its hash), then its line."""
+        from hidream_mlx.files import atomic_output
+
+        if hashlib.sha256(png).hexdigest() != record["sha256"]:
+            raise ValueError(f"{record['key']}: the image from rank {record['rank']} arrived damaged")
+        image_path = self.rundir / record["image"]
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(image_path, overwrite=True) as tmp:
+            tmp.write_bytes(png)
+        append_result(self.rundir, record)
+        self.session["images"] += 1
+        return record
+
+
+def image_metadata(job: Job, result) -> dict:
+    return {**result.metadata, "eval_variant": job.variant.name, "eval_id": job.item.id}
+
+
+def make_record(job: Job, request, result, rss: PeakRss, sha256: str, rank: int = 0,
+                host: Optional[str] = None) -> dict:
+    """One ``results.jsonl`` row: what ran, where (rank and host), and what it measured."""
+    return {
+        "key": job.key, "variant": job.variant.name, "id": job.item.id, "genre": job.item.genre,
+        "seed": job.seed, "prompt": job.item.prompt, "width": request.width, "height": request.height,
+        "size_note": request.size_note, "recipe": request.recipe.name, "steps": request.recipe.steps,
+        "guidance": request.recipe.guidance, "variant_overrides": job.variant.spec(),
+        "settings": request.metadata(), "model": result.metadata.get("model"),
+        "dtype": result.metadata.get("dtype"), "quantization": result.metadata.get("quantization"),
+        "image": job.image_path, "sha256": sha256, "rank": rank, "host": host or socket.gethostname(),
+        "step_times": result.step_times, "seconds_per_step": statistics.median(result.step_times),
+        "encode_time": result.encode_time, "total_time": result.total_time,
+        "peak_rss_bytes": rss.peak, "process_max_rss_bytes": rss.process_max,
+        "mlx_peak_bytes": int(result.peak_memory), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def is_done(record: Optional[dict], request, rundir: Path) -> bool:
