@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 
 from hidream_mlx.models.i1.clip import load_clip
 from hidream_mlx.models.i1.encoder_common import quantize_linears
-from hidream_mlx.models.i1.llama import LlamaConfig, inverse_frequencies, load_llama
+from hidream_mlx.models.i1.llama import LlamaConfig, LlamaModel, inverse_frequencies, load_llama
 from hidream_mlx.models.i1.spiece import t5_tokenizer_from_spiece
 from hidream_mlx.models.i1.t5 import load_t5
 from hidream_mlx.models.i1.text_encoding import COMPONENTS, PromptCache, TextEncoders, prompt_embedding
@@ -230,3 +230,24 @@ def test_prequantized_mlx_lm_llama_folder_loads_and_stays_close(tmp_path, encode
     assert quantized_paths(reloaded) == quantized_paths(model)
     np.testing.assert_array_equal(llama_states(reloaded, encoders, golden), in_memory)
     assert np.abs(in_memory - float_states).max() < 0.05 * np.abs(float_states).max()
+
+
+def test_quantizing_on_load_never_holds_all_float_weights(tmp_path):
+    """The point of -q for an 8B Llama on a small Mac: the peak stays near the quantized size."""
+    config = json.loads((FIXTURES / "text_encoder_4" / "config.json").read_text())
+    config.update(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=2, head_dim=64, vocab_size=256)
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    skeleton = LlamaModel(LlamaConfig.from_dict(config))
+    weights = {f"model.{k}": v.astype(mx.bfloat16) for k, v in tree_flatten(skeleton.parameters())}
+    float_bytes = sum(v.nbytes for v in weights.values())
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    del skeleton, weights
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    model = load_llama(folder, mx.bfloat16)
+    quantize_linears(model, bits=4, group_size=64)
+    mx.eval(model.parameters())
+    assert mx.get_peak_memory() - before < 0.5 * float_bytes

@@ -114,6 +114,10 @@ def quantize_linears(module: nn.Module, bits: int, group_size: int = 64) -> list
         return True
 
     nn.quantize(module, group_size=group_size, bits=bits, mode=QUANT_MODE, class_predicate=predicate)
+    # One layer at a time: evaluating all at once would hold every float weight at the peak.
+    for _, m in module.named_modules():
+        if isinstance(m, nn.QuantizedLinear):
+            mx.eval(m.parameters())
     return kept
 
 
