@@ -113,7 +113,7 @@ def quantize_linears(module: nn.Module, bits: int, group_size: int = 64) -> list
             return False
         return True
 
-    nn.quantize(module, group_size=group_size, bits=bits, mode=QUANT_MODE, class_predicate=predicate)
+    nn.quantize(module, group_size=group_size, bits=bits, class_predicate=predicate)
     # One layer at a time: evaluating all at once would hold every float weight at the peak.
     for _, m in module.named_modules():
         if isinstance(m, nn.QuantizedLinear):
