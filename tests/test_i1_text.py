@@ -31,9 +31,15 @@ def golden():
     return np.load(FIXTURES / "text_encoding.npz")
 
 
+def make_encoders(**options) -> TextEncoders:
+    """Encoders for the fixture set, at the sequence length its goldens were made with."""
+    length = int(np.load(FIXTURES / "text_encoding.npz")["max_sequence_length"])
+    return TextEncoders(FIXTURES, max_sequence_length=length, **options)
+
+
 @pytest.fixture(scope="module")
 def encoders():
-    return TextEncoders(FIXTURES, keep_loaded=True)
+    return make_encoders(keep_loaded=True)
 
 
 def text_of(golden, side: str) -> str:
@@ -113,7 +119,7 @@ def test_without_cfg_only_the_prompt_is_encoded(encoders, golden):
 
 
 def test_cache_encodes_each_distinct_prompt_once(golden, monkeypatch):
-    encoders = TextEncoders(FIXTURES)
+    encoders = make_encoders()
     seen = []
     real = TextEncoders.encode
     monkeypatch.setattr(TextEncoders, "encode", lambda self, texts: seen.append(list(texts)) or real(self, texts))
@@ -128,7 +134,7 @@ def test_cache_encodes_each_distinct_prompt_once(golden, monkeypatch):
 
 
 def test_encode_frees_each_encoder_after_use(golden):
-    encoders = TextEncoders(FIXTURES)
+    encoders = make_encoders()
     emb = encoders.encode([text_of(golden, "pos")])
     assert encoders._models == {}
     assert_close(emb.t5_embeds, golden["pos.t5_embeds"], "t5 after freeing")
@@ -201,7 +207,7 @@ def llama_states(model, encoders, golden):
 def test_quantizing_on_load_keeps_indivisible_layers_in_floats(golden):
     widths = {"t5": linear_widths(load_t5(FIXTURES / "text_encoder_3")),
               "llama": linear_widths(load_llama(FIXTURES / "text_encoder_4"))}
-    encoders = TextEncoders(FIXTURES, quantize_bits=8, group_size=GROUP, keep_loaded=True)
+    encoders = make_encoders(quantize_bits=8, group_size=GROUP, keep_loaded=True)
     emb = encoders.encode([text_of(golden, "pos")])
     for name, width in widths.items():
         assert quantized_paths(encoders.model(name)) == {p for p, w in width.items() if w % GROUP == 0}
@@ -211,7 +217,7 @@ def test_quantizing_on_load_keeps_indivisible_layers_in_floats(golden):
         expected = golden[f"pos.{key}"]
         assert np.abs(np.array(getattr(emb, key)) - expected).max() < 0.05 * np.abs(expected).max(), key
     with pytest.raises(ValueError, match="bits"):
-        TextEncoders(FIXTURES, quantize_bits=3)
+        make_encoders(quantize_bits=3)
 
 
 def test_prequantized_mlx_lm_llama_folder_loads_and_stays_close(tmp_path, encoders, golden):
