@@ -259,3 +259,21 @@ def test_quantizing_on_load_never_holds_all_float_weights(tmp_path):
     quantize_linears(model, bits=4, group_size=64)
     mx.eval(model.parameters())
     assert mx.get_peak_memory() - before < 0.5 * float_bytes
+
+
+def test_llama_can_come_from_its_own_folder(tmp_path, golden):
+    pipeline = tmp_path / "pipeline"
+    pipeline.mkdir()
+    for name, (encoder, tokenizer, _) in COMPONENTS.items():
+        if name != "llama":
+            (pipeline / encoder).symlink_to(FIXTURES / encoder)
+            (pipeline / tokenizer).symlink_to(FIXTURES / tokenizer)
+    with pytest.raises(ModelLoadError, match="llama_dir"):
+        TextEncoders(pipeline)
+    llama = tmp_path / "llama"
+    shutil.copytree(FIXTURES / "text_encoder_4", llama)
+    for f in (FIXTURES / "tokenizer_4").iterdir():
+        shutil.copy(f, llama / f.name)
+    length = int(golden["max_sequence_length"])
+    emb = TextEncoders(pipeline, llama_dir=llama, max_sequence_length=length).encode([text_of(golden, "pos")])
+    assert_close(emb.llama_hidden_states, golden["pos.llama_hidden_states"], "llama from llama_dir")

@@ -98,8 +98,10 @@ class TextEncoders:
         for name in COMPONENTS:
             for folder in self.folders(name):
                 if not folder.is_dir():
+                    hint = ("; the official release ships Llama separately: give its folder as llama_dir"
+                            if name == "llama" else "")
                     raise ModelLoadError(f"{folder}: missing (a HiDream-I1 pipeline folder has "
-                                         f"{', '.join(d for c in COMPONENTS.values() for d in c[:2])})")
+                                         f"{', '.join(d for c in COMPONENTS.values() for d in c[:2])}){hint}")
 
     def folders(self, name: str) -> tuple[Path, Path]:
         encoder, tokenizer, _ = COMPONENTS[name]
