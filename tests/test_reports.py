@@ -162,3 +162,35 @@ def test_the_contact_sheet_has_a_labelled_cell_per_image(runs):
         assert sheet.size == (2 * 256, 2 * (256 + 28))
         label = np.asarray(sheet.convert("L"))[256:284, :256]
     assert (label < 128).any()  # text was drawn
+
+
+def _rewrite_rows(rundir: Path, change) -> None:
+    path = rundir / "results.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(change(dict(r))) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("prompt", "a dog instead", "prompt"),
+    ("width", 128, "size"),
+])
+def test_compare_refuses_pairs_whose_prompt_or_size_differ_unless_asked_then_marks_them(
+        runs, tmp_path, field, value, named):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(runs["seed42"], other)
+    _rewrite_rows(other, lambda r: {**r, field: value} if r["id"] == "cat" else r)
+    with pytest.raises(ValueError, match=rf"2 images matched by id differ .*cat \({named}\)"):
+        compare_runs(runs["seed42"], other)
+    rows = compare_runs(runs["seed42"], other, allow_mismatch=True)
+    assert {r["id"]: r["mismatch"] for r in rows} == {"cat": [named], "sky": []}
+    result = CliRunner().invoke(eval_group, ["compare", str(runs["seed42"]), str(other)])
+    assert result.exit_code != 0 and "not the same battery" in str(result.exception)
+    marked = CliRunner().invoke(eval_group, ["compare", str(runs["seed42"]), str(other), "--allow-mismatch"])
+    assert marked.exit_code == 0 and f"cat (differs: {named})" in marked.output
+
+
+def test_compare_with_ignore_seed_does_not_count_the_seed_as_a_mismatch(runs):
+    rows = compare_runs(runs["seed42"], runs["seed43"], ignore_seed=True)
+    assert all(r["mismatch"] == [] for r in rows)

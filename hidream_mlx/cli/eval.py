@@ -225,14 +225,19 @@ def _finish(jobs, records, report) -> Path:
               help="Also write the table to this markdown file.")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @click.option("--ignore-seed", is_flag=True, help="Match by prompt id alone (e.g. to measure how much two seeds differ).")
-def compare(run_a, run_b, output, overwrite, ignore_seed):
-    """Per matching image (same prompt id and seed): MAD, PSNR, brightness shift, grid-energy ratio B/A."""
+@click.option("--allow-mismatch", is_flag=True,
+              help="Compare images matched by id even when their prompt, seed or size differ (marked in the table).")
+def compare(run_a, run_b, output, overwrite, ignore_seed, allow_mismatch):
+    """Per matching image (same prompt id and seed): MAD, PSNR, brightness shift, grid-energy ratio B/A.
+
+    Images are matched by prompt id; a pair whose prompt, seed or size differ is refused
+    unless --allow-mismatch, which marks it."""
     from hidream_mlx.files import atomic_output, check_output_path
     from hidream_mlx.harness.reports import compare_runs, render_comparison
 
     if output is not None:
         check_output_path(output, overwrite)
-    text = render_comparison(run_a, run_b, compare_runs(run_a, run_b, ignore_seed))
+    text = render_comparison(run_a, run_b, compare_runs(run_a, run_b, ignore_seed, allow_mismatch))
     if output is not None:
         with atomic_output(output, overwrite) as tmp:
             tmp.write_text(text, encoding="utf-8")

@@ -183,11 +183,11 @@ def plan_round(queue: list[tuple[str, float]], speeds: list[Optional[float]]) ->
     loads = [0.0] * len(speeds)
     while queue:
         r = min(range(len(speeds)), key=lambda i: loads[i])
-        if loads[r] >= target:
+        seconds = queue[0][1] / speeds[r]
+        if loads[r] > 0 and loads[r] + seconds > target * (1 + 1e-9):  # full; every rank gets at least one
             break
-        key, cost = queue.pop(0)
-        plan[r].append(key)
-        loads[r] += cost / speeds[r]
+        plan[r].append(queue.pop(0)[0])
+        loads[r] += seconds
     return plan
 
 

@@ -224,17 +224,39 @@ def _load(rundir: Path, record: dict) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def compare_runs(run_a: Path | str, run_b: Path | str, ignore_seed: bool = False) -> list[dict]:
+def mismatches(ra: dict, rb: dict, ignore_seed: bool = False) -> list[str]:
+    """What makes a pair matched by id not the same picture request: another prompt, seed
+    (unless seeds are meant to differ) or size."""
+    found = []
+    if ra["prompt"] != rb["prompt"]:
+        found.append("prompt")
+    if ra["seed"] != rb["seed"] and not ignore_seed:
+        found.append("seed")
+    if (ra["width"], ra["height"]) != (rb["width"], rb["height"]):
+        found.append("size")
+    return found
+
+
+def compare_runs(run_a: Path | str, run_b: Path | str, ignore_seed: bool = False,
+                 allow_mismatch: bool = False) -> list[dict]:
+    """Metrics per pair matched by id. Pairs whose prompt, seed or size differ are refused,
+    or with ``allow_mismatch`` kept and marked in their ``mismatch`` field."""
     run_a, run_b = Path(run_a), Path(run_b)
     read_run(run_a), read_run(run_b)
     pairs = match_records(read_results(run_a), read_results(run_b), ignore_seed)
     if not pairs:
         what = "prompt id" if ignore_seed else "prompt id and seed (--ignore-seed matches by id alone)"
         raise ValueError(f"{run_a} and {run_b} have no images with the same {what}")
+    marks = [mismatches(ra, rb, ignore_seed) for ra, rb in pairs]
+    bad = [f"{ra['id']} ({', '.join(m)})" for (ra, _), m in zip(pairs, marks) if m]
+    if bad and not allow_mismatch:
+        raise ValueError(f"{run_a} and {run_b} are not the same battery: {len(bad)} images matched by id differ "
+                         f"in prompt, seed or size: {', '.join(bad[:6])}{', ...' if len(bad) > 6 else ''}; "
+                         f"--allow-mismatch compares them anyway, marked")
     return [{"id": ra["id"], "seed": ra["seed"], "seed_b": rb["seed"], "variant_a": ra["variant"],
-             "variant_b": rb["variant"],
+             "variant_b": rb["variant"], "mismatch": mark,
              "size_a": f"{ra['width']}x{ra['height']}", "size_b": f"{rb['width']}x{rb['height']}",
-             **image_metrics(_load(run_a, ra), _load(run_b, rb))} for ra, rb in pairs]
+             **image_metrics(_load(run_a, ra), _load(run_b, rb))} for (ra, rb), mark in zip(pairs, marks)]
 
 
 def _num(value: Optional[float], fmt: str) -> str:
@@ -244,7 +266,7 @@ def _num(value: Optional[float], fmt: str) -> str:
 
 
 def render_comparison(run_a: Path | str, run_b: Path | str, rows: list[dict]) -> str:
-    table = [[r["id"], r["seed"] if r["seed"] == r["seed_b"] else f"{r['seed']} / {r['seed_b']}", f"`{r['variant_a']}`", f"`{r['variant_b']}`", _num(r["mad"], ".2f"),
+    table = [[r["id"] + (f" (differs: {', '.join(r['mismatch'])})" if r.get("mismatch") else ""), r["seed"] if r["seed"] == r["seed_b"] else f"{r['seed']} / {r['seed_b']}", f"`{r['variant_a']}`", f"`{r['variant_b']}`", _num(r["mad"], ".2f"),
               _num(r["psnr"], ".2f"), f"{r['brightness_shift']:+.2f}", f"{r['grid_energy_a']:.3f}",
               f"{r['grid_energy_b']:.3f}", _num(r["grid_energy_ratio"], ".3f")] for r in rows]
     lines = [f"# Compare: A = `{run_a}`, B = `{run_b}`", "",
