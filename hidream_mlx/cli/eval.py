@@ -3,6 +3,8 @@
 Everything a user can get wrong (battery lines, variant keys and values, sizes, seeds, a run
 folder made with another model) is checked before the model is loaded. User errors are raised
 as ValueError / FileNotFoundError; the top-level group turns them into one ``error:`` line.
+``--hosts`` re-runs the same command under ``mlx.launch``; a process that ``mlx.launch`` started
+runs as one rank of :mod:`hidream_mlx.harness.distributed`.
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ idles for long. We chose this over a separate control socket because ``mx.distri
 carries everything (launch, dispatch, gathering), no extra port or firewall rule is needed,
 and a lost host shows up as an error in the very next collective (the ring backend raises
 "connection to a peer was lost"; ``mlx.launch`` also stops the other ranks). The price is a
-short wait at each round's end, bounded by one job of the slowest host.
+short wait at each round's end, bounded by one job of the slowest host. The gather is an
+all-gather (the ring backend's send/receive reach neighbours only), so every rank also receives
+the others' PNGs: a few MB per image, which a battery's minutes per image dwarf.
 
 Only rank 0 holds the run folder: it locks it, works out what is still to do (resume), writes
 its own images as they finish and the other ranks' at each round's end. A round cut short by
@@ -255,7 +257,9 @@ def run_ranks(group, engine, jobs: list[Job], run=None, on_image: Optional[Calla
             if rank != 0 or (isinstance(e, RuntimeError) and "[ring]" not in str(e)):
                 raise
             lost = [k for r, keys in enumerate(plan) for k in keys if r != 0 or k not in stored]
-            what = "this run was stopped" if isinstance(e, KeyboardInterrupt) else f"a host stopped ({e})"
+            # mlx.launch stops rank 0 with SIGTERM as soon as another rank dies.
+            what = ("stopped (by mlx.launch after another rank failed, or by you)" if isinstance(e, KeyboardInterrupt)
+                    else f"a host stopped ({e})")
             log(f"{what} in the middle of a round; lost (no result, made again on rerun): {', '.join(lost)}")
             if isinstance(e, KeyboardInterrupt):
                 raise
