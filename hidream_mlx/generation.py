@@ -32,6 +32,7 @@ from hidream_mlx.pipeline import (
 )
 from hidream_mlx.prompt import Tokenizer
 from hidream_mlx.recipes import Recipe, get_recipe, recipe_for_model
+from hidream_mlx.seam_smoothing import SeamSmoothing, extra_passes
 from hidream_mlx.seams import blend_seams
 from hidream_mlx.models.o1.transformer import HiDreamO1
 
@@ -49,6 +50,18 @@ class Request:
     references: tuple[str, ...] = ()  # image paths for editing / subject-driven generation
     layout: Optional[str] = None  # layout boxes (JSON text) placing the references
     keep_aspect: bool = False  # one reference: the output takes its aspect ratio
+    seam_smoothing: float = 0.0  # fraction of the final steps with the half-patch-shifted pass
+    seam_window: str = "hann"
+    seam_strength: float = 1.0
+
+    @property
+    def seams(self) -> SeamSmoothing:
+        return SeamSmoothing(self.seam_smoothing, self.seam_window, self.seam_strength)
+
+    @property
+    def seam_passes(self) -> int:
+        """Extra transformer passes per image that seam smoothing costs."""
+        return extra_passes(self.seams, self.recipe.steps, self.recipe.uses_cfg)
 
     def metadata(self) -> dict:
         return {
@@ -66,6 +79,8 @@ class Request:
             "references": list(self.references),
             "layout": self.layout,
             "keep_aspect": self.keep_aspect,
+            **({"seam_smoothing": self.seams.describe(), "seam_passes": self.seam_passes}
+               if self.seams.enabled else {}),
         }
 
 
@@ -175,7 +190,8 @@ class Engine:
     def steps(self, request: Request, cond: Conditioning) -> Iterator[Step]:
         noise = make_noise_source(request.noise, request.seed)
         z0 = initial_latent(noise, request.recipe, request.height, request.width)
-        return sample(self.model, cond, request.recipe, z0, noise=noise)
+        seams = request.seams
+        return sample(self.model, cond, request.recipe, z0, noise=noise, seams=seams if seams.enabled else None)
 
     def run(self, request: Request, on_step: Optional[Callable[[Step, float], None]] = None) -> Result:
         with wired_limit(self.model):

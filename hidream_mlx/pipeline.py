@@ -21,6 +21,7 @@ from hidream_mlx.patches import grid_size, patchify
 from hidream_mlx.positions import t2i_positions
 from hidream_mlx.prompt import UNCOND_PROMPT, Tokenizer, encode_prompt
 from hidream_mlx.recipes import Recipe
+from hidream_mlx.seam_smoothing import SeamSmoothing, ShiftedPass, shifted_grid_positions
 from hidream_mlx.schedulers import (
     FlashEulerSampler,
     FlowMatchEulerSampler,
@@ -198,6 +199,18 @@ def velocity(model: HiDreamO1, cond: Conditioning, z: mx.array, t_model: float, 
     return v_u + guidance * (v - v_u)
 
 
+def shifted_conditioning(model: HiDreamO1, cond: Conditioning, num_target: int) -> tuple[Conditioning, tuple]:
+    """``cond`` for the half-patch-shifted pass: the same prefix caches and references, the
+    target positions of the grid one patch row and column larger. Also returns the grid."""
+    def shifted(s: PromptState):
+        positions, gh, gw = shifted_grid_positions(s.positions, num_target)
+        return PromptState(s.cache, positions, model.rope(positions)), (gh, gw)
+
+    state, grid = shifted(cond.cond)
+    uncond = shifted(cond.uncond)[0] if cond.uncond is not None else None
+    return Conditioning(state, uncond, cond.ref_patches), grid
+
+
 def sample(
     model: HiDreamO1,
     cond: Conditioning,
@@ -205,11 +218,15 @@ def sample(
     z: mx.array,
     noise=None,
     step_noise: Optional[Callable[[int, tuple], mx.array]] = None,
+    seams: Optional[SeamSmoothing] = None,
 ) -> Iterator[Step]:
     """Denoise ``z`` [1, N, 3072] with the recipe's sampler, yielding each step (not evaluated).
 
     Flash noise comes from ``step_noise(i, shape)`` if given (replay injects recorded draws),
-    else from ``noise.step(shape)``.
+    else from ``noise.step(shape)``. With ``seams`` enabled, the final steps also run the model
+    on the half-patch-shifted grid and continue from the mixed prediction (see
+    :mod:`hidream_mlx.seam_smoothing`); the mix is linear, so mixing the guided v equals
+    mixing each CFG branch's x0.
     """
     schedule = schedule_for(recipe)
     sampler = sampler_for(recipe, schedule)
@@ -217,9 +234,18 @@ def sample(
     times, sigmas = schedule.model_times, schedule.velocity_sigmas
     z = z.astype(mx.float32)
     total = len(schedule)
+    first_smoothed = seams.first_step(total) if seams is not None else total
+    shifted_cond = shifter = None
     for i in range(total):
         sigma = float(sigmas[i])
         v = velocity(model, cond, z, float(times[i]), sigma, recipe.guidance)
+        if i >= first_smoothed:
+            if shifter is None:
+                shifted_cond, grid = shifted_conditioning(model, cond, z.shape[1])
+                shifter = ShiftedPass(seams, grid)
+            z_shifted = shifter.shift(z)
+            v_shifted = velocity(model, shifted_cond, z_shifted, float(times[i]), sigma, recipe.guidance)
+            v = shifter.mix(v, shifter.unshift(v_shifted))
         preview = z + sigma * v
         draw = None
         if sampler.needs_noise:
