@@ -64,12 +64,19 @@ class SeamSmoothing:
 
 def check_settings(fraction: float, window: str, strength: float) -> None:
     """Refuse settings outside their ranges (one clear message, named like the CLI options)."""
-    if not isinstance(fraction, (int, float)) or not math.isfinite(fraction) or not 0.0 <= fraction <= 1.0:
-        raise SeamSmoothingError(f"--seam-smoothing must be between 0 and 1, got {fraction}")
-    if window not in WINDOWS:
-        raise SeamSmoothingError(f"--seam-window must be one of {', '.join(WINDOWS)}, got {window!r}")
-    if not isinstance(strength, (int, float)) or not math.isfinite(strength) or not 0.0 <= strength <= 1.0:
-        raise SeamSmoothingError(f"--seam-strength must be between 0 and 1, got {strength}")
+    for name, value in (("seam_smoothing", fraction), ("seam_window", window), ("seam_strength", strength)):
+        check_setting(name, value)
+
+
+def check_setting(name: str, value) -> None:
+    """One setting by its request field name: the two numbers in [0, 1], the window by name."""
+    option = "--" + name.replace("_", "-")
+    if name == "seam_window":
+        if value not in WINDOWS:
+            raise SeamSmoothingError(f"{option} must be one of {', '.join(WINDOWS)}, got {value!r}")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0.0 <= value <= 1.0:
+        raise SeamSmoothingError(f"{option} must be between 0 and 1, got {value}")
 
 
 def smoothed_steps(total: int, fraction: float) -> int:

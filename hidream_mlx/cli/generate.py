@@ -46,7 +46,8 @@ def _print_summary(result, engine, elapsed_note: str = "") -> None:
     click.echo(
         f"{r.width}x{r.height} | recipe {r.recipe.name}{'' if r.recipe.official else ' (modified)'} | "
         f"{r.recipe.steps} steps | guidance {r.recipe.guidance:g} | total {result.total_time:.2f} s | "
-        f"{result.seconds_per_step:.3f} s/step | peak {format_bytes(result.peak_memory)}{elapsed_note}",
+        f"{result.seconds_per_step:.3f} s/step | peak {format_bytes(result.peak_memory)}"
+        f"{f' | seam smoothing +{r.seam_passes} passes' if r.seam_passes else ''}{elapsed_note}",
         err=True,
     )
 
@@ -74,6 +75,13 @@ def _print_summary(result, engine, elapsed_note: str = "") -> None:
               help="torch reproduces the official pipeline's images for a seed; mlx uses MLX's generator.")
 @click.option("--blend-seams", type=int, default=0, show_default=True, metavar="R",
               help="Soften the 32 px patch grid: average a band of R px across each seam (0 = off).")
+@click.option("--seam-smoothing", type=float, default=0.0, show_default=True, metavar="F",
+              help="Fix the 32 px patch grid in the sampler: the last F (0-1) of the steps also run the model on "
+                   "the grid shifted by half a patch (1 extra pass per such step, 2 with CFG; 0 = off).")
+@click.option("--seam-window", type=click.Choice(["hann", "mean"]), default="hann", show_default=True,
+              help="How the two passes mix: hann leans on the pass whose patch centre is nearer; mean halves.")
+@click.option("--seam-strength", type=float, default=1.0, show_default=True, metavar="S",
+              help="0-1: how much of the mixed prediction replaces the plain one in smoothed steps.")
 @click.option("--preview-every", type=int, default=0, metavar="N", help="Write the x0 preview every N steps.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
 @click.option("-q", "--quantize", "quantize_bits", type=click.Choice(["4", "6", "8"]), default=None,
@@ -87,7 +95,7 @@ def _print_summary(result, engine, elapsed_note: str = "") -> None:
 @click.option("--force", is_flag=True, help="Run even if the memory estimate says it will not fit.")
 def generate(model_arg, prompt, output, seed, width, height, no_snap, recipe, preset, steps, guidance, shift,
              noise_scale, s_noise, noise_clip, noise, blend_seams, preview_every, dtype, quantize_bits,
-             refs, layout, keep_aspect, overwrite, force):
+             refs, layout, keep_aspect, overwrite, force, seam_smoothing=0.0, seam_window="hann", seam_strength=1.0):
     """Generate one image from a prompt."""
     import secrets
 
@@ -111,6 +119,9 @@ def generate(model_arg, prompt, output, seed, width, height, no_snap, recipe, pr
     if preview_every < 0:
         raise ValueError(f"--preview-every must be >= 0, got {preview_every}")
     check_blend(np.zeros((64, 64, 3), np.uint8), blend_seams)
+    from hidream_mlx.seam_smoothing import check_settings as check_seam_smoothing
+
+    check_seam_smoothing(seam_smoothing, seam_window, seam_strength)
     check_output_path(output, overwrite)
     chosen = get_preset(preset) if preset else None
     snap = not no_snap
@@ -138,7 +149,8 @@ def generate(model_arg, prompt, output, seed, width, height, no_snap, recipe, pr
     engine.keep_vision = False
     seed = secrets.randbelow(2**31) if seed is None else seed
     request = Request(prompt, w, h, seed, rec, noise=noise, blend_seams=blend_seams, size_note=size_note,
-                      references=tuple(str(r) for r in refs), layout=layout, keep_aspect=keep_aspect)
+                      references=tuple(str(r) for r in refs), layout=layout, keep_aspect=keep_aspect,
+                      seam_smoothing=seam_smoothing, seam_window=seam_window, seam_strength=seam_strength)
     click.echo(f"size {size_note}; recipe {rec.name}, {rec.steps} steps, guidance {rec.guidance:g}, seed {seed}"
                f" (model loaded in {engine.load_time:.1f} s)", err=True)
     if not rec.official:

@@ -18,7 +18,8 @@ from hidream_mlx.models.o1.config import PATCH_SIZE
 from hidream_mlx.recipes import get_recipe
 from hidream_mlx.resolution import FREE_SIZE_MULTIPLE, MAX_PIXELS, resolve_size
 
-VARIANT_KEYS = ("steps", "guidance", "size", "recipe", "shift", "blend_seams", "noise", "snap")
+VARIANT_KEYS = ("steps", "guidance", "size", "recipe", "shift", "blend_seams", "noise", "snap",
+                "seam_smoothing", "seam_window", "seam_strength")
 BATTERY_FIELDS = ("id", "prompt", "genre", "seed", "size", "steps", "guidance", "recipe", "note")
 DEFAULT_SIZE = (1024, 1024)  # the size the seeds' batteries were run at
 DEFAULT_SEED = 42
@@ -185,6 +186,12 @@ def _variant_value(key: str, text: str):
         if not 0 <= radius <= PATCH_SIZE // 2:
             raise ValueError(f"blend_seams must be between 0 and {PATCH_SIZE // 2}, got {radius}")
         return radius
+    if key.startswith("seam_"):
+        from hidream_mlx.seam_smoothing import check_setting
+
+        value = text if key == "seam_window" else _parse_number(key, text, float)
+        check_setting(key, value)
+        return value
     if key == "size":
         return parse_size(text)
     if key == "recipe":

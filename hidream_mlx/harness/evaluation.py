@@ -32,6 +32,7 @@ from hidream_mlx.harness.batteries import DEFAULT_SEED, DEFAULT_SIZE, BatteryIte
 from hidream_mlx.harness.peak_rss import PeakRss, reset_high_water, ru_maxrss_bytes
 from hidream_mlx.png import save_png
 from hidream_mlx.recipes import get_recipe
+from hidream_mlx.seams import grid_energy_axes
 
 RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
@@ -66,7 +67,9 @@ class Job:
         recipe = recipe.with_overrides(steps=s.get("steps"), guidance=s.get("guidance"), shift=s.get("shift"))
         width, height, note = eval_size(*s["size"], snap=s["snap"])
         return Request(self.item.prompt, width, height, self.seed, recipe, noise=s["noise"],
-                       blend_seams=s["blend_seams"], size_note=note)
+                       blend_seams=s["blend_seams"], size_note=note,
+                       seam_smoothing=s.get("seam_smoothing", 0.0), seam_window=s.get("seam_window", "hann"),
+                       seam_strength=s.get("seam_strength", 1.0))
 
 
 def job_key(variant: str, item_id: str, seed: int) -> str:
@@ -329,6 +332,7 @@ def make_record(job: Job, request, result, rss: PeakRss, sha256: str, rank: int 
         "dtype": result.metadata.get("dtype"), "quantization": result.metadata.get("quantization"),
         "image": job.image_path, "sha256": sha256, "rank": rank, "host": host or socket.gethostname(),
         "step_times": result.step_times, "seconds_per_step": statistics.median(result.step_times),
+        "seam_passes": request.seam_passes, "grid_energy": grid_energy_axes(result.image),
         "encode_time": result.encode_time, "total_time": result.total_time,
         "peak_rss_bytes": rss.peak, "process_max_rss_bytes": rss.process_max,
         "mlx_peak_bytes": int(result.peak_memory), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

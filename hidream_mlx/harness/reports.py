@@ -85,6 +85,11 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _grid(record: dict) -> str:
+    g = record.get("grid_energy")
+    return f"{_num(g['y'], '.2f')}/{_num(g['x'], '.2f')}" if g else "—"
+
+
 def render_report(run: dict, records: list[dict], baseline: Optional[str], sheet: Optional[str]) -> str:
     identity = run.get("identity", {})
     out = [f"# Eval: {identity.get('battery', '?')} on {identity.get('model', '?')}", ""]
@@ -120,9 +125,12 @@ def render_report(run: dict, records: list[dict], baseline: Optional[str], sheet
     rows = [[r["id"], r.get("genre", ""), f"`{r['variant']}`", r["seed"], _size(r),
              r["recipe"], r["steps"], f"{r['guidance']:g}", seconds(r["total_time"]),
              seconds(r["seconds_per_step"]), format_bytes(r["peak_rss_bytes"]),
-             format_bytes(r["mlx_peak_bytes"]), f"[png]({r['image']})"] for r in records]
+             format_bytes(r["mlx_peak_bytes"]), _grid(r), r.get("seam_passes", 0),
+             f"[png]({r['image']})"] for r in records]
     out += [_table(["id", "genre", "variant", "seed", "size", "recipe", "steps", "guidance", "time", "s/step",
-                    "peak RSS", "MLX peak", "image"], rows), ""]
+                    "peak RSS", "MLX peak", "grid y/x", "seam passes", "image"], rows),
+            "", "grid y/x: mean step across the 32 px seams over the mean step elsewhere, per axis (1 = no grid); "
+            "seam passes: extra transformer passes of `seam_smoothing`.", ""]
     if sheet:
         out += ["## Contact sheet", "", f"![contact sheet]({sheet})", ""]
     return "\n".join(out)
