@@ -163,8 +163,14 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="already exists"):
         convert(str(FIXTURES), out, FLAT, bits=8)
     assert (out / "keep.txt").is_file()
-    convert(str(FIXTURES), out, FLAT, bits=8, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    with pytest.raises(FileExistsError, match="only a folder written by hidream-mlx quantize"):
+        convert(str(FIXTURES), out, FLAT, bits=8, overwrite=True)  # not ours: never deleted
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    convert(str(FIXTURES), out, FLAT, bits=8)
+    convert(str(FIXTURES), out, FLAT, bits=4, overwrite=True)
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

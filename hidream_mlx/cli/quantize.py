@@ -19,7 +19,7 @@ from hidream_mlx.quant.quantization import (
     get_quant_recipe,
 )
 
-REPORT_FILE = "quantization_report.md"
+from hidream_mlx.quant.convert import REPORT_FILE
 
 
 def choose_recipe(name: str | None, recipe_file: Path | None) -> QuantRecipe:

@@ -5,13 +5,19 @@ Memory stays near one source tensor plus one output shard: each source shard is 
 bf16 and evaluated on its own, its float source is dropped, and output shards are flushed at a
 size limit. Everything is written into a temporary folder beside the output and renamed into
 place at the end; any failure (including Ctrl-C or a full disk) removes the temporary folder.
+
+Nothing of the user's is ever deleted: the output may not be, contain or lie inside the
+source, and ``overwrite`` replaces only a folder a previous conversion wrote (its config.json
+says so and it holds nothing else), after the new one is complete. Temporary folders left by a
+killed run carry a marker file and are removed by the next run on the same target.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -38,6 +44,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
                    "preprocessor_config.json", "video_preprocessor_config.json")
 COMPONENTS = ("decoder", "embed_tokens", "pixel heads", "vision tower")
+PARTIAL_MARKER = ".hidream-quantize-partial"  # inside a temporary folder: safe to delete
+REPORT_FILE = "quantization_report.md"
 
 
 def component_of(path: str) -> str:
@@ -190,15 +198,13 @@ def convert(source: str, output: Path | str, recipe: QuantRecipe, bits: Optional
     ``on_progress(done, total, file)`` is called before each input shard and once at the end.
     """
     output = Path(output).expanduser()
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output}: already exists (use --overwrite to replace it)")
     if not output.parent.is_dir():
         raise FileNotFoundError(f"{output.parent}: output folder's parent does not exist")
     if shard_bytes <= 0:
         raise ValueError(f"shard size must be positive, got {shard_bytes}")
     source_dir = resolve_model_path(source)
-    if source_dir.resolve() == output.resolve():
-        raise ValueError(f"{output}: the output folder must differ from the source")
+    check_output(output, source_dir, overwrite)
+    clean_leftovers(output)
     config = read_config(source_dir)
     if config.quantization:
         raise ValueError(f"{source_dir}: already quantized ({config.quantization.get('bits')} bits); "
@@ -210,7 +216,7 @@ def convert(source: str, output: Path | str, recipe: QuantRecipe, bits: Optional
     for line in notices:
         on_notice(line)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    tmp = _make_temp(output, "partial")
     try:
         sizes: dict[str, ComponentSize] = {}
         shards, weight_map = _convert_into(tmp, infos, plan, include_vision, shard_bytes, sizes, on_progress)
@@ -233,22 +239,83 @@ def convert(source: str, output: Path | str, recipe: QuantRecipe, bits: Optional
                       {k: sizes[k] for k in COMPONENTS if k in sizes}, notices)
 
 
-def _move_into_place(tmp: Path, output: Path, overwrite: bool) -> None:
-    if not output.exists():
-        tmp.rename(output)
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def is_conversion_output(folder: Path) -> bool:
+    """True for a folder this converter wrote and nobody added to: its config.json carries our
+    ``quantization`` and ``hidream.quantize_recipe`` entries, and every entry is a file we write."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not (isinstance(config, dict) and isinstance(config.get("quantization"), dict)
+            and isinstance(config.get("hidream"), dict) and "quantize_recipe" in config["hidream"]):
+        return False
+    ours = {"config.json", "model.safetensors.index.json", REPORT_FILE, PARTIAL_MARKER, *TOKENIZER_FILES}
+    for entry in folder.iterdir():
+        if entry.is_symlink() or not entry.is_file():
+            return False
+        if entry.name not in ours and not (entry.name.startswith("model-") and entry.name.endswith(".safetensors")):
+            return False
+    return True
+
+
+def check_output(output: Path, source_dir: Path, overwrite: bool) -> None:
+    """Refuse an output that would touch the source or replace anything but a previous conversion."""
+    out, src = output.resolve(), source_dir.resolve()
+    if _within(out, src) or _within(src, out):
+        raise ValueError(f"{output}: the output may not be, contain or lie inside the source model ({src})")
+    if not (output.exists() or output.is_symlink()):
         return
     if not overwrite:
-        raise FileExistsError(f"{output}: appeared while converting (use --overwrite to replace it)")
-    # Move the old folder aside first so a failed rename never leaves neither.
-    old = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent))
-    old.rmdir()
+        raise FileExistsError(f"{output}: already exists (use --overwrite to replace a folder that "
+                              f"hidream-mlx quantize wrote)")
+    if not is_conversion_output(output):
+        raise FileExistsError(f"{output}: --overwrite replaces only a folder written by hidream-mlx quantize; "
+                              f"this one is not (or holds other files), so nothing was touched")
+
+
+def _make_temp(output: Path, kind: str) -> Path:
+    """A sibling ``.NAME.XXXX.partial`` folder with the marker inside, created with the umask's
+    ordinary permissions (mkdtemp's 0700 would become the output's mode after the rename)."""
+    tmp = output.parent / f".{output.name}.{secrets.token_hex(4)}.{kind}"
+    os.mkdir(tmp)
+    (tmp / PARTIAL_MARKER).write_text("a hidream-mlx quantize run in progress or killed\n")
+    return tmp
+
+
+def clean_leftovers(output: Path) -> list[Path]:
+    """Remove temporary folders a killed run on ``output`` left behind (recognised by the marker)."""
+    removed = []
+    for entry in output.parent.glob(f".{output.name}.*.partial"):
+        if entry.is_dir() and not entry.is_symlink() and ((entry / PARTIAL_MARKER).is_file()
+                                                          or is_conversion_output(entry)):
+            shutil.rmtree(entry)
+            removed.append(entry)
+    return removed
+
+
+def _move_into_place(tmp: Path, output: Path, overwrite: bool) -> None:
+    if not (output.exists() or output.is_symlink()):
+        tmp.rename(output)
+        (output / PARTIAL_MARKER).unlink()
+        return
+    if not overwrite or not is_conversion_output(output):
+        raise FileExistsError(f"{output}: appeared while converting; not replaced")
+    # The old folder moves aside (marked, so a kill here leaves nothing unrecognised) and is
+    # removed only once the new one is in place.
+    old = output.parent / f".{output.name}.{secrets.token_hex(4)}.partial"
     output.rename(old)
     try:
+        (old / PARTIAL_MARKER).write_text("the folder being replaced\n")
         tmp.rename(output)
     except BaseException:
+        (old / PARTIAL_MARKER).unlink(missing_ok=True)
         old.rename(output)
         raise
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
+    (output / PARTIAL_MARKER).unlink()
+    shutil.rmtree(old)
