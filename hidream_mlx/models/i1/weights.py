@@ -1,0 +1,104 @@
+"""Strict loading of HiDream-I1 diffusers component folders (transformer, VAE)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+
+from hidream_mlx.models.i1.config import TransformerConfig, VAEConfig
+from hidream_mlx.models.loading import (ModelLoadError, TensorInfo, check_against, open_shard,
+                                        read_safetensors_header)
+
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def component_files(folder: Path) -> list[Path]:
+    """The safetensors files of one component: the index's shards, else every ``*.safetensors``."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ModelLoadError(f"{index}: not a safetensors index ({e})") from None
+        files = [folder / n for n in names]
+        for f in files:
+            if not f.exists():
+                raise ModelLoadError(f"{index}: shard {f.name} is missing")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{folder}: no *.safetensors weights")
+    return files
+
+
+def component_index(folder: Path) -> dict[str, TensorInfo]:
+    infos: dict[str, TensorInfo] = {}
+    for path in component_files(folder):
+        infos.update(read_safetensors_header(path))
+    return infos
+
+
+def expert_widths(infos: dict[str, TensorInfo], where: Path) -> tuple:
+    """(routed expert, shared expert, text FFN) widths read from the first block's weights."""
+    prefix = "double_stream_blocks.0.block." if any(k.startswith("double_stream_blocks.0.") for k in infos) \
+        else "single_stream_blocks.0.block."
+    names = (prefix + "ff_i.experts.0.w1.weight", prefix + "ff_i.shared_experts.w1.weight",
+             "double_stream_blocks.0.block.ff_t.w1.weight")
+    widths = []
+    for name in names:
+        info = infos.get(name)
+        if info is None and name.endswith("ff_t.w1.weight"):
+            widths.append(widths[0])
+            continue
+        if info is None:
+            raise ModelLoadError(f"{where}: missing tensor {name}")
+        widths.append(int(info.shape[0]))
+    return tuple(widths)
+
+
+def _assign(module, infos: dict[str, TensorInfo], dtype, convert=None, lazy: bool = True):
+    """Load every tensor (cast to ``dtype``) into ``module``; arrays stay lazy views of
+    the mapped files until evaluated. ``convert(name, array)`` adapts layouts (conv weights)."""
+    weights = []
+    by_file: dict[Path, list[str]] = {}
+    for name, info in infos.items():
+        by_file.setdefault(info.file, []).append(name)
+    for path, names in by_file.items():
+        arrays = open_shard(path)
+        for name in names:
+            a = arrays[infos[name].name]
+            if mx.issubdtype(a.dtype, mx.floating):
+                a = a.astype(dtype)
+            weights.append((name, convert(name, a) if convert else a))
+    module.load_weights(weights, strict=True)
+    if not lazy:
+        mx.eval(module.parameters())
+
+
+def load_transformer(folder: Path | str, dtype: mx.Dtype = mx.float32, lazy: bool = True):
+    """``HiDreamImageTransformer`` from a diffusers ``transformer/`` folder, strictly."""
+    from hidream_mlx.models.i1.transformer import HiDreamImageTransformer
+
+    folder = Path(folder)
+    cfg = TransformerConfig.load(folder)
+    infos = component_index(folder)
+    model = HiDreamImageTransformer(cfg, expert_widths(infos, folder))
+    check_against(model, infos, folder, prefix="")
+    _assign(model, infos, dtype, lazy=lazy)
+    return model
+
+
+def load_vae(folder: Path | str, dtype: mx.Dtype = mx.float32, lazy: bool = True):
+    """``AutoencoderKL`` (encoder and decoder) from a diffusers ``vae/`` folder, strictly."""
+    from hidream_mlx.models.i1.vae import AutoencoderKL, torch_to_mlx
+
+    folder = Path(folder)
+    cfg = VAEConfig.load(folder)
+    infos = component_index(folder)
+    model = AutoencoderKL(cfg)
+    shaped = {k: TensorInfo(**{**v.__dict__, "shape": tuple(torch_to_mlx(k, v.shape))}) for k, v in infos.items()}
+    check_against(model, shaped, folder, prefix="")
+    _assign(model, infos, dtype, convert=lambda n, a: a.transpose(0, 2, 3, 1) if a.ndim == 4 else a, lazy=lazy)
+    return model
