@@ -10,7 +10,6 @@ import pytest
 from conftest import FIXTURES, forward_cases, load_case
 
 from hidream_mlx.generation import Engine
-from hidream_mlx.models.loading import read_config
 from hidream_mlx.quant.quantization import (
     BUILTIN_RECIPES,
     KEEP,
@@ -18,9 +17,9 @@ from hidream_mlx.quant.quantization import (
     Override,
     QuantRecipe,
     get_quant_recipe,
+    load_plan,
     plan_from_description,
     resolve_plan,
-    skeleton_quantizer,
 )
 from hidream_mlx.harness.replay import predict_recorded
 
@@ -98,7 +97,8 @@ def test_indivisible_group_size_keeps_layer_in_bf16_with_notice():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(bits=5), "unsupported bits 5"),
+    (dict(bits=7), "unsupported bits 7"),
+    (dict(bits=1), "unsupported bits 1"),
     (dict(bits=4, group_size=48), "unsupported group size 48"),
     (dict(), "needs --bits"),
 ])
@@ -113,7 +113,8 @@ def test_recipe_with_fixed_bits_refuses_other_bits():
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"overrides": [{"pattern": "*", "bits": 3}]}, "unsupported bits 3"),
+    ({"overrides": [{"pattern": "*", "bits": 7}]}, "unsupported bits 7"),
+    ({"quantize_embeddings": "yes"}, "quantize_embeddings must be true or false"),
     ({"overrides": [{"bits": 8}]}, "give 'pattern'"),
     ({"overrides": [{"pattern": "re:(", "bits": 8}]}, "bad regex"),
     ({"overrides": [{"pattern": "*", "bit": 8}]}, "unknown key 'bit'"),
@@ -181,17 +182,18 @@ def test_quantize_on_load_touches_only_decoder_linears(bits, tiny_model):
     assert 0 < err < (2e-2 if bits == 8 else 1e-1)
 
 
-def test_skeleton_quantizer_refuses_other_bits_on_a_quantized_folder():
-    config = read_config(FIXTURES).replace(quantization={"mode": "affine", "bits": 4, "group_size": 64})
+def test_load_plan_refuses_other_bits_on_a_quantized_folder(tiny_model):
+    stored = {"mode": "affine", "bits": 4, "group_size": 64}
     with pytest.raises(ValueError, match="already quantized to 4 bits; drop -q or convert from the original"):
-        skeleton_quantizer(config, 6)
-    assert skeleton_quantizer(config, 4).description["bits"] == 4
-    assert skeleton_quantizer(config).stored
+        load_plan(tiny_model, stored, 6)
+    assert load_plan(tiny_model, stored, 4).description["bits"] == 4
+    assert load_plan(tiny_model, stored).stored
+    assert load_plan(tiny_model) is None
 
 
-def test_quantize_on_load_rejects_unsupported_bits():
-    with pytest.raises(ValueError, match="unsupported bits 3"):
-        skeleton_quantizer(read_config(FIXTURES), 3)
+def test_quantize_on_load_rejects_unsupported_bits(tiny_model):
+    with pytest.raises(ValueError, match="unsupported bits 7"):
+        load_plan(tiny_model, bits=7)
 
 
 def test_override_dataclass_matches_negative_layer_indices():

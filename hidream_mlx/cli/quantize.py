@@ -16,6 +16,7 @@ from hidream_mlx.quant.quantization import (
     GROUP_SIZES,
     SUPPORTED_BITS,
     QuantRecipe,
+    bits_warning,
     get_quant_recipe,
 )
 
@@ -53,13 +54,17 @@ def size_table(conversion) -> list[str]:
 @click.option("--no-vision", is_flag=True, help="Leave the vision tower out (text-to-image only; no editing).")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder to create.")
-@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@click.option("--quantize-embeddings", is_flag=True,
+              help="Also quantize embed_tokens (vocab x hidden) at the default bits: smallest folder, "
+                   "slightly perturbed text features (see --report).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace --output if it is a folder a previous quantize wrote (nothing else is ever replaced).")
 @click.option("--report", is_flag=True,
               help=f"Also measure each layer's output error on real activations ({REPORT_FILE}).")
 @click.option("--report-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
               help="Precision of the unquantized model that the report runs.")
-def quantize(model_arg, bits, recipe_name, recipe_file, group_size, no_vision, output, overwrite, report,
-             report_dtype):
+def quantize(model_arg, bits, recipe_name, recipe_file, group_size, no_vision, output, quantize_embeddings,
+             overwrite, report, report_dtype):
     """Convert a checkpoint to affine-quantized MLX weights (Q4/Q6/Q8 and mixed recipes).
 
     The output folder loads with no flags: its config.json records mode, bits, group size and
@@ -69,6 +74,10 @@ def quantize(model_arg, bits, recipe_name, recipe_file, group_size, no_vision, o
     from hidream_mlx.models.loading import parse_dtype
 
     recipe = choose_recipe(recipe_name, recipe_file)
+    if quantize_embeddings:
+        from dataclasses import replace
+
+        recipe = replace(recipe, quantize_embeddings=True)
 
     def notice(line: str) -> None:
         click.echo(f"note: {line}", err=True)
@@ -81,6 +90,9 @@ def quantize(model_arg, bits, recipe_name, recipe_file, group_size, no_vision, o
                          group_size=int(group_size) if group_size else None, include_vision=not no_vision,
                          overwrite=overwrite, on_notice=notice, on_progress=progress)
     q = conversion.config["quantization"]
+    for width in sorted({q["bits"], *(v["bits"] for v in q.values() if isinstance(v, dict))}):
+        if bits_warning(width):
+            click.echo(f"warning: {bits_warning(width)}", err=True)
     overrides = sum(1 for k, v in q.items() if k not in ("mode", "bits", "group_size") and v != "bf16")
     click.echo(f"wrote {len(conversion.shards)} shard(s): {q['bits']}-bit, group size {q['group_size']}, "
                f"{overrides} layer override(s); sizes in MiB/GiB (powers of two)")

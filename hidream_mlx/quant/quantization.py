@@ -19,20 +19,22 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from hidream_mlx.models.o1.config import ModelConfig
 
 MODE = "affine"
-SUPPORTED_BITS = (4, 6, 8)
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)  # every width MLX's affine mode packs
+LOW_QUALITY_BITS = (2, 3)  # below 4 bits the rounding error is visible in the image
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 64
 KEEP = "bf16"  # a plan / config entry meaning: not quantized, stored as bf16
+EMBEDDINGS = "language_model.embed_tokens"
 
 _DECODER_LINEAR = re.compile(
     r"language_model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)")
@@ -62,6 +64,14 @@ def check_bits(bits, where: str = "--bits") -> int:
         raise ValueError(f"{where}: unsupported bits {bits!r}; choose one of "
                          f"{', '.join(map(str, SUPPORTED_BITS))}")
     return bits
+
+
+def bits_warning(bits: int) -> Optional[str]:
+    """A one-line quality warning for the widths that visibly damage the image, else None."""
+    if bits in LOW_QUALITY_BITS:
+        return (f"{bits}-bit weights lose visible quality (colour shifts, lost detail, noise); "
+                f"use 4 bits or more unless memory leaves no choice")
+    return None
 
 
 def check_group_size(group_size, where: str = "--group-size") -> int:
@@ -144,12 +154,14 @@ class QuantRecipe:
     group_size: Optional[int] = None  # None: the caller's --group-size, else DEFAULT_GROUP_SIZE
     overrides: tuple[Override, ...] = ()
     description: str = ""
+    # embed_tokens at the default bits too (off: it is a lookup table, smaller not faster)
+    quantize_embeddings: bool = False
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "recipe") -> "QuantRecipe":
         if not isinstance(data, dict):
             raise ValueError(f"{where}: a recipe is a JSON object")
-        unknown = set(data) - {"name", "bits", "group_size", "overrides", "description"}
+        unknown = set(data) - {"name", "bits", "group_size", "overrides", "description", "quantize_embeddings"}
         if unknown:
             raise ValueError(f"{where}: unknown key {sorted(unknown)[0]!r}")
         bits = data.get("bits")
@@ -167,8 +179,11 @@ class QuantRecipe:
                 raise ValueError(f"{where}.overrides[{i}]: each override is an object like "
                                  f'{{"pattern": ..., "bits": 8}}')
             overrides.append(Override.from_dict(rule, f"{where}.overrides[{i}]"))
+        embeddings = data.get("quantize_embeddings", False)
+        if not isinstance(embeddings, bool):
+            raise ValueError(f"{where}.quantize_embeddings must be true or false")
         return cls(str(data.get("name", "custom")), bits, group_size, tuple(overrides),
-                   str(data.get("description", "")))
+                   str(data.get("description", "")), embeddings)
 
     @classmethod
     def from_file(cls, path: Path | str) -> "QuantRecipe":
@@ -180,8 +195,7 @@ class QuantRecipe:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         recipe = cls.from_dict(data, path.name)
-        return recipe if "name" in data else QuantRecipe(path.stem, recipe.bits, recipe.group_size,
-                                                         recipe.overrides, recipe.description)
+        return recipe if "name" in data else replace(recipe, name=path.stem)
 
     def to_dict(self) -> dict:
         out: dict = {"name": self.name, "description": self.description}
@@ -190,6 +204,8 @@ class QuantRecipe:
         if self.group_size is not None:
             out["group_size"] = self.group_size
         out["overrides"] = [o.to_dict() for o in self.overrides]
+        if self.quantize_embeddings:
+            out["quantize_embeddings"] = True
         return out
 
 
@@ -205,6 +221,13 @@ BUILTIN_RECIPES: dict[str, QuantRecipe] = {
         "q4-selective", bits=4,
         overrides=(Override(8, layers=(0, 1, -2, -1)),),
         description="4-bit decoder with the first 2 and last 2 layers at 8 bits (fixes Q4 darkening)"),
+    # Every layer's down_proj at 8 bits: real LLM weights feed down_proj a few channels with
+    # activations orders of magnitude above the rest, which dominate its 4-bit rounding error;
+    # another MLX port found this alone removes flat Q4's darkening.
+    "q4-down8": QuantRecipe(
+        "q4-down8", bits=4,
+        overrides=(Override(8, pattern="*.mlp.down_proj"),),
+        description="4-bit decoder with every layer's mlp.down_proj at 8 bits (protects the outlier channels)"),
 }
 
 
@@ -233,7 +256,8 @@ class QuantPlan:
         for path, setting in sorted(self.layers.items()):
             if setting is None:
                 block[path] = KEEP
-            elif setting != self.default:
+            elif setting != self.default or not is_decoder_linear(path):
+                # the loader quantizes a non-decoder layer (embed_tokens) only when it is named
                 block[path] = setting.to_dict()
         return block
 
@@ -268,6 +292,12 @@ def resolve_plan(recipe: QuantRecipe, matrices: dict[str, int], num_layers: int,
     layers: dict[str, Optional[LayerSetting]] = {}
     indivisible, used = [], set()
     for path, in_dims in sorted(matrices.items()):
+        if path == EMBEDDINGS and recipe.quantize_embeddings:
+            # an embedding quantizes along its hidden width, which the group size must divide
+            layers[path] = None if in_dims % default.group_size else default
+            if layers[path] is None:
+                indivisible.append(path)
+            continue
         if not is_decoder_linear(path):
             layers[path] = None
             continue
@@ -358,48 +388,52 @@ def quantize_weight(weight: mx.array, setting: LayerSetting) -> tuple[mx.array, 
                        mode=MODE)
 
 
-class Quantizer:
-    """What ``load_model`` calls: ``q(model, config)`` before the weights load (a converted
-    folder: swap in quantized layers for the stored tensors) and ``q.after_load(model)`` after
-    (``-q BITS`` on a float folder: quantize the loaded weights). ``description`` is the
-    ``quantization`` block the model runs with."""
+@dataclass(frozen=True)
+class LoadPlan:
+    """How a model loads quantized: the setting (or None = floats) of every weight matrix, the
+    ``quantization`` block it runs with, and whether the folder already holds the quantized
+    tensors (``stored``) or each float weight is quantized as it is read (``-q BITS``)."""
 
-    def __init__(self, description: dict, stored: bool):
-        self.description = description
-        self.stored = stored
-
-    def __call__(self, model: nn.Module, config: ModelConfig) -> None:
-        if self.stored:
-            apply_plan(model, plan_from_description(self.description, weight_matrices(model)))
-
-    def after_load(self, model: nn.Module) -> None:
-        if not self.stored:
-            self.description = quantize_in_memory(model, self.description["bits"], self.description["group_size"])
+    layers: dict[str, Optional[LayerSetting]]
+    description: dict
+    stored: bool
 
 
-def quantize_in_memory(model: nn.Module, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
-    """``-q BITS``: the flat recipe applied to loaded float weights; returns the quantization block."""
-    check_bits(bits, "-q/--quantize")
-    check_group_size(group_size)
-    plan = resolve_plan(BUILTIN_RECIPES["flat"], weight_matrices(model), len(model.language_model.layers),
-                        bits, group_size)
-    quantize_loaded(model, plan.layers)
-    return plan.description()
-
-
-def skeleton_quantizer(config: ModelConfig, bits: Optional[int] = None,
-                       group_size: int = DEFAULT_GROUP_SIZE) -> Quantizer:
-    """The quantizer for loading a folder: its stored layout, or ``-q BITS`` in memory with the
-    flat recipe (the same rules as ``hidream-mlx quantize``)."""
-    stored = config.quantization
+def load_plan(model: nn.Module, stored: Optional[dict] = None, bits: Optional[int] = None,
+              group_size: int = DEFAULT_GROUP_SIZE) -> Optional[LoadPlan]:
+    """The plan for loading into ``model`` (a float skeleton): a folder's stored ``quantization``
+    block, or ``-q BITS`` with the flat recipe (the same rules as ``hidream-mlx quantize``);
+    None when neither is given."""
+    matrices = weight_matrices(model)
     if stored:
         stored_bits = stored.get("bits") if isinstance(stored, dict) else None
         if bits is not None and bits != stored_bits:
             raise ValueError(f"this folder is already quantized to {stored_bits} bits; drop -q or convert "
                              f"from the original checkpoint")
-        return Quantizer(stored, stored=True)
+        return LoadPlan(plan_from_description(stored, matrices), stored, stored=True)
     if bits is None:
-        raise ValueError("skeleton_quantizer: the folder is not quantized and no bits were given")
+        return None
     check_bits(bits, "-q/--quantize")
     check_group_size(group_size)
-    return Quantizer({"mode": MODE, "bits": bits, "group_size": group_size}, stored=False)
+    if bits_warning(bits):
+        warnings.warn(bits_warning(bits), stacklevel=2)
+    plan = resolve_plan(BUILTIN_RECIPES["flat"], matrices, len(model.language_model.layers), bits, group_size)
+    return LoadPlan(plan.layers, plan.description(), stored=False)
+
+
+def quantize_tensor(path: str, weight: mx.array, setting: LayerSetting, dtype: mx.Dtype) -> list[tuple[str, mx.array]]:
+    """One float weight of module ``path`` as the parameters of its quantized layer: the
+    converter's bytes (``quantize_weight``), scales and biases in the load dtype, so ``-q B``
+    equals loading a converted folder bit for bit."""
+    packed, scales, biases = quantize_weight(weight, setting)
+    return [(f"{path}.weight", packed), (f"{path}.scales", scales.astype(dtype)),
+            (f"{path}.biases", biases.astype(dtype))]
+
+
+def quantize_in_memory(model: nn.Module, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
+    """``-q BITS`` on a model already holding float weights (random weights for benchmarks):
+    apply the flat plan to the module; returns the quantization block."""
+    check_bits(bits, "-q/--quantize")
+    plan = load_plan(model, bits=bits, group_size=group_size)
+    quantize_loaded(model, plan.layers)
+    return plan.description
