@@ -1,0 +1,332 @@
+"""LoRA adapters: read a ``.safetensors`` LoRA in any of the published key layouts and apply it.
+
+Layouts recognised (auto-detected per key):
+
+* PEFT / diffusers: ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` (also
+  ``lora_A.default.weight``), the module under ``base_model.model.``, ``transformer.``,
+  ``diffusion_model.`` or ``model.`` (ModelScope's trainers write the checkpoint's own
+  ``model.language_model.layers.N...`` names). Alpha: ``lora_alpha`` / ``alpha_pattern`` from an
+  ``adapter_config.json`` beside the file, else alpha = rank (factor 1, as diffusers assumes).
+* kohya / ComfyUI: ``<module>.lora_down.weight`` / ``<module>.lora_up.weight`` with an optional
+  ``<module>.alpha``, the module either dotted (``diffusion_model.`` prefix) or underscored after
+  ``lora_unet_`` / ``lora_transformer_``; underscored names are mapped back through the model's
+  own module paths, and a name two paths would both produce is refused. No ``.alpha``: alpha = rank.
+
+Applying: a float ``nn.Linear`` gets ``W + scale * (alpha / rank) * B @ A`` merged once (computed
+in float32, cast back, evaluated layer by layer so only one layer's temporaries exist); an
+``nn.QuantizedLinear`` is wrapped in :class:`LoRALinear`, which adds the low-rank path beside the
+quantized matmul and never dequantizes. Several LoRAs stack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+DOTTED_PREFIXES = ("base_model.model.", "diffusion_model.", "transformer.", "model.")
+UNDERSCORED_PREFIXES = ("lora_unet_", "lora_transformer_")
+PEFT_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B",
+                 ".lora_A.default.weight": "A", ".lora_B.default.weight": "B"}
+KOHYA_SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"}
+
+
+class LoRAError(ValueError):
+    """A LoRA file that does not fit the model: the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    path: Path
+    scale: float = 1.0
+
+
+@dataclass
+class LoRALayer:
+    key: str  # the file's key for lora_A / lora_down, for messages
+    A: mx.array  # (rank, in)
+    B: mx.array  # (out, rank)
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+
+@dataclass(frozen=True)
+class LoRASummary:
+    name: str
+    path: str
+    sha256: str
+    scale: float
+    layout: str
+    modules: int
+    merged: int
+    side_paths: int
+    ranks: tuple[int, ...]
+    nbytes: int
+
+    def line(self) -> str:
+        ranks = "/".join(str(r) for r in self.ranks)
+        how = f"{self.merged} merged, {self.side_paths} as side paths" if self.side_paths else "merged"
+        return (f"lora {self.name}: {self.modules} modules changed ({how}), scale {self.scale:g}, "
+                f"rank {ranks}, {self.layout} layout")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "sha256": self.sha256, "scale": self.scale, "modules": self.modules,
+                "layout": self.layout}
+
+
+class LoRALinear(nn.Module):
+    """A quantized linear layer plus low-rank updates: ``base(x) + sum f * (x @ A.T) @ B.T``."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.lora_A: list[mx.array] = []
+        self.lora_B: list[mx.array] = []
+        self.factors: list[float] = []
+
+    def add(self, A: mx.array, B: mx.array, factor: float) -> None:
+        self.lora_A.append(A)
+        self.lora_B.append(B)
+        self.factors.append(factor)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.base(x)
+        for A, B, f in zip(self.lora_A, self.lora_B, self.factors):
+            y = y + f * ((x @ A.T.astype(x.dtype)) @ B.T.astype(x.dtype))
+        return y
+
+
+def parse_lora_options(paths: Sequence, scales: Sequence[float] = ()) -> list[LoRASpec]:
+    """Pair ``--lora`` paths with ``--lora-scale`` values in order; missing scales are 1.0."""
+    if len(scales) > len(paths):
+        raise LoRAError(f"{len(scales)} LoRA scales given for {len(paths)} LoRA files")
+    specs = []
+    for i, p in enumerate(paths):
+        scale = float(scales[i]) if i < len(scales) else 1.0
+        specs.append(LoRASpec(Path(p), scale))
+    return specs
+
+
+def specs_from_json(items, where: str) -> list[LoRASpec]:
+    """``"loras": [{"path": ..., "scale": ...}]`` as a battery job writes it."""
+    if not isinstance(items, list):
+        raise LoRAError(f"{where}.loras must be a list of {{\"path\", \"scale\"}} objects")
+    specs = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "path" not in item or set(item) - {"path", "scale"}:
+            raise LoRAError(f"{where}.loras[{i}] must be an object with \"path\" and an optional \"scale\"")
+        scale = item.get("scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise LoRAError(f"{where}.loras[{i}].scale must be a number")
+        specs.append(LoRASpec(Path(item["path"]), float(scale)))
+    return specs
+
+
+def linear_targets(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module a LoRA may change, by our module path."""
+    return {path: m for path, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.QuantizedLinear, LoRALinear))
+            and not path.endswith(".base")}
+
+
+def _underscore_map(targets: Iterable[str]) -> dict[str, Optional[str]]:
+    out: dict[str, Optional[str]] = {}
+    for path in targets:
+        flat = path.replace(".", "_")
+        out[flat] = None if flat in out and out[flat] != path else path  # None: ambiguous
+    return out
+
+
+def _split_key(key: str) -> Optional[tuple[str, str, str]]:
+    """key -> (module part, role A/B/alpha, layout) or None when no LoRA suffix fits."""
+    for suffixes, layout in ((PEFT_SUFFIXES, "peft"), (KOHYA_SUFFIXES, "kohya")):
+        for suffix, role in suffixes.items():
+            if key.endswith(suffix):
+                return key[: -len(suffix)], role, layout
+    return None
+
+
+def _module_path(raw: str, targets: dict, flat: dict) -> Optional[str]:
+    for prefix in UNDERSCORED_PREFIXES:
+        if raw.startswith(prefix):
+            name = raw[len(prefix):]
+            for candidate in (name, name[len("model_"):] if name.startswith("model_") else None):
+                if candidate is not None and candidate in flat:
+                    if flat[candidate] is None:
+                        raise LoRAError(f"{candidate!r} names more than one module of the model")
+                    return flat[candidate]
+            return None
+    name = raw
+    while True:
+        if name in targets:
+            return name
+        stripped = next((name[len(p):] for p in DOTTED_PREFIXES if name.startswith(p)), None)
+        if stripped is None:
+            return None
+        name = stripped
+
+
+def _peft_alpha(config: Optional[dict], raw: str, rank: int) -> float:
+    if config is None:
+        return float(rank)
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?(?:{pattern})", raw):
+            return float(alpha)
+    alpha = config.get("lora_alpha")
+    if alpha is None:
+        return float(rank)
+    if config.get("use_rslora"):
+        return float(alpha) * rank ** 0.5  # alpha / sqrt(r) written as alpha' / r
+    return float(alpha)
+
+
+def _adapter_config(path: Path) -> Optional[dict]:
+    cfg = path.parent / "adapter_config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise LoRAError(f"{cfg}: not valid JSON ({e})") from None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_lora(path: Path | str, targets: dict[str, nn.Module]) -> tuple[dict[str, LoRALayer], str]:
+    """The file's layers by our module path, and the layout found; strict about every key."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoRAError(f"{path}: no such LoRA file")
+    if path.suffix != ".safetensors":
+        raise LoRAError(f"{path}: LoRAs are read from .safetensors files only")
+    try:
+        tensors = mx.load(str(path))
+    except (RuntimeError, ValueError, OSError) as e:  # what mlx raises for a broken header
+        raise LoRAError(f"{path}: not a readable safetensors file ({e})") from None
+    config = _adapter_config(path)
+    flat = _underscore_map(targets)
+    parts: dict[str, dict] = {}
+    layouts, unrecognised = set(), []
+    for key in sorted(tensors):
+        split = _split_key(key)
+        module = _module_path(split[0], targets, flat) if split else None
+        if module is None:
+            unrecognised.append((key, split is not None))
+            continue
+        raw, role, layout = split
+        layouts.add(layout)
+        entry = parts.setdefault(module, {"raw": raw, "layout": layout})
+        entry[role] = (key, tensors[key])
+    if not parts:
+        first = unrecognised[0][0] if unrecognised else "(the file is empty)"
+        raise LoRAError(f"{path}: no key matched a module of this model; first unrecognised key: {first}")
+    if unrecognised:
+        key, is_lora = unrecognised[0]
+        what = "targets a module this model does not have" if is_lora else "is not a LoRA tensor"
+        raise LoRAError(f"{path}: key {key} {what}")
+    layers = {}
+    for module, entry in parts.items():
+        for role in ("A", "B"):
+            if role not in entry:
+                have = next(entry[r][0] for r in ("A", "B", "alpha") if r in entry)
+                raise LoRAError(f"{path}: key {have} has no matching lora_{role} / "
+                                f"lora_{'down' if role == 'A' else 'up'} tensor")
+        (key_a, A), (key_b, B) = entry["A"], entry["B"]
+        if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
+            raise LoRAError(f"{path}: key {key_a}: shapes {tuple(A.shape)} and {tuple(B.shape)} "
+                            "are not a rank-r pair (out, r) @ (r, in)")
+        rank = int(A.shape[0])
+        if "alpha" in entry:
+            alpha = float(entry["alpha"][1].astype(mx.float32).reshape(-1)[0])
+        elif entry["layout"] == "peft":
+            alpha = _peft_alpha(config, entry["raw"], rank)
+        else:
+            alpha = float(rank)
+        out_f, in_f = layer_shape(targets[module])
+        if (B.shape[0], A.shape[1]) != (out_f, in_f):
+            raise LoRAError(f"{path}: key {key_a}: the update is {B.shape[0]}x{A.shape[1]} but "
+                            f"{module} is {out_f}x{in_f}")
+        layers[module] = LoRALayer(key_a, A, B, alpha)
+    return layers, "+".join(sorted(layouts))
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of a linear layer, quantized or not."""
+    if isinstance(module, LoRALinear):
+        module = module.base
+    if isinstance(module, nn.QuantizedLinear):
+        return int(module.weight.shape[0]), int(module.weight.shape[1]) * 32 // module.bits
+    return int(module.weight.shape[0]), int(module.weight.shape[1])
+
+
+def merge_into(module: nn.Linear, layer: LoRALayer, factor: float) -> None:
+    """``W + factor * B @ A`` in float32, cast back to the weight's dtype, evaluated now."""
+    w = module.weight
+    update = layer.B.astype(mx.float32) @ layer.A.astype(mx.float32)
+    module.weight = (w.astype(mx.float32) + factor * update).astype(w.dtype)
+    mx.eval(module.weight)
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    *parents, last = path.split(".")
+    parent = model
+    for name in parents:
+        parent = parent[int(name)] if isinstance(parent, list) else getattr(parent, name)
+    if isinstance(parent, list):
+        parent[int(last)] = new
+    else:
+        setattr(parent, last, new)
+
+
+def apply_lora(model: nn.Module, spec: LoRASpec) -> LoRASummary:
+    """Apply one LoRA at ``spec.scale``: merged into float layers, a side path on quantized ones."""
+    targets = linear_targets(model)
+    layers, layout = read_lora(spec.path, targets)
+    merged = side = 0
+    for module_path, layer in layers.items():
+        factor = spec.scale * layer.alpha / layer.rank
+        module = targets[module_path]
+        if isinstance(module, nn.Linear):
+            merge_into(module, layer, factor)
+            merged += 1
+            continue
+        if not isinstance(module, LoRALinear):
+            module = LoRALinear(module)
+            _replace(model, module_path, module)
+        dtype = module.base.scales.dtype
+        A, B = layer.A.astype(dtype), layer.B.astype(dtype)
+        mx.eval(A, B)
+        module.add(A, B, factor)
+        side += 1
+    nbytes = sum(l.A.nbytes + l.B.nbytes for l in layers.values())
+    ranks = tuple(sorted({l.rank for l in layers.values()}))
+    return LoRASummary(spec.path.name, str(spec.path), sha256_of(spec.path), spec.scale, layout,
+                       len(layers), merged, side, ranks, nbytes)
+
+
+def apply_loras(model: nn.Module, specs: Sequence[LoRASpec]) -> list[LoRASummary]:
+    """Apply each LoRA in order (they stack); one summary each."""
+    return [apply_lora(model, spec) for spec in specs]
+
+
+def lora_memory(specs: Sequence[LoRASpec], quantized: bool) -> int:
+    """Bytes the LoRAs add while generating: their tensors on quantized models (side paths),
+    nothing after merging into float weights beyond one layer's temporaries while loading."""
+    if not quantized:
+        return 0
+    return sum(Path(s.path).stat().st_size for s in specs if Path(s.path).is_file())

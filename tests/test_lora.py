@@ -1,0 +1,218 @@
+"""LoRA files in every supported layout change the model exactly as ``W + s * (alpha/r) * B @ A``."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from conftest import FIXTURES
+
+from hidream_mlx.generation import Engine, Request
+from hidream_mlx.models.loading import load_model
+from hidream_mlx.models.lora import (
+    LoRAError,
+    LoRALinear,
+    LoRASpec,
+    apply_lora,
+    apply_loras,
+    parse_lora_options,
+    specs_from_json,
+)
+from hidream_mlx.recipes import get_recipe
+
+RANK, ALPHA = 4, 8.0
+# Decoder attention and MLP projections, the pixel head and both embedders.
+TARGETS = ("language_model.layers.0.self_attn.q_proj", "language_model.layers.1.mlp.down_proj",
+           "x_embedder.proj1", "t_embedder1.mlp.0", "final_layer2.linear")
+LAYOUTS = ("peft", "peft_bare", "modelscope", "kohya_dotted", "kohya_unet")
+
+
+def fresh():
+    return load_model(FIXTURES, dtype=mx.float32)
+
+
+def lora_tensors(model, seed=0, targets=TARGETS):
+    rng = np.random.default_rng(seed)
+    modules = dict(model.named_modules())
+    out = {}
+    for path in targets:
+        o, i = modules[path].weight.shape
+        out[path] = (rng.normal(0, 0.3, (RANK, i)).astype(np.float32), rng.normal(0, 0.3, (o, RANK)).astype(np.float32))
+    return out
+
+
+def write_lora(folder, tensors, layout, alpha=ALPHA):
+    """Write ``tensors`` in ``layout``'s exact key naming; files without an alpha get B pre-scaled."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "lora.safetensors"
+    data = {}
+    for module, (A, B) in tensors.items():
+        if layout == "peft":
+            key = f"base_model.model.{module}"
+            data[f"{key}.lora_A.weight"], data[f"{key}.lora_B.weight"] = A, B
+        elif layout in ("peft_bare", "modelscope"):
+            # no adapter_config.json: alpha = rank, so the factor alpha/rank goes into B
+            key = module if layout == "peft_bare" else f"model.{module}"
+            data[f"{key}.lora_A.weight"], data[f"{key}.lora_B.weight"] = A, B * (alpha / RANK)
+        else:
+            key = f"diffusion_model.{module}" if layout == "kohya_dotted" else "lora_unet_" + module.replace(".", "_")
+            data[f"{key}.lora_down.weight"], data[f"{key}.lora_up.weight"] = A, B
+            data[f"{key}.alpha"] = np.array(alpha, dtype=np.float32)
+    mx.save_safetensors(str(path), {k: mx.array(v) for k, v in data.items()})
+    if layout == "peft":
+        (folder / "adapter_config.json").write_text(json.dumps({"r": RANK, "lora_alpha": alpha}))
+    return path
+
+
+def merge_by_hand(model, tensors, scale, alpha=ALPHA):
+    modules = dict(model.named_modules())
+    for module, (A, B) in tensors.items():
+        w = np.array(modules[module].weight)
+        modules[module].weight = mx.array(w + scale * (alpha / RANK) * (B @ A))
+    return model
+
+
+def image(model):
+    request = Request("a red fox", 64, 96, 3, get_recipe("dev").with_overrides(steps=3))
+    return Engine(model).run(request).image.astype(int)
+
+
+@pytest.fixture(scope="module")
+def base_image():
+    return image(fresh())
+
+
+def test_lora_equals_merging_by_hand_and_changes_the_image(tmp_path, base_image):
+    model = fresh()
+    tensors = lora_tensors(model)
+    summary = apply_lora(model, LoRASpec(write_lora(tmp_path, tensors, "kohya_unet"), 0.7))
+    got, want = image(model), image(merge_by_hand(fresh(), tensors, 0.7))
+    assert np.abs(got - want).max() <= 1
+    assert np.abs(got - base_image).max() > 10
+    assert summary.modules == len(TARGETS) and summary.merged == len(TARGETS) and summary.scale == 0.7
+    assert summary.line() == (f"lora lora.safetensors: {len(TARGETS)} modules changed (merged), scale 0.7, "
+                              f"rank {RANK}, kohya layout")
+    assert len(summary.sha256) == 64 and summary.to_dict()["sha256"] == summary.sha256
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_gives_the_same_weights_and_image(tmp_path, layout):
+    reference = merge_by_hand(fresh(), lora_tensors(fresh()), 1.0)
+    model = fresh()
+    apply_lora(model, LoRASpec(write_lora(tmp_path, lora_tensors(model), layout)))
+    ref_modules = dict(reference.named_modules())
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            np.testing.assert_allclose(np.array(module.weight), np.array(ref_modules[path].weight), atol=1e-6)
+    if layout == "kohya_unet":
+        assert np.abs(image(model) - image(reference)).max() <= 1
+
+
+def test_scale_zero_gives_the_base_image_exactly(tmp_path, base_image):
+    model = fresh()
+    apply_lora(model, LoRASpec(write_lora(tmp_path, lora_tensors(model), "peft"), 0.0))
+    np.testing.assert_array_equal(image(model), base_image)
+
+
+def test_loras_stack(tmp_path):
+    model = fresh()
+    first, second = lora_tensors(model, 1), lora_tensors(model, 2, TARGETS[:2])
+    specs = [LoRASpec(write_lora(tmp_path / "a", first, "peft"), 0.5),
+             LoRASpec(write_lora(tmp_path / "b", second, "kohya_dotted"), -0.25)]
+    summaries = apply_loras(model, specs)
+    want = merge_by_hand(merge_by_hand(fresh(), first, 0.5), second, -0.25)
+    assert [s.modules for s in summaries] == [len(TARGETS), 2]
+    for path in TARGETS:
+        np.testing.assert_allclose(np.array(dict(model.named_modules())[path].weight),
+                                   np.array(dict(want.named_modules())[path].weight), atol=1e-6)
+
+
+def quantize_decoder(model):
+    nn.quantize(model, group_size=32, bits=8, class_predicate=lambda p, m: p.startswith("language_model.layers")
+                and isinstance(m, nn.Linear))
+    return model
+
+
+def test_quantized_layers_get_a_side_path_that_matches_merging_into_dequantized_weights(tmp_path):
+    model = quantize_decoder(fresh())
+    tensors = lora_tensors(fresh())
+    summary = apply_lora(model, LoRASpec(write_lora(tmp_path, tensors, "peft"), 0.8))
+    assert (summary.merged, summary.side_paths) == (3, 2)
+    modules = dict(model.named_modules())
+    side = modules["language_model.layers.0.self_attn.q_proj"]
+    assert isinstance(side, LoRALinear) and isinstance(side.base, nn.QuantizedLinear)
+    assert side.lora_A[0].shape[0] == RANK  # rank-sized memory, the quantized weight untouched
+    # The reference: the same quantized model with its decoder dequantized, then merged by hand.
+    reference = quantize_decoder(fresh())
+    for path, m in list(reference.named_modules()):
+        if isinstance(m, nn.QuantizedLinear):
+            w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
+            dense = nn.Linear(w.shape[1], w.shape[0], bias=False)
+            dense.weight = w
+            parent, name = path.rsplit(".", 1)
+            setattr(dict(reference.named_modules())[parent], name, dense)
+    merge_by_hand(reference, tensors, 0.8)
+    diff = np.abs(image(model) - image(reference))
+    assert diff.max() <= 2 and (diff == 0).mean() >= 0.9
+
+
+def test_quantized_side_paths_stack_on_one_layer(tmp_path):
+    model = quantize_decoder(fresh())
+    apply_lora(model, LoRASpec(write_lora(tmp_path / "a", lora_tensors(fresh(), 1, TARGETS[:1]), "peft"), 1.0))
+    apply_lora(model, LoRASpec(write_lora(tmp_path / "b", lora_tensors(fresh(), 2, TARGETS[:1]), "kohya_unet"), 1.0))
+    layer = dict(model.named_modules())[TARGETS[0]]
+    assert isinstance(layer, LoRALinear) and len(layer.lora_A) == 2 and isinstance(layer.base, nn.QuantizedLinear)
+
+
+def test_peft_alpha_comes_from_adapter_config_patterns(tmp_path):
+    model = fresh()
+    tensors = lora_tensors(model, targets=TARGETS[:2])
+    path = write_lora(tmp_path, tensors, "peft")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"r": RANK, "lora_alpha": 8, "alpha_pattern": {"mlp.down_proj": 2}}))
+    apply_lora(model, LoRASpec(path))
+    want = merge_by_hand(merge_by_hand(fresh(), {TARGETS[0]: tensors[TARGETS[0]]}, 1.0, 8.0),
+                         {TARGETS[1]: tensors[TARGETS[1]]}, 1.0, 2.0)
+    for p in TARGETS[:2]:
+        np.testing.assert_allclose(np.array(dict(model.named_modules())[p].weight),
+                                   np.array(dict(want.named_modules())[p].weight), atol=1e-6)
+
+
+def bad_file(tmp_path, data):
+    path = tmp_path / "bad.safetensors"
+    mx.save_safetensors(str(path), {k: mx.array(np.asarray(v, dtype=np.float32)) for k, v in data.items()})
+    return path
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"language_model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((4, 65)),
+      "language_model.layers.0.self_attn.q_proj.lora_B.weight": np.zeros((64, 4))},
+     "key language_model.layers.0.self_attn.q_proj.lora_A.weight: the update is 64x65 but "
+     "language_model.layers.0.self_attn.q_proj is 64x64"),
+    ({"language_model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((4, 64)),
+      "language_model.layers.0.self_attn.q_proj.lora_B.weight": np.zeros((64, 4)),
+      "language_model.layers.9.self_attn.q_proj.lora_A.weight": np.zeros((4, 64))},
+     "key language_model.layers.9.self_attn.q_proj.lora_A.weight targets a module this model does not have"),
+    ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": np.zeros((4, 64)),
+      "other.thing": np.zeros(3)},
+     "no key matched a module of this model; first unrecognised key: "
+     "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"),
+    ({"x_embedder.proj1.lora_A.weight": np.zeros((4, 3072))}, "key x_embedder.proj1.lora_A.weight has no matching lora_B"),
+])
+def test_bad_files_fail_naming_the_key(tmp_path, data, message):
+    with pytest.raises(LoRAError, match="^" + str(tmp_path / "bad.safetensors").replace(".", r"\.")) as err:
+        apply_lora(fresh(), LoRASpec(bad_file(tmp_path, data)))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_options_pair_in_order_and_battery_entries_are_checked(tmp_path):
+    specs = parse_lora_options(["a.safetensors", "b.safetensors"], [0.5])
+    assert [(s.path.name, s.scale) for s in specs] == [("a.safetensors", 0.5), ("b.safetensors", 1.0)]
+    with pytest.raises(LoRAError, match="2 LoRA scales given for 1 LoRA files"):
+        parse_lora_options(["a.safetensors"], [1, 2])
+    assert specs_from_json([{"path": "x.safetensors"}], "jobs[0]")[0].scale == 1.0
+    with pytest.raises(LoRAError, match=r"jobs\[0\]\.loras\[0\]\.scale must be a number"):
+        specs_from_json([{"path": "x.safetensors", "scale": "big"}], "jobs[0]")
+    with pytest.raises(LoRAError, match="LoRAs are read from .safetensors files only"):
+        apply_lora(fresh(), LoRASpec((tmp_path / "x.pt"), 1.0)) if (tmp_path / "x.pt").write_bytes(b"x") else None
