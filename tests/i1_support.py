@@ -1,0 +1,50 @@
+"""Fixture access for the HiDream-I1 image-side tests.
+
+``HIDREAM_I1_FIXTURES`` points the tests at another fixture set (same file formats, other
+dims and sizes); every size is read from the set itself.
+"""
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+FIXTURES = Path(os.environ.get("HIDREAM_I1_FIXTURES", Path(__file__).parent / "fixtures" / "i1-tiny"))
+TOL = 1e-4
+
+
+@lru_cache(maxsize=None)
+def golden(name: str):
+    """A golden npz of the set, loaded once per session."""
+    return dict(np.load(FIXTURES / name))
+
+
+@lru_cache(maxsize=None)
+def transformer():
+    from hidream_mlx.models.i1.weights import load_transformer
+    model = load_transformer(FIXTURES / "transformer", lazy=False)
+    return model
+
+
+@lru_cache(maxsize=None)
+def vae():
+    from hidream_mlx.models.i1.weights import load_vae
+    return load_vae(FIXTURES / "vae", lazy=False)
+
+
+def conditioning(case: dict):
+    """The text inputs a sampling case gave the transformer, rebuilt from text_encoding.npz:
+    batch [neg, pos] with CFG, [pos] without."""
+    from hidream_mlx.models.i1.sampling import Conditioning
+    text = golden("text_encoding.npz")
+    sides = ["neg", "pos"] if bool(case["uses_cfg"]) else ["pos"]
+    return Conditioning(
+        t5=mx.array(np.concatenate([text[f"{s}.t5_embeds"] for s in sides], axis=0)),
+        llama_stack=mx.array(np.concatenate([text[f"{s}.llama_hidden_states"] for s in sides], axis=1)),
+        pooled=mx.array(np.concatenate([text[f"{s}.pooled_embeds"] for s in sides], axis=0)),
+    )
+
+
+def max_abs(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
