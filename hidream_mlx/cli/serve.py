@@ -1,0 +1,81 @@
+"""``hidream-mlx serve``: load the model once and serve images over HTTP (API + web studio).
+
+The server stack is an optional extra (``pip install -e ".[serve]"``), imported only here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import click
+
+from hidream_mlx.cli.generate import DEFAULT_MODEL
+from hidream_mlx.generation import Engine
+from hidream_mlx.models.source import ModelSource
+
+LOOPBACK = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, token, insecure: bool) -> None:
+    """A server reachable from other machines needs a token, unless the user says otherwise."""
+    if not is_loopback(host) and not token and not insecure:
+        raise click.UsageError(f"--host {host} makes the server reachable from other machines; give --token T "
+                               "(clients send 'Authorization: Bearer T') or, on a trusted network, --insecure")
+
+
+def import_server():
+    try:
+        import uvicorn
+
+        from hidream_mlx.server.app import ServerConfig, create_app
+    except ImportError as e:
+        raise click.ClickException(f"the server needs the optional extra: pip install 'hidream-mlx[serve]' "
+                                   f"(missing: {e.name})") from None
+    return uvicorn, ServerConfig, create_app
+
+
+@click.command("serve")
+@click.option("--model", "model_arg", default=DEFAULT_MODEL, show_default=True,
+              help="Hugging Face repo id or local folder (official or quantized layout).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
+@click.option("-q", "--quantize", "quantize_bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None,
+              help="Quantize the decoder in memory at load time.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (other than loopback needs --token).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--token", default=None, envvar="HIDREAM_MLX_TOKEN", help="Bearer token clients must send (env HIDREAM_MLX_TOKEN).")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without a token.")
+@click.option("--lora-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Folder of LoRA .safetensors files requests may choose by name.")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs"),
+              show_default=True, help="Where every image is saved, with its metadata.")
+def serve(model_arg, dtype, quantize_bits, host, port, token, insecure, lora_dir, output_dir):
+    """Load the model once and serve the OpenAI-shaped images API and a web studio."""
+    check_exposure(host, token, insecure)
+    uvicorn, ServerConfig, create_app = import_server()
+    source = ModelSource.resolve(model_arg)
+    bits = int(quantize_bits) if quantize_bits else None
+    engine = Engine.load(source, dtype=dtype, quantize_bits=bits)
+    config = ServerConfig(output_dir=output_dir, token=token, quantize_bits=bits, lora_dir=lora_dir)
+    app, studio = create_app(engine, config)
+    click.echo(f"model loaded in {engine.load_time:.1f} s; serving http://{host}:{port}/ "
+               f"(images saved to {output_dir})", err=True)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # Cancel work first so open progress streams and waiting requests end promptly.
+            studio.queue.stop()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10))
+    server.run()
+    studio.queue.close()

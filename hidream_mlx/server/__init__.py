@@ -1,0 +1,1 @@
+"""The resident server: the model loads once; an HTTP API and a small web studio use it."""

@@ -1,0 +1,239 @@
+"""Request bodies -> checked :class:`Request` objects, with the server's own bounds.
+
+Fields are named as the CLI's options with underscores (``noise_scale`` is ``--noise-scale``)
+plus the OpenAI images API's ``prompt``, ``n``, ``size``, ``response_format``, ``model`` and
+``user``. Anything else is refused, and nothing in a body can name a file on the server:
+references arrive as image bytes and are stored under the output folder by content hash.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from PIL import Image, UnidentifiedImageError
+
+from hidream_mlx.generation import Request
+from hidream_mlx.requests import build_request
+
+
+class BadRequest(ValueError):
+    """A body the server refuses (HTTP 400 with this message), before anything is queued."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_request"):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+# The CLI's option names (underscores) that a body may carry, with the JSON types they take.
+NUMBER = (int, float)
+CLI_FIELDS: dict[str, tuple] = {
+    "seed": (int,), "width": (int,), "height": (int,), "no_snap": (bool,), "recipe": (str,), "preset": (str,),
+    "steps": (int,), "guidance": NUMBER, "shift": NUMBER, "noise_scale": NUMBER, "s_noise": NUMBER,
+    "noise_clip": NUMBER, "noise": (str,), "blend_seams": (int,), "seam_smoothing": NUMBER,
+    "seam_window": (str,), "seam_strength": NUMBER, "keep_aspect": (bool,), "layout": (str, list, dict),
+    "lora": (str, list),
+}
+OPENAI_FIELDS: dict[str, tuple] = {
+    "prompt": (str,), "n": (int,), "size": (str,), "response_format": (str,), "model": (str,), "user": (str,),
+    "references": (list,),
+}
+ALLOWED = {**CLI_FIELDS, **OPENAI_FIELDS}
+SIZE = re.compile(r"^(\d{1,6})x(\d{1,6})$")
+LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_PROMPT_CHARS = 8000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server (the CLI has no such caps: it is the user's own machine)."""
+
+    max_side: int = 4096
+    max_pixels: int = 4096 * 4096
+    max_steps: int = 200
+    max_n: int = 4
+    max_references: int = 4
+    max_body_bytes: int = 32 * 1024 * 1024
+
+
+@dataclass
+class Spec:
+    """A parsed body: the requests to render (one per image) and how to answer."""
+
+    requests: list[Request]
+    response_format: str = "b64_json"
+    settings: dict = field(default_factory=dict)
+
+
+def parse_json(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadRequest(f"the body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
+
+
+def check_types(body: dict) -> None:
+    unknown = sorted(set(body) - set(ALLOWED))
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(sorted(ALLOWED))}",
+                         code="unknown_field")
+    for name, value in body.items():
+        kinds = ALLOWED[name]
+        if value is None:
+            continue
+        if isinstance(value, bool) and bool not in kinds:
+            raise BadRequest(f"{name} must be {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
+        if not isinstance(value, kinds):
+            raise BadRequest(f"{name} must be {'/'.join(k.__name__ for k in kinds)}, got {type(value).__name__}")
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    match = SIZE.match(size.strip())
+    if not match:
+        raise BadRequest(f"size must look like 1024x1024 (width x height in pixels), got {size!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def decode_reference(data: bytes, limits: Limits) -> Image.Image:
+    """An uploaded reference decoded in memory (never opened from a path)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > limits.max_pixels:
+            raise BadRequest(f"a reference image is {image.width}x{image.height}, above the server's "
+                             f"{limits.max_pixels} pixel limit")
+        image.load()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise BadRequest(f"a reference is not a readable image ({e})") from None
+    return image
+
+
+def decode_base64(text: str) -> bytes:
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("a reference is neither base64 image data nor a data: URL "
+                         "(server paths and remote URLs are not accepted)") from None
+
+
+def store_reference(image: Image.Image, folder: Path) -> str:
+    """Keep a decoded reference under the output folder, named by its pixels' hash, so the saved
+    image's metadata names a file that reproduces it."""
+    rgb = image.convert("RGB")
+    digest = hashlib.sha256(rgb.tobytes() + repr(rgb.size).encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"ref-{digest}.png"
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.tmp")
+        rgb.save(tmp, format="PNG")
+        tmp.replace(path)
+    return str(path)
+
+
+def lora_names(value, lora_dir: Optional[Path]) -> list[str]:
+    """LoRA names checked against ``--lora-dir``: a bare file name there, never a path."""
+    names = [value] if isinstance(value, str) else list(value)
+    if lora_dir is None:
+        raise BadRequest("this server has no LoRA folder (start it with serve --lora-dir DIR)")
+    available = {p.stem: p for p in lora_dir.glob("*.safetensors")}
+    for name in names:
+        if not isinstance(name, str) or not LORA_NAME.match(name) or name not in available:
+            raise BadRequest(f"unknown LoRA {name!r}; available: {', '.join(sorted(available)) or '(none)'}")
+    return names
+
+
+def build_spec(engine, body: dict, limits: Limits, reference_dir: Path, lora_dir: Optional[Path] = None,
+               uploads: Optional[list[Image.Image]] = None) -> Spec:
+    """Every check of one body, then one :class:`Request` per image through the CLI's builder.
+
+    This is the single place where a body becomes requests, so it is the one to change if the
+    shared builder's signature changes.
+    """
+    check_types(body)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise BadRequest("prompt is required")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise BadRequest(f"prompt is {len(prompt)} characters; the server accepts at most {MAX_PROMPT_CHARS}")
+    fmt = body.get("response_format") or "b64_json"
+    if fmt not in ("b64_json", "url"):
+        raise BadRequest(f"response_format must be b64_json or url, got {fmt!r}")
+    n = body.get("n") or 1
+    if not 1 <= n <= limits.max_n:
+        raise BadRequest(f"n must be between 1 and {limits.max_n}, got {n}")
+    if body.get("model") not in (None, *served_names(engine)):
+        raise BadRequest(f"model {body['model']!r} is not served here; GET /v1/models lists {served_names(engine)}",
+                         status=404, code="model_not_found")
+    options = {k: v for k, v in body.items() if k in CLI_FIELDS and v is not None}
+    if "lora" in options:
+        lora_names(options.pop("lora"), lora_dir)
+        raise BadRequest("LoRA support not available in this version of the server", status=501,
+                         code="not_implemented")
+    if "size" in body and body["size"] is not None:
+        if "width" in options or "height" in options:
+            raise BadRequest("give either size or width/height, not both")
+        options["width"], options["height"] = parse_size(body["size"])
+    check_bounds(options, limits)
+    if isinstance(options.get("layout"), (list, dict)):
+        options["layout"] = json.dumps(options["layout"])
+    elif "layout" in options:
+        _check_layout_is_json(options["layout"])
+    images = list(uploads or []) + [decode_reference(decode_base64(r) if isinstance(r, str) else _not_text(), limits)
+                                    for r in body.get("references") or []]
+    if len(images) > limits.max_references:
+        raise BadRequest(f"at most {limits.max_references} references per request, got {len(images)}")
+    refs = [store_reference(image, reference_dir) for image in images]
+    first = make_request(engine, prompt, options, refs)
+    if first.width * first.height > limits.max_pixels:
+        raise BadRequest(f"{first.width}x{first.height} is above the server's limit of {limits.max_pixels} pixels")
+    requests = [first] + [make_request(engine, prompt, {**options, "seed": first.seed + i}, refs)
+                          for i in range(1, n) if first.seed + i <= 2**32 - 1]
+    if len(requests) < n:
+        raise BadRequest(f"seed {first.seed} + n - 1 passes the largest seed; use a smaller seed")
+    return Spec(requests, fmt, {k: v for k, v in body.items() if k != "references"})
+
+
+def make_request(engine, prompt: str, options: dict, refs: list[str]) -> Request:
+    try:
+        return build_request(engine, prompt=prompt, refs=refs, **options)
+    except (ValueError, OSError) as e:
+        raise BadRequest(str(e)) from None
+
+
+def check_bounds(options: dict, limits: Limits) -> None:
+    for side in ("width", "height"):
+        if side in options and not 1 <= options[side] <= limits.max_side:
+            raise BadRequest(f"{side} must be between 1 and {limits.max_side} on this server, got {options[side]}")
+    if "steps" in options and not 1 <= options["steps"] <= limits.max_steps:
+        raise BadRequest(f"steps must be between 1 and {limits.max_steps} on this server, got {options['steps']}")
+
+
+def _check_layout_is_json(text: str) -> None:
+    # The CLI reads --layout from a file when it names one; a request must never name a server path.
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        raise BadRequest("layout must be JSON boxes (a file name is not accepted here)") from None
+
+
+def _not_text():
+    raise BadRequest("references must be base64 strings or data: URLs")
+
+
+def served_names(engine) -> list[str]:
+    """Model ids a body may name: the folder's or repo's name (never the server's full path)."""
+    name = str(engine.describe()["model"])
+    names = [Path(name).name, "hidream-mlx"]
+    return names if name.startswith(("/", ".", "~")) else [name, *names]

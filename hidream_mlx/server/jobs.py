@@ -1,0 +1,229 @@
+"""One worker thread renders jobs in order (one model, one device); others wait and see their place.
+
+A job is one body (one or more images). Its progress is an append-only list of events that any
+number of readers (SSE streams, a waiting POST) follow by index. Cancelling a queued job drops it;
+cancelling a running one stops it at the next step boundary, before anything is written.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import itertools
+import secrets
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+from hidream_mlx.generation import preview_image
+from hidream_mlx.images import save_image
+from hidream_mlx.reproduce import reproduction_fields
+from hidream_mlx.server.fields import Spec
+
+PREVIEW_SIDE = 256
+PREVIEW_QUALITY = 70
+FINISHED = ("done", "failed", "cancelled")
+
+
+class Cancelled(Exception):
+    """Raised from the step callback to unwind a running render."""
+
+
+def jpeg_data_url(image: np.ndarray, side: int = PREVIEW_SIDE, quality: int = PREVIEW_QUALITY) -> str:
+    pil = Image.fromarray(np.ascontiguousarray(image))
+    pil.thumbnail((side, side))
+    buffer = io.BytesIO()
+    pil.save(buffer, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def preview_interval(steps: int) -> int:
+    """About eight previews per image: enough to watch, few enough to cost nothing."""
+    return max(1, steps // 8)
+
+
+class Job:
+    def __init__(self, spec: Spec):
+        self.id = secrets.token_hex(8)
+        self.spec = spec
+        self.state = "queued"
+        self.events: list[dict] = []
+        self.images: list[dict] = []  # {"file", "metadata", "png" (bytes)}
+        self.error: Optional[str] = None
+        self.created = time.time()
+        self.cancel_requested = threading.Event()
+        self.changed = threading.Condition()
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
+
+    def emit(self, kind: str, **data) -> None:
+        with self.changed:
+            self.events.append({"event": kind, "job": self.id, **data})
+            self.changed.notify_all()
+
+    def finish(self, state: str, **data) -> None:
+        with self.changed:
+            self.state = state
+        self.emit(state, **data)
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: self.finished, timeout)
+
+    def summary(self, position: Optional[int] = None) -> dict:
+        return {"id": self.id, "state": self.state, "position": position, "error": self.error,
+                "images": [{"file": i["file"], "metadata": i["metadata"]} for i in self.images]}
+
+
+class JobQueue:
+    """FIFO of jobs rendered by one thread with ``engine``; every image saved under ``output_dir``."""
+
+    def __init__(self, engine, output_dir: Path, quantize_bits: Optional[int] = None, keep_finished: int = 200):
+        self.engine = engine
+        self.quantize_bits = quantize_bits
+        self.output_dir = output_dir
+        self.waiting: deque[Job] = deque()
+        self.running: Optional[Job] = None
+        self.jobs: dict[str, Job] = {}
+        self.keep_finished = keep_finished
+        self.lock = threading.Condition()
+        self.closing = False
+        self.counter = itertools.count(1)
+        self.thread = threading.Thread(target=self._work, name="hidream-render", daemon=True)
+        self.thread.start()
+
+    def submit(self, spec: Spec) -> Job:
+        job = Job(spec)
+        with self.lock:
+            if self.closing:
+                raise RuntimeError("the server is shutting down")
+            self.jobs[job.id] = job
+            self.waiting.append(job)
+            self._forget_old()
+            self.lock.notify_all()
+        job.emit("queued", position=self.position(job))
+        return job
+
+    def position(self, job: Job) -> Optional[int]:
+        """0 while rendering, 1.. while waiting (how many jobs go first, plus one), None when finished."""
+        with self.lock:
+            if job is self.running:
+                return 0
+            for i, waiting in enumerate(self.waiting):
+                if waiting is job:
+                    return i + 1
+        return None
+
+    def get(self, job_id: str) -> Optional[Job]:
+        with self.lock:
+            return self.jobs.get(job_id)
+
+    def cancel(self, job: Job) -> None:
+        job.cancel_requested.set()
+        with self.lock:
+            if job in self.waiting:
+                self.waiting.remove(job)
+                dropped = True
+            else:
+                dropped = False
+        if dropped:
+            job.finish("cancelled")
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop (see :meth:`stop`) and wait for the worker thread to end."""
+        self.stop()
+        self.thread.join(timeout)
+
+    def stop(self) -> None:
+        """Refuse new jobs and cancel the waiting and the running one, without waiting (a render
+        stops at its next step; files are written atomically, so none is half-written)."""
+        with self.lock:
+            self.closing = True
+            waiting, self.waiting = list(self.waiting), deque()
+            running = self.running
+            self.lock.notify_all()
+        for job in waiting:
+            job.cancel_requested.set()
+            job.finish("cancelled")
+        if running is not None:
+            running.cancel_requested.set()
+
+    def _forget_old(self) -> None:
+        finished = [j for j in self.jobs.values() if j.finished]
+        for job in finished[: max(0, len(finished) - self.keep_finished)]:
+            del self.jobs[job.id]
+
+    def _next(self) -> Optional[Job]:
+        with self.lock:
+            self.lock.wait_for(lambda: self.waiting or self.closing)
+            if self.closing:
+                return None
+            self.running = self.waiting.popleft()
+            for i, job in enumerate(self.waiting):
+                job.emit("queued", position=i + 1)
+            return self.running
+
+    def _work(self) -> None:
+        while True:
+            job = self._next()
+            if job is None:
+                return
+            try:
+                self._render(job)
+                job.finish("done", images=[{"file": i["file"]} for i in job.images])
+            except Cancelled:
+                job.finish("cancelled")
+            except (ValueError, OSError, MemoryError, RuntimeError) as e:
+                job.error = str(e)
+                job.finish("failed", error=str(e))
+            finally:
+                with self.lock:
+                    self.running = None
+
+    def _render(self, job: Job) -> None:
+        job.state = "running"
+        requests = job.spec.requests
+        for number, request in enumerate(requests):
+            steps = request.recipe.steps
+            every = preview_interval(steps)
+            job.emit("started", image=number, images=len(requests), steps=steps, width=request.width,
+                     height=request.height, seed=request.seed)
+            times: list[float] = []
+
+            def on_step(step, seconds, number=number, request=request):
+                if job.cancel_requested.is_set():
+                    raise Cancelled()
+                times.append(seconds)
+                done = step.index + 1
+                rate = float(np.median(times))
+                remaining = (step.total - done + (len(requests) - number - 1) * step.total) * rate
+                data = {"image": number, "step": done, "steps": step.total, "seconds_per_step": round(rate, 4),
+                        "eta_seconds": round(remaining, 2)}
+                if done % every == 0 and done < step.total:
+                    data["preview"] = jpeg_data_url(preview_image(step, request))
+                job.emit("progress", **data)
+
+            if job.cancel_requested.is_set():
+                raise Cancelled()
+            result = self.engine.run(request, on_step)
+            # The same record the CLI writes, so an image from either re-runs the same way.
+            metadata = {**result.metadata, **reproduction_fields(result.request, self.engine, self.quantize_bits)}
+            path = self._save(result.image, metadata)
+            buffer = io.BytesIO()
+            Image.fromarray(result.image).save(buffer, format="PNG")
+            job.images.append({"file": path.name, "metadata": metadata, "png": buffer.getvalue()})
+            job.emit("image", image=number, file=path.name, metadata=metadata,
+                     seconds_per_step=round(result.seconds_per_step, 4), total_seconds=round(result.total_time, 3),
+                     preview=jpeg_data_url(result.image))
+
+    def _save(self, image: np.ndarray, metadata: dict) -> Path:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = self.output_dir / f"{stamp}-{next(self.counter):04d}{secrets.token_hex(2)}-seed{metadata['seed']}.png"
+        return save_image(image, path, metadata)

@@ -1,0 +1,43 @@
+"""A real server (uvicorn on a free 127.0.0.1 port, in a thread) over the tiny fixture model."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import uvicorn
+
+from hidream_mlx.generation import Engine
+from hidream_mlx.server.app import ServerConfig, create_app
+
+# Small and quick: a second or two per image on a CPU.
+QUICK = {"size": "256x256", "no_snap": True, "steps": 4, "seed": 7}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(model_dir: Path, output_dir: Path, **config):
+    engine = Engine.load(model_dir, dtype="float32")
+    app, studio = create_app(engine, ServerConfig(output_dir=output_dir, **config))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", studio
+    finally:
+        server.should_exit = True
+        thread.join(30)
