@@ -99,13 +99,20 @@ def quantize(model_arg, bits, recipe_name, recipe_file, group_size, no_vision, o
     for line in size_table(conversion):
         click.echo(line)
     if report:
-        from hidream_mlx.quant.fidelity import fidelity_report
-        from hidream_mlx.models.loading import resolve_model_path
+        from hidream_mlx.quant.convert import source_matrices
+        from hidream_mlx.quant.fidelity import comparison_plans, fidelity_report
+        from hidream_mlx.models.loading import checkpoint_index, resolve_model_path
 
-        result = fidelity_report(resolve_model_path(model_arg), conversion.plan, output.name,
-                                 dtype=parse_dtype(report_dtype))
+        source_dir = resolve_model_path(model_arg)
+        layers = conversion.config["text_config"]["num_hidden_layers"]
+        others = comparison_plans(conversion.plan, source_matrices(checkpoint_index(source_dir)), layers)
+        result = fidelity_report(source_dir, conversion.plan, recipe.name, dtype=parse_dtype(report_dtype),
+                                 others=others)
         (output / REPORT_FILE).write_text(result.markdown())
-        click.echo(f"fidelity ({output / REPORT_FILE}), worst layers first:")
+        click.echo(f"fidelity ({output / REPORT_FILE}), per layer family:")
+        for line in result.family_table()[2:]:
+            click.echo(f"  {line}")
+        click.echo("worst layers first:")
         for line in result.top(5):
             click.echo(f"  {line}")
     click.echo(str(output))

@@ -4,11 +4,17 @@ A short run of the unquantized model (one prompt, small size, two steps) records
 every decoder linear; each layer's relative output error ``||x W_q^T - x W^T|| / ||x W^T||`` is
 then computed for the plan's setting (bf16-kept layers show their bf16 rounding error). Worst
 layers come first: they are the candidates for an 8-bit or bf16 override in a recipe file.
+
+Other recipes are scored on the very same recorded activations, and every recipe's error is
+split by layer family (attention projections, gate/up, down_proj, pixel head, embeddings): the
+family's relative error and its share of the absolute output-error energy, so a darkening
+recipe shows where its error comes from. The embedding error is measured on the rows of the
+tokens the run looked up.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -18,16 +24,38 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from hidream_mlx.quant.quantization import (
+    EMBEDDINGS,
     KEEP,
     MODE,
     LayerSetting,
     QuantPlan,
-    is_decoder_linear,
     quantize_weight,
 )
 
 DEFAULT_PROMPT = "a lighthouse on a rocky coast at sunset, waves, warm light"
 MAX_ROWS = 256  # activation rows kept per layer: enough for a stable norm, bounded memory
+FAMILIES = ("attention projections", "gate/up", "down_proj", "pixel head", "embeddings")
+PIXEL_HEADS = ("x_embedder.", "t_embedder1.", "final_layer2.")
+CAVEAT = ("These activations come from the weights at hand. On random weights the ranking of recipes "
+          "can differ from real weights: real LLM weights carry a few outlier channels with massive "
+          "activations, concentrated in the inputs of mlp.down_proj, which random weights lack; "
+          "run the report on the real checkpoint before choosing a recipe.")
+
+
+def family_of(path: str) -> Optional[str]:
+    """The layer family a module path belongs to (None: not a weight matrix the report scores)."""
+    if path == EMBEDDINGS:
+        return "embeddings"
+    if path.startswith(PIXEL_HEADS):
+        return "pixel head"
+    if path.startswith("language_model.layers."):
+        if ".self_attn." in path:
+            return "attention projections"
+        if path.endswith("mlp.down_proj"):
+            return "down_proj"
+        if path.endswith(("mlp.gate_proj", "mlp.up_proj")):
+            return "gate/up"
+    return None
 
 
 class InputRecorder(nn.Module):
@@ -45,10 +73,26 @@ class InputRecorder(nn.Module):
         self.samples.append(flat[::stride][: self.max_rows])
         return self.linear(x)
 
+    @property
+    def weight(self) -> mx.array:
+        # the model reads some layers' weight (its dtype) besides calling them
+        return self.linear.weight
+
     def rows(self) -> mx.array:
         rows = mx.concatenate(self.samples, axis=0)
         stride = max(1, rows.shape[0] // self.max_rows)
         return rows[::stride][: self.max_rows]
+
+
+class IdRecorder(InputRecorder):
+    """The same for an embedding: keeps the token ids it looked up."""
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        self.samples.append(ids.reshape(-1))
+        return self.linear(ids)
+
+    def rows(self) -> mx.array:
+        return mx.concatenate(self.samples)[: self.max_rows * 16]
 
 
 def capture_inputs(model: nn.Module, paths: list[str], run: Callable[[Callable[[], None]], None],
@@ -59,7 +103,8 @@ def capture_inputs(model: nn.Module, paths: list[str], run: Callable[[Callable[[
     activations they slice can be freed.
     """
     modules = dict(model.named_modules())
-    recorders = {p: InputRecorder(modules[p], max_rows) for p in paths}
+    recorders = {p: (IdRecorder if isinstance(modules[p], nn.Embedding) else InputRecorder)(modules[p], max_rows)
+                 for p in paths}
 
     def flush():
         mx.eval([s for r in recorders.values() for s in r.samples])
@@ -89,10 +134,37 @@ class LayerError:
     path: str
     setting: Optional[LayerSetting]
     rel_error: float
+    error_energy: float = 0.0  # ||x W_q^T - x W^T||^2 on the recorded rows
+    output_energy: float = 0.0  # ||x W^T||^2
 
     @property
     def label(self) -> str:
         return KEEP if self.setting is None else f"{self.setting.bits}-bit g{self.setting.group_size}"
+
+    @property
+    def family(self) -> Optional[str]:
+        return family_of(self.path)
+
+
+@dataclass(frozen=True)
+class FamilyError:
+    family: str
+    layers: int
+    kept: int  # of which stored as floats
+    rel_error: float  # sqrt(sum error energy / sum output energy) over the family
+    share: float  # of the recipe's total error energy
+
+
+def family_errors(errors: list[LayerError]) -> list[FamilyError]:
+    total = sum(e.error_energy for e in errors) or 1.0
+    out = []
+    for family in FAMILIES:
+        members = [e for e in errors if e.family == family]
+        if members:
+            err, ref = sum(e.error_energy for e in members), sum(e.output_energy for e in members)
+            out.append(FamilyError(family, len(members), sum(e.setting is None for e in members),
+                                   float(np.sqrt(err / ref)) if ref else 0.0, err / total))
+    return out
 
 
 @dataclass
@@ -100,6 +172,19 @@ class FidelityReport:
     title: str
     run: str  # how the activations were obtained
     errors: list[LayerError]  # worst first
+    # other recipes on the same activations: name -> (bits per weight, errors)
+    compared: dict[str, tuple[float, list[LayerError]]] = field(default_factory=dict)
+    bits_per_weight: float = 0.0
+    indivisible: list[str] = field(default_factory=list)
+
+    def family_table(self) -> list[str]:
+        lines = ["| recipe | bits/weight | family | layers (kept in bf16) | rel. error | share of error |",
+                 "|---|---:|---|---:|---:|---:|"]
+        for name, (bpw, errors) in {self.title: (self.bits_per_weight, self.errors), **self.compared}.items():
+            for f in family_errors(errors):
+                lines.append(f"| {name} | {bpw:.2f} | {f.family} | {f.layers} ({f.kept}) | "
+                             f"{f.rel_error:.3e} | {100 * f.share:.1f}% |")
+        return lines
 
     def rows(self) -> list[str]:
         return [f"| {i} | `{e.path}` | {e.label} | {e.rel_error:.3e} |" for i, e in enumerate(self.errors, 1)]
@@ -112,9 +197,16 @@ class FidelityReport:
                 for label, v in sorted(by_label.items())]
 
     def markdown(self) -> str:
+        kept = ([f"Kept in bf16 because the group size does not divide their input width: "
+                 f"{', '.join(self.indivisible)}.", ""] if self.indivisible else [])
         lines = [f"# Quantization fidelity: {self.title}", "",
-                 "Relative output error ||x W_q^T - x W^T|| / ||x W^T|| of each decoder linear layer, "
-                 f"on inputs recorded from {self.run}. Worst first.", "", *self.summary(), "",
+                 "Relative output error ||x W_q^T - x W^T|| / ||x W^T|| of each weight matrix, "
+                 f"on inputs recorded from {self.run}.", "", f"> {CAVEAT}", "", *kept,
+                 "## Where the error comes from", "",
+                 "Per layer family, every recipe on the same activations; bits/weight over the scored "
+                 "matrices (scales and biases included); share = the family's part of the recipe's summed "
+                 "squared output error.", "", *self.family_table(), "",
+                 "## Layers, worst first", "", *self.summary(), "",
                  "| rank | layer | stored as | rel. output error |", "|---:|---|---|---:|", *self.rows(), ""]
         return "\n".join(lines)
 
@@ -126,23 +218,53 @@ def layer_errors(model: nn.Module, inputs: dict[str, mx.array],
                  settings: dict[str, Optional[LayerSetting]]) -> list[LayerError]:
     modules = dict(model.named_modules())
     paths = sorted(inputs)
-    ratios = []
+    energies = []
     for path in paths:
-        weight = modules[path].weight.astype(mx.float32)
-        x = inputs[path].astype(mx.float32)
-        reference = x @ weight.T
-        ratios.append(mx.linalg.norm(x @ quantized_like(weight, settings.get(path)).T - reference)
-                      / mx.linalg.norm(reference))
-        mx.eval(ratios[-1])
-    values = np.array(mx.stack(ratios)) if ratios else np.zeros(0)
-    errors = [LayerError(p, settings.get(p), float(v)) for p, v in zip(paths, values)]
+        weight = modules[path].weight
+        if isinstance(modules[path], nn.Embedding):
+            # rows quantize independently, so the looked-up rows alone give the table's error
+            reference = weight[inputs[path]].astype(mx.float32)
+            approx = quantized_like(reference, settings.get(path))
+        else:
+            x, weight = inputs[path].astype(mx.float32), weight.astype(mx.float32)
+            reference = x @ weight.T
+            approx = x @ quantized_like(weight, settings.get(path)).T
+        energies.append(mx.stack([mx.sum(mx.square(approx - reference)), mx.sum(mx.square(reference))]))
+        mx.eval(energies[-1])
+    values = np.array(mx.stack(energies)).astype(np.float64) if energies else np.zeros((0, 2))
+    errors = [LayerError(p, settings.get(p), float(np.sqrt(err / ref)) if ref else 0.0, float(err), float(ref))
+              for p, (err, ref) in zip(paths, values)]
     return sorted(errors, key=lambda e: -e.rel_error)
 
 
+def plan_bits_per_weight(model: nn.Module, settings: dict[str, Optional[LayerSetting]], paths) -> float:
+    """Stored bits per weight of the matrices at ``paths`` under ``settings`` (floats as bf16)."""
+    from hidream_mlx.memory import quantized_bytes
+
+    modules = dict(model.named_modules())
+    count = nbytes = 0
+    for path in paths:
+        n = modules[path].weight.size
+        s = settings.get(path)
+        count += n
+        nbytes += 2 * n if s is None else quantized_bytes(n, s.bits, 2, s.group_size)
+    return 8 * nbytes / count if count else 0.0
+
+
+def score_plans(model: nn.Module, inputs: dict[str, mx.array], title: str, run: str, plan: QuantPlan,
+                others: Optional[dict[str, QuantPlan]] = None) -> FidelityReport:
+    """``plan`` and each of ``others`` on the same recorded ``inputs``."""
+    compared = {name: (plan_bits_per_weight(model, p.layers, inputs), layer_errors(model, inputs, p.layers))
+                for name, p in (others or {}).items()}
+    return FidelityReport(title, run, layer_errors(model, inputs, plan.layers), compared,
+                          plan_bits_per_weight(model, plan.layers, inputs), list(plan.indivisible))
+
+
 def fidelity_report(source_dir: Path, plan: QuantPlan, title: str, dtype: mx.Dtype = mx.bfloat16,
-                    prompt: str = DEFAULT_PROMPT, size: int = 256, steps: int = 2, seed: int = 0
-                    ) -> FidelityReport:
-    """Load the unquantized model from ``source_dir``, record activations, score ``plan``."""
+                    prompt: str = DEFAULT_PROMPT, size: int = 256, steps: int = 2, seed: int = 0,
+                    others: Optional[dict[str, QuantPlan]] = None) -> FidelityReport:
+    """Load the unquantized model from ``source_dir``, record activations, score ``plan`` (and
+    ``others``, for comparison, on the same activations)."""
     from hidream_mlx.generation import Engine, Request
     from hidream_mlx.models.loading import load_model
     from hidream_mlx.prompt import Tokenizer
@@ -153,9 +275,29 @@ def fidelity_report(source_dir: Path, plan: QuantPlan, title: str, dtype: mx.Dty
     default = engine.recipe()
     recipe = default.with_overrides(steps=steps, guidance=1.0 if default.uses_cfg else None)
     request = Request(prompt, size, size, seed, recipe)
-    paths = [p for p in plan.layers if is_decoder_linear(p)]
+    modules = dict(model.named_modules())
+    paths = [p for p in plan.layers if family_of(p) and isinstance(modules.get(p), (nn.Linear, nn.Embedding))]
     inputs = capture_inputs(model, paths, lambda flush: engine.run(request, lambda step, t: flush()))
     dtype_name = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}.get(dtype, str(dtype))
     run = (f'one prompt ("{prompt}") at {size}x{size}, {steps} steps of the {recipe.name} recipe without CFG, '
            f"unquantized model in {dtype_name}, up to {MAX_ROWS} rows per layer")
-    return FidelityReport(title, run, layer_errors(model, inputs, plan.layers))
+    return score_plans(model, inputs, title, run, plan, others)
+
+
+def comparison_plans(plan: QuantPlan, matrices: dict[str, int], num_layers: int) -> dict[str, QuantPlan]:
+    """What ``quantize --report`` compares ``plan`` with: flat at the plan's default bits, every
+    built-in recipe, and the plan's own recipe with embed_tokens toggled (its effect alone)."""
+    from dataclasses import replace
+
+    from hidream_mlx.quant.quantization import BUILTIN_RECIPES, resolve_plan
+
+    bits, group = plan.default.bits, plan.default.group_size
+    out = {f"flat Q{bits}": resolve_plan(BUILTIN_RECIPES["flat"], matrices, num_layers, bits, group)}
+    for name, recipe in BUILTIN_RECIPES.items():
+        if recipe.bits is not None and name != plan.recipe.name:
+            out[name] = resolve_plan(recipe, matrices, num_layers, None, group)
+    toggled = replace(plan.recipe, quantize_embeddings=not plan.recipe.quantize_embeddings)
+    suffix = "without" if plan.recipe.quantize_embeddings else "with"
+    out[f"{plan.recipe.name} {suffix} quantized embed_tokens"] = resolve_plan(
+        toggled, matrices, num_layers, None if plan.recipe.bits else bits, group)
+    return out
