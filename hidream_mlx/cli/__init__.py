@@ -83,6 +83,7 @@ def _register_commands() -> None:
     from hidream_mlx.cli.generate import generate
     from hidream_mlx.cli.quantize import quantize
     from hidream_mlx.cli.replay import replay
+    from hidream_mlx.cli.serve import serve
 
     main.add_command(generate)
     main.add_command(quantize)
@@ -90,6 +91,7 @@ def _register_commands() -> None:
     main.add_command(info)
     main.add_command(bench)
     main.add_command(replay)
+    main.add_command(serve)
 
 
 _register_commands()
