@@ -21,7 +21,9 @@ import mlx.nn as nn
 import psutil
 from mlx.utils import tree_flatten
 
+from hidream_mlx.models.loading import SKIPPED_PREFIXES, is_vision, module_name
 from hidream_mlx.models.o1.config import PATCH_DIM, PATCH_SIZE, TextConfig
+from hidream_mlx.models.source import ModelSource
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -88,6 +90,22 @@ def quantized_bytes(count: int, bits: int, scale_bytes: int = 2, group_size: int
     return count * bits // 8 + (count // group_size) * 2 * scale_bytes
 
 
+def plan_weight_sizes(shapes: Iterable[tuple[str, tuple[int, ...]]], layers: dict, dtype_bytes: int = 2
+                      ) -> dict[str, ComponentSize]:
+    """``weight_sizes`` under a quantization plan (module path -> setting with ``bits`` and
+    ``group_size``, or None): any width, per-layer overrides and a quantized embed_tokens."""
+    out: dict[str, ComponentSize] = {}
+    for name, shape in shapes:
+        count = 1
+        for d in shape:
+            count *= d
+        setting = layers.get(name[: -len(".weight")]) if name.endswith(".weight") else None
+        size = (quantized_bytes(count, setting.bits, dtype_bytes, setting.group_size) if setting is not None
+                else count * dtype_bytes)
+        out.setdefault(component_of(name), ComponentSize()).add(count, size)
+    return out
+
+
 def weight_sizes(shapes: Iterable[tuple[str, tuple[int, ...]]], dtype_bytes: int,
                  bits: Optional[int] = None) -> dict[str, ComponentSize]:
     """Parameters and bytes per component for float tensors loaded at ``dtype_bytes``.
@@ -105,24 +123,17 @@ def weight_sizes(shapes: Iterable[tuple[str, tuple[int, ...]]], dtype_bytes: int
     return out
 
 
-def checkpoint_sizes(model_dir: Path, dtype_bytes: int, bits: Optional[int] = None
+def checkpoint_sizes(source, dtype_bytes: int, bits: Optional[int] = None
                      ) -> tuple[dict[str, ComponentSize], dict[str, ComponentSize]]:
-    """(loaded, skipped) component sizes of a model folder, from its safetensors headers.
+    """(loaded, skipped) component sizes of a checkpoint (a ModelSource, or a folder), from its
+    safetensors headers.
 
     Skipped are the tensors text-to-image never loads (``lm_head``, the vision tower), shown
     at their stored size. A folder quantized by our tools keeps its packed weights as stored.
     """
-    from hidream_mlx.models.loading import (
-        SKIPPED_PREFIXES,
-        checkpoint_index,
-        is_vision,
-        module_name,
-        read_config,
-    )
-
-    config = read_config(model_dir)
+    source = ModelSource.resolve(source)
+    config, index = source.config, source.index
     group = int((config.quantization or {}).get("group_size", QUANT_GROUP_SIZE))
-    index = checkpoint_index(model_dir)
     loaded: dict[str, ComponentSize] = {}
     skipped: dict[str, ComponentSize] = {}
     for ckpt_name, info in index.items():
@@ -250,14 +261,14 @@ def check_fits(model: nn.Module, width: int, height: int, cfg_pass: bool) -> Non
     _refuse_beyond_machine(predicted_peak(model, width, height, cfg_pass))
 
 
-def check_fits_folder(model_dir: Path, dtype_bytes: int, bits: Optional[int], width: int, height: int,
-                      cfg_pass: bool) -> None:
-    """``check_fits`` from the folder's safetensors headers alone, before anything is loaded."""
-    from hidream_mlx.models.loading import read_config
-
-    loaded, _ = checkpoint_sizes(model_dir, dtype_bytes, bits)
-    weights = sum(size.nbytes for size in loaded.values())
-    _refuse_beyond_machine(predict_peak_bytes(weights, read_config(model_dir).text, width, height, cfg_pass,
+def check_fits_folder(source, dtype_bytes: int, bits: Optional[int], width: int, height: int,
+                      cfg_pass: bool, extra_bytes: int = 0) -> None:
+    """Refuse a run the machine cannot hold, from the checkpoint's headers alone (a ModelSource
+    or a folder), before anything is loaded; ``extra_bytes``: what LoRAs add (see lora_memory)."""
+    source = ModelSource.resolve(source)
+    loaded, _ = checkpoint_sizes(source, dtype_bytes, bits)
+    weights = sum(size.nbytes for size in loaded.values()) + extra_bytes
+    _refuse_beyond_machine(predict_peak_bytes(weights, source.config.text, width, height, cfg_pass,
                                               dtype_bytes=dtype_bytes))
 
 

@@ -122,3 +122,18 @@ def test_quantize_command_warns_for_low_bits(tmp_path):
     result = CliRunner().invoke(quantize, ["--model", str(FIXTURES), "--bits", "2", "-o", str(tmp_path / "q2")])
     assert result.exit_code == 0, result.output
     assert "warning: 2-bit weights lose visible quality" in result.output
+
+
+@pytest.mark.parametrize("name, bits, embeddings", [("q4-down8", None, False), ("flat", 3, True),
+                                                    ("flat", 5, False)])
+def test_plan_sizes_from_dims_equal_the_bytes_on_disk(name, bits, embeddings, tmp_path):
+    from dataclasses import replace
+
+    from hidream_mlx.memory import plan_weight_sizes, skeleton_shapes
+    from hidream_mlx.models.loading import read_config
+
+    recipe = replace(get_quant_recipe(name), quantize_embeddings=embeddings)
+    conversion = convert(str(FIXTURES), tmp_path / "q", recipe, bits=bits, include_vision=False)
+    shapes = [s for s in skeleton_shapes(read_config(FIXTURES)) if not s[0].startswith("lm_head")]
+    predicted = sum(s.nbytes for s in plan_weight_sizes(shapes, conversion.plan.layers).values())
+    assert predicted == conversion.total.bytes
