@@ -93,6 +93,10 @@ def test_a_second_run_on_a_locked_folder_refuses_naming_the_holder(tmp_path):
         assert result.exit_code != 0
         assert f"in use by another eval run (pid {os.getpid()} on host" in str(result.exception)
         assert not (rundir / "results.jsonl").exists()
+        launching = CliRunner().invoke(eval_group, ["--battery", str(battery(tmp_path, 1)), "--model",
+                                                    str(FIXTURES), "--output", str(rundir), "--hosts",
+                                                    "127.0.0.1,127.0.0.1"])
+        assert "in use by another eval run" in str(launching.exception)  # before any rank starts
     with run_lock(rundir):  # released when its holder is done
         pass
 
@@ -189,7 +193,7 @@ def test_a_rank_killed_mid_run_loses_only_unwritten_jobs_and_the_rerun_completes
     os.kill(victim, signal.SIGKILL)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
-    assert "lost (no result, made again on rerun)" in err and "jobs have no result" in err
+    assert "jobs lost (no result, made again on rerun)" in err and "jobs have no result" in err
     written = rows(rundir)
     assert 2 <= len(written) < 10 and len({r["key"] for r in written}) == len(written)
 

@@ -159,7 +159,11 @@ def _launch(hosts: str, eval_args: list[str], rundir: Path, jobs) -> Path:
     from hidream_mlx.harness.evaluation import read_results
     from hidream_mlx.harness.reports import REPORT_FILE
 
+    from hidream_mlx.harness.evaluation import run_lock
+
     command = launch_command(hosts, eval_args)
+    with run_lock(rundir):  # refuse a folder in use now, not after every host has loaded
+        pass
     _echo(f"launching {len(jobs)} jobs with mlx.launch over {hosts}")
     subprocess.run(command, check=False)
     missing = sorted({job.key for job in jobs} - set(read_results(rundir)))
@@ -170,13 +174,13 @@ def _launch(hosts: str, eval_args: list[str], rundir: Path, jobs) -> Path:
     return rundir / REPORT_FILE
 
 
-def _rank_battery(group, jobs, open_run, load, rundir: Path, baseline: Optional[str]) -> Optional[Path]:
+def _rank_battery(group, jobs, open_run, load, rundir: Path, baseline: Optional[str]) -> None:
     """One launched rank. Rank 0 locks and opens the run folder first; every rank loads the model;
     one collective after loading is the barrier before any job starts."""
     import socket
     from contextlib import ExitStack
 
-    from hidream_mlx.harness.distributed import agree, gather_json, run_ranks
+    from hidream_mlx.harness.distributed import HostLost, agree, gather_json, lost_line, run_ranks
     from hidream_mlx.harness.evaluation import run_lock
     from hidream_mlx.harness.reports import write_reports
 
@@ -201,16 +205,37 @@ def _rank_battery(group, jobs, open_run, load, rundir: Path, baseline: Optional[
         hosts = gather_json(group, {"host": socket.gethostname(), "load_time": engine.load_time})
         if rank != 0:
             run_ranks(group, engine, jobs)
-            return None
+            _leave(group)
         run.start_session(engine)
         run.session["ranks"] = hosts
         run.save()
         _echo(f"all {group.size()} ranks loaded (rank 0 in {engine.load_time:.2f} s, not in image times)")
+        in_flight: list[str] = []
         try:
-            records = run_ranks(group, engine, jobs, run, on_image=_image_line, log=_echo)
+            records = run_ranks(group, engine, jobs, run, on_image=_image_line, in_flight=in_flight)
+        except (KeyboardInterrupt, HostLost) as e:
+            # Said at once: mlx.launch's SIGTERM may cut the report writing below short.
+            why = "a host stopped" if isinstance(e, HostLost) else "stopped (by mlx.launch after a rank failed, or by you)"
+            _echo(f"{why}; {lost_line(in_flight)}")
+            raise
         finally:
             report = write_reports(rundir, baseline)
-    return _finish(jobs, records, report)
+    _finish(jobs, records, report)
+    _leave(group)
+
+
+def _leave(group) -> None:
+    """End a rank once all are done. A last collective first, so no rank closes its sockets
+    while another still talks; then exit without interpreter teardown, during which a rank's
+    ring-backend threads were seen to hang now and then (keeping mlx.launch waiting)."""
+    import os
+
+    from hidream_mlx.harness.distributed import agree
+
+    agree(group, None)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _finish(jobs, records, report) -> Path:

@@ -36,7 +36,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from hidream_mlx.harness.evaluation import Job, image_metadata, make_record, save_png
+from hidream_mlx.harness.evaluation import Job, image_metadata, make_record
+from hidream_mlx.images import save_image
 from hidream_mlx.harness.peak_rss import PeakRss
 
 ROUND_JOBS = 2  # the slowest rank's share of a round, in jobs: small rounds lose little to a failure
@@ -83,16 +84,24 @@ def launch_command(hosts: str, eval_args: list[str]) -> list[str]:
 # --- collectives on bytes --------------------------------------------------------------------------
 
 def gather_bytes(group, data: bytes) -> list[bytes]:
-    """Every rank's ``data``, in rank order, on every rank (two all-gathers: lengths, then bytes)."""
+    """Every rank's ``data``, in rank order, on every rank (two all-gathers: lengths, then bytes).
+
+    Each piece travels with its hash: after losing a peer the ring backend can hand back
+    zeros instead of raising, and that must read as a lost peer, never as data."""
     import mlx.core as mx
 
+    data = hashlib.sha256(data).digest()[:8] + data
     lengths = mx.distributed.all_gather(mx.array([len(data)], dtype=mx.int32), group=group)
     lengths = np.array(lengths).tolist()
     width = max(1, max(lengths))
     buffer = np.zeros(width, dtype=np.uint8)
     buffer[:len(data)] = np.frombuffer(data, dtype=np.uint8)
     rows = np.array(mx.distributed.all_gather(mx.array(buffer), group=group)).reshape(group.size(), width)
-    return [rows[r, :n].tobytes() for r, n in enumerate(lengths)]
+    pieces = [rows[r, :n].tobytes() for r, n in enumerate(lengths)]
+    for rank, piece in enumerate(pieces):
+        if len(piece) < 8 or hashlib.sha256(piece[8:]).digest()[:8] != piece[:8]:
+            raise RuntimeError(f"[ring] damaged data from rank {rank}: a peer was lost")
+    return [piece[8:] for piece in pieces]
 
 
 def gather_json(group, value) -> list:
@@ -196,7 +205,7 @@ def plan_round(queue: list[tuple[str, float]], speeds: list[Optional[float]]) ->
 def png_bytes(job: Job, result) -> bytes:
     """The exact file rank 0 would have written (same metadata), as bytes to send."""
     with tempfile.TemporaryDirectory(prefix="hidream-eval-") as tmp:
-        path = save_png(result.image, Path(tmp) / "image.png", image_metadata(job, result))
+        path = save_image(result.image, Path(tmp) / "image.png", image_metadata(job, result))
         return path.read_bytes()
 
 
@@ -216,24 +225,34 @@ def _unpack(data: bytes) -> tuple[list[tuple[dict, bytes]], float, float]:
     return rows, header["elapsed"], header["cost"]
 
 
+def lost_line(in_flight: list[str]) -> str:
+    """What rank 0 says when the group breaks: the jobs of the round in progress with no result."""
+    lost = ", ".join(in_flight) if in_flight else "none, every finished image is written"
+    return f"jobs lost (no result, made again on rerun): {lost}"
+
+
 def run_ranks(group, engine, jobs: list[Job], run=None, on_image: Optional[Callable[[int, int, dict], None]] = None,
-              log: Callable[[str], None] = lambda m: None) -> list[dict]:
+              in_flight: Optional[list[str]] = None) -> list[dict]:
     """The round loop, on every rank; ``run`` (the locked :class:`EvalRun`) only on rank 0.
-    Returns the rows written (rank 0) or made (other ranks)."""
+    Returns the rows written (rank 0) or made (other ranks). ``in_flight`` is kept, at every
+    moment, as the jobs handed out but not yet written: if the run is stopped (mlx.launch
+    sends SIGTERM to rank 0 as soon as another rank dies), the caller names them from it."""
     rank, size, host = group.rank(), group.size(), socket.gethostname()
+    in_flight = [] if in_flight is None else in_flight
     by_key = {job.key: job for job in jobs}
     requests = {job.key: job.request(engine.default_recipe) for job in jobs}
     queue = [(job.key, job_cost(req)) for job, req in run.pending(engine, jobs)] if rank == 0 else []
-    todo, done = len(queue), 0
+    todo = len(queue)
     speeds: list[Optional[float]] = [None] * size
     totals = [[0.0, 0.0] for _ in range(size)]  # per rank: cost done, seconds spent
     records, rss = [], PeakRss()
     while True:
-        plan = broadcast_json(group, plan_round(queue, speeds) if rank == 0 else None)
-        if not any(plan):
-            return records
-        rows, stored, start, cost = [], [], time.perf_counter(), 0.0
         try:
+            plan = broadcast_json(group, plan_round(queue, speeds) if rank == 0 else None)
+            if not any(plan):
+                return records
+            in_flight[:] = [k for keys in plan for k in keys]
+            rows, start, cost = [], time.perf_counter(), 0.0
             for key in plan[rank]:
                 job, request = by_key[key], requests[key]
                 with rss.measure():
@@ -243,40 +262,35 @@ def run_ranks(group, engine, jobs: list[Job], run=None, on_image: Optional[Calla
                     record = run._store(job, request, result, rss)
                     run.session["images"] += 1
                     run.save()
-                    done += 1
-                    stored.append(key)
+                    in_flight.remove(key)
                     records.append(record)
                     if on_image is not None:
-                        on_image(done, todo, record)
+                        on_image(len(records), todo, record)
                 else:
                     png = png_bytes(job, result)
                     rows.append((make_record(job, request, result, rss, hashlib.sha256(png).hexdigest(), rank, host),
                                  png))
             gathered = gather_bytes(group, _pack(rows, time.perf_counter() - start, cost))
-        except (RuntimeError, KeyboardInterrupt) as e:
-            if rank != 0 or (isinstance(e, RuntimeError) and "[ring]" not in str(e)):
+            if rank != 0:
+                records += [r for r, _ in rows]
+                continue
+            for r, data in enumerate(gathered):
+                got, elapsed, spent = _unpack(data)
+                if spent > 0 and elapsed > 0:
+                    totals[r][0] += spent
+                    totals[r][1] += elapsed
+                    speeds[r] = totals[r][0] / totals[r][1]
+                for record, png in got:
+                    records.append(run.store_remote(record, png))
+                    run.save()
+                    in_flight.remove(record["key"])
+                    if on_image is not None:
+                        on_image(len(records), todo, record)
+        except RuntimeError as e:
+            if "[ring]" not in str(e):
                 raise
-            lost = [k for r, keys in enumerate(plan) for k in keys if r != 0 or k not in stored]
-            # mlx.launch stops rank 0 with SIGTERM as soon as another rank dies.
-            what = ("stopped (by mlx.launch after another rank failed, or by you)" if isinstance(e, KeyboardInterrupt)
-                    else f"a host stopped ({e})")
-            log(f"{what} in the middle of a round; lost (no result, made again on rerun): {', '.join(lost)}")
-            if isinstance(e, KeyboardInterrupt):
-                raise
-            raise HostLost(f"a host stopped mid-run ({e}); {len(lost)} jobs lost: {', '.join(lost)}; every image "
-                           f"written is kept, rerun the same command to make the rest") from None
-        if rank != 0:
-            records += [r for r, _ in rows]
-            continue
-        for r, data in enumerate(gathered):
-            got, elapsed, spent = _unpack(data)
-            if spent > 0 and elapsed > 0:
-                totals[r][0] += spent
-                totals[r][1] += elapsed
-                speeds[r] = totals[r][0] / totals[r][1]
-            for record, png in got:
-                records.append(run.store_remote(record, png))
-                run.save()
-                done += 1
-                if on_image is not None:
-                    on_image(done, todo, record)
+            if rank != 0:
+                raise HostLost(f"rank {rank} lost its connection ({e}); rank 0's run folder keeps every image it "
+                               f"wrote, rerun the same command there to make the rest") from None
+            raise HostLost(f"a host stopped mid-run ({e}); every image written is kept, rerun the same command "
+                           f"to make the rest") from None
