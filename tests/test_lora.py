@@ -216,3 +216,50 @@ def test_options_pair_in_order_and_battery_entries_are_checked(tmp_path):
         specs_from_json([{"path": "x.safetensors", "scale": "big"}], "jobs[0]")
     with pytest.raises(LoRAError, match="LoRAs are read from .safetensors files only"):
         apply_lora(fresh(), LoRASpec((tmp_path / "x.pt"), 1.0)) if (tmp_path / "x.pt").write_bytes(b"x") else None
+
+
+CLI = ["generate", "--model", str(FIXTURES), "--prompt", "a red fox", "--no-snap", "--width", "256",
+       "--height", "256", "--seed", "3", "--recipe", "dev", "--steps", "2"]
+
+
+def cli(*args):
+    from click.testing import CliRunner
+
+    from hidream_mlx.cli import main
+
+    return CliRunner().invoke(main, [*CLI, *args])
+
+
+def test_cli_applies_paired_loras_and_records_them_in_the_png(tmp_path):
+    from hidream_mlx.images import read_metadata
+    from hidream_mlx.models.lora import sha256_of
+
+    a = write_lora(tmp_path / "a", lora_tensors(fresh(), 1), "kohya_unet")
+    b = write_lora(tmp_path / "b", lora_tensors(fresh(), 2, TARGETS[:2]), "peft")
+    out = tmp_path / "o.png"
+    result = cli("--lora", str(a), "--lora-scale", "0.5", "--lora-paths", str(b), "--output", str(out),
+                 "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    assert f"lora lora.safetensors: {len(TARGETS)} modules changed (merged), scale 0.5" in result.output
+    assert "lora lora.safetensors: 2 modules changed (merged), scale 1" in result.output
+    meta = read_metadata(out)
+    assert [(x["name"], x["scale"], x["sha256"]) for x in meta["loras"]] == [
+        ("lora.safetensors", 0.5, sha256_of(a)), ("lora.safetensors", 1.0, sha256_of(b))]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: bad_file(d, {"x_embedder.proj1.lora_A.weight": np.zeros((4, 7)),
+                            "x_embedder.proj1.lora_B.weight": np.zeros((16, 4))}), "the update is 16x7 but"),
+    (lambda d: bad_file(d, {"foo.lora_A.weight": np.zeros((4, 7)), "foo.lora_B.weight": np.zeros((16, 4))}),
+     "first unrecognised key: foo.lora_A.weight"),
+    (lambda d: bad_file(d, {"x_embedder.proj1.lora_A.weight": np.zeros((4, 3072)),
+                            "x_embedder.proj1.lora_B.weight": np.zeros((16, 4)),
+                            "x_embedder.proj9.lora_A.weight": np.zeros((4, 3072))}),
+     "key x_embedder.proj9.lora_A.weight targets a module this model does not have"),
+    (lambda d: d / "missing.safetensors", "missing.safetensors: no such LoRA file"),
+])
+def test_cli_bad_loras_give_one_clear_line(tmp_path, make, message):
+    result = cli("--lora", str(make(tmp_path)), "--output", str(tmp_path / "o.png"))
+    assert result.exit_code != 0 and message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 2
+    assert not (tmp_path / "o.png").exists()

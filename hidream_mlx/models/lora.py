@@ -131,6 +131,22 @@ def specs_from_json(items, where: str) -> list[LoRASpec]:
     return specs
 
 
+def check_path(path: Path | str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise LoRAError(f"{path}: no such LoRA file")
+    if path.suffix != ".safetensors":
+        raise LoRAError(f"{path}: LoRAs are read from .safetensors files only")
+    return path
+
+
+def checked_specs(specs: Sequence[LoRASpec]) -> list[LoRASpec]:
+    """``specs`` with every file checked to exist, so a typo fails before the weights load."""
+    for spec in specs:
+        check_path(spec.path)
+    return list(specs)
+
+
 def linear_targets(model: nn.Module) -> dict[str, nn.Module]:
     """Every module a LoRA may change, by our module path."""
     return {path: m for path, m in model.named_modules()
@@ -209,11 +225,7 @@ def sha256_of(path: Path) -> str:
 
 def read_lora(path: Path | str, targets: dict[str, nn.Module]) -> tuple[dict[str, LoRALayer], str]:
     """The file's layers by our module path, and the layout found; strict about every key."""
-    path = Path(path)
-    if not path.is_file():
-        raise LoRAError(f"{path}: no such LoRA file")
-    if path.suffix != ".safetensors":
-        raise LoRAError(f"{path}: LoRAs are read from .safetensors files only")
+    path = check_path(path)
     try:
         tensors = mx.load(str(path))
     except (RuntimeError, ValueError, OSError) as e:  # what mlx raises for a broken header
