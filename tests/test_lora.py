@@ -263,3 +263,31 @@ def test_cli_bad_loras_give_one_clear_line(tmp_path, make, message):
     assert result.exit_code != 0 and message in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 2
     assert not (tmp_path / "o.png").exists()
+
+
+def test_quantize_bakes_loras_in_before_quantizing_and_records_them(tmp_path):
+    from click.testing import CliRunner
+
+    from hidream_mlx.cli import main
+    from hidream_mlx.models.lora import sha256_of
+
+    tensors = lora_tensors(fresh())
+    path = write_lora(tmp_path / "l", tensors, "kohya_dotted")
+    out = tmp_path / "q8"
+    result = CliRunner().invoke(main, ["quantize", "--model", str(FIXTURES), "--bits", "8", "--output", str(out),
+                                       "--no-vision", "--lora", str(path), "--lora-scale", "0.6"])
+    assert result.exit_code == 0, result.output
+    assert f"baked in: lora lora.safetensors: {len(TARGETS)} modules changed" in result.output
+    loras = json.loads((out / "config.json").read_text())["hidream"]["loras"]
+    assert loras == [{"name": "lora.safetensors", "sha256": sha256_of(path), "scale": 0.6,
+                      "modules": len(TARGETS), "layout": "kohya"}]
+    baked = dict(load_model(out, dtype=mx.float32).named_modules())
+    want = dict(merge_by_hand(fresh(), tensors, 0.6).named_modules())
+    for name in TARGETS:
+        m = baked[name]
+        w = (mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
+             if isinstance(m, nn.QuantizedLinear) else m.weight)
+        ref = np.array(want[name].weight)
+        # bf16 storage, then 8-bit groups for the decoder: within that noise of the merged weight
+        assert np.abs(np.array(w) - ref).max() <= 0.02 * np.abs(ref).max(), name
+    assert isinstance(baked[TARGETS[0]], nn.QuantizedLinear)  # baked in: no side path, no LoRA at run time

@@ -63,8 +63,12 @@ def size_table(conversion) -> list[str]:
               help=f"Also measure each layer's output error on real activations ({REPORT_FILE}).")
 @click.option("--report-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
               help="Precision of the unquantized model that the report runs.")
+@click.option("--lora", "loras", multiple=True, metavar="PATH",
+              help="Bake this LoRA .safetensors in (merged in float32, then quantized; repeatable, in order).")
+@click.option("--lora-scale", "lora_scales", multiple=True, type=float, metavar="S",
+              help="Strength of the matching --lora, in order (default 1.0 each).")
 def quantize(model_arg, bits, recipe_name, recipe_file, group_size, no_vision, output, quantize_embeddings,
-             overwrite, report, report_dtype):
+             overwrite, report, report_dtype, loras=(), lora_scales=()):
     """Convert a checkpoint to affine-quantized MLX weights (Q4/Q6/Q8 and mixed recipes).
 
     The output folder loads with no flags: its config.json records mode, bits, group size and
@@ -73,6 +77,9 @@ def quantize(model_arg, bits, recipe_name, recipe_file, group_size, no_vision, o
     from hidream_mlx.quant.convert import convert
     from hidream_mlx.models.loading import parse_dtype
 
+    from hidream_mlx.models.lora import checked_specs, parse_lora_options
+
+    lora_specs = checked_specs(parse_lora_options(loras, lora_scales))
     recipe = choose_recipe(recipe_name, recipe_file)
     if quantize_embeddings:
         from dataclasses import replace
@@ -88,7 +95,9 @@ def quantize(model_arg, bits, recipe_name, recipe_file, group_size, no_vision, o
     click.echo(f"converting {model_arg} with recipe {recipe.name} -> {output}", err=True)
     conversion = convert(model_arg, output, recipe, bits=int(bits) if bits else None,
                          group_size=int(group_size) if group_size else None, include_vision=not no_vision,
-                         overwrite=overwrite, on_notice=notice, on_progress=progress)
+                         overwrite=overwrite, on_notice=notice, on_progress=progress, loras=lora_specs)
+    for lora in conversion.loras:
+        click.echo(f"baked in: {lora.line()}", err=True)
     q = conversion.config["quantization"]
     for width in sorted({q["bits"], *(v["bits"] for v in q.values() if isinstance(v, dict))}):
         if bits_warning(width):

@@ -223,8 +223,11 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_lora(path: Path | str, targets: dict[str, nn.Module]) -> tuple[dict[str, LoRALayer], str]:
-    """The file's layers by our module path, and the layout found; strict about every key."""
+def read_lora(path: Path | str, targets: dict) -> tuple[dict[str, LoRALayer], str]:
+    """The file's layers by our module path, and the layout found; strict about every key.
+
+    ``targets``: our module path -> the module, or its (out, in) shape (a checkpoint, no model).
+    """
     path = check_path(path)
     try:
         tensors = mx.load(str(path))
@@ -277,8 +280,10 @@ def read_lora(path: Path | str, targets: dict[str, nn.Module]) -> tuple[dict[str
     return layers, "+".join(sorted(layouts))
 
 
-def layer_shape(module: nn.Module) -> tuple[int, int]:
-    """(out, in) of a linear layer, quantized or not."""
+def layer_shape(module) -> tuple[int, int]:
+    """(out, in) of a linear layer, quantized or not (a shape tuple passes through)."""
+    if isinstance(module, tuple):
+        return module
     if isinstance(module, LoRALinear):
         module = module.base
     if isinstance(module, nn.QuantizedLinear):
@@ -342,3 +347,38 @@ def lora_memory(specs: Sequence[LoRASpec], quantized: bool) -> int:
     if not quantized:
         return 0
     return sum(Path(s.path).stat().st_size for s in specs if Path(s.path).is_file())
+
+
+def checkpoint_targets(infos: dict) -> dict[str, tuple[int, int]]:
+    """(out, in) of every linear layer in a checkpoint index (checkpoint name -> TensorInfo)."""
+    from hidream_mlx.models.loading import SKIPPED_PREFIXES, is_vision, module_name
+
+    out = {}
+    for name, info in infos.items():
+        path = module_name(name)
+        if (path.endswith(".weight") and len(info.shape) == 2 and not is_vision(path)
+                and not path.startswith(SKIPPED_PREFIXES) and "embed_tokens" not in path):
+            out[path[: -len(".weight")]] = (int(info.shape[0]), int(info.shape[1]))
+    return out
+
+
+def updates_for_checkpoint(specs: Sequence[LoRASpec], targets: dict[str, tuple[int, int]]):
+    """For baking LoRAs into a conversion: module path -> [(layer, factor)], and one summary each."""
+    updates: dict[str, list] = {}
+    summaries = []
+    for spec in specs:
+        layers, layout = read_lora(spec.path, targets)
+        for module_path, layer in layers.items():
+            updates.setdefault(module_path, []).append((layer, spec.scale * layer.alpha / layer.rank))
+        summaries.append(LoRASummary(spec.path.name, str(spec.path), sha256_of(spec.path), spec.scale, layout,
+                                     len(layers), len(layers), 0, tuple(sorted({l.rank for l in layers.values()})),
+                                     sum(l.A.nbytes + l.B.nbytes for l in layers.values())))
+    return updates, summaries
+
+
+def merged_weight(weight: mx.array, updates: Sequence) -> mx.array:
+    """``weight`` plus every (layer, factor) update, in float32 (the caller casts or quantizes)."""
+    w = weight.astype(mx.float32)
+    for layer, factor in updates:
+        w = w + factor * (layer.B.astype(mx.float32) @ layer.A.astype(mx.float32))
+    return w

@@ -20,7 +20,7 @@ import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 
@@ -36,6 +36,7 @@ from hidream_mlx.models.loading import (
     read_config,
     resolve_model_path,
 )
+from hidream_mlx.models.lora import checkpoint_targets, merged_weight, updates_for_checkpoint
 from hidream_mlx.quant.quantization import QuantPlan, QuantRecipe, quantize_weight, resolve_plan
 from hidream_mlx.recipes import recipe_for_model
 
@@ -77,6 +78,7 @@ class Conversion:
     shards: list[str]
     sizes: dict[str, ComponentSize] = field(default_factory=dict)
     notices: list[str] = field(default_factory=list)
+    loras: list = field(default_factory=list)  # LoRASummary of each LoRA baked in
 
     @property
     def total(self) -> ComponentSize:
@@ -155,7 +157,8 @@ def hidream_block(source_arg: str, source_dir: Path, stored: Optional[dict], rec
 
 def _convert_into(tmp: Path, infos: dict[str, TensorInfo], plan: QuantPlan, include_vision: bool,
                   shard_bytes: int, sizes: dict[str, ComponentSize],
-                  on_progress: Callable[[int, int, str], None]) -> tuple[list[str], dict[str, str]]:
+                  on_progress: Callable[[int, int, str], None],
+                  lora_updates: Optional[dict] = None) -> tuple[list[str], dict[str, str]]:
     writer = ShardWriter(tmp, shard_bytes)
     files = list(iter_checkpoint(infos))
     for done, (path, names) in enumerate(files):
@@ -169,6 +172,8 @@ def _convert_into(tmp: Path, infos: dict[str, TensorInfo], plan: QuantPlan, incl
             module, _, leaf = mpath.rpartition(".")
             size = sizes.setdefault(component_of(mpath), ComponentSize())
             size.params += source.size
+            if leaf == "weight" and lora_updates and module in lora_updates:
+                source = merged_weight(source, lora_updates[module])  # float32, before quantizing
             setting = plan.layers.get(module) if leaf == "weight" else None
             if setting is not None:
                 packed, scales, biases = quantize_weight(source, setting)
@@ -192,8 +197,12 @@ def _convert_into(tmp: Path, infos: dict[str, TensorInfo], plan: QuantPlan, incl
 def convert(source: str, output: Path | str, recipe: QuantRecipe, bits: Optional[int] = None,
             group_size: Optional[int] = None, include_vision: bool = True, overwrite: bool = False,
             shard_bytes: int = DEFAULT_SHARD_BYTES, on_notice: Callable[[str], None] = lambda _: None,
-            on_progress: Callable[[int, int, str], None] = lambda done, total, name: None) -> Conversion:
+            on_progress: Callable[[int, int, str], None] = lambda done, total, name: None,
+            loras: Sequence = ()) -> Conversion:
     """Convert ``source`` (repo id or folder, float32 or bf16 shards) into ``output``.
+
+    ``loras`` (LoRASpec) are merged into the float weights first, then quantized, and recorded in
+    the config's hidream block (``Conversion.loras`` holds their summaries).
 
     ``on_progress(done, total, file)`` is called before each input shard and once at the end.
     """
@@ -215,17 +224,20 @@ def convert(source: str, output: Path | str, recipe: QuantRecipe, bits: Optional
     notices = plan.notices()
     for line in notices:
         on_notice(line)
+    lora_updates, lora_summaries = updates_for_checkpoint(loras, checkpoint_targets(infos))
 
     tmp = _make_temp(output, "partial")
     try:
         sizes: dict[str, ComponentSize] = {}
-        shards, weight_map = _convert_into(tmp, infos, plan, include_vision, shard_bytes, sizes, on_progress)
+        shards, weight_map = _convert_into(tmp, infos, plan, include_vision, shard_bytes, sizes, on_progress,
+                                           lora_updates)
         index = {"metadata": {"total_size": sum(s.bytes for s in sizes.values())},
                  "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         new_config = config.replace(
             quantization=plan.description(),
-            hidream=hidream_block(source, source_dir, config.hidream, recipe, include_vision),
+            hidream={**hidream_block(source, source_dir, config.hidream, recipe, include_vision),
+                     **({"loras": [s.to_dict() for s in lora_summaries]} if lora_summaries else {})},
         ).to_dict()
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2))
         for name in TOKENIZER_FILES:
@@ -236,7 +248,7 @@ def convert(source: str, output: Path | str, recipe: QuantRecipe, bits: Optional
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Conversion(output, plan, new_config, shards,
-                      {k: sizes[k] for k in COMPONENTS if k in sizes}, notices)
+                      {k: sizes[k] for k in COMPONENTS if k in sizes}, notices, lora_summaries)
 
 
 def _within(inner: Path, outer: Path) -> bool:
