@@ -11,13 +11,22 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from hidream_mlx import __version__
-from hidream_mlx.models.loading import load_model, parse_dtype, read_config, resolve_model_path
+from hidream_mlx.models.loading import (
+    SKIPPED_PREFIXES,
+    assign,
+    check_against,
+    is_vision,
+    load_model_planned,
+    load_tensors,
+    parse_dtype,
+    select_tensors,
+)
 from hidream_mlx.memory import wired_limit
 from hidream_mlx.noise import make_noise_source
 from hidream_mlx.patches import patches_to_image
@@ -30,7 +39,8 @@ from hidream_mlx.pipeline import (
     initial_latent,
     sample,
 )
-from hidream_mlx.prompt import Tokenizer
+from hidream_mlx.models.source import SINGLE_FILE, ModelSource
+from hidream_mlx.prompt import UNCOND_PROMPT, Tokenizer
 from hidream_mlx.recipes import Recipe, get_recipe, recipe_for_model
 from hidream_mlx.seam_smoothing import SeamSmoothing, extra_passes
 from hidream_mlx.seams import blend_seams
@@ -50,9 +60,11 @@ class Request:
     references: tuple[str, ...] = ()  # image paths for editing / subject-driven generation
     layout: Optional[str] = None  # layout boxes (JSON text) placing the references
     keep_aspect: bool = False  # one reference: the output takes its aspect ratio
+    keep_aspect_budget: int = 2048  # with keep_aspect: the side of the square pixel area it is fitted into
     seam_smoothing: float = 0.0  # fraction of the final steps with the half-patch-shifted pass
     seam_window: str = "hann"
     seam_strength: float = 1.0
+    negative_prompt: Optional[str] = None  # replaces the unconditional prompt " " (CFG recipes only)
 
     @property
     def seams(self) -> SeamSmoothing:
@@ -79,9 +91,15 @@ class Request:
             "references": list(self.references),
             "layout": self.layout,
             "keep_aspect": self.keep_aspect,
+            **({"keep_aspect_budget": self.keep_aspect_budget} if self.keep_aspect else {}),
             **({"seam_smoothing": self.seams.describe(), "seam_passes": self.seam_passes}
                if self.seams.enabled else {}),
+            **({"negative_prompt": self.negative_prompt} if self.negative_prompt is not None else {}),
         }
+
+
+class NonFiniteLatentError(ValueError):
+    """The latent held NaN or inf after a step: the image would be black or garbage."""
 
 
 @dataclass
@@ -108,9 +126,10 @@ class Engine:
 
     def __init__(self, model: HiDreamO1, tokenizer: Optional[Tokenizer] = None, name: str = "in-memory",
                  stored: Optional[dict] = None, quantization: Optional[dict] = None, dtype: str = "float32",
-                 load_time: float = 0.0, path: Optional[Path] = None):
+                 load_time: float = 0.0, path: Optional[Path] = None, source: Optional[ModelSource] = None):
         self.model = model
         self.path = path
+        self.source = source
         self._vision = None
         # One-shot runs drop the vision tower once the references are encoded; batteries keep it.
         self.keep_vision = True
@@ -120,23 +139,46 @@ class Engine:
         self.quantization = quantization
         self.dtype = dtype
         self.load_time = load_time
-        self.default_recipe = recipe_for_model(name, self.stored)
+        self.loras: list = []  # LoRASummary per applied LoRA, recorded in every image's metadata
+        self.default_recipe = recipe_for_model(source.name if source is not None else name, self.stored)
+        # Batches set a dict here: text-to-image Conditioning reused across seeds of a prompt and size.
+        self.conditioning_cache: Optional[dict] = None
 
     @classmethod
-    def load(cls, model_arg: str, dtype: str = "bfloat16", quantize_bits: Optional[int] = None,
-             lazy: bool = False) -> "Engine":
+    def load(cls, model, dtype: str = "bfloat16", quantize_bits: Optional[int] = None,
+             lazy: bool = False, loras: Sequence = ()) -> "Engine":
+        """Load the transformer of ``model`` (a :class:`ModelSource`, or what resolves to one),
+        then apply ``loras`` (:class:`~hidream_mlx.models.lora.LoRASpec`, in order)."""
         start = time.perf_counter()
-        path = resolve_model_path(model_arg)
-        config = read_config(path)
-        quantizer = None
-        if config.quantization or quantize_bits:
-            from hidream_mlx.quant.quantization import skeleton_quantizer
+        source = ModelSource.resolve(model)
+        if source.layout == SINGLE_FILE:
+            return cls._load_single_file(source, dtype, quantize_bits, lazy, start).with_loras(loras)
+        path, config = source.path, source.config
+        model, plan = load_model_planned(path, dtype=parse_dtype(dtype), lazy=lazy, bits=quantize_bits)
+        quantization = plan.description if plan is not None else None
+        return cls(model, Tokenizer(source.tokenizer_dir or path), source.arg, config.hidream, quantization, dtype,
+                   time.perf_counter() - start, path, source).with_loras(loras)
 
-            quantizer = skeleton_quantizer(config, quantize_bits)
-        model = load_model(path, dtype=parse_dtype(dtype), lazy=lazy, quantize=quantizer)
-        quantization = quantizer.description if quantizer is not None else None
-        return cls(model, Tokenizer(path), model_arg, config.hidream, quantization, dtype,
-                   time.perf_counter() - start, path)
+    def with_loras(self, specs: Sequence) -> "Engine":
+        """Apply LoRAs (merged into float layers, side paths on quantized ones); summaries stack in ``loras``."""
+        from hidream_mlx.models.lora import apply_loras
+
+        self.loras = self.loras + apply_loras(self.model, specs)
+        return self
+
+    @classmethod
+    def _load_single_file(cls, source: ModelSource, dtype: str, quantize_bits: Optional[int], lazy: bool,
+                          start: float) -> "Engine":
+        """A single-file release: the config and index come from the source (there is no config.json)."""
+        if quantize_bits:
+            raise ValueError(f"{source.path}: -q with a single-file checkpoint is not supported yet; "
+                             "convert it with hidream-mlx quantize first")
+        model = HiDreamO1(source.config)
+        tensors = select_tensors(source.index, lambda n: not n.startswith(SKIPPED_PREFIXES) and not is_vision(n))
+        check_against(model, tensors, source.path)
+        assign(model, load_tensors(tensors, parse_dtype(dtype)), lazy=lazy)
+        return cls(model, Tokenizer(source.tokenizer_dir), source.arg, source.stored, None, dtype,
+                   time.perf_counter() - start, source.path, source)
 
     @property
     def vision(self):
@@ -158,9 +200,11 @@ class Engine:
 
         if self.path is None or self.tokenizer is None:
             raise ValueError("reference images need a model folder with a tokenizer and a vision tower")
-        processor = ImageProcessorConfig.from_file(self.path / "preprocessor_config.json")
+        side_files = self.source.tokenizer_dir if self.source is not None and self.source.tokenizer_dir else self.path
+        processor = ImageProcessorConfig.from_file(side_files / "preprocessor_config.json")
         refs = prepare_references(list(request.references), request.height, request.width, processor,
-                                  layout_boxes=request.layout, keep_original_aspect=request.keep_aspect)
+                                  layout_boxes=request.layout, keep_original_aspect=request.keep_aspect,
+                                  keep_aspect_size=request.keep_aspect_budget)
         if (refs.width, refs.height) != (request.width, request.height):
             request = dataclasses.replace(request, width=refs.width, height=refs.height,
                                           size_note=f"{refs.width}x{refs.height} (the reference's aspect)")
@@ -172,20 +216,22 @@ class Engine:
             "dtype": self.dtype,
             "quantization": self.quantization,
             "tool_version": __version__,
+            **({"loras": [s.to_dict() for s in self.loras]} if self.loras else {}),
         }
 
     def recipe(self, name: Optional[str] = None) -> Recipe:
         return get_recipe(name or self.default_recipe)
 
     def encode(self, request: Request, refs=None) -> Conditioning:
+        uncond = UNCOND_PROMPT if request.negative_prompt is None else request.negative_prompt
         if refs is not None:
             return encode_with_references(self.model, self.vision, self.tokenizer, request.prompt, refs,
-                                          request.recipe.guidance)
+                                          request.recipe.guidance, uncond)
         if self.tokenizer is None:
             return encode_synthetic(self.model, request.prompt, request.height, request.width,
                                     request.recipe.guidance)
         return encode(self.model, self.tokenizer, request.prompt, request.height, request.width,
-                      request.recipe.guidance)
+                      request.recipe.guidance, uncond)
 
     def steps(self, request: Request, cond: Conditioning) -> Iterator[Step]:
         noise = make_noise_source(request.noise, request.seed)
@@ -201,8 +247,14 @@ class Engine:
         mx.reset_peak_memory()
         start = time.perf_counter()
         refs, request = self.prepare(request)
-        cond = self.encode(request, refs)
-        mx.eval(cond.arrays)
+        key = (request.prompt, request.negative_prompt, request.height, request.width, request.recipe.uses_cfg)
+        cache = self.conditioning_cache if refs is None else None
+        cond = cache.get(key) if cache is not None else None
+        if cond is None:
+            cond = self.encode(request, refs)
+            mx.eval(cond.arrays)
+            if cache is not None:
+                cache[key] = cond
         del refs
         if not self.keep_vision:
             self._vision = None
@@ -213,8 +265,14 @@ class Engine:
         del cond  # the step generator holds the caches; they go when it is exhausted
         for step in steps:
             t0 = time.perf_counter()
-            mx.eval(step.latent, step.preview)
+            finite = mx.isfinite(step.latent).all()
+            mx.eval(step.latent, step.preview, finite)
             step_times.append(time.perf_counter() - t0)
+            # Already evaluated with the step, so reading it costs no extra device sync.
+            if not bool(finite):
+                raise NonFiniteLatentError(
+                    f"the latent became non-finite (NaN or inf) at step {step.index + 1} of {step.total}; "
+                    "no image written (check --guidance, --noise-scale and the model's weights)")
             latent = step.latent
             if on_step is not None:
                 on_step(step, step_times[-1])

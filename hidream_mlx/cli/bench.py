@@ -6,6 +6,8 @@ ValueError (and the loader's ModelLoadError), which the CLI group turns into one
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 DTYPE_CHOICES = ["bfloat16", "float16", "float32"]
@@ -28,6 +30,8 @@ def _size_table(sizes: dict) -> list[str]:
 
 
 @click.command("info")
+@click.argument("image", required=False, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="With IMAGE: print its stored hidream-mlx object as JSON.")
 @click.option("--model", "model_arg", default=None, help="Model folder or Hugging Face repo id (only headers are read).")
 @click.option("--random-weights", "dims", type=click.Choice(["tiny", "mid", "real"]), default=None,
               help="Describe a random-weight model of these dims instead (as `bench` builds).")
@@ -42,8 +46,17 @@ def _size_table(sizes: dict) -> list[str]:
               help="CFG scale of the request (default: the model's recipe; > 1 adds the uncond pass).")
 @click.option("--text-tokens", type=int, default=128, show_default=True,
               help="Prompt length assumed for the prefix cache and attention.")
-def info(model_arg, dims, layers, bits, dtype, width, height, guidance, text_tokens):
-    """Parameters and bytes per component, predicted peak memory for a request, and this machine's memory."""
+def info(model_arg, dims, layers, bits, dtype, width, height, guidance, text_tokens, image=None, as_json=False):
+    """Parameters and bytes per component, predicted peak memory for a request, and this machine's memory.
+
+    With an IMAGE we wrote: the recipe it carries (``--json``: the stored object itself)."""
+    if image is not None:
+        from hidream_mlx.reproduce import describe_image
+
+        if not image.is_file():
+            raise ValueError(f"{image}: image not found")
+        click.echo(describe_image(image, as_json))
+        return
     from hidream_mlx.memory import (
         checkpoint_sizes,
         format_bytes,
@@ -133,12 +146,29 @@ def info(model_arg, dims, layers, bits, dtype, width, height, guidance, text_tok
 @click.option("--repeats", type=int, default=3, show_default=True, help="Runs of --steps steps per variant.")
 @click.option("--prompt-tokens", type=int, default=100, show_default=True,
               help="Length T of the synthetic prompt (with boi and tms).")
-@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="float32", show_default=True,
-              help="float32 on CPU: MLX's CPU bf16 matmul is ~15x slower.")
-def bench(dims, layers, bits, size, steps, guidance, compare_naive, compare_cfg, repeats, prompt_tokens, dtype):
-    """Time denoising steps on random weights (no download): s/step, tokens, peak memory."""
-    from hidream_mlx.harness.bench import BenchConfig, report_lines, run_bench
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
+              help="Default float32 (MLX's CPU bf16 matmul is ~15x slower); bfloat16 with --load-only, as generate.")
+@click.option("--load-only", is_flag=True, help="Only load --model as text-to-image generate does; print time and peak RSS.")
+@click.option("--model", "model_arg", default=None, help="With --load-only: model folder or Hugging Face repo id.")
+def bench(dims, layers, bits, size, steps, guidance, compare_naive, compare_cfg, repeats, prompt_tokens, dtype,
+          load_only, model_arg):
+    """Time denoising steps on random weights (no download): s/step, tokens, peak memory.
 
+    With --load-only --model PATH: load the folder (as text-to-image generate does) and print, last,
+    `load <seconds> s, peak RSS <x> GiB, weights <y> GiB` (peak RSS: the process high-water mark).
+    """
+    from hidream_mlx.harness.bench import BenchConfig, load_line, report_lines, run_bench, run_load
+
+    if load_only != (model_arg is not None):
+        raise ValueError("--load-only and --model go together")
+    if load_only:
+        result = run_load(model_arg, int(bits) if bits else None, dtype or "bfloat16")
+        if result.quantization:
+            click.echo(f"quantization: {result.quantization.get('bits')} bits, group size "
+                       f"{result.quantization.get('group_size')}", err=True)
+        click.echo(load_line(result))
+        return
+    dtype = dtype or "float32"
     config = BenchConfig(dims=dims, layers=layers, quantize=int(bits) if bits else None, size=size, steps=steps,
                          guidance=guidance, prompt_tokens=prompt_tokens, repeats=repeats, dtype=dtype,
                          compare_naive=compare_naive, compare_cfg=compare_cfg)

@@ -11,6 +11,9 @@
 Every variant runs the same flow-match Euler loop from the same latent, so the ratios compare
 the model cost alone. Memory is measured for the cached variant, which runs first: the peak of
 the process RSS (polled by a thread, and ``ru_maxrss``) and MLX's own peak.
+
+``run_load`` (``bench --load-only``) instead loads a real folder exactly as text-to-image
+``generate`` does and reports the load's time and the process high-water mark.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from mlx.utils import tree_flatten
 from hidream_mlx import pipeline
 from hidream_mlx.memory import format_bytes, parameter_bytes, predict_peak_bytes
 from hidream_mlx.patches import grid_size
-from hidream_mlx.harness.peak_rss import PeakRss
+from hidream_mlx.generation import Engine
+from hidream_mlx.harness.peak_rss import PeakRss, ru_maxrss_bytes
 from hidream_mlx.pipeline import Conditioning, encode_prompt_state
 from hidream_mlx.positions import t2i_positions
 from hidream_mlx.quant.quantization import quantize_in_memory
@@ -101,6 +105,14 @@ class BenchResult:
 
     def variant(self, name: str) -> Optional[VariantResult]:
         return next((v for v in self.variants if v.name == name), None)
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    seconds: float
+    peak_rss: int  # ru_maxrss after the load: the process high-water mark, not a sample
+    weight_bytes: int
+    quantization: Optional[dict]
 
 
 @dataclass(frozen=True)
@@ -260,3 +272,21 @@ def report_lines(result: BenchResult) -> list[str]:
 
 def _percent(predicted: int, measured: int) -> str:
     return f"{100.0 * (predicted - measured) / measured:+.1f}%"
+
+
+def run_load(model_arg: str, bits: Optional[int] = None, dtype: str = "bfloat16") -> LoadResult:
+    """Load what text-to-image ``generate`` loads (no vision tower), every weight evaluated."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    start = time.perf_counter()
+    engine = Engine.load(model_arg, dtype=dtype, quantize_bits=bits)
+    mx.eval(engine.model.parameters())
+    seconds = time.perf_counter() - start
+    return LoadResult(seconds, ru_maxrss_bytes(), parameter_bytes(engine.model), engine.quantization)
+
+
+def load_line(result: LoadResult) -> str:
+    """``bench --load-only``'s last stdout line; scripts parse it."""
+    gib = 2 ** 30
+    return (f"load {result.seconds:.1f} s, peak RSS {result.peak_rss / gib:.2f} GiB, "
+            f"weights {result.weight_bytes / gib:.2f} GiB")

@@ -19,6 +19,13 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from hidream_mlx.models.o1.config import ModelConfig
+from hidream_mlx.quant.quantization import (
+    DEFAULT_GROUP_SIZE,
+    LoadPlan,
+    apply_plan,
+    load_plan,
+    quantize_tensor,
+)
 
 # Never loaded: image generation has no use for the language-model head.
 SKIPPED_PREFIXES = ("lm_head.",)
@@ -220,36 +227,64 @@ def is_vision(name: str) -> bool:
     return name.startswith(VISION_PREFIX)
 
 
-def load_model(
-    model_dir: Path | str,
-    dtype: mx.Dtype = mx.bfloat16,
-    lazy: bool = False,
-    quantize: Optional[Callable[[nn.Module, ModelConfig], None]] = None,
-):
-    """Build the transformer from a folder and load its weights (vision tower left out).
+def stream_into(module: nn.Module, tensors: dict[str, TensorInfo], dtype: mx.Dtype,
+                plan: Optional[LoadPlan] = None, lazy: bool = False) -> None:
+    """Read, convert and assign ``tensors`` one at a time, so a load costs its weights alone.
 
-    ``quantize`` (from :mod:`hidream_mlx.quantization`) turns the skeleton's linears into
-    quantized ones before loading; a folder whose config.json carries a quantization block gets
-    one without asking. If it has an ``after_load`` method, that runs on the loaded (still lazy)
-    weights, which is how ``-q BITS`` quantizes a float folder without holding it all in floats.
+    Each tensor is read (float tensors cast to ``dtype``; with an in-memory ``plan`` a planned
+    linear's weight quantized at once), evaluated and assigned before the next is touched, and its
+    float copy is freed right away (MLX's buffer cache is off meanwhile). Largest first: the one
+    transient float copy is biggest while little else is resident. ``lazy`` assigns unevaluated.
     """
+    quantize_here = plan is not None and not plan.stored
+    shards: dict[Path, dict[str, mx.array]] = {}
+    previous_limit = mx.set_cache_limit(0)
+    try:
+        for name in sorted(tensors, key=lambda n: (-tensors[n].nbytes, n)):
+            info = tensors[name]
+            if info.file not in shards:
+                shards[info.file] = open_shard(info.file)
+            source = shards[info.file].pop(info.name)  # the shard dict must not keep it alive
+            path, _, leaf = name.rpartition(".")
+            setting = plan.layers.get(path) if quantize_here and leaf == "weight" else None
+            if setting is not None:
+                items = quantize_tensor(path, source, setting, dtype)
+            else:
+                items = [(name, source.astype(dtype) if mx.issubdtype(source.dtype, mx.floating) else source)]
+            module.load_weights(items, strict=False)
+            if not lazy:
+                mx.eval([a for _, a in items])
+            del source, items
+    finally:
+        mx.set_cache_limit(previous_limit)
+        mx.clear_cache()
+
+
+def load_model_planned(model_dir: Path | str, dtype: mx.Dtype = mx.bfloat16, lazy: bool = False,
+                       bits: Optional[int] = None, group_size: int = DEFAULT_GROUP_SIZE):
+    """``load_model`` that also returns the quantization plan the model runs with (or None)."""
     from hidream_mlx.models.o1.transformer import HiDreamO1
 
     model_dir = Path(model_dir)
     config = read_config(model_dir)
-    if quantize is None and config.quantization:
-        from hidream_mlx.quant.quantization import skeleton_quantizer
-
-        quantize = skeleton_quantizer(config)
     model = HiDreamO1(config)
-    if quantize is not None:
-        quantize(model, config)
+    plan = load_plan(model, config.quantization, bits, group_size)
     tensors = select_tensors(checkpoint_index(model_dir), lambda n: not is_vision(n))
-    check_against(model, tensors, model_dir)
-    after_load = getattr(quantize, "after_load", None)
-    assign(model, load_tensors(tensors, dtype), lazy=lazy or after_load is not None)
-    if after_load is not None:
-        after_load(model)
-        if not lazy:
-            mx.eval(model.parameters())
-    return model
+    if plan is not None and not plan.stored:
+        check_against(model, tensors, model_dir)  # the float names and shapes the folder holds
+    if plan is not None:
+        apply_plan(model, plan.layers)  # quantized layers in the skeleton, before any weight is read
+    if plan is None or plan.stored:
+        check_against(model, tensors, model_dir)
+    stream_into(model, tensors, dtype, plan, lazy)
+    return model, plan
+
+
+def load_model(model_dir: Path | str, dtype: mx.Dtype = mx.bfloat16, lazy: bool = False,
+               bits: Optional[int] = None, group_size: int = DEFAULT_GROUP_SIZE):
+    """Build the transformer from a folder and load its weights (vision tower left out).
+
+    A folder whose config.json carries a quantization block loads quantized without asking;
+    ``bits`` quantizes a float folder's decoder linears as they are read (``-q BITS``).
+    """
+    return load_model_planned(model_dir, dtype, lazy, bits, group_size)[0]
