@@ -291,3 +291,27 @@ def test_quantize_bakes_loras_in_before_quantizing_and_records_them(tmp_path):
         # bf16 storage, then 8-bit groups for the decoder: within that noise of the merged weight
         assert np.abs(np.array(w) - ref).max() <= 0.02 * np.abs(ref).max(), name
     assert isinstance(baked[TARGETS[0]], nn.QuantizedLinear)  # baked in: no side path, no LoRA at run time
+
+
+def test_loading_a_rank_64_lora_costs_its_own_size_plus_one_layer(tmp_path):
+    from hidream_mlx.models.lora import linear_targets
+
+    model = fresh()
+    decoder = [p for p in linear_targets(model) if p.startswith("language_model.layers")]
+    rng = np.random.default_rng(0)
+    modules = dict(model.named_modules())
+    data = {}
+    for p in decoder:
+        o, i = modules[p].weight.shape
+        data[f"{p}.lora_A.weight"] = mx.array(rng.normal(size=(64, i)).astype(np.float32))
+        data[f"{p}.lora_B.weight"] = mx.array(rng.normal(size=(o, 64)).astype(np.float32))
+    path = tmp_path / "r64.safetensors"
+    mx.save_safetensors(str(path), data)
+    del data
+    layer = max(modules[p].weight.nbytes for p in decoder)
+    mx.eval(model.parameters())
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    apply_lora(model, LoRASpec(path))
+    assert mx.get_peak_memory() - before <= path.stat().st_size + layer
