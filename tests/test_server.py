@@ -3,7 +3,11 @@
 import base64
 import io
 import json
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -11,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import FIXTURES
 from PIL import Image
-from server_helpers import QUICK, running_server
+from server_helpers import QUICK, free_port, running_server
 
 from hidream_mlx.cli import main
 from hidream_mlx.images import read_metadata
@@ -208,3 +212,40 @@ def test_models_and_health_describe_the_loaded_model(client):
 def test_serve_refuses_a_public_host_without_a_token():
     result = CliRunner().invoke(main, ["serve", "--model", str(FIXTURES), "--host", "0.0.0.0"])
     assert result.exit_code != 0 and "--token" in result.output
+
+
+def test_a_negative_prompt_needs_cfg_as_on_the_cli(client):
+    response = client.post("/v1/images/generations", json={"prompt": "x", "negative_prompt": "blur", "guidance": 1,
+                                                          **QUICK})
+    assert response.status_code == 400 and "needs CFG" in response.json()["error"]["message"]
+
+
+def test_sigterm_cancels_the_running_job_and_exits_cleanly_with_nothing_half_written(tmp_path):
+    """The real ``hidream-mlx serve`` process, stopped mid-render."""
+    port = free_port()
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", "from hidream_mlx.cli import main; main()", "serve", "--model",
+                             str(FIXTURES), "--dtype", "float32", "--port", str(port), "--output-dir", str(out)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.time() < deadline, "the server did not start"
+                time.sleep(0.2)
+        job = httpx.post(f"{url}/v1/jobs", json={"prompt": "long", **QUICK, "steps": 200}).json()
+        while httpx.get(f"{url}/v1/jobs/{job['id']}").json()["state"] != "running":
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # The CLI's convention for a stop signal (128 + signum), after an orderly shutdown.
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Application shutdown complete" in stderr and "Traceback" not in stderr
+    assert [p.name for p in out.iterdir()] == []  # the cancelled render left no file, whole or partial

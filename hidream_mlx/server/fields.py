@@ -21,7 +21,7 @@ from typing import Optional
 from PIL import Image, UnidentifiedImageError
 
 from hidream_mlx.generation import Request
-from hidream_mlx.requests import build_request
+from hidream_mlx.batch import make_request as build_one
 
 
 class BadRequest(ValueError):
@@ -40,7 +40,7 @@ CLI_FIELDS: dict[str, tuple] = {
     "steps": (int,), "guidance": NUMBER, "shift": NUMBER, "noise_scale": NUMBER, "s_noise": NUMBER,
     "noise_clip": NUMBER, "noise": (str,), "blend_seams": (int,), "seam_smoothing": NUMBER,
     "seam_window": (str,), "seam_strength": NUMBER, "keep_aspect": (bool,), "layout": (str, list, dict),
-    "lora": (str, list),
+    "negative_prompt": (str,), "lora": (str, list),
 }
 OPENAI_FIELDS: dict[str, tuple] = {
     "prompt": (str,), "n": (int,), "size": (str,), "response_format": (str,), "model": (str,), "user": (str,),
@@ -158,8 +158,8 @@ def build_spec(engine, body: dict, limits: Limits, reference_dir: Path, lora_dir
                uploads: Optional[list[Image.Image]] = None) -> Spec:
     """Every check of one body, then one :class:`Request` per image through the CLI's builder.
 
-    This is the single place where a body becomes requests, so it is the one to change if the
-    shared builder's signature changes.
+    This is the single place where a body becomes requests; it calls the CLI's own builder
+    (``batch.make_request``: ``requests.build_request`` plus the negative prompt).
     """
     check_types(body)
     prompt = body.get("prompt")
@@ -207,7 +207,7 @@ def build_spec(engine, body: dict, limits: Limits, reference_dir: Path, lora_dir
 
 def make_request(engine, prompt: str, options: dict, refs: list[str]) -> Request:
     try:
-        return build_request(engine, prompt=prompt, refs=refs, **options)
+        return build_one(engine, {**options, "prompt": prompt, "refs": refs})
     except (ValueError, OSError) as e:
         raise BadRequest(str(e)) from None
 
