@@ -9,7 +9,7 @@ from conftest import FIXTURES, load_case
 from PIL import Image
 
 from hidream_mlx.cli import main
-from hidream_mlx.png import read_metadata
+from hidream_mlx.images import read_metadata
 
 REF = str(FIXTURES / "edit_ref.png")
 

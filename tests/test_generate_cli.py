@@ -12,7 +12,7 @@ from conftest import FIXTURES
 from PIL import Image
 
 from hidream_mlx.cli import main
-from hidream_mlx.png import read_metadata
+from hidream_mlx.images import read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["generate", "--model", str(FIXTURES), "--prompt", "a red fox", "--no-snap", "--width", "256",

@@ -11,7 +11,7 @@ from conftest import FIXTURES
 
 from hidream_mlx.cli import Terminated, install_signal_handlers
 from hidream_mlx.files import atomic_output
-from hidream_mlx.png import read_metadata
+from hidream_mlx.images import read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATE = [sys.executable, str(ROOT / "generate_hidream_mlx.py"), "--model", str(FIXTURES), "--prompt", "a fox",

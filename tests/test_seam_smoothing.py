@@ -13,7 +13,7 @@ from hidream_mlx.models.o1.config import PATCH_SIZE
 from hidream_mlx.models.o1.transformer import PrefixCache
 from hidream_mlx.patches import patchify
 from hidream_mlx.pipeline import Conditioning, PromptState, sample
-from hidream_mlx.png import read_metadata
+from hidream_mlx.images import read_metadata
 from hidream_mlx.positions import t2i_positions
 from hidream_mlx.recipes import get_recipe
 from hidream_mlx.seam_smoothing import SeamSmoothing, SeamSmoothingError, extra_passes, shifted_weight

@@ -7,15 +7,13 @@ from pathlib import Path
 
 import click
 
-from hidream_mlx.files import check_output_path
-from hidream_mlx.generation import Engine, preview_image
+from hidream_mlx.cli.render import from_image_settings, given_on_command_line, plan, render, summary
+from hidream_mlx.generation import Engine
 from hidream_mlx.memory import check_fits_folder, format_bytes
 from hidream_mlx.models.loading import parse_dtype
-from hidream_mlx.models.source import ModelSource
-from hidream_mlx.png import save_png
 from hidream_mlx.recipes import PRESETS as PRESET_NAMES
 from hidream_mlx.recipes import RECIPES as RECIPE_NAMES
-from hidream_mlx.requests import SEED_MAX, USED_BY, build_request, check_number, range_help
+from hidream_mlx.requests import SEED_MAX, USED_BY, check_number, range_help
 
 DEFAULT_MODEL = "HiDream-ai/HiDream-O1-Image-Dev"
 
@@ -34,9 +32,20 @@ def _print_summary(result, engine, elapsed_note: str = "") -> None:
 @click.command("generate")
 @click.option("--model", "model_arg", default=DEFAULT_MODEL, show_default=True,
               help="Hugging Face repo id or local folder (official or quantized layout).")
-@click.option("--prompt", required=True, help="What to draw.")
-@click.option("--output", "-o", default="image.png", show_default=True, type=click.Path(path_type=Path))
-@click.option("--seed", type=int, default=None, help=f"Random seed, 0 to {SEED_MAX} (default: a random one, printed and stored).")
+@click.option("--prompt", default=None, help="What to draw (required unless --prompt-file or --from-image).")
+@click.option("--prompt-file", type=click.Path(path_type=Path), default=None,
+              help="One prompt per line, or JSONL objects with per-line settings named like these options "
+                   "with underscores (\"prompt\", \"seed\", \"steps\", ...).")
+@click.option("--negative-prompt", default=None, help="Replaces the unconditional prompt (recipes with CFG only).")
+@click.option("--from-image", type=click.Path(path_type=Path), default=None, metavar="IMAGE",
+              help="Take every setting from an image we wrote; flags given here (and a --preset's) win.")
+@click.option("--output", "-o", default="image.png", show_default=True, type=click.Path(path_type=Path),
+              help="Output .png/.jpg/.jpeg/.webp; {seed}, {n} (1-based) and {prompt} are filled in.")
+@click.option("--quality", type=int, default=None, help="1-100: JPEG quality (default 95); makes WebP lossy.")
+@click.option("--seed", "seeds", type=int, multiple=True,
+              help=f"Random seed, 0 to {SEED_MAX}; repeatable (default: a random one, printed and stored).")
+@click.option("--count", type=int, default=None, metavar="N",
+              help="N images: the given seed and the next N-1, or N random seeds.")
 @click.option("--width", type=int, default=None, help=f"Width in pixels, {range_help('width')} (default 2048, or the preset's; with --keep-aspect the pixel budget).")
 @click.option("--height", type=int, default=None, help=f"Height in pixels, {range_help('height')} (default 2048, or the preset's; with --keep-aspect the pixel budget).")
 @click.option("--no-snap", is_flag=True, help="Render the exact size instead of the closest official bucket.")
@@ -72,42 +81,40 @@ def _print_summary(result, engine, elapsed_note: str = "") -> None:
 @click.option("--keep-aspect", is_flag=True, help="One reference: the output takes its aspect ratio, fitted into the --width x --height pixel area (default 2048x2048).")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @click.option("--force", is_flag=True, help="Run even if the memory estimate says it will not fit.")
-def generate(model_arg, prompt, output, seed, width, height, no_snap, recipe, preset, steps, guidance, shift,
+def generate(model_arg, prompt, output, seeds, width, height, no_snap, recipe, preset, steps, guidance, shift,
              noise_scale, s_noise, noise_clip, noise, blend_seams, preview_every, dtype, quantize_bits,
-             refs, layout, keep_aspect, overwrite, force, seam_smoothing=0.0, seam_window="hann", seam_strength=1.0):
-    """Generate one image from a prompt."""
+             refs, layout, keep_aspect, overwrite, force, seam_smoothing=0.0, seam_window="hann", seam_strength=1.0,
+             prompt_file=None, negative_prompt=None, from_image=None, quality=None, count=None):
+    """Generate images from a prompt (several seeds or a prompt file: one model load)."""
     check_number("preview_every", preview_every)
-    check_output_path(output, overwrite)
-    # Everything that can be refused is refused before the (possibly 30 GB) weights load.
-    source = ModelSource.resolve(model_arg)
-    request = build_request(
-        source, prompt=prompt, seed=seed, width=width, height=height, no_snap=no_snap, recipe=recipe,
-        preset=preset, steps=steps, guidance=guidance, shift=shift, noise_scale=noise_scale, s_noise=s_noise,
-        noise_clip=noise_clip, noise=noise, blend_seams=blend_seams, seam_smoothing=seam_smoothing,
-        seam_window=seam_window, seam_strength=seam_strength, refs=refs, layout=layout, keep_aspect=keep_aspect,
-        note=lambda line: click.echo(line, err=True))
-    rec = request.recipe
-    bits = int(quantize_bits) if quantize_bits else None
+    note = lambda line: click.echo(line, err=True)  # noqa: E731
+    ctx = click.get_current_context()
+    params = dict(ctx.params)
+    if from_image is not None:
+        params = from_image_settings(from_image, params, given_on_command_line(ctx, params), note)
+    # Everything that can be refused (every job and output name) is refused before the weights load.
+    source, jobs, requests = plan(params, note)
+    dtype = params["dtype"]
+    bits = int(params["quantize_bits"]) if params["quantize_bits"] else None
     if not force:
-        check_fits_folder(source, parse_dtype(dtype).size, bits, request.width, request.height, rec.uses_cfg)
+        for w, h, cfg in sorted({(r.width, r.height, r.recipe.uses_cfg) for r in requests}):
+            check_fits_folder(source, parse_dtype(dtype).size, bits, w, h, cfg)
 
     engine = Engine.load(source, dtype=dtype, quantize_bits=bits)
-    engine.keep_vision = False
-    click.echo(f"size {request.size_note}; recipe {rec.name}, {rec.steps} steps, guidance {rec.guidance:g}, "
-               f"seed {request.seed} (model loaded in {engine.load_time:.1f} s)", err=True)
-    if not rec.official:
-        subset = f" ({rec.steps} of the 28 distilled timesteps)" if rec.distilled and rec.steps < 28 else ""
-        click.echo(f"note: settings differ from the released {rec.name} recipe{subset}", err=True)
+    engine.keep_vision = len(jobs) > 1 and any(r.references for r in requests)
+    click.echo(f"model loaded once in {engine.load_time:.1f} s"
+               f"{f' for {len(jobs)} images' if len(jobs) > 1 else ''}", err=True)
 
-    with click.progressbar(length=rec.steps, label="sampling", file=sys.stderr,
-                           show_eta=True, item_show_func=lambda s: s) as bar:
-        def on_step(step, seconds):
-            bar.update(1, f"{seconds:.2f} s/step")
-            if preview_every and (step.index + 1) % preview_every == 0 and step.index + 1 < step.total:
-                path = output.with_name(f"{output.stem}.step{step.index + 1:03d}{output.suffix}")
-                save_png(preview_image(step, request), path, overwrite=True)
+    def announce(request):
+        rec = request.recipe
+        click.echo(f"size {request.size_note}; recipe {rec.name}, {rec.steps} steps, guidance {rec.guidance:g}, "
+                   f"seed {request.seed}", err=True)
+        if not rec.official:
+            subset = f" ({rec.steps} of the 28 distilled timesteps)" if rec.distilled and rec.steps < 28 else ""
+            click.echo(f"note: settings differ from the released {rec.name} recipe{subset}", err=True)
 
-        result = engine.run(request, on_step)
-    save_png(result.image, output, result.metadata, overwrite=overwrite)
-    _print_summary(result, engine)
-    click.echo(str(output))
+    written = render(engine, jobs, requests, params, announce, lambda result: _print_summary(result, engine))
+    if summary(written):
+        click.echo(summary(written), err=True)
+    for path in written:
+        click.echo(str(path))

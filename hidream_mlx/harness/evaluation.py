@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Optional
 
 from hidream_mlx.harness.batteries import DEFAULT_SEED, DEFAULT_SIZE, BatteryItem, Variant, eval_size
 from hidream_mlx.harness.peak_rss import PeakRss, reset_high_water, ru_maxrss_bytes
-from hidream_mlx.png import save_png
+from hidream_mlx.images import save_image
 from hidream_mlx.recipes import get_recipe
 from hidream_mlx.seams import grid_energy_axes
 
@@ -296,7 +296,7 @@ class EvalRun:
     def _store(self, job: Job, request, result, rss: PeakRss) -> dict:
         image_path = self.rundir / job.image_path
         image_path.parent.mkdir(parents=True, exist_ok=True)
-        save_png(result.image, image_path, image_metadata(job, result), overwrite=True)
+        save_image(result.image, image_path, image_metadata(job, result), overwrite=True)
         record = make_record(job, request, result, rss, sha256_file(image_path))
         append_result(self.rundir, record)
         return record

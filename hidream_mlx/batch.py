@@ -1,0 +1,177 @@
+"""Many images per load: the jobs a command line asks for, and the files they will write.
+
+A batch is a list of (prompt, seed, settings) jobs from repeated ``--seed``, ``--count N`` and
+``--prompt-file`` (one prompt per line, or JSONL objects whose keys are named like the CLI
+options with underscores). Every job's request and output path is checked before the model
+loads; two jobs that would write the same file are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from hidream_mlx.files import check_output_path
+from hidream_mlx.images import image_format
+from hidream_mlx.requests import SEED_MAX, RequestError, build_request, check_number
+from hidream_mlx.requests import SPECIAL_TOKEN
+
+# Per-line settings a JSONL prompt file may carry (build_request's options, plus the prompt).
+LINE_KEYS = ("prompt", "seed", "width", "height", "no_snap", "recipe", "preset", "steps", "guidance", "shift",
+             "noise_scale", "s_noise", "noise_clip", "noise", "blend_seams", "seam_smoothing", "seam_window",
+             "seam_strength", "negative_prompt")
+PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+PLACEHOLDERS = ("seed", "n", "prompt")
+SLUG_LENGTH = 40
+
+
+@dataclass
+class Job:
+    n: int  # 1-based position in the batch
+    prompt: str
+    seed: int
+    settings: dict = field(default_factory=dict)  # per-job options over the command line's
+    output: Optional[Path] = None
+
+
+def expand_seeds(seeds: tuple, count: Optional[int]) -> list[int]:
+    """Seeds for one prompt: the given ones; with ``count`` the given one and the next count-1, or
+    count random ones. No seed at all draws one (so an output name can show it)."""
+    for seed in seeds:
+        check_number("seed", seed)
+    if count is None:
+        return list(seeds) or [secrets.randbelow(SEED_MAX + 1)]
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise RequestError(f"--count must be a whole number >= 1, got {count}")
+    if len(seeds) > 1:
+        raise RequestError("--count takes at most one --seed (the first of the run)")
+    if not seeds:
+        return [secrets.randbelow(SEED_MAX + 1) for _ in range(count)]
+    if seeds[0] + count - 1 > SEED_MAX:
+        raise RequestError(f"--seed {seeds[0]} --count {count} runs past the largest seed {SEED_MAX}")
+    return [seeds[0] + i for i in range(count)]
+
+
+def read_prompt_file(path: Path | str) -> list[dict]:
+    """One dict per prompt (``prompt`` plus any per-line settings); errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise RequestError(f"{path}: prompt file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"{path}: prompt file is not UTF-8 text ({e.reason})") from None
+    entries = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        where = f"{path}:{number}"
+        if not line.startswith("{"):
+            entries.append({"prompt": line, "line": where})
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError as e:
+            raise RequestError(f"{where}: not a JSON object ({e.msg})") from None
+        if not isinstance(entry, dict):
+            raise RequestError(f"{where}: not a JSON object")
+        unknown = sorted(set(entry) - set(LINE_KEYS))
+        if unknown:
+            raise RequestError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(LINE_KEYS)})")
+        if not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
+            raise RequestError(f"{where}: no \"prompt\" text")
+        entries.append({**entry, "line": where})
+    if not entries:
+        raise RequestError(f"{path}: no prompts in this file (it is empty)")
+    return entries
+
+
+def plan_jobs(prompt: Optional[str], prompt_file, seeds: tuple, count: Optional[int]) -> list[Job]:
+    """Every (prompt, seed, settings) job, in order: each prompt with each seed."""
+    if prompt is not None and prompt_file is not None:
+        raise RequestError("give --prompt or --prompt-file, not both")
+    if prompt is None and prompt_file is None:
+        raise RequestError("--prompt is required (or --prompt-file, or --from-image)")
+    entries = read_prompt_file(prompt_file) if prompt_file is not None else [{"prompt": prompt}]
+    jobs = []
+    for entry in entries:
+        settings = {k: v for k, v in entry.items() if k not in ("prompt", "seed", "line")}
+        line_seeds = expand_seeds((entry["seed"],), None) if "seed" in entry else expand_seeds(seeds, count)
+        for seed in line_seeds:
+            jobs.append(Job(len(jobs) + 1, entry["prompt"], seed, {**settings, "line": entry.get("line")}))
+    return jobs
+
+
+def slug(prompt: str) -> str:
+    """A short file-name-safe form of a prompt: lowercase words joined by '-'."""
+    text = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    return text[:SLUG_LENGTH].rstrip("-") or "prompt"
+
+
+def output_names(template: Path | str, jobs: list[Job]) -> list[Path]:
+    """The file each job writes: ``{seed}``, ``{n}``, ``{prompt}`` filled in; several jobs and no
+    placeholder give ``name-{n}.ext``. Two jobs sharing a name are refused."""
+    template = str(template)
+    for name in PLACEHOLDER.findall(template):
+        if name not in PLACEHOLDERS:
+            raise RequestError(f"-o {template}: unknown placeholder {{{name}}}; use {{seed}}, {{n}} or {{prompt}}")
+    if len(jobs) > 1 and not PLACEHOLDER.search(template):
+        path = Path(template)
+        template = str(path.with_name(f"{path.stem}-{{n}}{path.suffix}"))
+    names = []
+    for job in jobs:
+        values = {"seed": str(job.seed), "n": str(job.n), "prompt": slug(job.prompt)}
+        names.append(Path(PLACEHOLDER.sub(lambda m: values[m.group(1)], template)))
+    seen: dict[Path, int] = {}
+    for job, name in zip(jobs, names):
+        if name in seen:
+            raise RequestError(f"-o {template}: images {seen[name]} and {job.n} would both be written to {name}; "
+                               "add {seed}, {n} or {prompt} to the name")
+        seen[name] = job.n
+    return names
+
+
+def check_outputs(paths: list[Path], overwrite: bool) -> None:
+    """Every target writable and of a known format, before anything loads."""
+    for path in paths:
+        check_output_path(path, overwrite)
+        image_format(path)
+
+
+def make_request(source, options: dict, note=None):
+    """``build_request`` plus the negative prompt, which only a recipe with CFG reads."""
+    options = dict(options)
+    negative = options.pop("negative_prompt", None)
+    request = build_request(source, note=note, **options)
+    if negative is None:
+        return request
+    if not isinstance(negative, str) or not negative.strip():
+        raise RequestError("--negative-prompt is empty")
+    found = SPECIAL_TOKEN.search(negative)
+    if found:
+        raise RequestError(f"--negative-prompt contains the special-token string {found.group(0)!r}; remove it")
+    rec = request.recipe
+    if not rec.uses_cfg:
+        raise RequestError(f"--negative-prompt needs CFG: the {rec.name} recipe here runs guidance {rec.guidance:g} "
+                           "(<= 1, no unconditional pass to replace); use a recipe or --guidance above 1")
+    return dataclasses.replace(request, negative_prompt=negative)
+
+
+def build_requests(source, jobs: list[Job], options: dict, note=None) -> list:
+    """A checked request per job: the command line's options, then the job's own settings."""
+    requests = []
+    for job in jobs:
+        settings = {k: v for k, v in job.settings.items() if k != "line"}
+        try:
+            requests.append(make_request(source, {**options, **settings, "prompt": job.prompt, "seed": job.seed},
+                                         note))
+        except ValueError as e:
+            where = job.settings.get("line")
+            raise RequestError(f"{where}: {e}" if where else str(e)) from None
+    return requests

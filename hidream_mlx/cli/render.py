@@ -1,0 +1,124 @@
+"""The batch and ``--from-image`` side of ``hidream-mlx generate``: plan, check, load once, render.
+
+Everything that can be refused (prompt file, seeds, output names, every request) is refused
+before the weights load; then the model loads once and each distinct prompt is encoded once.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import click
+from click.core import ParameterSource
+
+from hidream_mlx.batch import Job, build_requests, check_outputs, output_names, plan_jobs
+from hidream_mlx.images import read_metadata, save_image
+from hidream_mlx.models.source import ModelSource
+from hidream_mlx.reproduce import (
+    check_model,
+    find_references,
+    merge_settings,
+    recorded_model,
+    recorded_settings,
+    reproduction_fields,
+)
+
+# build_request's options, as generate's parameters are named.
+REQUEST_OPTIONS = ("width", "height", "no_snap", "recipe", "preset", "steps", "guidance", "shift", "noise_scale",
+                   "s_noise", "noise_clip", "noise", "blend_seams", "seam_smoothing", "seam_window", "seam_strength",
+                   "layout", "keep_aspect", "negative_prompt")
+
+
+def given_on_command_line(ctx: click.Context, names) -> set:
+    return {name for name in names if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+
+
+def from_image_settings(image: Path, params: dict, explicit: set, note: Callable[[str], None]) -> dict:
+    """``params`` (generate's values) with the image's settings under the command line's own."""
+    meta = read_metadata(image)  # an image without our metadata: one clear line
+    recorded = recorded_settings(meta)
+    recorded.pop("prompt", None) if "prompt" in explicit or "prompt_file" in explicit else None
+    if "seeds" in explicit or "count" in explicit:
+        recorded.pop("seed", None)
+    recorded_dtype = recorded.pop("dtype", None)
+    recorded_bits = recorded.pop("quantize_bits", None)
+    mine = {k: params[k] for k in REQUEST_OPTIONS if k in explicit}
+    target = params["recipe"] if "recipe" in explicit else recorded.get("recipe")
+    merged = merge_settings(recorded, mine, target)
+    out = dict(params)
+    out.update({k: v for k, v in merged.items() if k in REQUEST_OPTIONS})
+    if "prompt" in merged and "prompt_file" not in explicit:
+        out["prompt"] = merged["prompt"]
+    if "seed" in merged:
+        out["seeds"] = (merged["seed"],)
+    if "model_arg" not in explicit:
+        out["model_arg"] = recorded_model(meta, image)
+    if "dtype" not in explicit and recorded_dtype:
+        out["dtype"] = recorded_dtype
+    if "quantize_bits" not in explicit:
+        out["quantize_bits"] = recorded_bits
+    out["refs"] = find_references(meta, image, params["refs"], note)
+    out["_meta"] = meta
+    return out
+
+
+def plan(params: dict, note: Callable[[str], None]):
+    """(source, jobs, requests) with every output checked; nothing loads here."""
+    source = ModelSource.resolve(params["model_arg"])
+    if params.get("_meta"):
+        check_model(params["_meta"], source, note)
+    jobs = plan_jobs(params["prompt"], params["prompt_file"], tuple(params["seeds"]), params["count"])
+    for job, name in zip(jobs, output_names(params["output"], jobs)):
+        job.output = name
+    check_outputs([job.output for job in jobs], params["overwrite"])
+    options = {k: params[k] for k in REQUEST_OPTIONS}
+    options["refs"] = params["refs"]
+    requests = build_requests(source, jobs, options, note)
+    return source, jobs, requests
+
+
+def render(engine, jobs: list[Job], requests: list, params: dict, announce=None, on_image_done=None) -> list[Path]:
+    """Render every job with the one loaded ``engine``; returns the files written, in order."""
+    from hidream_mlx.generation import preview_image
+
+    engine.conditioning_cache = {}
+    written, started, total = [], time.perf_counter(), len(jobs)
+    bits = int(params["quantize_bits"]) if params["quantize_bits"] else None
+    for job, request in zip(jobs, requests):
+        if total > 1:
+            done = len(written)
+            eta = f", ETA {(time.perf_counter() - started) / done * (total - done):.0f} s" if done else ""
+            click.echo(f"[image {job.n}/{total}{eta}] seed {request.seed}: {request.prompt[:60]!r} -> {job.output}",
+                       err=True)
+        if announce is not None:
+            announce(request)
+        result = _run_one(engine, request, job.output, params, preview_image)
+        meta = {**result.metadata, **reproduction_fields(result.request, engine, bits)}
+        save_image(result.image, job.output, meta, overwrite=params["overwrite"], quality=params["quality"])
+        written.append(job.output)
+        if on_image_done is not None:
+            on_image_done(result)
+    engine.conditioning_cache = None
+    return written
+
+
+def _run_one(engine, request, output: Path, params: dict, preview_image):
+    rec, every = request.recipe, params["preview_every"]
+    with click.progressbar(length=rec.steps, label="sampling", file=sys.stderr,
+                           show_eta=True, item_show_func=lambda s: s) as bar:
+        def on_step(step, seconds):
+            bar.update(1, f"{seconds:.2f} s/step")
+            if every and (step.index + 1) % every == 0 and step.index + 1 < step.total:
+                path = output.with_name(f"{output.stem}.step{step.index + 1:03d}{output.suffix}")
+                save_image(preview_image(step, request), path, overwrite=True, quality=params["quality"])
+
+        return engine.run(request, on_step)
+
+
+def summary(written: list[Path]) -> Optional[str]:
+    if len(written) < 2:
+        return None
+    return f"wrote {len(written)} images: " + ", ".join(str(p) for p in written)

@@ -1,0 +1,178 @@
+"""Images that carry their recipe: what an output records, and the settings it gives back.
+
+Every output's ``hidream-mlx`` object keeps the historical top-level keys (``prompt``, ``seed``,
+``recipe`` as a name, ``steps``, ``guidance``, ``width``, ``height``, ...) and adds what a re-run
+needs without local absolute paths: references by file name and sha256, the model's own name
+with its hub revision or a fingerprint of its config and index, the dtype and ``-q`` bits.
+
+``--from-image`` precedence: flags on the command line (and what a ``--preset`` given there
+sets) > the image's settings > recipe defaults. Only settings the target recipe reads are
+re-applied; with another recipe than the recorded one, the recorded recipe numbers are dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+from hidream_mlx.images import read_metadata
+from hidream_mlx.models.source import is_repo_id
+from hidream_mlx.recipes import RECIPES
+from hidream_mlx.requests import USED_BY, RequestError
+
+RECIPE_NUMBERS = ("steps", "guidance", "shift", "noise_scale", "s_noise", "noise_clip")
+# What a --preset decides: the image's values for these give way to it.
+PRESET_DECIDES = ("width", "height", "steps", "guidance")
+
+
+def file_sha256(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def reproduction_fields(request, engine, quantize_bits: Optional[int] = None) -> dict:
+    """The keys an output adds beside ``Request.metadata()`` and ``Engine.describe()``."""
+    fields = {
+        "reference_files": [{"name": Path(r).name, "sha256": file_sha256(r)} for r in request.references],
+        "quantize_bits": quantize_bits,
+    }
+    negative = getattr(request, "negative_prompt", None)
+    if negative is not None:
+        fields["negative_prompt"] = negative
+    source = getattr(engine, "source", None)
+    if source is not None:
+        fields["model_name"] = source.name
+        fields["model_fingerprint"] = source.fingerprint
+        if source.fingerprint.startswith("hub:"):
+            fields["model_revision"] = source.fingerprint[len("hub:"):]
+    return fields
+
+
+def recorded_settings(meta: dict) -> dict:
+    """Option values (named like the CLI's, underscores) that re-create the image in ``meta``."""
+    if "prompt" not in meta or "seed" not in meta:
+        raise RequestError("the image's hidream-mlx metadata has no prompt or seed to re-run")
+    settings = {"prompt": meta["prompt"], "seed": meta["seed"], "recipe": meta.get("recipe"),
+                "noise": meta.get("noise", "torch"), "blend_seams": meta.get("blend_seams", 0)}
+    recipe = dict(meta.get("recipe_settings") or {})
+    for key in RECIPE_NUMBERS:
+        if key in recipe:
+            settings[key] = recipe[key]
+        elif key in meta:
+            settings[key] = meta[key]
+    if meta.get("keep_aspect"):
+        budget = meta.get("keep_aspect_budget", 2048)
+        settings.update(width=budget, height=budget, keep_aspect=True)
+    else:
+        settings.update(width=meta.get("width"), height=meta.get("height"))
+    settings["no_snap"] = True  # the recorded size is the one that ran
+    if meta.get("layout") is not None:
+        settings["layout"] = meta["layout"]
+    seams = meta.get("seam_smoothing")
+    if isinstance(seams, dict):
+        settings.update(seam_smoothing=seams.get("fraction", 0.0), seam_window=seams.get("window", "hann"),
+                        seam_strength=seams.get("strength", 1.0))
+    if meta.get("negative_prompt") is not None:
+        settings["negative_prompt"] = meta["negative_prompt"]
+    settings["dtype"] = meta.get("dtype")
+    bits = meta.get("quantize_bits")
+    settings["quantize_bits"] = str(bits) if bits else None
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def merge_settings(recorded: dict, explicit: dict, target_recipe: Optional[str]) -> dict:
+    """``explicit`` (the command line's own values) over ``recorded`` (the image's).
+
+    ``target_recipe``: the recipe that will run (the command line's, else the recorded one).
+    A command-line --preset drops the recorded size and effort so the preset's win.
+    """
+    merged = dict(recorded)
+    if explicit.get("preset"):
+        for key in PRESET_DECIDES:
+            merged.pop(key, None)
+        merged.pop("no_snap", None)
+    if target_recipe and target_recipe != recorded.get("recipe"):
+        for key in RECIPE_NUMBERS:
+            merged.pop(key, None)
+    for name, users in USED_BY.items():
+        if target_recipe in RECIPES and target_recipe not in users:
+            merged.pop(name, None)
+    if explicit.get("width") is not None or explicit.get("height") is not None:
+        merged.pop("no_snap", None)
+        merged.pop("width", None)
+        merged.pop("height", None)
+    merged.update(explicit)
+    return merged
+
+
+def find_references(meta: dict, image: Path, given: tuple, note: Callable[[str], None]) -> tuple[str, ...]:
+    """The reference paths to re-run with: ``given`` (--ref), else the recorded names beside the image."""
+    recorded = meta.get("reference_files") or [{"name": Path(p).name} for p in meta.get("references") or ()]
+    if given or not recorded:
+        for ref, entry in zip(given, recorded):
+            if entry.get("sha256") and Path(ref).is_file() and file_sha256(ref) != entry["sha256"]:
+                note(f"warning: {ref} differs from the recorded reference {entry['name']} (sha256)")
+        return tuple(str(g) for g in given)
+    found, missing = [], []
+    for entry in recorded:
+        candidate = image.parent / entry["name"]
+        if candidate.is_file() and (not entry.get("sha256") or file_sha256(candidate) == entry["sha256"]):
+            found.append(str(candidate))
+        else:
+            missing.append(entry["name"])
+    if missing:
+        raise RequestError(f"{image}: made with reference image(s) {', '.join(missing)}, not found beside it "
+                           f"with the recorded content; give them again with --ref")
+    note(f"references found beside the image: {', '.join(found)}")
+    return tuple(found)
+
+
+def check_model(meta: dict, source, note: Callable[[str], None]) -> None:
+    """Warn when the model that will run is not the one the image records."""
+    recorded = meta.get("model_fingerprint")
+    if recorded and source.fingerprint != recorded:
+        note(f"warning: model {source.name} (fingerprint {source.fingerprint}) differs from the one "
+             f"that made the image ({meta.get('model_name', meta.get('model'))}, {recorded})")
+
+
+def recorded_model(meta: dict, image: Path) -> str:
+    model = meta.get("model")
+    if not model:
+        raise RequestError(f"{image}: no model recorded; give --model")
+    if not Path(model).expanduser().exists() and not is_repo_id(model):
+        raise RequestError(f"{image}: the recorded model {model} is not on this machine; give --model "
+                           f"(recorded {meta.get('model_name', '?')}, {meta.get('model_fingerprint', '?')})")
+    return str(model)
+
+
+def describe_image(path: Path | str, as_json: bool = False) -> str:
+    """``hidream-mlx info IMAGE``: the recipe in readable lines, or the stored object as JSON."""
+    meta = read_metadata(path)
+    if as_json:
+        return json.dumps(meta, indent=2, sort_keys=True)
+    rec = meta.get("recipe_settings") or {}
+    lines = [f"{path}: made by hidream-mlx {meta.get('tool_version', '?')}",
+             f"  prompt: {meta.get('prompt')!r}"]
+    if meta.get("negative_prompt") is not None:
+        lines.append(f"  negative prompt: {meta['negative_prompt']!r}")
+    lines.append(f"  seed {meta.get('seed')} | {meta.get('width')}x{meta.get('height')} | noise {meta.get('noise')}")
+    official = "" if meta.get("official_recipe", True) else " (modified)"
+    numbers = ", ".join(f"{k} {rec.get(k, meta.get(k))}" for k in RECIPE_NUMBERS if k in rec or k in meta)
+    lines.append(f"  recipe {meta.get('recipe')}{official}: {numbers}")
+    model = meta.get("model_name") or meta.get("model")
+    ident = meta.get("model_revision") or meta.get("model_fingerprint")
+    lines.append(f"  model {model}{f' ({ident})' if ident else ''} | dtype {meta.get('dtype')} | "
+                 f"quantization {meta.get('quantization') or 'none'}")
+    for entry in meta.get("reference_files") or ():
+        lines.append(f"  reference {entry['name']} sha256 {entry['sha256'][:16]}")
+    if meta.get("layout"):
+        lines.append(f"  layout {meta['layout']}")
+    for key in ("blend_seams", "seam_smoothing"):
+        if meta.get(key):
+            lines.append(f"  {key.replace('_', ' ')} {meta[key]}")
+    return "\n".join(lines)
