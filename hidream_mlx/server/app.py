@@ -166,7 +166,8 @@ class Studio:
         if job.spec.response_format == "url":
             entry["url"] = str(request.url_for("file", name=image["file"]))
         else:
-            entry["b64_json"] = base64.b64encode(image["png"]).decode()
+            # Read back from the saved file: finished jobs keep no pixels in memory.
+            entry["b64_json"] = base64.b64encode((self.config.output_dir / image["file"]).read_bytes()).decode()
         return entry
 
     async def create_job(self, request: HttpRequest):

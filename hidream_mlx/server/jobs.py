@@ -53,7 +53,7 @@ class Job:
         self.spec = spec
         self.state = "queued"
         self.events: list[dict] = []
-        self.images: list[dict] = []  # {"file", "metadata", "png" (bytes)}
+        self.images: list[dict] = []  # {"file": name in the output folder, "metadata"}
         self.error: Optional[str] = None
         self.created = time.time()
         self.cancel_requested = threading.Event()
@@ -216,9 +216,7 @@ class JobQueue:
             # The same record the CLI writes, so an image from either re-runs the same way.
             metadata = {**result.metadata, **reproduction_fields(result.request, self.engine, self.quantize_bits)}
             path = self._save(result.image, metadata)
-            buffer = io.BytesIO()
-            Image.fromarray(result.image).save(buffer, format="PNG")
-            job.images.append({"file": path.name, "metadata": metadata, "png": buffer.getvalue()})
+            job.images.append({"file": path.name, "metadata": metadata})
             job.emit("image", image=number, file=path.name, metadata=metadata,
                      seconds_per_step=round(result.seconds_per_step, 4), total_seconds=round(result.total_time, 3),
                      preview=jpeg_data_url(result.image))
