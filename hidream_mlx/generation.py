@@ -283,7 +283,9 @@ class Engine:
         total = time.perf_counter() - start
         peak = mx.get_peak_memory()
         mx.clear_cache()
-        meta = {**request.metadata(), **self.describe()}
+        from hidream_mlx.reproduce import reproduction_fields  # lazy: reproduce -> requests -> this module
+
+        meta = {**request.metadata(), **self.describe(), **reproduction_fields(request, self)}
         return Result(image, request, step_times, encode_time, total, peak, meta)
 
 

@@ -36,11 +36,11 @@ def file_sha256(path: Path | str) -> str:
 
 
 def reproduction_fields(request, engine, quantize_bits: Optional[int] = None) -> dict:
-    """The keys an output adds beside ``Request.metadata()`` and ``Engine.describe()``."""
-    fields = {
-        "reference_files": [{"name": Path(r).name, "sha256": file_sha256(r)} for r in request.references],
-        "quantize_bits": quantize_bits,
-    }
+    """The keys an output adds beside ``Request.metadata()`` and ``Engine.describe()``
+    (``quantize_bits``: the ``-q`` given at load, which the CLI knows and records)."""
+    fields = {"reference_files": [{"name": Path(r).name, "sha256": file_sha256(r)} for r in request.references]}
+    if quantize_bits is not None:
+        fields["quantize_bits"] = quantize_bits
     negative = getattr(request, "negative_prompt", None)
     if negative is not None:
         fields["negative_prompt"] = negative
