@@ -249,3 +249,25 @@ def test_sigterm_cancels_the_running_job_and_exits_cleanly_with_nothing_half_wri
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert "Application shutdown complete" in stderr and "Traceback" not in stderr
     assert [p.name for p in out.iterdir()] == []  # the cancelled render left no file, whole or partial
+
+
+def test_loras_are_named_from_the_lora_folder_only(client, server, tmp_path, monkeypatch):
+    (tmp_path / "style.safetensors").write_bytes(b"")
+    monkeypatch.setattr(server[1].config, "lora_dir", tmp_path)
+    for name in ("../style", str(tmp_path / "style.safetensors"), "other"):
+        response = client.post("/v1/images/generations", json={"prompt": "x", "lora": name, **QUICK})
+        assert response.status_code == 400 and "unknown LoRA" in response.json()["error"]["message"]
+    known = client.post("/v1/images/generations", json={"prompt": "x", "lora": ["style"], **QUICK})
+    assert known.status_code == 501 and "LoRA support not available" in known.json()["error"]["message"]
+
+
+def test_the_cli_imports_no_server_stack_until_serve_runs():
+    code = "import sys, hidream_mlx.cli; print(sorted(m for m in ('starlette', 'uvicorn') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def test_serve_without_the_extra_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the serve extra were not installed
+    result = CliRunner().invoke(main, ["serve", "--model", str(FIXTURES)])
+    assert result.exit_code == 1 and "pip install 'hidream-mlx[serve]'" in result.output
+    assert "Traceback" not in result.output
