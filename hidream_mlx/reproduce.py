@@ -132,6 +132,21 @@ def find_references(meta: dict, image: Path, given: tuple, note: Callable[[str],
     return tuple(found)
 
 
+def find_loras(meta: dict, image: Path) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """(paths, scales) of the recorded LoRAs, found beside the image by name and sha256."""
+    found, missing = [], []
+    for entry in meta.get("loras") or ():
+        candidate = image.parent / entry["name"]
+        if candidate.is_file() and (not entry.get("sha256") or file_sha256(candidate) == entry["sha256"]):
+            found.append((str(candidate), float(entry.get("scale", 1.0))))
+        else:
+            missing.append(entry["name"])
+    if missing:
+        raise RequestError(f"{image}: made with LoRA(s) {', '.join(missing)}, not found beside it with the "
+                           f"recorded content; give them again with --lora and --lora-scale")
+    return tuple(p for p, _ in found), tuple(s for _, s in found)
+
+
 def check_model(meta: dict, source, note: Callable[[str], None]) -> None:
     """Warn when the model that will run is not the one the image records."""
     recorded = meta.get("model_fingerprint")

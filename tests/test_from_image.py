@@ -160,3 +160,21 @@ def test_a_recorded_model_missing_here_asks_for_model(keeper, tmp_path):
     ok = invoke("generate", "--from-image", str(moved), "--model", str(FIXTURES), "-o", str(tmp_path / "x.png"))
     assert ok.exit_code == 0, ok.output
     np.testing.assert_array_equal(pixels(tmp_path / "x.png"), pixels(keeper))
+
+
+def test_loras_recorded_by_name_are_found_beside_the_image_or_asked_for(tmp_path):
+    from test_lora import fresh, lora_tensors, write_lora
+
+    lora = write_lora(tmp_path / "l", lora_tensors(fresh()), "peft")
+    out = lora.parent / "with_lora.png"
+    made = invoke(*BASE, "--seed", "1", "--lora", str(lora), "--lora-scale", "0.6", "-o", str(out))
+    assert made.exit_code == 0, made.output
+    again = tmp_path / "again.png"
+    result = invoke("generate", "--from-image", str(out), "-o", str(again))
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(pixels(out), pixels(again))
+    assert read_metadata(again)["loras"] == read_metadata(out)["loras"]
+    moved = tmp_path / "moved.png"
+    moved.write_bytes(out.read_bytes())
+    missing = invoke("generate", "--from-image", str(moved), "-o", str(tmp_path / "x.png"))
+    assert missing.exit_code == 1 and "made with LoRA(s) lora.safetensors" in missing.output

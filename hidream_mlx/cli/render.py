@@ -19,6 +19,7 @@ from hidream_mlx.images import read_metadata, save_image
 from hidream_mlx.models.source import ModelSource
 from hidream_mlx.reproduce import (
     check_model,
+    find_loras,
     find_references,
     merge_settings,
     recorded_model,
@@ -61,6 +62,9 @@ def from_image_settings(image: Path, params: dict, explicit: set, note: Callable
     if "quantize_bits" not in explicit:
         out["quantize_bits"] = recorded_bits
     out["refs"] = find_references(meta, image, params["refs"], note)
+    lora_flags = {"loras", "lora_scales", "lora_paths", "lora_scales_mflux"}
+    if "loras" in params and meta.get("loras") and not lora_flags & explicit:
+        out["loras"], out["lora_scales"] = find_loras(meta, image)
     out["_meta"] = meta
     return out
 
