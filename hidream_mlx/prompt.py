@@ -1,16 +1,21 @@
-"""Prompt -> token ids and token types, with the checkpoint's own tokenizer files.
+"""Prompt -> token ids, with the checkpoint's own tokenizer files.
 
 The text part of a HiDream-O1 sequence is the Qwen chat template for one user turn (no
 system prompt) followed by ``<|boi_token|><|tms_token|>``. Every token is autoregressive
-(type 0) except the tms token, which carries the timestep and is a generation token (type 1)
-like the image patches that follow it.
+except the tms token, which carries the timestep and is a generation token like the image
+patches that follow it (docs/model.md). The template is ours, so :func:`check_chat_template`
+proves at load that a checkpoint's own template renders the same conversation.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Optional
 
+import jinja2.sandbox
 import numpy as np
+from tokenizers import Tokenizer as _HFTokenizer
 
 from hidream_mlx.models.o1.config import TMS_TOKEN_ID
 
@@ -29,8 +34,6 @@ class Tokenizer:
     """A thin wrapper over ``tokenizer.json`` (loaded with the `tokenizers` library, no code run)."""
 
     def __init__(self, model_dir: Path | str):
-        from tokenizers import Tokenizer as _HFTokenizer
-
         path = Path(model_dir) / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found (the model folder needs its tokenizer files)")
@@ -50,8 +53,49 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str) -> np.ndarray:
     return ids
 
 
-def token_types(text_len: int, num_image_tokens: int) -> np.ndarray:
-    """[text_len + num_image_tokens] of 0 (autoregressive text) and 1 (generation)."""
-    types = np.ones(text_len + num_image_tokens, dtype=np.int64)
-    types[: text_len - 1] = 0
-    return types
+PROBE_TEXT = "a red fox, 35 mm"
+
+
+def probe_messages(image_placeholders: int) -> list[dict]:
+    content = [{"type": "image"}] * image_placeholders + [{"type": "text", "text": PROBE_TEXT}]
+    return [{"role": "user", "content": content}]
+
+
+def read_chat_template(folder: Path) -> tuple[Optional[str], Optional[Path]]:
+    """The checkpoint's template text and the file it came from (chat_template.jinja, else the
+    ``chat_template`` entry of tokenizer_config.json), or (None, None)."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8"), jinja
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config}: not valid JSON ({e})") from None
+        if isinstance(template, str):
+            return template, config
+    return None, None
+
+
+def check_chat_template(folder: Path | str) -> None:
+    """Refuse a checkpoint whose own chat template renders a probe conversation (text only, and
+    with one and two images) differently from :func:`chat_text`: its prompts would be wrong.
+
+    Rendered in jinja2's sandbox, so nothing in the file can run code.
+    """
+    template, source = read_chat_template(Path(folder))
+    if template is None:
+        return
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    try:
+        compiled = env.from_string(template)
+        for images in (0, 1, 2):
+            theirs = compiled.render(messages=probe_messages(images), add_generation_prompt=True) + IMAGE_START
+            ours = chat_text(PROBE_TEXT, images)
+            if theirs != ours:
+                raise ValueError(f"{source}: the checkpoint's chat template renders a different conversation than "
+                                 f"hidream-mlx builds ({theirs!r} vs {ours!r}); this checkpoint needs a newer "
+                                 "hidream-mlx")
+    except jinja2.TemplateError as e:
+        raise ValueError(f"{source}: cannot render the chat template ({e})") from None

@@ -8,16 +8,14 @@ still is the recipe the checkpoint was released with.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Optional
-
-SCHEDULERS = ("flash", "flow_match", "unipc")
-
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    scheduler: str  # one of SCHEDULERS
+    scheduler: str  # "flash", "flow_match" or "unipc" (see pipeline.sampler_for)
     steps: int
     shift: float
     guidance: float  # classifier-free guidance on v; <= 1 runs no unconditional pass
@@ -76,17 +74,30 @@ def recipe_for_references(name: str, num_refs: int) -> str:
     return "dev-edit" if name == "dev" and num_refs == 1 else name
 
 
+def model_name(name_or_path: str) -> str:
+    """The model's own name: a repo id's or a folder's last component (never its parents)."""
+    return str(name_or_path).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+def recipe_for_name(name: str) -> str:
+    """Exact rules on the name's words (split at ``-``, ``_``, ``.`` and spaces, any case):
+    ``dev`` followed by ``2604`` (or one word ``dev2604``) -> dev-2604; a word ``dev`` -> dev;
+    anything else -> full. So ``HiDream-O1-Image-Dev`` is dev, ``..._dev_2604`` and
+    ``...-Dev2604`` are dev-2604, ``devices`` or ``ml-dev/SomeModel`` are not dev."""
+    words = [w for w in re.split(r"[-_. ]+", model_name(name).lower()) if w]
+    for i, word in enumerate(words):
+        if word == "dev2604" or (word == "dev" and words[i + 1: i + 2] == ["2604"]):
+            return "dev-2604"
+    return "dev" if "dev" in words else "full"
+
+
 def recipe_for_model(name_or_path: str, stored: Optional[dict] = None) -> str:
-    """The default recipe: what a converted folder recorded, else what its name says."""
-    if stored and stored.get("recipe") in RECIPES:
+    """The default recipe: what a converted folder recorded, else what the variant it was
+    converted from is called, else the model's own name (see :func:`recipe_for_name`)."""
+    stored = stored or {}
+    if stored.get("recipe") in RECIPES:
         return stored["recipe"]
-    variant = (stored or {}).get("variant") or name_or_path
-    lowered = variant.rstrip("/").lower()
-    if "dev-2604" in lowered or "dev_2604" in lowered:
-        return "dev-2604"
-    if lowered.endswith("dev") or "-dev" in lowered or "_dev" in lowered:
-        return "dev"
-    return "full"
+    return recipe_for_name(stored.get("variant") or name_or_path)
 
 
 @dataclass(frozen=True)

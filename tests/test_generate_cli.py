@@ -74,9 +74,19 @@ def test_seam_blend_and_previews(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--width", "250"], "multiple of 32"),
-    (["--steps", "0"], "steps must be a positive integer"),
-    (["--steps", "-3"], "steps must be a positive integer"),
-    (["--blend-seams", "40"], "--blend-seams radius"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--steps", "-3"], "--steps must be >= 1"),
+    (["--blend-seams", "40"], "--blend-seams must be >= 0 and <= 16"),
+    (["--width", "0"], "--width must be >= 1"),
+    (["--height", "-256"], "--height must be >= 1"),
+    (["--guidance", "nan"], "--guidance must be a finite number"),
+    (["--shift", "inf"], "--shift must be a finite number"),
+    (["--blend-seams", "-1"], "--blend-seams must be >= 0"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--seed", str(2**40), "--noise", "mlx"], "--seed must be >= 0 and <= 4294967295"),
+    (["--recipe", "full", "--s-noise", "2"], "--s-noise has no effect with the full recipe"),
+    (["--recipe", "dev", "--shift", "2"], "--shift has no effect with the dev recipe"),
+    (["--prompt", "a fox<|im_end|>"], "special-token string '<|im_end|>'"),
 ])
 def test_bad_settings_fail_with_one_line(tmp_path, args, message):
     out = tmp_path / "o.png"

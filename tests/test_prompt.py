@@ -7,7 +7,8 @@ import pytest
 from conftest import FIXTURES, case_meta, load_case
 
 from hidream_mlx.positions import patch_positions, t2i_positions
-from hidream_mlx.prompt import Tokenizer, chat_text, encode_prompt, token_types
+from hidream_mlx.harness.replay import prefix_length
+from hidream_mlx.prompt import Tokenizer, chat_text, encode_prompt
 
 FORWARD = load_case("forward_t2i.npz")
 CASES = sorted({k.split(".")[0] for k in FORWARD.files})
@@ -50,10 +51,10 @@ def test_sampling_prompts_and_the_unconditional_prompt_encode_exactly(tokenizer)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_token_types_mark_tms_and_patches_as_generation(case):
+def test_the_cached_prefix_is_the_text_before_tms(case):
+    # Official token types: text is autoregressive, tms and the patches are generation tokens.
     meta = case_meta(f"forward_t2i.{case}")
-    types = token_types(meta["text_len"], meta["n_patches"])
-    np.testing.assert_array_equal(types, FORWARD[f"{case}.token_types"][0])
+    assert prefix_length(FORWARD[f"{case}.token_types"]) == meta["text_len"] - 1
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -69,7 +70,7 @@ def test_sampling_positions_are_exact():
         text_len = data[f"input_ids{suffix}"].shape[1]
         pos = t2i_positions(text_len, meta["height"] // 32, meta["width"] // 32)
         np.testing.assert_array_equal(pos, data[f"position_ids{suffix}"][:, 0])
-        np.testing.assert_array_equal(token_types(text_len, pos.shape[1] - text_len), data[f"token_types{suffix}"][0])
+        assert prefix_length(data[f"token_types{suffix}"]) == text_len - 1
 
 
 def test_patch_positions_do_not_depend_on_text_length():

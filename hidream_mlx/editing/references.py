@@ -316,17 +316,19 @@ def prepare_references(
     *,
     layout_boxes: Any = None,
     keep_original_aspect: bool = False,
+    keep_aspect_size: int = KEEP_ASPECT_MAX_SIZE,
 ) -> ReferenceInputs:
     """The official pipeline's reference handling for 1..10 refs (plus an optional layout).
 
-    With ``keep_original_aspect`` and exactly one ref, the ref is resized to about 2048^2 and the
-    target takes its size; layout boxes are then ignored, as in the official pipeline.
+    With ``keep_original_aspect`` and exactly one ref, the ref is resized to about
+    ``keep_aspect_size``^2 (the official 2048 by default) and the target takes its size; layout
+    boxes are then ignored, as in the official pipeline.
     """
     refs = load_reference_images(images)
     if not refs:
         raise ValueError("prepare_references needs at least one reference image")
     if keep_original_aspect and len(refs) == 1:
-        resized = [resize_reference(refs[0], KEEP_ASPECT_MAX_SIZE)]
+        resized = [resize_reference(refs[0], keep_aspect_size)]
         width, height = resized[0].size
     else:
         boxes = parse_layout_boxes(layout_boxes, width, height) if layout_boxes is not None else None

@@ -1,0 +1,263 @@
+"""One request builder for ``generate``, ``eval`` (and later the server): option values -> a checked Request.
+
+Option names are the CLI's with underscores (``noise_scale`` is ``--noise-scale``). Every check
+runs here, before any weights load, so a setting means the same thing wherever it is given:
+ranges (:data:`RANGES`), finiteness, options the chosen recipe ignores, prompt text, sizes and
+references. The rules behind the recipe defaults are in ``docs/model.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from hidream_mlx.editing.layout import parse_layout_boxes
+from hidream_mlx.editing.references import (
+    check_reference_count,
+    load_reference_images,
+    resize_reference,
+)
+from hidream_mlx.generation import Request
+from hidream_mlx.noise import NOISE_KINDS
+from hidream_mlx.recipes import (
+    RECIPES,
+    Recipe,
+    apply_preset,
+    get_preset,
+    get_recipe,
+    recipe_for_model,
+    recipe_for_references,
+)
+from hidream_mlx.resolution import resolve_size
+from hidream_mlx.seam_smoothing import check_settings as check_seam_smoothing
+from hidream_mlx.seams import PATCH_SIZE
+
+
+class RequestError(ValueError):
+    """An option value that cannot run; the message names the option as the CLI spells it."""
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float
+    high: float
+    low_open: bool = False  # the low end itself is excluded (a positive number)
+
+    def text(self) -> str:
+        def show(v):
+            return str(v) if isinstance(v, int) else f"{v:g}"
+        return f"{'>' if self.low_open else '>='} {show(self.low)} and <= {show(self.high)}"
+
+    def contains(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        return above and value <= self.high
+
+
+SEED_MAX = 2**32 - 1  # the official (torch) generator keeps 32 bits of a seed; no silent wrap
+DEFAULT_SIZE = 2048
+MAX_SIDE = 16384  # before snapping; a free size is further bounded by resolution.MAX_PIXELS
+EDIT_MIN_PIXELS = 2_000_000  # editing below about 2 MP gives noise with the released checkpoints
+
+# Stated in each option's --help and checked before loading.
+RANGES: dict[str, Range] = {
+    "seed": Range(0, SEED_MAX),
+    "width": Range(1, MAX_SIDE),
+    "height": Range(1, MAX_SIDE),
+    "steps": Range(1, 1000),
+    "guidance": Range(0, 100),
+    "shift": Range(0, 100, low_open=True),
+    "noise_scale": Range(0, 100, low_open=True),
+    "s_noise": Range(0, 100),
+    "noise_clip": Range(0, 100),
+    "blend_seams": Range(0, PATCH_SIZE // 2),
+    "seam_smoothing": Range(0, 1),
+    "seam_strength": Range(0, 1),
+    "preview_every": Range(0, 1000),
+}
+INTEGER_OPTIONS = ("seed", "width", "height", "steps", "blend_seams", "preview_every")
+
+# Which recipes read an option at all (the others would record it without effect).
+FLASH_RECIPES = tuple(name for name, r in RECIPES.items() if r.scheduler == "flash")
+SHIFTED_RECIPES = tuple(name for name, r in RECIPES.items() if not r.distilled)
+USED_BY = {"s_noise": FLASH_RECIPES, "noise_clip": FLASH_RECIPES, "shift": SHIFTED_RECIPES}
+
+# Qwen special tokens look like <|name|>; inside a prompt the tokenizer would turn them into
+# structure (end the user turn, open an image), which the official pipeline never intends.
+SPECIAL_TOKEN = re.compile(r"<\|[^<>|\s]*\|>")
+
+
+def option_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def range_help(name: str) -> str:
+    """The range of ``name`` for its --help text."""
+    return RANGES[name].text()
+
+
+def check_number(name: str, value) -> None:
+    """Refuse a non-number, NaN/inf, a float for an integer option, or a value outside RANGES."""
+    flag = option_flag(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"{flag} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise RequestError(f"{flag} must be a finite number, got {value}")
+    if name in INTEGER_OPTIONS and not isinstance(value, int):
+        raise RequestError(f"{flag} must be a whole number, got {value}")
+    valid = RANGES[name]
+    if not valid.contains(value):
+        raise RequestError(f"{flag} must be {valid.text()}, got {value}")
+
+
+def check_prompt(prompt) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise RequestError("--prompt is empty")
+    found = SPECIAL_TOKEN.search(prompt)
+    if found:
+        raise RequestError(f"--prompt contains the special-token string {found.group(0)!r}, which would change "
+                           "the conversation the model sees; remove it")
+    return prompt
+
+
+def check_recipe_options(recipe: Recipe, options: dict) -> None:
+    """Refuse settings the recipe's sampler never reads, saying which recipes do."""
+    for name, users in USED_BY.items():
+        if options.get(name) is not None and recipe.name not in users:
+            why = "uses fixed distilled timesteps" if name == "shift" else f"uses the {recipe.scheduler} sampler"
+            raise RequestError(f"{option_flag(name)} has no effect with the {recipe.name} recipe ({why}); "
+                               f"it applies to: {', '.join(users)}")
+
+
+def model_facts(model) -> tuple[str, dict]:
+    """(the model's own name, its stored metadata) from a ModelSource or an Engine."""
+    if model is None:
+        return "", {}
+    name = getattr(model, "name", None)
+    if name is None:
+        name = getattr(model, "model_arg", "")
+    stored = getattr(model, "stored", None)
+    if stored is None:
+        config = getattr(model, "config", None)
+        stored = getattr(config, "hidream", None) or {}
+    return name, stored
+
+
+def choose_recipe(model, recipe: Optional[str], num_refs: int) -> Recipe:
+    name, stored = model_facts(model)
+    return get_recipe(recipe_for_references(recipe or recipe_for_model(name, stored), num_refs))
+
+
+def read_layout(layout: Optional[str]) -> Optional[str]:
+    """The layout as JSON text: the option's value, or the file it names."""
+    if layout is None:
+        return None
+    path = Path(layout)
+    if len(layout) < 4096 and path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise RequestError(f"{path}: --layout file is not UTF-8 text ({e.reason})") from None
+    return layout
+
+
+def keep_aspect_size(ref_path: str, budget: int) -> tuple[int, int]:
+    """The size the reference's aspect gives inside a ``budget`` x ``budget`` pixel area: the
+    same resize the editing code applies to the reference, so what is printed is what runs."""
+    return resize_reference(load_reference_images([ref_path])[0], budget).size
+
+
+def check_references(refs, layout, keep_aspect, width, height,
+                     note: Callable[[str], None]) -> tuple[int, int, Optional[str], Optional[str], int]:
+    """(width, height, size note or None, layout text, keep-aspect budget) after the reference rules.
+
+    With ``keep_aspect`` the requested ``width`` x ``height`` is the pixel budget the reference's
+    aspect is fitted into (2048x2048 by default, as the official pipeline)."""
+    if not refs:
+        if layout is not None or keep_aspect:
+            raise RequestError(f"{'--layout' if layout is not None else '--keep-aspect'} needs at least one --ref image")
+        return width, height, None, None, 0
+    check_reference_count(len(refs))
+    load_reference_images(list(refs))
+    layout_text = read_layout(layout)
+    size_note, budget = None, 0
+    if keep_aspect:
+        if len(refs) != 1:
+            raise RequestError(f"--keep-aspect works with exactly one --ref image, got {len(refs)}")
+        if layout_text is not None:
+            raise RequestError("--layout cannot be combined with --keep-aspect: the output then takes the "
+                               "reference's own frame, so there are no boxes to place (the official pipeline "
+                               "drops the layout in this mode); use one or the other")
+        budget = math.isqrt(width * height)
+        width, height = keep_aspect_size(refs[0], budget)
+        size_note = f"{width}x{height} (the reference's aspect in a {budget}x{budget} px budget)"
+    elif layout_text is not None:
+        parse_layout_boxes(layout_text, width, height)
+    if width * height < EDIT_MIN_PIXELS:
+        note(f"warning: editing at {width}x{height} (< 2 MP) is known to give noisy images; "
+             "consider a larger size or --keep-aspect")
+    return width, height, size_note, layout_text, budget
+
+
+def build_request(model, *, prompt, seed=None, width=None, height=None, no_snap=False, recipe=None, preset=None,
+                  steps=None, guidance=None, shift=None, noise_scale=None, s_noise=None, noise_clip=None,
+                  noise="torch", blend_seams=0, seam_smoothing=0.0, seam_window="hann", seam_strength=1.0,
+                  refs=(), layout=None, keep_aspect=False, default_size: int = DEFAULT_SIZE,
+                  note: Optional[Callable[[str], None]] = None) -> Request:
+    """A checked :class:`Request` from option values (``model``: a ModelSource or an Engine,
+    which gives the model's name and stored metadata for the default recipe).
+
+    ``seed=None`` draws a random seed (in range, stored in the metadata). ``note`` receives
+    warnings (default: dropped). Raises :class:`RequestError` (a ValueError) naming the option.
+    """
+    note = note or (lambda line: None)
+    prompt = check_prompt(prompt)
+    numbers = {"seed": seed, "width": width, "height": height, "steps": steps, "guidance": guidance,
+               "shift": shift, "noise_scale": noise_scale, "s_noise": s_noise, "noise_clip": noise_clip,
+               "blend_seams": blend_seams}
+    for name, value in numbers.items():
+        if value is not None:
+            check_number(name, value)
+    check_seam_smoothing(seam_smoothing, seam_window, seam_strength)
+    if noise not in NOISE_KINDS:
+        raise RequestError(f"--noise must be one of {', '.join(NOISE_KINDS)}, got {noise!r}")
+    refs = tuple(str(r) for r in refs or ())
+
+    chosen = get_preset(preset) if preset else None
+    rec = choose_recipe(model, recipe, len(refs))
+    overrides = {"steps": steps, "guidance": guidance, "shift": shift, "noise_scale": noise_scale,
+                 "s_noise": s_noise, "noise_clip": noise_clip}
+    check_recipe_options(rec, overrides)
+    if chosen is not None:
+        rec = apply_preset(rec, chosen)
+    try:
+        rec = rec.with_overrides(**overrides)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+
+    explicit = width is not None or height is not None
+    snap = not no_snap
+    if chosen is not None and chosen.size is not None:
+        default_w, default_h = chosen.size
+        # The preset's own size is free (it is a bucket's area, square); an explicit size snaps.
+        snap = snap and explicit
+    else:
+        default_w = default_h = default_size
+    w, h = width or default_w, height or default_h
+    if keep_aspect and refs:
+        size_note = None
+    else:
+        try:
+            w, h, size_note = resolve_size(w, h, snap)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+    w, h, aspect_note, layout_text, budget = check_references(refs, layout, keep_aspect, w, h, note)
+    size_note = aspect_note or size_note
+    seed = secrets.randbelow(SEED_MAX + 1) if seed is None else seed
+    return Request(prompt, w, h, seed, rec, noise=noise, blend_seams=blend_seams, size_note=size_note,
+                   references=refs, layout=layout_text, keep_aspect=keep_aspect and bool(refs),
+                   keep_aspect_budget=budget,
+                   seam_smoothing=seam_smoothing, seam_window=seam_window, seam_strength=seam_strength)
