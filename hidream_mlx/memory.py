@@ -226,6 +226,14 @@ def predict_peak_bytes(weight_bytes: int, cfg: TextConfig, width: int, height: i
     return weight_bytes + ws.total + RUNTIME_BYTES
 
 
+def predict_load_peak_bytes(weight_bytes: int) -> int:
+    """Peak RSS of loading: the loader streams tensor by tensor (``models.loading.stream_into``), so
+    beyond the weights only the runtime and MLX's capped buffer cache (``LOAD_CACHE_BYTES``)."""
+    from hidream_mlx.models.loading import LOAD_CACHE_BYTES
+
+    return weight_bytes + RUNTIME_BYTES + LOAD_CACHE_BYTES
+
+
 def activation_bytes(model: nn.Module) -> int:
     """Bytes per activation element: the dtype of the unquantized norms."""
     return model.language_model.norm.weight.dtype.size

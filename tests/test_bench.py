@@ -1,11 +1,17 @@
 """The benchmark runner, and batched CFG giving what sequential CFG gives."""
 
+import re
+
 import mlx.core as mx
 import numpy as np
 from click.testing import CliRunner
+from conftest import FIXTURES
 
 from hidream_mlx.harness.bench import BenchConfig, run_bench
 from hidream_mlx.cli.bench import bench
+from hidream_mlx.harness.peak_rss import ru_maxrss_bytes
+from hidream_mlx.memory import parameter_bytes
+from hidream_mlx.models.loading import load_model
 from hidream_mlx.patches import grid_size
 from hidream_mlx.pipeline import Conditioning, encode_prompt_state, velocity
 from hidream_mlx.models.o1.synthetic import synthetic_prompt_ids
@@ -66,3 +72,35 @@ def test_bench_command_prints_the_cached_over_naive_ratio_last():
 def test_bench_rejects_a_size_off_the_patch_grid():
     result = CliRunner().invoke(bench, ["--dims", "tiny", "--size", "300"])
     assert result.exit_code != 0 and isinstance(result.exception, ValueError)
+
+
+LOAD_LINE = re.compile(r"load (\d+\.\d) s, peak RSS (\d+\.\d\d) GiB, weights (\d+\.\d\d) GiB")
+
+
+def load_only(*args):
+    result = CliRunner().invoke(bench, ["--load-only", "--model", str(FIXTURES), *args])
+    assert result.exit_code == 0, result.output
+    return result.output.strip().splitlines()[-1]
+
+
+def test_load_only_prints_time_peak_rss_and_weights_last():
+    line = load_only()
+    match = LOAD_LINE.fullmatch(line)
+    assert match, line
+    weights = parameter_bytes(load_model(FIXTURES, dtype=mx.bfloat16))  # bfloat16 by default, as generate
+    assert match.group(3) == f"{weights / 2**30:.2f}"
+    assert float(match.group(2)) * 2**30 >= ru_maxrss_bytes() - 2**30 / 200  # the high-water mark
+    assert float(match.group(2)) > 0
+
+
+def test_load_only_honours_dtype_and_quantization():
+    floats = parameter_bytes(load_model(FIXTURES, dtype=mx.float32))
+    assert LOAD_LINE.fullmatch(load_only("--dtype", "float32")).group(3) == f"{floats / 2**30:.2f}"
+    q8 = parameter_bytes(load_model(FIXTURES, dtype=mx.bfloat16, bits=8))
+    assert q8 < parameter_bytes(load_model(FIXTURES, dtype=mx.bfloat16))
+    assert LOAD_LINE.fullmatch(load_only("-q", "8")).group(3) == f"{q8 / 2**30:.2f}"
+
+
+def test_load_only_and_model_go_together():
+    result = CliRunner().invoke(bench, ["--model", str(FIXTURES)])
+    assert result.exit_code != 0 and "--load-only and --model go together" in str(result.exception)

@@ -61,6 +61,7 @@ def info(model_arg, dims, layers, bits, dtype, width, height, guidance, text_tok
         checkpoint_sizes,
         format_bytes,
         machine_memory,
+        predict_load_peak_bytes,
         predict_peak_bytes,
         skeleton_shapes,
         uses_fused_attention,
@@ -115,6 +116,7 @@ def info(model_arg, dims, layers, bits, dtype, width, height, guidance, text_tok
     if skipped:
         lines.append("never loaded for text-to-image (stored size):")
         lines += _size_table(skipped)
+    lines.append(f"predicted peak while loading: {format_bytes(predict_load_peak_bytes(weights))}")
     lines.append(f"request: {width}x{height}, guidance {guidance:g} ({'2 passes' if cfg_pass else '1 pass'}), "
                  f"{text_tokens} text tokens assumed")
     for fused, where in ((False, "CPU (attention scores materialized)"), (True, "Metal (fused attention)")):

@@ -32,6 +32,9 @@ SKIPPED_PREFIXES = ("lm_head.",)
 VISION_PREFIX = "visual."
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+# MLX's buffer cache while loading: room to reuse a layer's float buffers for the next layer
+# (allocating fresh pages each time is slow) without holding more than this beyond the weights.
+LOAD_CACHE_BYTES = 256 * 2**20
 _ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4,
                    "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -233,12 +236,12 @@ def stream_into(module: nn.Module, tensors: dict[str, TensorInfo], dtype: mx.Dty
 
     Each tensor is read (float tensors cast to ``dtype``; with an in-memory ``plan`` a planned
     linear's weight quantized at once), evaluated and assigned before the next is touched, and its
-    float copy is freed right away (MLX's buffer cache is off meanwhile). Largest first: the one
+    float copy is freed right away (MLX's buffer cache is capped meanwhile). Largest first: the one
     transient float copy is biggest while little else is resident. ``lazy`` assigns unevaluated.
     """
     quantize_here = plan is not None and not plan.stored
     shards: dict[Path, dict[str, mx.array]] = {}
-    previous_limit = mx.set_cache_limit(0)
+    previous_limit = mx.set_cache_limit(LOAD_CACHE_BYTES)
     try:
         for name in sorted(tensors, key=lambda n: (-tensors[n].nbytes, n)):
             info = tensors[name]
