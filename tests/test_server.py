@@ -251,14 +251,28 @@ def test_sigterm_cancels_the_running_job_and_exits_cleanly_with_nothing_half_wri
     assert [p.name for p in out.iterdir()] == []  # the cancelled render left no file, whole or partial
 
 
-def test_loras_are_named_from_the_lora_folder_only(client, server, tmp_path, monkeypatch):
-    (tmp_path / "style.safetensors").write_bytes(b"")
+def test_loras_are_chosen_by_name_from_the_lora_folder_and_undone_after_the_job(client, server, tmp_path,
+                                                                                monkeypatch):
+    from test_lora import fresh, lora_tensors, write_lora
+
+    write_lora(tmp_path / "made", lora_tensors(fresh(), 1), "kohya_unet").rename(tmp_path / "style.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
     monkeypatch.setattr(server[1].config, "lora_dir", tmp_path)
     for name in ("../style", str(tmp_path / "style.safetensors"), "other"):
         response = client.post("/v1/images/generations", json={"prompt": "x", "lora": name, **QUICK})
         assert response.status_code == 400 and "unknown LoRA" in response.json()["error"]["message"]
-    known = client.post("/v1/images/generations", json={"prompt": "x", "lora": ["style"], **QUICK})
-    assert known.status_code == 501 and "LoRA support not available" in known.json()["error"]["message"]
+    broken = client.post("/v1/images/generations", json={"prompt": "x", "lora": "broken", **QUICK})
+    assert broken.status_code == 400 and str(tmp_path) not in broken.text
+
+    plain = client.post("/v1/images/generations", json={"prompt": "x", **QUICK}).json()["data"][0]
+    styled = client.post("/v1/images/generations", json={"prompt": "x", "lora": ["style"], "lora_scale": 0.5,
+                                                        **QUICK}).json()["data"][0]
+    after = client.post("/v1/images/generations", json={"prompt": "x", **QUICK}).json()["data"][0]
+    assert not np.array_equal(decode(styled["b64_json"]), decode(plain["b64_json"]))
+    np.testing.assert_array_equal(decode(after["b64_json"]), decode(plain["b64_json"]))
+    loras = read_metadata(server[2] / styled["file"])["loras"]
+    assert [(x["name"], x["scale"]) for x in loras] == [("style.safetensors", 0.5)]
+    assert "loras" not in read_metadata(server[2] / after["file"])
 
 
 def test_the_cli_imports_no_server_stack_until_serve_runs():

@@ -102,6 +102,8 @@ class Studio:
     def spec(self, body: dict, uploads=None):
         spec = build_spec(self.engine, body, self.config.limits, self.config.output_dir / "references",
                           self.config.lora_dir, uploads)
+        if spec.loras:
+            check_loras(self.engine, spec.loras, self.config.lora_dir)
         first = spec.requests[0]
         if self.engine.source is not None:
             try:
@@ -259,6 +261,19 @@ def form_value(key: str, text: str):
     except ValueError:
         raise BadRequest(f"{key} must be {'/'.join(k.__name__ for k in kinds)}, got {text!r}") from None
     return text
+
+
+def check_loras(engine, specs, lora_dir: Path) -> None:
+    """Read each LoRA against the model now, so a file that does not fit is a 400 before queueing
+    (applying one in the worker then cannot fail half-way)."""
+    from hidream_mlx.models.lora import LoRAError, linear_targets, read_lora
+
+    targets = linear_targets(engine.model)
+    for spec in specs:
+        try:
+            read_lora(spec.path, targets)
+        except LoRAError as e:
+            raise BadRequest(str(e).replace(str(lora_dir), "--lora-dir")) from None
 
 
 async def bad_request(request: HttpRequest, exc: BadRequest) -> Response:

@@ -13,6 +13,7 @@ import binascii
 import hashlib
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ CLI_FIELDS: dict[str, tuple] = {
     "steps": (int,), "guidance": NUMBER, "shift": NUMBER, "noise_scale": NUMBER, "s_noise": NUMBER,
     "noise_clip": NUMBER, "noise": (str,), "blend_seams": (int,), "seam_smoothing": NUMBER,
     "seam_window": (str,), "seam_strength": NUMBER, "keep_aspect": (bool,), "layout": (str, list, dict),
-    "negative_prompt": (str,), "lora": (str, list),
+    "negative_prompt": (str,), "lora": (str, list), "lora_scale": (int, float, list),
 }
 OPENAI_FIELDS: dict[str, tuple] = {
     "prompt": (str,), "n": (int,), "size": (str,), "response_format": (str,), "model": (str,), "user": (str,),
@@ -70,6 +71,7 @@ class Spec:
 
     requests: list[Request]
     response_format: str = "b64_json"
+    loras: tuple = ()  # LoRASpec per LoRA, in order (they stack)
     settings: dict = field(default_factory=dict)
 
 
@@ -154,6 +156,24 @@ def lora_names(value, lora_dir: Optional[Path]) -> list[str]:
     return names
 
 
+def lora_specs(names, scales, lora_dir: Optional[Path]) -> tuple:
+    """``lora`` names (from ``--lora-dir``) paired in order with ``lora_scale`` values (default 1.0)."""
+    if names is None:
+        if scales is not None:
+            raise BadRequest("lora_scale needs a lora")
+        return ()
+    from hidream_mlx.models.lora import LoRAError, parse_lora_options
+
+    chosen = lora_names(names, lora_dir)
+    scales = [scales] if isinstance(scales, (int, float)) else list(scales or [])
+    if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in scales):
+        raise BadRequest("lora_scale must be a finite number or a list of them")
+    try:
+        return tuple(parse_lora_options([lora_dir / f"{name}.safetensors" for name in chosen], scales))
+    except LoRAError as e:
+        raise BadRequest(str(e).replace(str(lora_dir), "--lora-dir")) from None
+
+
 def build_spec(engine, body: dict, limits: Limits, reference_dir: Path, lora_dir: Optional[Path] = None,
                uploads: Optional[list[Image.Image]] = None) -> Spec:
     """Every check of one body, then one :class:`Request` per image through the CLI's builder.
@@ -177,10 +197,7 @@ def build_spec(engine, body: dict, limits: Limits, reference_dir: Path, lora_dir
         raise BadRequest(f"model {body['model']!r} is not served here; GET /v1/models lists {served_names(engine)}",
                          status=404, code="model_not_found")
     options = {k: v for k, v in body.items() if k in CLI_FIELDS and v is not None}
-    if "lora" in options:
-        lora_names(options.pop("lora"), lora_dir)
-        raise BadRequest("LoRA support not available in this version of the server", status=501,
-                         code="not_implemented")
+    loras = lora_specs(options.pop("lora", None), options.pop("lora_scale", None), lora_dir)
     if "size" in body and body["size"] is not None:
         if "width" in options or "height" in options:
             raise BadRequest("give either size or width/height, not both")
@@ -202,7 +219,7 @@ def build_spec(engine, body: dict, limits: Limits, reference_dir: Path, lora_dir
                           for i in range(1, n) if first.seed + i <= 2**32 - 1]
     if len(requests) < n:
         raise BadRequest(f"seed {first.seed} + n - 1 passes the largest seed; use a smaller seed")
-    return Spec(requests, fmt, {k: v for k, v in body.items() if k != "references"})
+    return Spec(requests, fmt, loras, {k: v for k, v in body.items() if k != "references"})
 
 
 def make_request(engine, prompt: str, options: dict, refs: list[str]) -> Request:

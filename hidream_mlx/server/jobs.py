@@ -188,7 +188,11 @@ class JobQueue:
                     self.running = None
 
     def _render(self, job: Job) -> None:
+        from hidream_mlx.models.lora import switch_loras
+
         job.state = "running"
+        # Exactly this job's LoRAs: the previous job's are undone first (a no-op when they match).
+        switch_loras(self.engine, job.spec.loras)
         requests = job.spec.requests
         for number, request in enumerate(requests):
             steps = request.recipe.steps
