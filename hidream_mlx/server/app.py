@@ -106,9 +106,11 @@ class Studio:
             check_loras(self.engine, spec.loras, self.config.lora_dir)
         first = spec.requests[0]
         if self.engine.source is not None:
+            source, bits = self.engine.source, self.config.quantize_bits
+            extra = lora_memory(spec.loras, bits is not None or source.quantization is not None) if spec.loras else 0
             try:
-                check_fits_folder(self.engine.source, parse_dtype(self.engine.dtype).size, self.config.quantize_bits,
-                                  first.width, first.height, first.recipe.uses_cfg)
+                check_fits_folder(source, parse_dtype(self.engine.dtype).size, bits,
+                                  first.width, first.height, first.recipe.uses_cfg, extra_bytes=extra)
             except MemoryError as e:
                 raise BadRequest(str(e), 400, "insufficient_memory") from None
         return spec
@@ -261,6 +263,12 @@ def form_value(key: str, text: str):
     except ValueError:
         raise BadRequest(f"{key} must be {'/'.join(k.__name__ for k in kinds)}, got {text!r}") from None
     return text
+
+
+def lora_memory(specs, quantized: bool) -> int:
+    from hidream_mlx.models.lora import lora_memory as estimate
+
+    return estimate(specs, quantized)
 
 
 def check_loras(engine, specs, lora_dir: Path) -> None:
