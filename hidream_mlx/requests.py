@@ -32,7 +32,7 @@ from hidream_mlx.recipes import (
     recipe_for_model,
     recipe_for_references,
 )
-from hidream_mlx.resolution import resolve_size
+from hidream_mlx.resolution import MIN_SIDE, resolve_size, validate_free_size
 from hidream_mlx.seam_smoothing import check_settings as check_seam_smoothing
 from hidream_mlx.seams import PATCH_SIZE
 
@@ -206,12 +206,12 @@ def build_request(model, *, prompt, seed=None, width=None, height=None, no_snap=
                   steps=None, guidance=None, shift=None, noise_scale=None, s_noise=None, noise_clip=None,
                   noise="torch", blend_seams=0, seam_smoothing=0.0, seam_window="hann", seam_strength=1.0,
                   refs=(), layout=None, keep_aspect=False, default_size: int = DEFAULT_SIZE,
-                  note: Optional[Callable[[str], None]] = None) -> Request:
+                  min_free_side: int = MIN_SIDE, note: Optional[Callable[[str], None]] = None) -> Request:
     """A checked :class:`Request` from option values (``model``: a ModelSource or an Engine,
     which gives the model's name and stored metadata for the default recipe).
 
     ``seed=None`` draws a random seed (in range, stored in the metadata). ``note`` receives
-    warnings (default: dropped). Raises :class:`RequestError` (a ValueError) naming the option.
+    warnings (default: dropped). ``min_free_side`` lets eval run free sizes below 256 px. Raises :class:`RequestError` (a ValueError) naming the option.
     """
     note = note or (lambda line: None)
     prompt = check_prompt(prompt)
@@ -251,7 +251,13 @@ def build_request(model, *, prompt, seed=None, width=None, height=None, no_snap=
         size_note = None
     else:
         try:
-            w, h, size_note = resolve_size(w, h, snap)
+            if not snap and min_free_side < MIN_SIDE:
+                validate_free_size(max(w, MIN_SIDE), max(h, MIN_SIDE))  # multiples and the area cap
+                if min(w, h) < min_free_side:
+                    raise RequestError(f"size {w}x{h} has a side below {min_free_side}")
+                w, h, size_note = w, h, f"{w}x{h} (free size, not snapped)"
+            else:
+                w, h, size_note = resolve_size(w, h, snap)
         except ValueError as e:
             raise RequestError(str(e)) from None
     w, h, aspect_note, layout_text, budget = check_references(refs, layout, keep_aspect, w, h, note)

@@ -31,7 +31,8 @@ from typing import Callable, Iterator, Optional
 from hidream_mlx.harness.batteries import DEFAULT_SEED, DEFAULT_SIZE, BatteryItem, Variant, eval_size
 from hidream_mlx.harness.peak_rss import PeakRss, reset_high_water, ru_maxrss_bytes
 from hidream_mlx.images import save_image
-from hidream_mlx.recipes import get_recipe
+from hidream_mlx.models.o1.config import PATCH_SIZE
+from hidream_mlx.requests import build_request
 from hidream_mlx.seams import grid_energy_axes
 
 RESULTS_FILE = "results.jsonl"
@@ -59,17 +60,18 @@ class Job:
         merged = {"size": DEFAULT_SIZE, "snap": False, "noise": "torch", "blend_seams": 0}
         return {**merged, **self.item.settings(), **self.variant.overrides}
 
-    def request(self, default_recipe: str):
-        from hidream_mlx.generation import Request
-
+    def request(self, model):
+        """This job's Request through the shared builder (``model``: an Engine or ModelSource for
+        the default recipe, or a recipe name). Free sizes may go below 256 px (fast measurements)."""
         s = self.settings()
-        recipe = get_recipe(s.get("recipe") or default_recipe)
-        recipe = recipe.with_overrides(steps=s.get("steps"), guidance=s.get("guidance"), shift=s.get("shift"))
-        width, height, note = eval_size(*s["size"], snap=s["snap"])
-        return Request(self.item.prompt, width, height, self.seed, recipe, noise=s["noise"],
-                       blend_seams=s["blend_seams"], size_note=note,
-                       seam_smoothing=s.get("seam_smoothing", 0.0), seam_window=s.get("seam_window", "hann"),
-                       seam_strength=s.get("seam_strength", 1.0))
+        default = model if isinstance(model, str) else None
+        width, height = s["size"]
+        return build_request(
+            None if default else model, prompt=self.item.prompt, seed=self.seed, width=width, height=height,
+            no_snap=not s["snap"], recipe=s.get("recipe") or default, steps=s.get("steps"),
+            guidance=s.get("guidance"), shift=s.get("shift"), noise=s["noise"], blend_seams=s["blend_seams"],
+            seam_smoothing=s.get("seam_smoothing", 0.0), seam_window=s.get("seam_window", "hann"),
+            seam_strength=s.get("seam_strength", 1.0), min_free_side=PATCH_SIZE)
 
 
 def job_key(variant: str, item_id: str, seed: int) -> str:
