@@ -315,3 +315,32 @@ def test_loading_a_rank_64_lora_costs_its_own_size_plus_one_layer(tmp_path):
     before = mx.get_active_memory()
     apply_lora(model, LoRASpec(path))
     assert mx.get_peak_memory() - before <= path.stat().st_size + layer
+
+
+def test_eval_jobs_switch_loras_exactly_and_record_them(tmp_path):
+    from hidream_mlx.harness.batteries import parse_variants, read_battery
+    from hidream_mlx.harness.evaluation import EvalRun, load_engine, plan_jobs, read_results
+    from hidream_mlx.models.lora import sha256_of
+
+    lora = write_lora(tmp_path / "l", lora_tensors(fresh()), "peft")
+    items = [{"id": "plain", "prompt": "a fox", "size": "64x64", "seed": 1},
+             {"id": "styled", "prompt": "a fox", "size": "64x64", "seed": 1,
+              "loras": [{"path": str(lora), "scale": 0.5}]},
+             {"id": "plain2", "prompt": "a fox", "size": "64x64", "seed": 1}]
+    battery = tmp_path / "b.jsonl"
+    battery.write_text("\n".join(json.dumps(i) for i in items) + "\n")
+    engine = load_engine(str(FIXTURES), dtype="float32")
+    variants = parse_variants(["v:recipe=dev,steps=2"])
+    run = EvalRun(tmp_path / "run", {"model": "o1-tiny", "dtype": "float32", "quantize": None, "battery": "b"},
+                  variants)
+    run.start_session(engine)
+    run.run(engine, plan_jobs(read_battery(battery), variants))
+    rows = {r["id"]: r for r in read_results(tmp_path / "run").values()}
+    assert rows["styled"]["loras"] == [{"name": "lora.safetensors", "sha256": sha256_of(lora), "scale": 0.5,
+                                        "modules": len(TARGETS), "layout": "peft"}]
+    assert rows["plain"]["loras"] == [] and rows["plain2"]["loras"] == []
+    from PIL import Image
+
+    pixels = {k: np.array(Image.open(tmp_path / "run" / rows[k]["image"])).astype(int) for k in rows}
+    np.testing.assert_array_equal(pixels["plain"], pixels["plain2"])  # the LoRA was undone exactly
+    assert np.abs(pixels["styled"] - pixels["plain"]).max() > 10

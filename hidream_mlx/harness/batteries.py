@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Optional
 
 from hidream_mlx.models.o1.config import PATCH_SIZE
+from hidream_mlx.models.lora import checked_specs, specs_from_json
 from hidream_mlx.recipes import get_recipe
 from hidream_mlx.resolution import FREE_SIZE_MULTIPLE, MAX_PIXELS, resolve_size
 
 VARIANT_KEYS = ("steps", "guidance", "size", "recipe", "shift", "blend_seams", "noise", "snap",
                 "seam_smoothing", "seam_window", "seam_strength")
-BATTERY_FIELDS = ("id", "prompt", "genre", "seed", "size", "steps", "guidance", "recipe", "note")
+BATTERY_FIELDS = ("id", "prompt", "genre", "seed", "size", "steps", "guidance", "recipe", "note", "loras")
 DEFAULT_SIZE = (1024, 1024)  # the size the seeds' batteries were run at
 DEFAULT_SEED = 42
 # Ids and variant names become file and folder names.
@@ -88,6 +89,7 @@ class BatteryItem:
     guidance: Optional[float] = None
     recipe: Optional[str] = None
     note: str = ""
+    loras: tuple = ()  # LoRASpec per LoRA this item runs with ("loras": [{"path", "scale"}])
 
     def settings(self) -> dict:
         keys = ("size", "steps", "guidance", "recipe")
@@ -119,6 +121,7 @@ def _battery_item(entry: dict) -> BatteryItem:
         guidance=_number("guidance", entry["guidance"], 0.0) if "guidance" in entry else None,
         recipe=_recipe_name(entry["recipe"]) if "recipe" in entry else None,
         note=str(entry.get("note", "")),
+        loras=tuple(checked_specs(specs_from_json(entry["loras"], "item"))) if "loras" in entry else (),
     )
 
 

@@ -310,8 +310,12 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
         setattr(parent, last, new)
 
 
-def apply_lora(model: nn.Module, spec: LoRASpec) -> LoRASummary:
-    """Apply one LoRA at ``spec.scale``: merged into float layers, a side path on quantized ones."""
+def apply_lora(model: nn.Module, spec: LoRASpec, keep: Optional[dict] = None) -> LoRASummary:
+    """Apply one LoRA at ``spec.scale``: merged into float layers, a side path on quantized ones.
+
+    ``keep`` collects what is replaced (the original weight or quantized module, by path), so
+    :func:`switch_loras` can undo it exactly.
+    """
     targets = linear_targets(model)
     layers, layout = read_lora(spec.path, targets)
     merged = side = 0
@@ -319,10 +323,14 @@ def apply_lora(model: nn.Module, spec: LoRASpec) -> LoRASummary:
         factor = spec.scale * layer.alpha / layer.rank
         module = targets[module_path]
         if isinstance(module, nn.Linear):
+            if keep is not None:
+                keep.setdefault(module_path, module.weight)
             merge_into(module, layer, factor)
             merged += 1
             continue
         if not isinstance(module, LoRALinear):
+            if keep is not None:
+                keep.setdefault(module_path, module)
             module = LoRALinear(module)
             _replace(model, module_path, module)
         dtype = module.base.scales.dtype
@@ -382,3 +390,22 @@ def merged_weight(weight: mx.array, updates: Sequence) -> mx.array:
     for layer, factor in updates:
         w = w + factor * (layer.B.astype(mx.float32) @ layer.A.astype(mx.float32))
     return w
+
+
+def switch_loras(engine, specs: Sequence[LoRASpec]) -> None:
+    """Make ``engine`` run with exactly ``specs`` (a battery job's LoRAs): the previous job's are
+    undone exactly (original weights and modules put back) first. Costs a copy of the changed
+    float layers while LoRAs are active. ``engine.loras`` holds the summaries."""
+    specs = tuple(specs)
+    state = getattr(engine, "lora_state", None) or {"specs": (), "keep": {}}
+    if specs == state["specs"]:
+        return
+    targets = linear_targets(engine.model)
+    for path, original in state["keep"].items():
+        if isinstance(original, mx.array):
+            targets[path].weight = original
+        else:
+            _replace(engine.model, path, original)
+    keep: dict = {}
+    engine.loras = [apply_lora(engine.model, spec, keep) for spec in specs]
+    engine.lora_state = {"specs": specs, "keep": keep}
