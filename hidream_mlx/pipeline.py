@@ -20,7 +20,7 @@ import numpy as np
 from hidream_mlx.patches import grid_size, patchify
 from hidream_mlx.positions import t2i_positions
 from hidream_mlx.prompt import UNCOND_PROMPT, Tokenizer, encode_prompt
-from hidream_mlx.recipes import Recipe
+from hidream_mlx.recipes import Recipe, uses_cfg
 from hidream_mlx.seam_smoothing import SeamSmoothing, ShiftedPass, shifted_grid_positions
 from hidream_mlx.schedulers import (
     FlashEulerSampler,
@@ -106,7 +106,7 @@ def encode(model: HiDreamO1, tokenizer: Tokenizer, prompt: str, height: int, wid
     grid = grid_size(height, width)
     cond = encode_prompt_state(model, encode_prompt(tokenizer, prompt), grid)
     uncond = None
-    if guidance > 1.0:
+    if uses_cfg(guidance):
         uncond = encode_prompt_state(model, encode_prompt(tokenizer, uncond_prompt), grid)
     return Conditioning(cond, uncond)
 
@@ -134,7 +134,7 @@ def encode_with_references(model: HiDreamO1, vision, tokenizer: Tokenizer, promp
                             spatial_merge_size=cfg.vision.spatial_merge_size)
         return prompt_state(model, ids, seq.position_ids, seq.text_len - 1, embeds, deepstack)
 
-    uncond = state(uncond_prompt) if guidance > 1.0 else None
+    uncond = state(uncond_prompt) if uses_cfg(guidance) else None
     return Conditioning(state(prompt), uncond, mx.array(refs.ref_patches)[None])
 
 
@@ -145,7 +145,7 @@ def encode_synthetic(model: HiDreamO1, prompt: str, height: int, width: int, gui
     grid = grid_size(height, width)
     text_len = 14 + len(prompt.split()) * 4 // 3  # chat template overhead + words
     cond = encode_prompt_state(model, synthetic_prompt_ids(text_len), grid)
-    uncond = encode_prompt_state(model, synthetic_prompt_ids(13, seed=1), grid) if guidance > 1.0 else None
+    uncond = encode_prompt_state(model, synthetic_prompt_ids(13, seed=1), grid) if uses_cfg(guidance) else None
     return Conditioning(cond, uncond)
 
 

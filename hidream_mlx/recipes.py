@@ -12,6 +12,12 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+def uses_cfg(guidance: float) -> bool:
+    """The one rule for CFG: a scale above 1 runs the unconditional pass; 1 or less runs none
+    (the official pipeline's ``guidance_scale > 1`` test)."""
+    return guidance > 1.0
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -27,7 +33,7 @@ class Recipe:
 
     @property
     def uses_cfg(self) -> bool:
-        return self.guidance > 1.0
+        return uses_cfg(self.guidance)
 
     def with_overrides(self, **overrides) -> "Recipe":
         """Apply the user's settings; any change from the released values clears ``official``."""

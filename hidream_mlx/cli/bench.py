@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from hidream_mlx.recipes import uses_cfg
+
 DTYPE_CHOICES = ["bfloat16", "float16", "float32"]
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 COMPONENT_ORDER = ["language_model.embed_tokens", "language_model.layers", "language_model.norm",
@@ -87,20 +89,20 @@ def info(model_arg, dims, layers, bits, dtype, width, height, guidance, text_tok
         loaded, skipped = weight_sizes(skeleton_shapes(config), dtype_bytes, bits), {}
         title, recipe_guidance = f"random {dims} ({config.text.num_hidden_layers} layers)", 1.0
     else:
-        from hidream_mlx.models.loading import read_config, resolve_model_path
+        from hidream_mlx.models.source import ModelSource
         from hidream_mlx.recipes import get_recipe, recipe_for_model
 
-        path = resolve_model_path(model_arg, allow_download=False)  # info never downloads 33 GB
-        config = read_config(path)
+        source = ModelSource.resolve(model_arg, allow_download=False)  # info never downloads 33 GB
+        path, config = source.path, source.config
         if config.quantization and bits:
             click.echo(f"note: {path} is already quantized ({config.quantization.get('bits')} bits); "
                        f"-q {bits} is ignored", err=True)
             bits = None
-        loaded, skipped = checkpoint_sizes(path, dtype_bytes, bits)
+        loaded, skipped = checkpoint_sizes(source, dtype_bytes, bits)
         title = str(path)
-        recipe_guidance = get_recipe(recipe_for_model(model_arg, config.hidream)).guidance
+        recipe_guidance = get_recipe(recipe_for_model(source.name, config.hidream)).guidance
     guidance = recipe_guidance if guidance is None else guidance
-    cfg_pass = guidance > 1.0
+    cfg_pass = uses_cfg(guidance)
     weights = sum(s.nbytes for s in loaded.values())
     t = config.text
     quant = f", decoder linears Q{bits} (group 64, scales/biases in {dtype})" if bits else ""

@@ -34,6 +34,7 @@ from hidream_mlx.generation import Engine
 from hidream_mlx.harness.peak_rss import PeakRss, ru_maxrss_bytes
 from hidream_mlx.pipeline import Conditioning, encode_prompt_state
 from hidream_mlx.positions import t2i_positions
+from hidream_mlx.recipes import uses_cfg
 from hidream_mlx.quant.quantization import quantize_in_memory
 from hidream_mlx.models.o1.synthetic import random_model, synthetic_prompt_ids
 
@@ -68,7 +69,7 @@ class BenchConfig:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.quantize is not None and self.quantize not in (4, 6, 8):
             raise ValueError(f"--quantize takes 4, 6 or 8, got {self.quantize}")
-        if self.compare_cfg and self.guidance <= 1.0:
+        if self.compare_cfg and not uses_cfg(self.guidance):
             raise ValueError("--compare-cfg needs --guidance > 1 (there is no unconditional pass otherwise)")
 
 
@@ -199,7 +200,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _: None) -> 
     mx.clear_cache()
 
     grid = grid_size(cfg.size, cfg.size)
-    use_cfg = cfg.guidance > 1.0
+    use_cfg = uses_cfg(cfg.guidance)
     prompts = [synthetic_prompt_ids(cfg.prompt_tokens)]
     if use_cfg:
         prompts.append(synthetic_prompt_ids(UNCOND_TOKENS, seed=1))
@@ -237,7 +238,7 @@ def report_lines(result: BenchResult) -> list[str]:
     c = result.config
     layers = c.layers if c.layers is not None else "all"
     quant = f", Q{c.quantize}" if c.quantize else ""
-    passes = 2 if c.guidance > 1.0 else 1
+    passes = 2 if uses_cfg(c.guidance) else 1
     mode = ("batched" if pipeline.BATCHED_CFG else "sequential") + " CFG" if passes == 2 else "no CFG"
     cached = result.variant("cached")
     lines = [
