@@ -10,6 +10,7 @@ from hidream_mlx.cli.render import from_image_settings, given_on_command_line, p
 from hidream_mlx.generation import Engine
 from hidream_mlx.memory import check_fits_folder, format_bytes
 from hidream_mlx.models.loading import parse_dtype
+from hidream_mlx.models.lora import checked_specs, lora_memory, parse_lora_options
 from hidream_mlx.recipes import PRESETS as PRESET_NAMES
 from hidream_mlx.recipes import RECIPES as RECIPE_NAMES
 from hidream_mlx.requests import SEED_MAX, USED_BY, check_number, range_help
@@ -80,10 +81,18 @@ def _print_summary(result, engine, elapsed_note: str = "") -> None:
 @click.option("--keep-aspect", is_flag=True, help="One reference: the output takes its aspect ratio, fitted into the --width x --height pixel area (default 2048x2048).")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @click.option("--force", is_flag=True, help="Run even if the memory estimate says it will not fit.")
+@click.option("--lora", "loras", multiple=True, metavar="PATH",
+              help="LoRA .safetensors file (repeatable; several stack, in order).")
+@click.option("--lora-scale", "lora_scales", multiple=True, type=float, metavar="S",
+              help="Strength of the matching --lora, in order (default 1.0 each).")
+@click.option("--lora-paths", "lora_paths", multiple=True, hidden=True, help="mflux's spelling of --lora.")
+@click.option("--lora-scales", "lora_scales_mflux", multiple=True, type=float, hidden=True,
+              help="mflux's spelling of --lora-scale.")
 def generate(model_arg, prompt, output, seeds, width, height, no_snap, recipe, preset, steps, guidance, shift,
              noise_scale, s_noise, noise_clip, noise, blend_seams, preview_every, dtype, quantize_bits,
              refs, layout, keep_aspect, overwrite, force, seam_smoothing=0.0, seam_window="hann", seam_strength=1.0,
-             prompt_file=None, negative_prompt=None, from_image=None, quality=None, count=None):
+             prompt_file=None, negative_prompt=None, from_image=None, quality=None, count=None,
+             loras=(), lora_scales=(), lora_paths=(), lora_scales_mflux=()):
     """Generate images from a prompt (several seeds or a prompt file: one model load)."""
     check_number("preview_every", preview_every)
     note = lambda line: click.echo(line, err=True)  # noqa: E731
@@ -95,11 +104,16 @@ def generate(model_arg, prompt, output, seeds, width, height, no_snap, recipe, p
     source, jobs, requests = plan(params, note)
     dtype = params["dtype"]
     bits = int(params["quantize_bits"]) if params["quantize_bits"] else None
+    lora_specs = checked_specs(parse_lora_options([*params["loras"], *params["lora_paths"]],
+                                                  [*params["lora_scales"], *params["lora_scales_mflux"]]))
     if not force:
+        extra = lora_memory(lora_specs, quantized=bits is not None or source.quantization is not None)
         for w, h, cfg in sorted({(r.width, r.height, r.recipe.uses_cfg) for r in requests}):
-            check_fits_folder(source, parse_dtype(dtype).size, bits, w, h, cfg)
+            check_fits_folder(source, parse_dtype(dtype).size, bits, w, h, cfg, extra_bytes=extra)
 
-    engine = Engine.load(source, dtype=dtype, quantize_bits=bits)
+    engine = Engine.load(source, dtype=dtype, quantize_bits=bits, loras=lora_specs)
+    for lora in engine.loras:
+        click.echo(lora.line(), err=True)
     engine.keep_vision = len(jobs) > 1 and any(r.references for r in requests)
     click.echo(f"model loaded once in {engine.load_time:.1f} s"
                f"{f' for {len(jobs)} images' if len(jobs) > 1 else ''}", err=True)

@@ -31,6 +31,7 @@ from typing import Callable, Iterator, Optional
 from hidream_mlx.harness.batteries import DEFAULT_SEED, DEFAULT_SIZE, BatteryItem, Variant, eval_size
 from hidream_mlx.harness.peak_rss import PeakRss, reset_high_water, ru_maxrss_bytes
 from hidream_mlx.images import save_image
+from hidream_mlx.models.lora import switch_loras
 from hidream_mlx.models.o1.config import PATCH_SIZE
 from hidream_mlx.requests import build_request
 from hidream_mlx.seams import grid_energy_axes
@@ -279,6 +280,7 @@ class EvalRun:
             self.save()
         rss, records = PeakRss(), []
         for done, (job, request) in enumerate(todo, start=1):
+            switch_loras(engine, job.item.loras)  # a no-op while consecutive jobs share them
             with rss.measure():
                 result = engine.run(request, on_step)
             record = self._store(job, request, result, rss)
@@ -332,6 +334,7 @@ def make_record(job: Job, request, result, rss: PeakRss, sha256: str, rank: int 
         "guidance": request.recipe.guidance, "variant_overrides": job.variant.spec(),
         "settings": request.metadata(), "model": result.metadata.get("model"),
         "dtype": result.metadata.get("dtype"), "quantization": result.metadata.get("quantization"),
+        "loras": result.metadata.get("loras", []),
         "image": job.image_path, "sha256": sha256, "rank": rank, "host": host or socket.gethostname(),
         "step_times": result.step_times, "seconds_per_step": statistics.median(result.step_times),
         "seam_passes": request.seam_passes, "grid_energy": grid_energy_axes(result.image),
