@@ -58,14 +58,6 @@ def component_of(name: str) -> str:
     return parts[0]
 
 
-def component_bytes(module: nn.Module) -> dict[str, int]:
-    """Bytes per top-level component (language model, pixel heads, vision tower if loaded)."""
-    out: dict[str, int] = {}
-    for name, a in tree_flatten(module.parameters()):
-        out[component_of(name)] = out.get(component_of(name), 0) + a.nbytes
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Weights from shapes alone (safetensors headers or a lazy skeleton): nothing is loaded.
 
@@ -262,11 +254,6 @@ def machine_memory() -> int:
     if info is not None and "max_recommended_working_set_size" in info:
         return int(info["max_recommended_working_set_size"])
     return int(psutil.virtual_memory().total)
-
-
-def check_fits(model: nn.Module, width: int, height: int, cfg_pass: bool) -> None:
-    """Refuse, with a suggestion, a request the machine cannot hold."""
-    _refuse_beyond_machine(predicted_peak(model, width, height, cfg_pass))
 
 
 def check_fits_folder(source, dtype_bytes: int, bits: Optional[int], width: int, height: int,
