@@ -164,3 +164,14 @@ def test_a_latent_that_turns_non_finite_stops_the_run_naming_the_step(tiny_model
     request = Request("a fox", 64, 64, 1, recipe)
     with pytest.raises(NonFiniteLatentError, match=r"non-finite \(NaN or inf\) at step 1 of 2"):
         Engine(tiny_model).run(request)
+
+
+def test_quantize_takes_plan_with_recipe_as_its_old_alias():
+    from click.testing import CliRunner
+
+    from hidream_mlx.cli import main
+
+    for spelling in ("--plan", "--recipe"):
+        result = CliRunner().invoke(main, ["quantize", "--model", str(FIXTURES), spelling, "no-such-plan", "-o", "x"])
+        assert result.exit_code == 2 and "'no-such-plan' is not one of" in result.output
+    assert "--plan, --recipe" in CliRunner().invoke(main, ["quantize", "--help"]).output

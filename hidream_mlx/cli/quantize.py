@@ -25,7 +25,7 @@ from hidream_mlx.quant.convert import REPORT_FILE
 
 def choose_recipe(name: str | None, recipe_file: Path | None) -> QuantRecipe:
     if name and recipe_file:
-        raise ValueError("give --recipe or --recipe-file, not both")
+        raise ValueError("give --plan or --recipe-file, not both")
     if recipe_file is not None:
         return QuantRecipe.from_file(recipe_file)
     return get_quant_recipe(name or "flat")
@@ -45,8 +45,9 @@ def size_table(conversion) -> list[str]:
               help="Source: Hugging Face repo id or folder in the official layout (float32 or bf16 shards).")
 @click.option("--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default=None,
               help="Bits for the decoder's linear layers (a recipe may fix them).")
-@click.option("--recipe", "recipe_name", type=click.Choice(sorted(BUILTIN_RECIPES)), default=None,
-              help="Built-in mixed-precision recipe (default: flat).")
+@click.option("--plan", "--recipe", "recipe_name", type=click.Choice(sorted(BUILTIN_RECIPES)), default=None,
+              help="Built-in mixed-precision quantization plan (default: flat). --recipe is the old spelling, "
+                   "kept as an alias for one release (on generate, --recipe is the sampling recipe).")
 @click.option("--recipe-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON recipe: per-layer overrides, first match wins (see quantize/recipes/).")
 @click.option("--group-size", type=click.Choice([str(g) for g in GROUP_SIZES]), default=None,
