@@ -20,14 +20,15 @@ def replay(model_path, case_path, out_path, overwrite):
     import mlx.core as mx
 
     from hidream_mlx.files import atomic_output, check_output_path
-    from hidream_mlx.models.loading import load_model, resolve_model_path
+    from hidream_mlx.models.loading import load_model
+    from hidream_mlx.models.source import ModelSource
 
     check_output_path(out_path, overwrite)
     if not case_path.is_file():
         raise FileNotFoundError(f"{case_path}: no such case file")
     from hidream_mlx.harness.replay import replay_case
 
-    model_dir = resolve_model_path(model_path)
+    model_dir = ModelSource.resolve(model_path).path
     model = load_model(model_dir, dtype=mx.float32)
     outputs = replay_case(model, case_path, model_dir)
     with atomic_output(out_path, overwrite) as tmp:
