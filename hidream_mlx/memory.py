@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import mlx.core as mx
