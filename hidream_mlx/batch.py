@@ -137,6 +137,16 @@ def output_names(template: Path | str, jobs: list[Job]) -> list[Path]:
     return names
 
 
+def preview_path(output: Path, step: int) -> Path:
+    """Where the x0 preview after ``step`` (1-based) of ``output`` goes: ``out.step007.png``."""
+    return output.with_name(f"{output.stem}.step{step:03d}{output.suffix}")
+
+
+def preview_paths(output: Path, steps: int, every: int) -> list[Path]:
+    """Every preview a run of ``steps`` writes with ``--preview-every every`` (none after the last step)."""
+    return [preview_path(output, s) for s in range(every, steps, every)] if every else []
+
+
 def check_outputs(paths: list[Path], overwrite: bool) -> None:
     """Every target writable and of a known format, before anything loads."""
     for path in paths:

@@ -156,3 +156,15 @@ def test_memory_check_refuses_unless_forced(tmp_path, monkeypatch):
     assert result.exit_code == 1 and "try a lower-bit model" in result.output
     result = run("--recipe", "dev", "--steps", "2", "--output", str(tmp_path / "o.png"), "--force")
     assert result.exit_code == 0, result.output
+
+
+def test_an_existing_preview_is_never_overwritten_silently(tmp_path):
+    out = tmp_path / "o.png"
+    mine = tmp_path / "o.step002.png"
+    mine.write_bytes(b"my own file")
+    result = run("--recipe", "dev", "--steps", "4", "--preview-every", "2", "--output", str(out))
+    assert result.exit_code == 1 and "o.step002.png: already exists" in result.output
+    assert mine.read_bytes() == b"my own file" and not out.exists()
+    result = run("--recipe", "dev", "--steps", "4", "--preview-every", "2", "--output", str(out), "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert mine.read_bytes() != b"my own file" and out.exists()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from hidream_mlx.quant.quantization import SUPPORTED_BITS
 from hidream_mlx.recipes import uses_cfg
 
 DTYPE_CHOICES = ["bfloat16", "float16", "float32"]
@@ -38,7 +39,7 @@ def _size_table(sizes: dict) -> list[str]:
 @click.option("--random-weights", "dims", type=click.Choice(["tiny", "mid", "real"]), default=None,
               help="Describe a random-weight model of these dims instead (as `bench` builds).")
 @click.option("--layers", type=int, default=None, help="With --random-weights: number of decoder layers.")
-@click.option("-q", "--quantize", "bits", type=click.Choice(["4", "6", "8"]), default=None,
+@click.option("-q", "--quantize", "bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default=None,
               help="Size the decoder linears as if quantized at load (group size 64).")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="bfloat16", show_default=True,
               help="Load dtype of the unquantized weights and the activations.")
@@ -140,7 +141,7 @@ def info(model_arg, dims, layers, bits, dtype, width, height, guidance, text_tok
 @click.option("--dims", type=click.Choice(["tiny", "mid", "real"]), default="mid", show_default=True,
               help="Architecture of the random-weight model (real = HiDream-O1's decoder).")
 @click.option("--layers", type=int, default=None, help="Decoder layers (default: the dims' own).")
-@click.option("-q", "--quantize", "bits", type=click.Choice(["4", "6", "8"]), default=None,
+@click.option("-q", "--quantize", "bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default=None,
               help="Quantize the decoder linears (slow on CPU: quantized matmul has no fast CPU kernel).")
 @click.option("--size", type=int, default=512, show_default=True, help="Square image side in pixels.")
 @click.option("--steps", type=int, default=3, show_default=True, help="Timed steps per run.")

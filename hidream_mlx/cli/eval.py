@@ -16,6 +16,7 @@ from typing import Optional
 import click
 
 from hidream_mlx.models.o1.synthetic import TEXT_DIMS
+from hidream_mlx.quant.quantization import SUPPORTED_BITS
 
 
 def _echo(message: str) -> None:
@@ -51,7 +52,7 @@ def _image_line(done: int, todo: int, record: dict) -> None:
 @click.option("--baseline", default=None, help="Variant the report's speed-ups are against (default: the first).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
               show_default=True, help="Weight dtype (CPU benchmarks: use float32).")
-@click.option("-q", "--quantize", "quantize_bits", type=click.Choice(["4", "6", "8"]), default=None,
+@click.option("-q", "--quantize", "quantize_bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default=None,
               help="Quantize the decoder in memory at load time.")
 @click.option("--hosts", default=None, metavar="HOSTFILE|IP,IP,...",
               help="Run over several Macs with mlx.launch (ring backend): an mlx.launch JSON hostfile or a comma "

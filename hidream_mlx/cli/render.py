@@ -14,7 +14,8 @@ from typing import Callable, Optional
 import click
 from click.core import ParameterSource
 
-from hidream_mlx.batch import Job, build_requests, check_outputs, output_names, plan_jobs
+from hidream_mlx.batch import (Job, build_requests, check_outputs, output_names, plan_jobs, preview_path,
+                               preview_paths)
 from hidream_mlx.images import read_metadata, save_image
 from hidream_mlx.models.source import ModelSource
 from hidream_mlx.reproduce import (
@@ -81,6 +82,9 @@ def plan(params: dict, note: Callable[[str], None]):
     options = {k: params[k] for k in REQUEST_OPTIONS}
     options["refs"] = params["refs"]
     requests = build_requests(source, jobs, options, note)
+    every = params["preview_every"]
+    check_outputs([path for job, request in zip(jobs, requests)
+                   for path in preview_paths(job.output, request.recipe.steps, every)], params["overwrite"])
     return source, jobs, requests
 
 
@@ -116,8 +120,8 @@ def _run_one(engine, request, output: Path, params: dict, preview_image):
         def on_step(step, seconds):
             bar.update(1, f"{seconds:.2f} s/step")
             if every and (step.index + 1) % every == 0 and step.index + 1 < step.total:
-                path = output.with_name(f"{output.stem}.step{step.index + 1:03d}{output.suffix}")
-                save_image(preview_image(step, request), path, overwrite=True, quality=params["quality"])
+                save_image(preview_image(step, request), preview_path(output, step.index + 1),
+                           overwrite=params["overwrite"], quality=params["quality"])
 
         return engine.run(request, on_step)
 

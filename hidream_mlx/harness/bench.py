@@ -35,7 +35,7 @@ from hidream_mlx.harness.peak_rss import PeakRss, ru_maxrss_bytes
 from hidream_mlx.pipeline import Conditioning, encode_prompt_state
 from hidream_mlx.positions import t2i_positions
 from hidream_mlx.recipes import uses_cfg
-from hidream_mlx.quant.quantization import quantize_in_memory
+from hidream_mlx.quant.quantization import SUPPORTED_BITS, quantize_in_memory
 from hidream_mlx.models.o1.synthetic import random_model, synthetic_prompt_ids
 
 UNCOND_TOKENS = 13  # the chat template around the unconditional prompt " "
@@ -67,8 +67,8 @@ class BenchConfig:
             raise ValueError(f"--prompt-tokens must be at least 3 (text, boi, tms), got {self.prompt_tokens}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if self.quantize is not None and self.quantize not in (4, 6, 8):
-            raise ValueError(f"--quantize takes 4, 6 or 8, got {self.quantize}")
+        if self.quantize is not None and self.quantize not in SUPPORTED_BITS:
+            raise ValueError(f"--quantize takes one of {SUPPORTED_BITS}, got {self.quantize}")
         if self.compare_cfg and not uses_cfg(self.guidance):
             raise ValueError("--compare-cfg needs --guidance > 1 (there is no unconditional pass otherwise)")
 
