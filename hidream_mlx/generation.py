@@ -17,16 +17,8 @@ import mlx.core as mx
 import numpy as np
 
 from hidream_mlx import __version__
-from hidream_mlx.models.loading import (
-    SKIPPED_PREFIXES,
-    assign,
-    check_against,
-    is_vision,
-    load_model_planned,
-    load_tensors,
-    parse_dtype,
-    select_tensors,
-)
+from hidream_mlx.models.loading import SKIPPED_PREFIXES, assign, check_against, is_vision, load_model_planned, load_tensors, select_tensors
+from hidream_mlx.models.precision import apply_precision, check_with_quantization, parse_dtype
 from hidream_mlx.memory import wired_limit
 from hidream_mlx.noise import make_noise_source
 from hidream_mlx.patches import patches_to_image
@@ -151,13 +143,18 @@ class Engine:
         then apply ``loras`` (:class:`~hidream_mlx.models.lora.LoRASpec`, in order)."""
         start = time.perf_counter()
         source = ModelSource.resolve(model)
+        check_with_quantization(dtype, quantize_bits or source.quantization)
         if source.layout == SINGLE_FILE:
-            return cls._load_single_file(source, dtype, quantize_bits, lazy, start).with_loras(loras)
-        path, config = source.path, source.config
-        model, plan = load_model_planned(path, dtype=parse_dtype(dtype), lazy=lazy, bits=quantize_bits)
-        quantization = plan.description if plan is not None else None
-        return cls(model, Tokenizer(source.tokenizer_dir or path), source.arg, config.hidream, quantization, dtype,
-                   time.perf_counter() - start, path, source).with_loras(loras)
+            engine = cls._load_single_file(source, dtype, quantize_bits, lazy, start).with_loras(loras)
+        else:
+            path, config = source.path, source.config
+            model, plan = load_model_planned(path, dtype=parse_dtype(dtype), lazy=lazy, bits=quantize_bits)
+            quantization = plan.description if plan is not None else None
+            engine = cls(model, Tokenizer(source.tokenizer_dir or path), source.arg, config.hidream, quantization,
+                         dtype, time.perf_counter() - start, path, source).with_loras(loras)
+        # After the LoRAs: they merge into the float32 weights that mixed precision keeps.
+        apply_precision(engine.model, dtype)
+        return engine
 
     def with_loras(self, specs: Sequence) -> "Engine":
         """Apply LoRAs (merged into float layers, side paths on quantized ones); summaries stack in ``loras``."""

@@ -27,7 +27,8 @@ MEASURE = """
 import json, sys
 from hidream_mlx.harness.peak_rss import ru_maxrss_bytes
 from hidream_mlx.memory import parameter_bytes
-from hidream_mlx.models.loading import load_model, parse_dtype
+from hidream_mlx.models.loading import load_model
+from hidream_mlx.models.precision import parse_dtype
 import mlx.core as mx
 before = ru_maxrss_bytes()
 model = load_model(sys.argv[1], dtype=parse_dtype(sys.argv[2]), bits=int(sys.argv[3]) or None)

@@ -8,14 +8,14 @@ from conftest import FIXTURES, forward_cases, load_case
 
 from hidream_mlx.harness.replay import predict_recorded
 from hidream_mlx.models.loading import load_model
-from hidream_mlx.models.precision import AutocastLinear, apply_precision, weight_dtype
+from hidream_mlx.models.precision import AutocastLinear, apply_precision, parse_dtype
 
 
 def test_mixed_keeps_float32_weights_but_multiplies_in_bfloat16():
     linear = nn.Linear(64, 32)
     x = mx.random.normal((4, 64))
     auto = AutocastLinear(linear, mx.bfloat16)
-    assert auto.weight.dtype == mx.float32 and weight_dtype("mixed") == mx.float32
+    assert auto.weight.dtype == mx.float32 and parse_dtype("mixed") == mx.float32
     y = auto(x)
     assert y.dtype == mx.float32
     expected = (x.astype(mx.bfloat16) @ linear.weight.astype(mx.bfloat16).T + linear.bias.astype(mx.bfloat16))
@@ -46,4 +46,20 @@ def test_mixed_refuses_quantized_layers():
 
 def test_unknown_precision_names_the_choices():
     with pytest.raises(ValueError, match="bfloat16, float32, mixed"):
-        weight_dtype("float16")
+        parse_dtype("float16")
+
+
+def test_generate_runs_in_mixed_precision_and_records_it(tmp_path):
+    from click.testing import CliRunner
+
+    from hidream_mlx.cli import main
+    from hidream_mlx.images import read_metadata
+
+    base = ["generate", "--model", str(FIXTURES), "--prompt", "a fox", "--no-snap", "--width", "256", "--height",
+            "256", "--seed", "1", "--recipe", "dev", "--steps", "2", "--dtype", "mixed"]
+    result = CliRunner().invoke(main, [*base, "--output", str(tmp_path / "m.png")])
+    assert result.exit_code == 0, result.output
+    assert read_metadata(tmp_path / "m.png")["dtype"] == "mixed"
+    refused = CliRunner().invoke(main, [*base, "-q", "8", "--output", str(tmp_path / "q.png")])
+    assert refused.exit_code == 1 and "cannot be combined with -q" in refused.output
+    assert not (tmp_path / "q.png").exists()

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import click
 
+from hidream_mlx.models.precision import PRECISIONS, parse_dtype
+
 from hidream_mlx.quant.quantization import SUPPORTED_BITS
 from hidream_mlx.recipes import uses_cfg
 
-DTYPE_CHOICES = ["bfloat16", "float16", "float32"]
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+DTYPE_CHOICES = list(PRECISIONS)
 COMPONENT_ORDER = ["language_model.embed_tokens", "language_model.layers", "language_model.norm",
                    "x_embedder", "t_embedder1", "final_layer2"]
 
@@ -81,7 +82,7 @@ def info(model_arg, dims, layers, bits, dtype, width, height, guidance, text_tok
     if text_tokens < 3:
         raise ValueError(f"--text-tokens must be at least 3, got {text_tokens}")
     bits = int(bits) if bits else None
-    dtype_bytes = DTYPE_BYTES[dtype]
+    dtype_bytes = parse_dtype(dtype).size
 
     if dims is not None:
         from hidream_mlx.models.o1.synthetic import synthetic_config

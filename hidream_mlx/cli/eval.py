@@ -15,6 +15,8 @@ from typing import Optional
 
 import click
 
+from hidream_mlx.models.precision import PRECISIONS
+
 from hidream_mlx.models.o1.synthetic import TEXT_DIMS
 from hidream_mlx.quant.quantization import SUPPORTED_BITS
 
@@ -50,7 +52,7 @@ def _image_line(done: int, todo: int, record: dict) -> None:
               help="Run folder; rerunning with the same folder does only what is missing.")
 @click.option("--warmup", is_flag=True, help="One short untimed generation before the first measured image.")
 @click.option("--baseline", default=None, help="Variant the report's speed-ups are against (default: the first).")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
+@click.option("--dtype", type=click.Choice(list(PRECISIONS)), default="bfloat16",
               show_default=True, help="Weight dtype (CPU benchmarks: use float32).")
 @click.option("-q", "--quantize", "quantize_bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default=None,
               help="Quantize the decoder in memory at load time.")

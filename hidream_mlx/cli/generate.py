@@ -6,10 +6,12 @@ from pathlib import Path
 
 import click
 
+from hidream_mlx.models.precision import PRECISIONS
+
 from hidream_mlx.cli.render import from_image_settings, given_on_command_line, plan, render, summary
 from hidream_mlx.generation import Engine
 from hidream_mlx.memory import check_fits_folder, format_bytes
-from hidream_mlx.models.loading import parse_dtype
+from hidream_mlx.models.precision import parse_dtype
 from hidream_mlx.models.lora import checked_specs, lora_memory, parse_lora_options
 from hidream_mlx.recipes import PRESETS as PRESET_NAMES
 from hidream_mlx.recipes import RECIPES as RECIPE_NAMES
@@ -71,7 +73,7 @@ def _print_summary(result, engine, elapsed_note: str = "") -> None:
 @click.option("--seam-strength", type=float, default=1.0, show_default=True, metavar="S",
               help="0-1: how much of the mixed prediction replaces the plain one in smoothed steps.")
 @click.option("--preview-every", type=int, default=0, metavar="N", help=f"Write the x0 preview every N steps ({range_help('preview_every')}; 0 = off).")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--dtype", type=click.Choice(list(PRECISIONS)), default="bfloat16", show_default=True)
 @click.option("-q", "--quantize", "quantize_bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None,
               help="Quantize the decoder in memory at load time.")
 @click.option("--ref", "refs", multiple=True, metavar="IMAGE",

@@ -76,7 +76,7 @@ def quantize(model_arg, bits, recipe_name, recipe_file, group_size, no_vision, o
     every per-layer override.
     """
     from hidream_mlx.quant.convert import convert
-    from hidream_mlx.models.loading import parse_dtype
+    from hidream_mlx.models.precision import parse_dtype
 
     from hidream_mlx.models.lora import checked_specs, parse_lora_options
 

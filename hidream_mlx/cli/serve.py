@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from hidream_mlx.models.precision import PRECISIONS
+
 from hidream_mlx.cli.generate import DEFAULT_MODEL
 from hidream_mlx.generation import Engine
 from hidream_mlx.models.source import ModelSource
@@ -47,7 +49,7 @@ def import_server():
 @click.command("serve")
 @click.option("--model", "model_arg", default=DEFAULT_MODEL, show_default=True,
               help="Hugging Face repo id or local folder (official or quantized layout).")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--dtype", type=click.Choice(list(PRECISIONS)), default="bfloat16", show_default=True)
 @click.option("-q", "--quantize", "quantize_bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None,
               help="Quantize the decoder in memory at load time.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (other than loopback needs --token).")

@@ -35,11 +35,11 @@ from hidream_mlx.harness.peak_rss import PeakRss, ru_maxrss_bytes
 from hidream_mlx.pipeline import Conditioning, encode_prompt_state
 from hidream_mlx.positions import t2i_positions
 from hidream_mlx.recipes import uses_cfg
+from hidream_mlx.models.precision import check_precision, parse_dtype
 from hidream_mlx.quant.quantization import SUPPORTED_BITS, quantize_in_memory
 from hidream_mlx.models.o1.synthetic import random_model, synthetic_prompt_ids
 
 UNCOND_TOKENS = 13  # the chat template around the unconditional prompt " "
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 Velocity = Callable[[mx.array, float, float], mx.array]
 
@@ -65,8 +65,7 @@ class BenchConfig:
             raise ValueError("--steps and --repeats must be at least 1")
         if self.prompt_tokens < 3:
             raise ValueError(f"--prompt-tokens must be at least 3 (text, boi, tms), got {self.prompt_tokens}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        check_precision(self.dtype)
         if self.quantize is not None and self.quantize not in SUPPORTED_BITS:
             raise ValueError(f"--quantize takes one of {SUPPORTED_BITS}, got {self.quantize}")
         if self.compare_cfg and not uses_cfg(self.guidance):
@@ -192,7 +191,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _: None) -> 
     mx.clear_cache()
     baseline = process.memory_info().rss
 
-    model = random_model(cfg.dims, cfg.layers, DTYPES[cfg.dtype])
+    model = random_model(cfg.dims, cfg.layers, parse_dtype(cfg.dtype))
     if cfg.quantize is not None:
         quantize_in_memory(model, cfg.quantize)
         mx.eval(model.parameters())
@@ -220,7 +219,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _: None) -> 
     results, memory = measure(variants, z0, cfg, log)
 
     text_cfg = model.config.text
-    dtype_bytes = DTYPES[cfg.dtype].size
+    dtype_bytes = parse_dtype(cfg.dtype).size
     predicted = predict_peak_bytes(weight_bytes, text_cfg, cfg.size, cfg.size, use_cfg,
                                    text_tokens=cfg.prompt_tokens, dtype_bytes=dtype_bytes)
     return BenchResult(cfg, sum(a.size for _, a in tree_flatten(model.parameters())), weight_bytes, baseline, memory.peak_rss,
@@ -277,8 +276,7 @@ def _percent(predicted: int, measured: int) -> str:
 
 def run_load(model_arg: str, bits: Optional[int] = None, dtype: str = "bfloat16") -> LoadResult:
     """Load what text-to-image ``generate`` loads (no vision tower), every weight evaluated."""
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    check_precision(dtype)
     start = time.perf_counter()
     engine = Engine.load(model_arg, dtype=dtype, quantize_bits=bits)
     mx.eval(engine.model.parameters())

@@ -205,7 +205,7 @@ def load_engine(model: Optional[str], random_weights: Optional[str] = None, laye
         return Engine.load(model, dtype=dtype, quantize_bits=quantize_bits)
     import mlx.core as mx
 
-    from hidream_mlx.models.loading import parse_dtype
+    from hidream_mlx.models.precision import parse_dtype
     from hidream_mlx.quant.quantization import quantize_in_memory
     from hidream_mlx.models.o1.synthetic import random_model
 

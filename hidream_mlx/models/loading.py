@@ -31,7 +31,6 @@ from hidream_mlx.quant.quantization import (
 SKIPPED_PREFIXES = ("lm_head.",)
 VISION_PREFIX = "visual."
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 # MLX's buffer cache while loading: room to reuse a layer's float buffers for the next layer
 # (allocating fresh pages each time is slow) without holding more than this beyond the weights.
 LOAD_CACHE_BYTES = 256 * 2**20
@@ -203,13 +202,6 @@ def assign(module: nn.Module, weights: dict[str, mx.array], lazy: bool = False) 
     module.load_weights(list(weights.items()), strict=True)
     if not lazy:
         mx.eval(module.parameters())
-
-
-def parse_dtype(name: str) -> mx.Dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
 
 
 def read_config(model_dir: Path) -> ModelConfig:

@@ -28,9 +28,15 @@ def check_precision(name: str) -> str:
     return name
 
 
-def weight_dtype(name: str) -> mx.Dtype:
+def parse_dtype(name: str) -> mx.Dtype:
     """The dtype weights are held in for precision ``name``."""
     return PRECISIONS[check_precision(name)][0]
+
+
+def check_with_quantization(name: str, bits) -> None:
+    """Refused before any weight loads: the mixed mode exists to keep float32 weights."""
+    if name == "mixed" and bits:
+        raise ValueError("--dtype mixed keeps float32 weights and cannot be combined with -q")
 
 
 class AutocastLinear(nn.Module):

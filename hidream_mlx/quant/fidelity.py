@@ -23,6 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_unflatten
 
+from hidream_mlx.models.precision import DTYPE_NAMES
 from hidream_mlx.quant.quantization import (
     EMBEDDINGS,
     KEEP,
@@ -278,7 +279,7 @@ def fidelity_report(source_dir: Path, plan: QuantPlan, title: str, dtype: mx.Dty
     modules = dict(model.named_modules())
     paths = [p for p in plan.layers if family_of(p) and isinstance(modules.get(p), (nn.Linear, nn.Embedding))]
     inputs = capture_inputs(model, paths, lambda flush: engine.run(request, lambda step, t: flush()))
-    dtype_name = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}.get(dtype, str(dtype))
+    dtype_name = DTYPE_NAMES.get(dtype, str(dtype))
     run = (f'one prompt ("{prompt}") at {size}x{size}, {steps} steps of the {recipe.name} recipe without CFG, '
            f"unquantized model in {dtype_name}, up to {MAX_ROWS} rows per layer")
     return score_plans(model, inputs, title, run, plan, others)

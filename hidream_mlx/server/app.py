@@ -30,7 +30,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from hidream_mlx.memory import check_fits_folder
-from hidream_mlx.models.loading import parse_dtype
+from hidream_mlx.models.precision import parse_dtype
 from hidream_mlx.server.fields import CLI_FIELDS, BadRequest, Limits, build_spec, decode_reference, parse_json, \
     served_names
 from hidream_mlx.server.jobs import Job, JobQueue
