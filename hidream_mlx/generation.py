@@ -280,7 +280,7 @@ class Engine:
         total = time.perf_counter() - start
         peak = mx.get_peak_memory()
         mx.clear_cache()
-        from hidream_mlx.reproduce import reproduction_fields  # lazy: reproduce -> requests -> this module
+        from hidream_mlx.workflow.reproduce import reproduction_fields  # lazy: reproduce -> requests -> this module
 
         meta = {**request.metadata(), **self.describe(), **reproduction_fields(request, self)}
         return Result(image, request, step_times, encode_time, total, peak, meta)

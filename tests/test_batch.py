@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from conftest import FIXTURES
 from PIL import Image
 
-from hidream_mlx.batch import Job, expand_seeds, output_names, read_prompt_file, slug
+from hidream_mlx.workflow.batch import Job, expand_seeds, output_names, read_prompt_file, slug
 from hidream_mlx.cli import main
 from hidream_mlx.generation import Engine
 from hidream_mlx.images import read_metadata

@@ -11,7 +11,7 @@ from PIL import Image
 
 from hidream_mlx.cli import main
 from hidream_mlx.images import read_metadata
-from hidream_mlx.reproduce import check_model, file_sha256, find_references, merge_settings, recorded_settings
+from hidream_mlx.workflow.reproduce import check_model, file_sha256, find_references, merge_settings, recorded_settings
 from hidream_mlx.requests import RequestError
 
 BASE = ["generate", "--model", str(FIXTURES), "--no-snap", "--width", "256", "--height", "256",

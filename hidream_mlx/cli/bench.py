@@ -55,7 +55,7 @@ def info(model_arg, dims, layers, bits, dtype, width, height, guidance, text_tok
 
     With an IMAGE we wrote: the recipe it carries (``--json``: the stored object itself)."""
     if image is not None:
-        from hidream_mlx.reproduce import describe_image
+        from hidream_mlx.workflow.reproduce import describe_image
 
         if not image.is_file():
             raise ValueError(f"{image}: image not found")

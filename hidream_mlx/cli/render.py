@@ -14,11 +14,11 @@ from typing import Callable, Optional
 import click
 from click.core import ParameterSource
 
-from hidream_mlx.batch import (Job, build_requests, check_outputs, output_names, plan_jobs, preview_path,
+from hidream_mlx.workflow.batch import (Job, build_requests, check_outputs, output_names, plan_jobs, preview_path,
                                preview_paths)
 from hidream_mlx.images import read_metadata, save_image
 from hidream_mlx.models.source import ModelSource
-from hidream_mlx.reproduce import (
+from hidream_mlx.workflow.reproduce import (
     check_model,
     find_loras,
     find_references,

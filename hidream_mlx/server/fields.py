@@ -22,7 +22,7 @@ from typing import Optional
 from PIL import Image, UnidentifiedImageError
 
 from hidream_mlx.generation import Request
-from hidream_mlx.batch import make_request as build_one
+from hidream_mlx.workflow.batch import make_request as build_one
 
 
 class BadRequest(ValueError):

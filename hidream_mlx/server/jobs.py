@@ -22,7 +22,7 @@ from PIL import Image
 
 from hidream_mlx.generation import preview_image
 from hidream_mlx.images import save_image
-from hidream_mlx.reproduce import reproduction_fields
+from hidream_mlx.workflow.reproduce import reproduction_fields
 from hidream_mlx.server.fields import Spec
 
 PREVIEW_SIDE = 256
