@@ -74,10 +74,19 @@ def get_recipe(name: str) -> Recipe:
         raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}") from None
 
 
-def recipe_for_references(name: str, num_refs: int) -> str:
-    """Dev with exactly one reference edits with plain flow-match Euler (the official default);
-    several references (subject-driven) keep the flash sampler."""
-    return "dev-edit" if name == "dev" and num_refs == 1 else name
+EDITING_SCHEDULERS = ("flow_match", "flash")
+
+
+def recipe_for_references(name: str, num_refs: int, editing_scheduler: str = "flow_match") -> str:
+    """A Dev model (Dev or Dev-2604) with exactly one reference edits with plain flow-match Euler,
+    unless the editing scheduler is ``flash``; several references (subject-driven) keep flash.
+    As official ``inference.py`` (``main`` and ``dev`` branches): ``--editing_scheduler``."""
+    if editing_scheduler not in EDITING_SCHEDULERS:
+        raise ValueError(f"--editing-scheduler must be one of {', '.join(EDITING_SCHEDULERS)}, got {editing_scheduler!r}")
+    editing = name in ("dev", "dev-2604") and num_refs == 1
+    if editing_scheduler == "flash" and not editing:
+        raise ValueError("--editing-scheduler flash only applies to a Dev recipe (dev, dev-2604) with exactly one --ref")
+    return "dev-edit" if editing and editing_scheduler == "flow_match" else name
 
 
 def model_name(name_or_path: str) -> str:

@@ -146,9 +146,9 @@ def model_facts(model) -> tuple[str, dict]:
     return name, stored
 
 
-def choose_recipe(model, recipe: Optional[str], num_refs: int) -> Recipe:
+def choose_recipe(model, recipe: Optional[str], num_refs: int, editing_scheduler: str = "flow_match") -> Recipe:
     name, stored = model_facts(model)
-    return get_recipe(recipe_for_references(recipe or recipe_for_model(name, stored), num_refs))
+    return get_recipe(recipe_for_references(recipe or recipe_for_model(name, stored), num_refs, editing_scheduler))
 
 
 def read_layout(layout: Optional[str]) -> Optional[str]:
@@ -205,7 +205,8 @@ def check_references(refs, layout, keep_aspect, width, height,
 def build_request(model, *, prompt, seed=None, width=None, height=None, no_snap=False, recipe=None, preset=None,
                   steps=None, guidance=None, shift=None, noise_scale=None, s_noise=None, noise_clip=None,
                   noise="torch", blend_seams=0, seam_smoothing=0.0, seam_window="hann", seam_strength=1.0,
-                  refs=(), layout=None, keep_aspect=False, default_size: int = DEFAULT_SIZE,
+                  refs=(), layout=None, keep_aspect=False, editing_scheduler="flow_match",
+                  default_size: int = DEFAULT_SIZE,
                   min_free_side: int = MIN_SIDE, note: Optional[Callable[[str], None]] = None) -> Request:
     """A checked :class:`Request` from option values (``model``: a ModelSource or an Engine,
     which gives the model's name and stored metadata for the default recipe).
@@ -227,7 +228,7 @@ def build_request(model, *, prompt, seed=None, width=None, height=None, no_snap=
     refs = tuple(str(r) for r in refs or ())
 
     chosen = get_preset(preset) if preset else None
-    rec = choose_recipe(model, recipe, len(refs))
+    rec = choose_recipe(model, recipe, len(refs), editing_scheduler)
     overrides = {"steps": steps, "guidance": guidance, "shift": shift, "noise_scale": noise_scale,
                  "s_noise": s_noise, "noise_clip": noise_clip}
     check_recipe_options(rec, overrides)

@@ -82,3 +82,27 @@ def test_mlx_noise_derives_its_keys_from_seed_plus_one():
                                   np.array(mx.random.normal((1, 3, 4, 4), key=initial_key)))
     step_key, first = mx.random.split(step_key)
     np.testing.assert_array_equal(np.array(noise.step((2, 8))), np.array(mx.random.normal((2, 8), key=first)))
+
+
+@pytest.mark.parametrize("recipe,refs,scheduler,expected", [
+    ("dev", 1, "flow_match", "dev-edit"),
+    ("dev-2604", 1, "flow_match", "dev-edit"),  # the update_2604 pipeline edits the same way
+    ("dev", 1, "flash", "dev"),
+    ("dev-2604", 1, "flash", "dev-2604"),
+    ("dev", 2, "flow_match", "dev"),  # several references: subject-driven, flash
+    ("full", 1, "flow_match", "full"),
+])
+def test_one_reference_on_a_dev_model_switches_to_the_editing_scheduler(recipe, refs, scheduler, expected):
+    from hidream_mlx.recipes import recipe_for_references
+
+    assert recipe_for_references(recipe, refs, scheduler) == expected
+
+
+def test_the_flash_editing_scheduler_is_refused_where_it_means_nothing():
+    from click.testing import CliRunner
+
+    from hidream_mlx.cli import main
+
+    result = CliRunner().invoke(main, ["generate", "--model", str(FIXTURES), "--prompt", "a fox", "--recipe", "full",
+                                       "--editing-scheduler", "flash", "--no-snap", "--width", "256", "--height", "256"])
+    assert result.exit_code == 1 and "only applies to a Dev recipe" in result.output

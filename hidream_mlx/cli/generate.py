@@ -81,6 +81,8 @@ def _print_summary(result, engine, elapsed_note: str = "") -> None:
 @click.option("--layout", default=None, metavar="JSON|FILE",
               help='Boxes placing the references: [[x1,x2,y1,y2], ...] relative, or {"bbox": [...], "text": ...}.')
 @click.option("--keep-aspect", is_flag=True, help="One reference: the output takes its aspect ratio, fitted into the --width x --height pixel area (default 2048x2048).")
+@click.option("--editing-scheduler", type=click.Choice(["flow_match", "flash"]), default="flow_match", show_default=True,
+              help="Dev recipes with exactly one --ref: flow-match Euler (official default) or the flash sampler.")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @click.option("--force", is_flag=True, help="Run even if the memory estimate says it will not fit.")
 @click.option("--lora", "loras", multiple=True, metavar="PATH",
@@ -94,7 +96,7 @@ def generate(model_arg, prompt, output, seeds, width, height, no_snap, recipe, p
              noise_scale, s_noise, noise_clip, noise, blend_seams, preview_every, dtype, quantize_bits,
              refs, layout, keep_aspect, overwrite, force, seam_smoothing=0.0, seam_window="hann", seam_strength=1.0,
              prompt_file=None, negative_prompt=None, from_image=None, quality=None, count=None,
-             loras=(), lora_scales=(), lora_paths=(), lora_scales_mflux=()):
+             loras=(), lora_scales=(), lora_paths=(), lora_scales_mflux=(), editing_scheduler="flow_match"):
     """Generate images from a prompt (several seeds or a prompt file: one model load)."""
     check_number("preview_every", preview_every)
     note = lambda line: click.echo(line, err=True)  # noqa: E731

@@ -31,7 +31,7 @@ from hidream_mlx.workflow.reproduce import (
 # build_request's options, as generate's parameters are named.
 REQUEST_OPTIONS = ("width", "height", "no_snap", "recipe", "preset", "steps", "guidance", "shift", "noise_scale",
                    "s_noise", "noise_clip", "noise", "blend_seams", "seam_smoothing", "seam_window", "seam_strength",
-                   "layout", "keep_aspect", "negative_prompt")
+                   "layout", "keep_aspect", "editing_scheduler", "negative_prompt")
 
 
 def given_on_command_line(ctx: click.Context, names) -> set:
