@@ -101,3 +101,17 @@ def test_full_recipe_edits_with_cfg_over_the_same_references(tmp_path):
     assert result.exit_code == 0, result.output
     meta = read_metadata(out)
     assert meta["recipe"] == "full" and meta["guidance"] == 5.0 and meta["references"] == [REF]
+
+
+def test_references_on_a_folder_converted_without_the_vision_tower_fail_before_loading(tmp_path, monkeypatch):
+    from hidream_mlx.generation import Engine
+    from hidream_mlx.quant.convert import convert
+    from hidream_mlx.quant.quantization import get_quant_recipe
+
+    out = convert(str(FIXTURES), tmp_path / "q8", get_quant_recipe("flat"), bits=8, include_vision=False).output
+    monkeypatch.setattr(Engine, "load", classmethod(lambda *a, **k: pytest.fail("weights must not load")))
+    result = CliRunner().invoke(main, ["generate", "--model", str(out), "--prompt", "edit it", "--ref",
+                                       str(FIXTURES / "edit_ref.png"), "--no-snap", "--width", "256", "--height",
+                                       "256", "--output", str(tmp_path / "e.png")])
+    assert result.exit_code == 1 and "no vision tower" in result.output
+    assert not (tmp_path / "e.png").exists()

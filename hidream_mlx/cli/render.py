@@ -14,6 +14,8 @@ from typing import Callable, Optional
 import click
 from click.core import ParameterSource
 
+from hidream_mlx.requests import RequestError
+from hidream_mlx.models.loading import is_vision, module_name
 from hidream_mlx.workflow.batch import (Job, build_requests, check_outputs, output_names, plan_jobs, preview_path,
                                preview_paths)
 from hidream_mlx.images import read_metadata, save_image
@@ -70,6 +72,10 @@ def from_image_settings(image: Path, params: dict, explicit: set, note: Callable
     return out
 
 
+def has_vision_tower(source) -> bool:
+    return any(is_vision(module_name(name)) for name in source.index)
+
+
 def plan(params: dict, note: Callable[[str], None]):
     """(source, jobs, requests) with every output checked; nothing loads here."""
     source = ModelSource.resolve(params["model_arg"])
@@ -82,6 +88,9 @@ def plan(params: dict, note: Callable[[str], None]):
     options = {k: params[k] for k in REQUEST_OPTIONS}
     options["refs"] = params["refs"]
     requests = build_requests(source, jobs, options, note)
+    if any(r.references for r in requests) and not has_vision_tower(source):
+        raise RequestError(f"{source.path}: this model has no vision tower (converted with --no-vision), so --ref "
+                           "cannot be used; convert again without --no-vision or use the original checkpoint")
     every = params["preview_every"]
     check_outputs([path for job, request in zip(jobs, requests)
                    for path in preview_paths(job.output, request.recipe.steps, every)], params["overwrite"])
