@@ -7,6 +7,7 @@ same target removes the partial files that dead processes left for it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from contextlib import contextmanager
@@ -66,6 +67,15 @@ def remove_stale_partials(path: Path) -> list[Path]:
             candidate.unlink(missing_ok=True)
             removed.append(candidate)
     return removed
+
+
+def sha256_file(path: Path | str) -> str:
+    """Hex sha256 of a file's content, read in 1 MiB blocks (images, references, LoRAs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def default_file_mode() -> int:

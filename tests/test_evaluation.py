@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import FIXTURES
 
+from hidream_mlx.files import sha256_file
 from hidream_mlx.harness import evaluation
 from hidream_mlx.harness.batteries import (
     DEFAULT_VARIANT,
@@ -162,7 +163,7 @@ def test_a_run_logs_every_image_with_its_measurements(tmp_path, engine):
         assert len(r["step_times"]) == r["steps"] == {"three": STEPS, "two": 2}[r["variant"]]
         assert all(t > 0 for t in r["step_times"]) and r["total_time"] >= sum(r["step_times"])
         assert r["peak_rss_bytes"] > 0 and r["mlx_peak_bytes"] > 0
-        assert r["sha256"] == evaluation.sha256_file(rundir / r["image"])
+        assert r["sha256"] == sha256_file(rundir / r["image"])
         assert r["settings"]["recipe_settings"]["steps"] == r["steps"]
     meta = json.loads((rundir / "run.json").read_text())
     assert meta["sessions"][0]["images"] == 4 and meta["sessions"][0]["warmup_time"] > 0

@@ -11,7 +11,8 @@ from PIL import Image
 
 from hidream_mlx.cli import main
 from hidream_mlx.images import read_metadata
-from hidream_mlx.workflow.reproduce import check_model, file_sha256, find_references, merge_settings, recorded_settings
+from hidream_mlx.files import sha256_file
+from hidream_mlx.workflow.reproduce import check_model, find_references, merge_settings, recorded_settings
 from hidream_mlx.requests import RequestError
 
 BASE = ["generate", "--model", str(FIXTURES), "--no-snap", "--width", "256", "--height", "256",
@@ -127,7 +128,7 @@ def test_only_settings_the_target_recipe_reads_are_reapplied():
 def test_references_are_given_again_or_found_beside_the_image(tmp_path):
     ref = tmp_path / "cat.png"
     Image.new("RGB", (8, 8), (200, 10, 10)).save(ref)
-    meta = {"reference_files": [{"name": "cat.png", "sha256": file_sha256(ref)}]}
+    meta = {"reference_files": [{"name": "cat.png", "sha256": sha256_file(ref)}]}
     notes = []
     assert find_references(meta, tmp_path / "out.png", (), notes.append) == (str(ref),)
     elsewhere = tmp_path / "sub"

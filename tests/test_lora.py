@@ -232,7 +232,7 @@ def cli(*args):
 
 def test_cli_applies_paired_loras_and_records_them_in_the_png(tmp_path):
     from hidream_mlx.images import read_metadata
-    from hidream_mlx.models.lora import sha256_of
+    from hidream_mlx.files import sha256_file
 
     a = write_lora(tmp_path / "a", lora_tensors(fresh(), 1), "kohya_unet")
     b = write_lora(tmp_path / "b", lora_tensors(fresh(), 2, TARGETS[:2]), "peft")
@@ -244,7 +244,7 @@ def test_cli_applies_paired_loras_and_records_them_in_the_png(tmp_path):
     assert "lora lora.safetensors: 2 modules changed (merged), scale 1" in result.output
     meta = read_metadata(out)
     assert [(x["name"], x["scale"], x["sha256"]) for x in meta["loras"]] == [
-        ("lora.safetensors", 0.5, sha256_of(a)), ("lora.safetensors", 1.0, sha256_of(b))]
+        ("lora.safetensors", 0.5, sha256_file(a)), ("lora.safetensors", 1.0, sha256_file(b))]
 
 
 @pytest.mark.parametrize("make, message", [
@@ -269,7 +269,7 @@ def test_quantize_bakes_loras_in_before_quantizing_and_records_them(tmp_path):
     from click.testing import CliRunner
 
     from hidream_mlx.cli import main
-    from hidream_mlx.models.lora import sha256_of
+    from hidream_mlx.files import sha256_file
 
     tensors = lora_tensors(fresh())
     path = write_lora(tmp_path / "l", tensors, "kohya_dotted")
@@ -279,7 +279,7 @@ def test_quantize_bakes_loras_in_before_quantizing_and_records_them(tmp_path):
     assert result.exit_code == 0, result.output
     assert f"baked in: lora lora.safetensors: {len(TARGETS)} modules changed" in result.output
     loras = json.loads((out / "config.json").read_text())["hidream"]["loras"]
-    assert loras == [{"name": "lora.safetensors", "sha256": sha256_of(path), "scale": 0.6,
+    assert loras == [{"name": "lora.safetensors", "sha256": sha256_file(path), "scale": 0.6,
                       "modules": len(TARGETS), "layout": "kohya"}]
     baked = dict(load_model(out, dtype=mx.float32).named_modules())
     want = dict(merge_by_hand(fresh(), tensors, 0.6).named_modules())
@@ -320,7 +320,7 @@ def test_loading_a_rank_64_lora_costs_its_own_size_plus_one_layer(tmp_path):
 def test_eval_jobs_switch_loras_exactly_and_record_them(tmp_path):
     from hidream_mlx.harness.batteries import parse_variants, read_battery
     from hidream_mlx.harness.evaluation import EvalRun, load_engine, plan_jobs, read_results
-    from hidream_mlx.models.lora import sha256_of
+    from hidream_mlx.files import sha256_file
 
     lora = write_lora(tmp_path / "l", lora_tensors(fresh()), "peft")
     items = [{"id": "plain", "prompt": "a fox", "size": "64x64", "seed": 1},
@@ -336,7 +336,7 @@ def test_eval_jobs_switch_loras_exactly_and_record_them(tmp_path):
     run.start_session(engine)
     run.run(engine, plan_jobs(read_battery(battery), variants))
     rows = {r["id"]: r for r in read_results(tmp_path / "run").values()}
-    assert rows["styled"]["loras"] == [{"name": "lora.safetensors", "sha256": sha256_of(lora), "scale": 0.5,
+    assert rows["styled"]["loras"] == [{"name": "lora.safetensors", "sha256": sha256_file(lora), "scale": 0.5,
                                         "modules": len(TARGETS), "layout": "peft"}]
     assert rows["plain"]["loras"] == [] and rows["plain2"]["loras"] == []
     from PIL import Image

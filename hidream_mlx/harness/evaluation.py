@@ -30,6 +30,7 @@ from typing import Callable, Iterator, Optional
 
 from hidream_mlx.harness.batteries import DEFAULT_SEED, DEFAULT_SIZE, BatteryItem, Variant, eval_size
 from hidream_mlx.harness.peak_rss import PeakRss, reset_high_water, ru_maxrss_bytes
+from hidream_mlx.files import sha256_file
 from hidream_mlx.images import save_image
 from hidream_mlx.models.lora import switch_loras
 from hidream_mlx.models.o1.config import PATCH_SIZE
@@ -176,13 +177,6 @@ def write_json(path: Path, data: dict) -> None:
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def machine_description() -> str:

@@ -20,7 +20,6 @@ quantized matmul and never dequantizes. Several LoRAs stack.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ from typing import Iterable, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from hidream_mlx.files import sha256_file
 
 DOTTED_PREFIXES = ("base_model.model.", "diffusion_model.", "transformer.", "model.")
 UNDERSCORED_PREFIXES = ("lora_unet_", "lora_transformer_")
@@ -215,13 +216,6 @@ def _adapter_config(path: Path) -> Optional[dict]:
         raise LoRAError(f"{cfg}: not valid JSON ({e})") from None
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def read_lora(path: Path | str, targets: dict) -> tuple[dict[str, LoRALayer], str]:
     """The file's layers by our module path, and the layout found; strict about every key.
@@ -340,7 +334,7 @@ def apply_lora(model: nn.Module, spec: LoRASpec, keep: Optional[dict] = None) ->
         side += 1
     nbytes = sum(l.A.nbytes + l.B.nbytes for l in layers.values())
     ranks = tuple(sorted({l.rank for l in layers.values()}))
-    return LoRASummary(spec.path.name, str(spec.path), sha256_of(spec.path), spec.scale, layout,
+    return LoRASummary(spec.path.name, str(spec.path), sha256_file(spec.path), spec.scale, layout,
                        len(layers), merged, side, ranks, nbytes)
 
 
@@ -378,7 +372,7 @@ def updates_for_checkpoint(specs: Sequence[LoRASpec], targets: dict[str, tuple[i
         layers, layout = read_lora(spec.path, targets)
         for module_path, layer in layers.items():
             updates.setdefault(module_path, []).append((layer, spec.scale * layer.alpha / layer.rank))
-        summaries.append(LoRASummary(spec.path.name, str(spec.path), sha256_of(spec.path), spec.scale, layout,
+        summaries.append(LoRASummary(spec.path.name, str(spec.path), sha256_file(spec.path), spec.scale, layout,
                                      len(layers), len(layers), 0, tuple(sorted({l.rank for l in layers.values()})),
                                      sum(l.A.nbytes + l.B.nbytes for l in layers.values())))
     return updates, summaries

@@ -12,11 +12,11 @@ re-applied; with another recipe than the recorded one, the recorded recipe numbe
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Callable, Optional
 
+from hidream_mlx.files import sha256_file
 from hidream_mlx.images import read_metadata
 from hidream_mlx.models.source import is_repo_id
 from hidream_mlx.recipes import RECIPES
@@ -27,18 +27,11 @@ RECIPE_NUMBERS = ("steps", "guidance", "shift", "noise_scale", "s_noise", "noise
 PRESET_DECIDES = ("width", "height", "steps", "guidance")
 
 
-def file_sha256(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def reproduction_fields(request, engine, quantize_bits: Optional[int] = None) -> dict:
     """The keys an output adds beside ``Request.metadata()`` and ``Engine.describe()``
     (``quantize_bits``: the ``-q`` given at load, which the CLI knows and records)."""
-    fields = {"reference_files": [{"name": Path(r).name, "sha256": file_sha256(r)} for r in request.references]}
+    fields = {"reference_files": [{"name": Path(r).name, "sha256": sha256_file(r)} for r in request.references]}
     if quantize_bits is not None:
         fields["quantize_bits"] = quantize_bits
     negative = getattr(request, "negative_prompt", None)
@@ -115,13 +108,13 @@ def find_references(meta: dict, image: Path, given: tuple, note: Callable[[str],
     recorded = meta.get("reference_files") or [{"name": Path(p).name} for p in meta.get("references") or ()]
     if given or not recorded:
         for ref, entry in zip(given, recorded):
-            if entry.get("sha256") and Path(ref).is_file() and file_sha256(ref) != entry["sha256"]:
+            if entry.get("sha256") and Path(ref).is_file() and sha256_file(ref) != entry["sha256"]:
                 note(f"warning: {ref} differs from the recorded reference {entry['name']} (sha256)")
         return tuple(str(g) for g in given)
     found, missing = [], []
     for entry in recorded:
         candidate = image.parent / entry["name"]
-        if candidate.is_file() and (not entry.get("sha256") or file_sha256(candidate) == entry["sha256"]):
+        if candidate.is_file() and (not entry.get("sha256") or sha256_file(candidate) == entry["sha256"]):
             found.append(str(candidate))
         else:
             missing.append(entry["name"])
@@ -137,7 +130,7 @@ def find_loras(meta: dict, image: Path) -> tuple[tuple[str, ...], tuple[float, .
     found, missing = [], []
     for entry in meta.get("loras") or ():
         candidate = image.parent / entry["name"]
-        if candidate.is_file() and (not entry.get("sha256") or file_sha256(candidate) == entry["sha256"]):
+        if candidate.is_file() and (not entry.get("sha256") or sha256_file(candidate) == entry["sha256"]):
             found.append((str(candidate), float(entry.get("scale", 1.0))))
         else:
             missing.append(entry["name"])
