@@ -1,36 +1,83 @@
-"""``hidream-mlx replay``: run a recorded reference case through the generation code."""
+"""``hidream-mlx replay``: run a recorded reference case through the generation code.
+
+The model folder's family (``models.family``) picks the replayer: HiDream-O1 cases go through
+``harness.replay``, HiDream-I1 cases through ``harness.replay_i1``. A case of the other family
+is refused in one line before any weight loads.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
+import mlx.core as mx
 import numpy as np
+
+from hidream_mlx.files import atomic_output, check_output_path
+from hidream_mlx.harness.replay import ReplayError, detect_format, replay_case
+from hidream_mlx.harness.replay_i1 import i1_case_kind, replay_i1_case
+from hidream_mlx.models.family import I1, family_of
+from hidream_mlx.models.loading import load_model
+from hidream_mlx.models.source import ModelSource
+
+FAMILY_NAMES = {I1: "HiDream-I1", "o1": "HiDream-O1"}
+
+
+def case_family(case_path: Path):
+    """``(family, format)`` of a case file by its keys; ``(None, None)`` when neither family's."""
+    try:
+        data = np.load(case_path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ReplayError(f"{case_path}: not a readable .npz file ({e})") from None
+    with data:
+        kind = i1_case_kind(data.files)
+        if kind is not None:
+            return I1, kind
+        try:
+            return "o1", detect_format(data)
+        except ReplayError:
+            return None, None
+
+
+def _i1_folder(model_path: str) -> Path:
+    folder = Path(model_path).expanduser()
+    if not folder.is_dir():
+        raise ReplayError(f"--model {model_path}: replay of HiDream-I1 cases takes a local pipeline folder")
+    return folder
 
 
 @click.command("replay")
-@click.option("--model", "model_path", required=True, help="Model folder (official or quantized layout).")
+@click.option("--model", "model_path", required=True,
+              help="Model folder (O1: official or quantized layout; I1: a diffusers pipeline folder).")
 @click.option("--case", "case_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="A recorded case file (.npz in one of the fixture formats).")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
               help="Where to write the replayed outputs (.npz).")
+@click.option("--llama", "llama_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="I1 only: a local Llama folder (transformers or mlx-lm layout, with its tokenizer) "
+                   "for pipeline folders without text_encoder_4/.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-def replay(model_path, case_path, out_path, overwrite):
+def replay(model_path, case_path, out_path, llama_path, overwrite):
     """Replay a recorded reference case in float32 and write our outputs under the same keys."""
-    import mlx.core as mx
-
-    from hidream_mlx.files import atomic_output, check_output_path
-    from hidream_mlx.models.loading import load_model
-    from hidream_mlx.models.source import ModelSource
-
     check_output_path(out_path, overwrite)
     if not case_path.is_file():
         raise FileNotFoundError(f"{case_path}: no such case file")
-    from hidream_mlx.harness.replay import replay_case
-
-    model_dir = ModelSource.resolve(model_path).path
-    model = load_model(model_dir, dtype=mx.float32)
-    outputs = replay_case(model, case_path, model_dir)
+    model_family = family_of(model_path)
+    case_fam, kind = case_family(case_path)
+    if case_fam is None:
+        raise ReplayError(f"{case_path}: unrecognised case file: expected the keys of an O1 case (forward_t2i, "
+                          "dev_sampling, full_sampling, edit_forward, flow_match_sampling) or an I1 case "
+                          "(text_encoding, transformer_forward, vae_decode, {full,dev,fast}_sampling)")
+    if case_fam != model_family:
+        raise ReplayError(f"{case_path}: a {FAMILY_NAMES[case_fam]} case ({kind}), but --model {model_path} "
+                          f"is a {FAMILY_NAMES[model_family]} model")
+    if llama_path is not None and model_family != I1:
+        raise ReplayError("--llama: only HiDream-I1 pipelines take a separate Llama")
+    if model_family == I1:
+        outputs = replay_i1_case(_i1_folder(model_path), case_path, llama_path)
+    else:
+        model_dir = ModelSource.resolve(model_path).path
+        outputs = replay_case(load_model(model_dir, dtype=mx.float32), case_path, model_dir)
     with atomic_output(out_path, overwrite) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **outputs)
