@@ -28,6 +28,7 @@ from hidream_mlx.models.i1.encoder_common import (
     require,
 )
 from hidream_mlx.models.loading import ModelLoadError
+from hidream_mlx.models.rope import apply_rotate_half
 
 
 @dataclass(frozen=True)
@@ -106,13 +107,6 @@ def rope_tables(cfg: LlamaConfig, length: int) -> tuple[mx.array, mx.array]:
     return mx.array(np.cos(angles)), mx.array(np.sin(angles))
 
 
-def _rotate(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    half = x.shape[-1] // 2
-    xf = x.astype(mx.float32)
-    rotated = mx.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * cos + rotated * sin).astype(x.dtype)
-
-
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -128,8 +122,8 @@ class LlamaAttention(nn.Module):
         q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(b, t, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(b, t, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
-        out = mx.fast.scaled_dot_product_attention(
-            _rotate(q, cos, sin), _rotate(k, cos, sin), v, scale=self.head_dim**-0.5, mask=mask)
+        q, k = apply_rotate_half(q, cos, sin), apply_rotate_half(k, cos, sin)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, t, -1))
 
 

@@ -22,18 +22,8 @@ import mlx.nn as nn
 import numpy as np
 
 from hidream_mlx.models.o1.config import PATCH_DIM, TIMESTEP_FREQ_DIM, ModelConfig, TextConfig
+from hidream_mlx.models.rope import apply_rotate_half
 from hidream_mlx.positions import rope_tables
-
-
-def rotate_half(x: mx.array) -> mx.array:
-    half = x.shape[-1] // 2
-    return mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-
-
-def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    # Rotation in float32: positions reach ~4200, where bf16 phases would be visibly off.
-    xf = x.astype(mx.float32)
-    return (xf * cos + rotate_half(xf) * sin).astype(x.dtype)
 
 
 @dataclass
@@ -77,8 +67,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(b, length, self.n_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, length, self.n_kv, self.head_dim)
         v = self.v_proj(x).reshape(b, length, self.n_kv, self.head_dim)
-        q = apply_rope(self.q_norm(q).transpose(0, 2, 1, 3), cos, sin)
-        k = apply_rope(self.k_norm(k).transpose(0, 2, 1, 3), cos, sin)
+        q = apply_rotate_half(self.q_norm(q).transpose(0, 2, 1, 3), cos, sin)
+        k = apply_rotate_half(self.k_norm(k).transpose(0, 2, 1, 3), cos, sin)
         return q, k, v.transpose(0, 2, 1, 3)
 
     def __call__(self, x, cos, sin, mask=None, prefix: Optional[LayerKV] = None):

@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten
 
 from hidream_mlx.models.o1.config import ModelConfig, VisionConfig
 from hidream_mlx.models.loading import checkpoint_index, is_vision, load_tensors, select_tensors
+from hidream_mlx.models.rope import apply_rotate_half
 
 CHECKPOINT_PREFIX = "model.visual."
 LAYER_NORM_EPS = 1e-6
@@ -41,11 +42,6 @@ def merge_order(height: int, width: int, merge: int) -> tuple[np.ndarray, np.nda
     cols = np.arange(width).reshape(1, width // merge, 1, merge)
     shape = (height // merge, width // merge, merge, merge)
     return np.broadcast_to(rows, shape).reshape(-1), np.broadcast_to(cols, shape).reshape(-1)
-
-
-def rotate_half(x: mx.array) -> mx.array:
-    half = x.shape[-1] // 2
-    return mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
 class PatchEmbed(nn.Module):
@@ -72,10 +68,7 @@ class VisionAttention(nn.Module):
         length = x.shape[0]
         qkv = self.qkv(x).reshape(length, 3, self.num_heads, -1).transpose(1, 2, 0, 3)
         q, k, v = qkv[0], qkv[1], qkv[2]  # [heads, L, head_dim]
-        # The reference rotates in float32 whatever the weight dtype.
-        q32, k32 = q.astype(mx.float32), k.astype(mx.float32)
-        q = (q32 * cos + rotate_half(q32) * sin).astype(v.dtype)
-        k = (k32 * cos + rotate_half(k32) * sin).astype(v.dtype)
+        q, k = apply_rotate_half(q, cos, sin), apply_rotate_half(k, cos, sin)
         outputs = [
             mx.fast.scaled_dot_product_attention(
                 q[None, :, start:end], k[None, :, start:end], v[None, :, start:end], scale=self.scale
