@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from hidream_mlx.files import atomic_output, check_output_path
-from hidream_mlx.harness.replay import ReplayError, detect_format, replay_case
+from hidream_mlx.harness.replay import ReplayError, detect_format, open_case, replay_case
 from hidream_mlx.harness.replay_i1 import i1_case_kind, replay_i1_case
 from hidream_mlx.models.family import I1, family_of
 from hidream_mlx.models.loading import load_model
@@ -25,11 +25,7 @@ FAMILY_NAMES = {I1: "HiDream-I1", "o1": "HiDream-O1"}
 
 def case_family(case_path: Path):
     """``(family, format)`` of a case file by its keys; ``(None, None)`` when neither family's."""
-    try:
-        data = np.load(case_path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ReplayError(f"{case_path}: not a readable .npz file ({e})") from None
-    with data:
+    with open_case(case_path) as data:
         kind = i1_case_kind(data.files)
         if kind is not None:
             return I1, kind

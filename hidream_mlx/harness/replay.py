@@ -189,11 +189,15 @@ REPLAYERS: dict[str, Callable] = {
 }
 
 
-def replay_case(model: HiDreamO1, case: Path, model_dir: Path) -> dict[str, np.ndarray]:
+def open_case(case: Path):
+    """A case file's arrays (an ``NpzFile``; no pickled objects), or a ReplayError naming it."""
     try:
-        data = np.load(case, allow_pickle=False)
+        return np.load(case, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise ReplayError(f"{case}: not a readable .npz file ({e})") from None
-    with data:
+
+
+def replay_case(model: HiDreamO1, case: Path, model_dir: Path) -> dict[str, np.ndarray]:
+    with open_case(case) as data:
         kind = detect_format(data)
         return REPLAYERS[kind](model, data, Path(model_dir), Path(case))

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 import numpy as np
 
+from hidream_mlx.harness.replay import ReplayError, open_case
 from hidream_mlx.models.i1.sampling import (Conditioning, GlobalTorchNoise, Recipe, RecordedNoise,
                                             i1_schedule, sample)
 from hidream_mlx.models.i1.text_encoding import (COMPONENTS, DEFAULT_MAX_SEQUENCE_LENGTH, TextEncoders,
@@ -37,10 +38,6 @@ TRANSFORMER_INPUTS = ("hidden_states", "timesteps", "encoder_hidden_states_t5", 
                       "pooled_embeds")
 # A schedule is ours when every timestep agrees to 1e-6 in sigma units.
 TIMESTEP_TOL = 1e-3
-
-
-class ReplayError(ValueError):
-    """An I1 case we cannot replay."""
 
 
 def i1_case_kind(keys) -> Optional[str]:
@@ -213,11 +210,7 @@ REPLAYERS: dict[str, Callable] = {
 def replay_i1_case(model_dir: Path, case: Path, llama: Optional[Path] = None) -> dict[str, np.ndarray]:
     """Replay one I1 case file against the pipeline folder ``model_dir``."""
     model_dir, case = Path(model_dir), Path(case)
-    try:
-        data = np.load(case, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ReplayError(f"{case}: not a readable .npz file ({e})") from None
-    with data:
+    with open_case(case) as data:
         kind = i1_case_kind(data.files)
         if kind is None:
             raise ReplayError(f"{case}: not a HiDream-I1 case (expected the keys of text_encoding, "
