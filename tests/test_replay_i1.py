@@ -150,3 +150,11 @@ def test_llama_is_refused_for_o1_models(tmp_path):
     result = run("replay", "--model", O1_FIXTURES, "--case", O1_FIXTURES / "forward_t2i.npz",
                  "--out", tmp_path / "out.npz", "--llama", tmp_path)
     assert result.exit_code == 1 and "--llama" in result.output
+
+
+def test_a_case_missing_its_prompt_is_refused_in_one_line(tmp_path):
+    case, out = tmp_path / "fast_sampling.npz", tmp_path / "out.npz"
+    np.savez(case, **{k: v for k, v in golden("fast_sampling.npz").items() if k != "prompt"})
+    result = run("replay", "--model", FIXTURES, "--case", case, "--out", out)
+    assert result.exit_code == 1 and result.output.strip().count("\n") == 0
+    assert "sampling case without prompt" in result.output and not out.exists()

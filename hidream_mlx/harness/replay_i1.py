@@ -54,6 +54,15 @@ def i1_case_kind(keys) -> Optional[str]:
     return None
 
 
+# What each format needs beyond the keys that recognise it (outputs are not needed).
+REQUIRED = {
+    "text_encoding": ("prompt", "negative_prompt"),
+    "transformer_forward": (),
+    "vae_decode": (),
+    "sampling": ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "shift"),
+}
+
+
 def _scalar(data, key: str):
     return data[key].item()
 
@@ -215,4 +224,7 @@ def replay_i1_case(model_dir: Path, case: Path, llama: Optional[Path] = None) ->
         if kind is None:
             raise ReplayError(f"{case}: not a HiDream-I1 case (expected the keys of text_encoding, "
                               "transformer_forward, vae_decode or {full,dev,fast}_sampling)")
+        missing = [k for k in REQUIRED[kind] if k not in data.files]
+        if missing:
+            raise ReplayError(f"{case}: a {kind} case without {', '.join(missing)}")
         return REPLAYERS[kind](data, model_dir, case, None if llama is None else Path(llama))
