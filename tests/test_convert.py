@@ -15,10 +15,11 @@ from click.testing import CliRunner
 from conftest import FIXTURES, forward_cases, load_case
 
 from hidream_mlx.cli.quantize import REPORT_FILE, quantize
-from hidream_mlx.quant.convert import TOKENIZER_FILES, ShardWriter, convert
+from hidream_mlx.quant.convert import ShardWriter, convert
+from hidream_mlx.quant.output import TOKENIZER_FILES
 from hidream_mlx.generation import Engine, Request
 from hidream_mlx.models.loading import ModelLoadError, checkpoint_index, load_model
-from hidream_mlx.quant.quantization import SUPPORTED_BITS, QuantRecipe, get_quant_recipe
+from hidream_mlx.quant.recipes import SUPPORTED_BITS, QuantRecipe, get_quant_recipe
 from hidream_mlx.recipes import get_recipe
 from hidream_mlx.harness.replay import predict_recorded
 
@@ -294,7 +295,7 @@ PEAK_RSS_CHILD = textwrap.dedent("""
     import sys, threading, time
     import psutil
     from hidream_mlx.quant.convert import convert
-    from hidream_mlx.quant.quantization import get_quant_recipe
+    from hidream_mlx.quant.recipes import get_quant_recipe
 
     process = psutil.Process()
     baseline = peak = process.memory_info().rss

@@ -84,8 +84,8 @@ def test_keep_aspect_takes_the_reference_shape():
     (lambda p: ["--ref", str(FIXTURES / "config.json")], "not a readable image"),
     (lambda p: ["--ref", REF] * 11, "at most 10 reference images"),
     (lambda p: ["--ref", REF, "--layout", "[[0, 1, 0"], "neither valid JSON"),
-    (lambda p: ["--ref", REF, "--layout", "[[0, 1, 0, 250]]"], "out of range"),
-    (lambda p: ["--ref", REF, "--ref", REF, "--keep-aspect"], "--keep-aspect works with exactly one --ref"),
+    (lambda p: ["--ref", REF, "--layout", "[[300, 400, 0, 250]]"], "is empty inside 256x256"),
+    (lambda p: ["--ref", REF, "--layout", "boxes.json"], "neither a JSON list of boxes nor an existing file"),
     (lambda p: ["--layout", "[[0, 1, 0, 1]]"], "--layout needs at least one --ref"),
 ])
 def test_bad_reference_input_fails_in_one_line(tmp_path, make_args, message):
@@ -93,6 +93,19 @@ def test_bad_reference_input_fails_in_one_line(tmp_path, make_args, message):
     assert result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_official_leniencies_run_and_say_what_was_interpreted(tmp_path):
+    # Several references with --keep-aspect: snapped as usual (a note says so); pixel and negative boxes.
+    result, out = generate(tmp_path, "--ref", REF, "--ref", REF, "--keep-aspect", "--no-snap", "--width", "256",
+                           "--height", "256", "--recipe", "dev", "--steps", "1",
+                           "--layout", "[[0, 128, 0, 256], [-0.1, 1.0, 0, 1]]")
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note: ")]
+    assert any("--keep-aspect needs exactly one --ref" in line for line in notes)
+    assert any("layout box 0" in line and "pixels" in line for line in notes)
+    assert any("layout box 1" in line and "clamped" in line for line in notes)
+    assert Image.open(out).size == (256, 256) and read_metadata(out)["keep_aspect"] is False
 
 
 def test_full_recipe_edits_with_cfg_over_the_same_references(tmp_path):
@@ -106,7 +119,7 @@ def test_full_recipe_edits_with_cfg_over_the_same_references(tmp_path):
 def test_references_on_a_folder_converted_without_the_vision_tower_fail_before_loading(tmp_path, monkeypatch):
     from hidream_mlx.generation import Engine
     from hidream_mlx.quant.convert import convert
-    from hidream_mlx.quant.quantization import get_quant_recipe
+    from hidream_mlx.quant.recipes import get_quant_recipe
 
     out = convert(str(FIXTURES), tmp_path / "q8", get_quant_recipe("flat"), bits=8, include_vision=False).output
     monkeypatch.setattr(Engine, "load", classmethod(lambda *a, **k: pytest.fail("weights must not load")))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from hidream_mlx.quant.fidelity import CAVEAT, family_errors, family_of, score_plans
-from hidream_mlx.quant.quantization import get_quant_recipe, is_decoder_linear, resolve_plan, weight_matrices
+from hidream_mlx.quant.plans import is_decoder_linear, resolve_plan, weight_matrices
+from hidream_mlx.quant.recipes import get_quant_recipe
 
 OUTLIER_CHANNELS = 4
 OUTLIER_SCALE = 100.0  # massive activations are ~100x the typical channel in real LLMs

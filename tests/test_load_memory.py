@@ -18,7 +18,7 @@ from hidream_mlx.models.loading import checkpoint_index, load_model
 from hidream_mlx.models.o1.transformer import HiDreamO1
 from hidream_mlx.models.o1.config import ModelConfig
 from hidream_mlx.quant.convert import convert
-from hidream_mlx.quant.quantization import BUILTIN_RECIPES
+from hidream_mlx.quant.recipes import BUILTIN_RECIPES
 
 SHARDS = 6
 MiB = 2**20

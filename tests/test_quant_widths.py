@@ -18,15 +18,8 @@ from hidream_mlx.harness.replay import predict_recorded
 from hidream_mlx.memory import quantized_bytes
 from hidream_mlx.models.loading import checkpoint_index, load_model
 from hidream_mlx.quant.convert import convert
-from hidream_mlx.quant.quantization import (
-    SUPPORTED_BITS,
-    LayerSetting,
-    QuantRecipe,
-    bits_warning,
-    get_quant_recipe,
-    load_plan,
-    resolve_plan,
-)
+from hidream_mlx.quant.plans import load_plan, resolve_plan
+from hidream_mlx.quant.recipes import SUPPORTED_BITS, LayerSetting, QuantRecipe, bits_warning, get_quant_recipe
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "quantize" / "recipes"
 

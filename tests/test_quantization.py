@@ -10,17 +10,8 @@ import pytest
 from conftest import FIXTURES, forward_cases, load_case
 
 from hidream_mlx.generation import Engine
-from hidream_mlx.quant.quantization import (
-    BUILTIN_RECIPES,
-    KEEP,
-    LayerSetting,
-    Override,
-    QuantRecipe,
-    get_quant_recipe,
-    load_plan,
-    plan_from_description,
-    resolve_plan,
-)
+from hidream_mlx.quant.plans import decoder_layer_index, load_plan, plan_from_description, resolve_plan
+from hidream_mlx.quant.recipes import BUILTIN_RECIPES, KEEP, LayerSetting, Override, QuantRecipe, get_quant_recipe
 from hidream_mlx.harness.replay import predict_recorded
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "quantize" / "recipes"
@@ -198,6 +189,6 @@ def test_quantize_on_load_rejects_unsupported_bits(tiny_model):
 
 def test_override_dataclass_matches_negative_layer_indices():
     rule = Override(8, layers=(-1,))
-    assert rule.matches("language_model.layers.35.mlp.up_proj", 36)
-    assert not rule.matches("language_model.layers.34.mlp.up_proj", 36)
-    assert not rule.matches("x_embedder.proj1", 36)
+    assert rule.matches("language_model.layers.35.mlp.up_proj", 36, decoder_layer_index)
+    assert not rule.matches("language_model.layers.34.mlp.up_proj", 36, decoder_layer_index)
+    assert not rule.matches("x_embedder.proj1", 36, decoder_layer_index)

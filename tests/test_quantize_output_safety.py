@@ -9,8 +9,9 @@ import stat
 import pytest
 from conftest import FIXTURES
 
-from hidream_mlx.quant.convert import PARTIAL_MARKER, clean_leftovers, convert, is_conversion_output
-from hidream_mlx.quant.quantization import get_quant_recipe
+from hidream_mlx.quant.convert import convert
+from hidream_mlx.quant.output import PARTIAL_MARKER, clean_leftovers, is_conversion_output
+from hidream_mlx.quant.recipes import get_quant_recipe
 
 FLAT = get_quant_recipe("flat")
 WEIGHTS = ("model.safetensors", "config.json")

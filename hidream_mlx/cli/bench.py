@@ -12,7 +12,7 @@ import click
 
 from hidream_mlx.models.precision import PRECISIONS, parse_dtype
 
-from hidream_mlx.quant.quantization import SUPPORTED_BITS
+from hidream_mlx.quant.recipes import SUPPORTED_BITS
 from hidream_mlx.recipes import uses_cfg
 
 DTYPE_CHOICES = list(PRECISIONS)

@@ -18,7 +18,7 @@ import click
 from hidream_mlx.models.precision import PRECISIONS
 
 from hidream_mlx.models.o1.synthetic import TEXT_DIMS
-from hidream_mlx.quant.quantization import SUPPORTED_BITS
+from hidream_mlx.quant.recipes import SUPPORTED_BITS
 
 
 def _echo(message: str) -> None:

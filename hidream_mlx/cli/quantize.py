@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from hidream_mlx.quant.quantization import (
+from hidream_mlx.quant.recipes import (
     BUILTIN_RECIPES,
     GROUP_SIZES,
     SUPPORTED_BITS,
@@ -20,7 +20,8 @@ from hidream_mlx.quant.quantization import (
     get_quant_recipe,
 )
 
-from hidream_mlx.quant.convert import REPORT_FILE
+from hidream_mlx.models.source import ModelSource
+from hidream_mlx.quant.output import REPORT_FILE
 
 
 def choose_recipe(name: str | None, recipe_file: Path | None) -> QuantRecipe:
@@ -111,12 +112,10 @@ def quantize(model_arg, bits, recipe_name, recipe_file, group_size, no_vision, o
     if report:
         from hidream_mlx.quant.convert import source_matrices
         from hidream_mlx.quant.fidelity import comparison_plans, fidelity_report
-        from hidream_mlx.models.loading import checkpoint_index, resolve_model_path
-
-        source_dir = resolve_model_path(model_arg)
+        source = ModelSource.resolve(model_arg)
         layers = conversion.config["text_config"]["num_hidden_layers"]
-        others = comparison_plans(conversion.plan, source_matrices(checkpoint_index(source_dir)), layers)
-        result = fidelity_report(source_dir, conversion.plan, recipe.name, dtype=parse_dtype(report_dtype),
+        others = comparison_plans(conversion.plan, source_matrices(source.index), layers)
+        result = fidelity_report(source.path, conversion.plan, recipe.name, dtype=parse_dtype(report_dtype),
                                  others=others)
         (output / REPORT_FILE).write_text(result.markdown())
         click.echo(f"fidelity ({output / REPORT_FILE}), per layer family:")

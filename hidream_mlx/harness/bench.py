@@ -36,7 +36,8 @@ from hidream_mlx.pipeline import Conditioning, encode_prompt_state
 from hidream_mlx.positions import t2i_positions
 from hidream_mlx.recipes import uses_cfg
 from hidream_mlx.models.precision import check_precision, parse_dtype
-from hidream_mlx.quant.quantization import SUPPORTED_BITS, quantize_in_memory
+from hidream_mlx.quant.quantization import quantize_in_memory
+from hidream_mlx.quant.recipes import SUPPORTED_BITS
 from hidream_mlx.models.o1.synthetic import random_model, synthetic_prompt_ids
 
 UNCOND_TOKENS = 13  # the chat template around the unconditional prompt " "

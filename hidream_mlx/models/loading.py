@@ -1,4 +1,4 @@
-"""Finding a model folder and loading its safetensors into our modules, strictly.
+"""Loading a model folder's safetensors into our modules, strictly (``ModelSource`` finds the folder).
 
 Only safetensors are read (never pickle) and nothing from the folder is executed. Each shard's
 header is checked before any tensor is touched, so a truncated download names its file rather
@@ -8,7 +8,6 @@ than failing deep inside a matmul. ``lm_head`` is never loaded; the vision tower
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +18,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from hidream_mlx.models.o1.config import ModelConfig
-from hidream_mlx.quant.quantization import (
-    DEFAULT_GROUP_SIZE,
-    LoadPlan,
-    apply_plan,
-    load_plan,
-    quantize_tensor,
-)
+from hidream_mlx.models.o1.transformer import HiDreamO1
+from hidream_mlx.quant.plans import LoadPlan, load_plan
+from hidream_mlx.quant.quantization import apply_plan, quantize_tensor
+from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
 
 # Never loaded: image generation has no use for the language-model head.
 SKIPPED_PREFIXES = ("lm_head.",)
@@ -55,33 +51,6 @@ class TensorInfo:
         for d in self.shape:
             n *= d
         return n
-
-
-def resolve_model_path(name_or_path: str, allow_download: bool = True) -> Path:
-    """A local folder as given, or a Hugging Face repo id fetched into the local cache.
-
-    The cache is tried first, so a downloaded model works offline.
-    """
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelLoadError(f"{path}: is a file; --model takes a folder or a Hugging Face repo id")
-        return path
-    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):
-        raise ModelLoadError(f"{name_or_path}: no such folder (and not a Hugging Face repo id like owner/name)")
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
-    try:
-        return Path(snapshot_download(name_or_path, allow_patterns=patterns, local_files_only=True))
-    # Hub errors are OSError subclasses (missing entries, HTTP), or ValueError for a malformed id.
-    except (OSError, ValueError) as cached_error:
-        if not allow_download or os.environ.get("HF_HUB_OFFLINE"):
-            raise ModelLoadError(f"{name_or_path}: not in the local Hugging Face cache and downloads are off") from cached_error
-    try:
-        return Path(snapshot_download(name_or_path, allow_patterns=patterns))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{name_or_path}: could not download from Hugging Face ({type(e).__name__}: {e})") from None
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -256,15 +225,18 @@ def stream_into(module: nn.Module, tensors: dict[str, TensorInfo], dtype: mx.Dty
 
 
 def load_model_planned(model_dir: Path | str, dtype: mx.Dtype = mx.bfloat16, lazy: bool = False,
-                       bits: Optional[int] = None, group_size: int = DEFAULT_GROUP_SIZE):
-    """``load_model`` that also returns the quantization plan the model runs with (or None)."""
-    from hidream_mlx.models.o1.transformer import HiDreamO1
+                       bits: Optional[int] = None, group_size: int = DEFAULT_GROUP_SIZE, *,
+                       config: Optional[ModelConfig] = None, index: Optional[dict[str, TensorInfo]] = None):
+    """``load_model`` that also returns the quantization plan the model runs with (or None).
 
+    ``config`` and ``index`` are a ``ModelSource``'s, when it has them: a single-file release has
+    no config.json to read, and a resolved source need not parse or scan anything twice."""
     model_dir = Path(model_dir)
-    config = read_config(model_dir)
+    config = config if config is not None else read_config(model_dir)
     model = HiDreamO1(config)
     plan = load_plan(model, config.quantization, bits, group_size)
-    tensors = select_tensors(checkpoint_index(model_dir), lambda n: not is_vision(n))
+    index = index if index is not None else checkpoint_index(model_dir)
+    tensors = select_tensors(index, lambda n: not is_vision(n))
     if plan is not None and not plan.stored:
         check_against(model, tensors, model_dir)  # the float names and shapes the folder holds
     if plan is not None:

@@ -24,14 +24,9 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from hidream_mlx.models.precision import DTYPE_NAMES
-from hidream_mlx.quant.quantization import (
-    EMBEDDINGS,
-    KEEP,
-    MODE,
-    LayerSetting,
-    QuantPlan,
-    quantize_weight,
-)
+from hidream_mlx.quant.plans import EMBEDDINGS, QuantPlan, resolve_plan
+from hidream_mlx.quant.quantization import quantize_weight
+from hidream_mlx.quant.recipes import BUILTIN_RECIPES, KEEP, MODE, LayerSetting
 
 DEFAULT_PROMPT = "a lighthouse on a rocky coast at sunset, waves, warm light"
 MAX_ROWS = 256  # activation rows kept per layer: enough for a stable norm, bounded memory
@@ -290,7 +285,6 @@ def comparison_plans(plan: QuantPlan, matrices: dict[str, int], num_layers: int)
     built-in recipe, and the plan's own recipe with embed_tokens toggled (its effect alone)."""
     from dataclasses import replace
 
-    from hidream_mlx.quant.quantization import BUILTIN_RECIPES, resolve_plan
 
     bits, group = plan.default.bits, plan.default.group_size
     out = {f"flat Q{bits}": resolve_plan(BUILTIN_RECIPES["flat"], matrices, num_layers, bits, group)}

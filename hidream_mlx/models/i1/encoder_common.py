@@ -23,8 +23,8 @@ from hidream_mlx.models.loading import (
     load_tensors,
     select_tensors,
 )
+from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE, GROUP_SIZES, MODE
 
-QUANT_MODE = "affine"
 ENCODER_BITS = (4, 8)
 
 
@@ -94,12 +94,12 @@ def check_quant_args(bits: int, group_size: int) -> None:
     if isinstance(bits, bool) or bits not in ENCODER_BITS:
         raise ValueError(f"text encoder quantization: unsupported bits {bits!r}; choose "
                          f"{' or '.join(map(str, ENCODER_BITS))}")
-    if isinstance(group_size, bool) or group_size not in (32, 64, 128):
+    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
         raise ValueError(f"text encoder quantization: unsupported group size {group_size!r}; "
-                         f"choose 32, 64 or 128")
+                         f"choose {', '.join(map(str, GROUP_SIZES))}")
 
 
-def quantize_linears(module: nn.Module, bits: int, group_size: int = 64) -> list[str]:
+def quantize_linears(module: nn.Module, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> list[str]:
     """Quantize every ``nn.Linear`` whose input width the group size divides; returns the paths
     kept in floats. Embedding tables stay floats: a lookup run once per prompt gains no speed."""
     check_quant_args(bits, group_size)
@@ -131,9 +131,9 @@ def apply_stored_quantization(module: nn.Module, block: dict, tensors: dict[str,
     if not isinstance(block, dict) or not isinstance(block.get("bits"), int) \
             or not isinstance(block.get("group_size"), int):
         raise ModelLoadError(f"{where}: config.json quantization block needs integer bits and group_size")
-    mode = block.get("mode", QUANT_MODE)
-    if mode != QUANT_MODE:
-        raise ModelLoadError(f"{where}: quantization mode {mode!r} is not supported (only {QUANT_MODE!r})")
+    mode = block.get("mode", MODE)
+    if mode != MODE:
+        raise ModelLoadError(f"{where}: quantization mode {mode!r} is not supported (only {MODE!r})")
 
     def predicate(path: str, m: nn.Module):
         if not hasattr(m, "to_quantized") or f"{path}.scales" not in tensors:
@@ -143,7 +143,7 @@ def apply_stored_quantization(module: nn.Module, block: dict, tensors: dict[str,
             return False
         if isinstance(entry, dict):
             return {"bits": int(entry.get("bits", block["bits"])),
-                    "group_size": int(entry.get("group_size", block["group_size"])), "mode": QUANT_MODE}
-        return {"bits": block["bits"], "group_size": block["group_size"], "mode": QUANT_MODE}
+                    "group_size": int(entry.get("group_size", block["group_size"])), "mode": MODE}
+        return {"bits": block["bits"], "group_size": block["group_size"], "mode": MODE}
 
     nn.quantize(module, class_predicate=predicate)

@@ -29,6 +29,7 @@ from hidream_mlx.models.i1.llama import load_llama
 from hidream_mlx.models.i1.t5 import load_t5
 from hidream_mlx.models.i1.tokenization import PromptTokenizer, Tokenized, load_tokenizer
 from hidream_mlx.models.loading import ModelLoadError
+from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 128
 # pipeline component -> (encoder folder, tokenizer folder, tokenizer kind)
@@ -82,7 +83,7 @@ class TextEncoders:
     dtype: mx.Dtype = mx.float32
     llama_dir: Optional[Path] = None
     quantize_bits: Optional[int] = None
-    group_size: int = 64
+    group_size: int = DEFAULT_GROUP_SIZE
     max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
     keep_loaded: bool = False
     kept_in_float: dict[str, list[str]] = field(default_factory=dict)
