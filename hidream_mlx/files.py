@@ -8,6 +8,7 @@ same target removes the partial files that dead processes left for it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 from contextlib import contextmanager
@@ -76,6 +77,32 @@ def sha256_file(path: Path | str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_text_file(path: Path | str, what: str = "file") -> str:
+    """A UTF-8 text file's content; every way reading it can fail is one line naming the file."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such {what}") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"{path}: is a folder, expected a {what}") from None
+    except PermissionError:
+        raise PermissionError(f"{path}: {what} is not readable (permission denied)") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: {what} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise OSError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+
+
+def read_json_file(path: Path | str, what: str = "JSON file"):
+    """A JSON file's value, with :func:`read_text_file`'s errors and the place of a syntax error."""
+    text = read_text_file(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: {what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
 
 
 def default_file_mode() -> int:

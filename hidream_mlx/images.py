@@ -78,6 +78,7 @@ def save_image(image: np.ndarray, path: Path | str, metadata: Optional[dict] = N
 
 def read_metadata(path: Path | str) -> dict:
     """The ``hidream-mlx`` object stored in an image we wrote; a clear error otherwise."""
+    _check_image_path(Path(path))
     try:
         with Image.open(path) as im:
             text = getattr(im, "text", {}).get(METADATA_KEY)
@@ -121,11 +122,17 @@ def as_viewer_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _check_image_path(path: Path) -> None:
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, expected an image file")
+    if not path.is_file():
+        raise ValueError(f"{path}: image not found")
+
+
 def open_rgb(path: Path | str) -> Image.Image:
     """Open an input image as :func:`as_viewer_rgb` describes; errors name the file."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: image not found")
+    _check_image_path(path)
     try:
         with Image.open(path) as image:
             image.load()

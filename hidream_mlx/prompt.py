@@ -9,7 +9,6 @@ proves at load that a checkpoint's own template renders the same conversation.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +16,7 @@ import jinja2.sandbox
 import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
 
+from hidream_mlx.files import read_json_file, read_text_file
 from hidream_mlx.models.o1.config import TMS_TOKEN_ID
 
 IMAGE_START = "<|boi_token|><|tms_token|>"
@@ -37,7 +37,11 @@ class Tokenizer:
         path = Path(model_dir) / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found (the model folder needs its tokenizer files)")
-        self._tok = _HFTokenizer.from_file(str(path))
+        text = read_text_file(path, "tokenizer file")
+        try:
+            self._tok = _HFTokenizer.from_str(text)
+        except Exception as e:  # the tokenizers library raises a bare Exception for any bad file
+            raise ValueError(f"{path}: not a readable tokenizer file ({e})") from None
         if self._tok.token_to_id("<|tms_token|>") != TMS_TOKEN_ID:
             raise ValueError(f"{path}: <|tms_token|> is not id {TMS_TOKEN_ID}; not a HiDream-O1 tokenizer")
 
@@ -66,13 +70,11 @@ def read_chat_template(folder: Path) -> tuple[Optional[str], Optional[Path]]:
     ``chat_template`` entry of tokenizer_config.json), or (None, None)."""
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8"), jinja
+        return read_text_file(jinja, "chat template"), jinja
     config = folder / "tokenizer_config.json"
     if config.is_file():
-        try:
-            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"{config}: not valid JSON ({e})") from None
+        data = read_json_file(config, "tokenizer config")
+        template = data.get("chat_template") if isinstance(data, dict) else None
         if isinstance(template, str):
             return template, config
     return None, None

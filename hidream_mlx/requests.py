@@ -8,7 +8,9 @@ references. The rules behind the recipe defaults are in ``docs/model.md``.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from hidream_mlx.editing.references import (
     load_reference_images,
     resize_reference,
 )
+from hidream_mlx.files import read_text_file
 from hidream_mlx.generation import Request
 from hidream_mlx.noise import NOISE_KINDS
 from hidream_mlx.recipes import (
@@ -152,15 +155,20 @@ def choose_recipe(model, recipe: Optional[str], num_refs: int, editing_scheduler
 
 
 def read_layout(layout: Optional[str]) -> Optional[str]:
-    """The layout as JSON text: the option's value, or the file it names."""
+    """The layout as JSON text: the option's value, or the file it names (whose errors name it)."""
     if layout is None:
         return None
     path = Path(layout)
-    if len(layout) < 4096 and path.is_file():
+    if layout.strip() and len(layout) < 4096 and os.path.lexists(path):
+        text = read_text_file(path, "--layout file")
         try:
-            return path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise RequestError(f"{path}: --layout file is not UTF-8 text ({e.reason})") from None
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RequestError(f"{path}: --layout file is not valid JSON ({e.msg} at line {e.lineno} "
+                               f"column {e.colno})") from None
+        return text
+    if layout.strip() and layout.strip()[:1] not in ("[", "{"):
+        raise RequestError(f"--layout {layout!r}: neither a JSON list of boxes nor an existing file")
     return layout
 
 
@@ -183,6 +191,9 @@ def check_references(refs, layout, keep_aspect, width, height,
     check_reference_count(len(refs))
     load_reference_images(list(refs))
     layout_text = read_layout(layout)
+    if layout_text is not None and not layout_text.strip():
+        note("note: --layout is empty: no layout (as the official pipeline reads an empty value)")
+        layout_text = None
     size_note, budget = None, 0
     if keep_aspect:
         if len(refs) != 1:
@@ -195,7 +206,7 @@ def check_references(refs, layout, keep_aspect, width, height,
         width, height = keep_aspect_size(refs[0], budget)
         size_note = f"{width}x{height} (the reference's aspect in a {budget}x{budget} px budget)"
     elif layout_text is not None:
-        parse_layout_boxes(layout_text, width, height)
+        parse_layout_boxes(layout_text, width, height, note)
     if width * height < EDIT_MIN_PIXELS:
         note(f"warning: editing at {width}x{height} (< 2 MP) is known to give noisy images; "
              "consider a larger size or --keep-aspect")
@@ -226,6 +237,11 @@ def build_request(model, *, prompt, seed=None, width=None, height=None, no_snap=
     if noise not in NOISE_KINDS:
         raise RequestError(f"--noise must be one of {', '.join(NOISE_KINDS)}, got {noise!r}")
     refs = tuple(str(r) for r in refs or ())
+    if keep_aspect and len(refs) > 1:
+        note(f"note: --keep-aspect needs exactly one --ref; with {len(refs)} references the size is snapped "
+             "as usual (the official pipeline warns and does the same)")
+        keep_aspect = False
+
 
     chosen = get_preset(preset) if preset else None
     rec = choose_recipe(model, recipe, len(refs), editing_scheduler)

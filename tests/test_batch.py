@@ -87,7 +87,7 @@ def test_prompt_file_lines_and_jsonl_settings(tmp_path, counted):
 
 
 @pytest.mark.parametrize("content, args, message", [
-    (None, ["--prompt-file", "{d}/missing.txt"], "missing.txt: prompt file not found"),
+    (None, ["--prompt-file", "{d}/missing.txt"], "missing.txt: no such prompt file"),
     ("", ["--prompt-file", "{d}/p.txt"], "p.txt: no prompts in this file"),
     ('fox\n{"prompt": "x", "stepz": 2}\n', ["--prompt-file", "{d}/p.txt"], "p.txt:2: unknown key 'stepz'"),
     (None, ["--prompt", "x", "--seed", "1", "--seed", "1", "-o", "{d}/a_{seed}.png"], "would both be written"),

@@ -176,6 +176,60 @@ def test_layout_boxes_relative_and_percent_agree():
     assert percent[0].text == "x"
 
 
+def test_layout_boxes_above_100_are_pixels_of_the_target_as_in_the_official_pipeline():
+    lines = []
+    boxes = layout.parse_layout_boxes([[0, 512, 128, 384], [0.1, 0.5, 0.2, 0.6]], 1024, 768, note=lines.append)
+    assert boxes[0].bbox == (0, 128, 512, 384)  # (x1, y1, x2, y2): the values as given, in pixels
+    assert boxes[1].bbox == (102, 154, 512, 461)  # the relative box next to it is still relative
+    assert len(lines) == 1 and "layout box 0" in lines[0] and "pixels" in lines[0]
+
+
+def test_percent_boxes_are_noted_so_a_small_pixel_box_is_not_misread_silently():
+    lines = []
+    boxes = layout.parse_layout_boxes([[0, 64, 0, 64]], 1024, 1024, note=lines.append)
+    assert boxes[0].bbox == (0, 0, 655, 655)
+    assert len(lines) == 1 and "percent" in lines[0] and "0..655" in lines[0]
+
+
+def test_the_unit_is_decided_by_the_largest_absolute_value():
+    # |-50| > 1, so the official rule reads the whole box as percent: x -50%..0.5%, y 0%..1%.
+    lines = []
+    got = layout.parse_layout_boxes([[-50, 0.5, 0, 1]], 256, 256, note=lines.append)[0].bbox
+    assert got == (0, 0, 1, 3) and "percent" in lines[0] and "clamped" in lines[0]
+
+
+def test_a_relative_box_reaching_outside_is_clamped_and_noted():
+    lines = []
+    got = layout.parse_layout_boxes([[-0.25, 0.5, 0.5, 1.0]], 256, 128, note=lines.append)[0].bbox
+    assert got == (0, 64, 128, 127)
+    assert len(lines) == 1 and "clamped into the 256x128 image" in lines[0] and "x 0..128, y 64..127" in lines[0]
+
+
+def test_pixel_boxes_beyond_the_image_are_clamped_to_its_last_pixel():
+    lines = []
+    got = layout.parse_layout_boxes([[-150, 3000, 10, 200]], 256, 256, note=lines.append)[0].bbox
+    assert got == (0, 10, 255, 200) and "pixels" in lines[0] and "clamped" in lines[0]
+
+
+def test_a_box_inside_the_image_in_relative_units_prints_nothing():
+    lines = []
+    layout.parse_layout_boxes([[0.0, 1.0, 0.0, 1.0]], 256, 256, note=lines.append)
+    assert lines == []
+
+
+def test_an_empty_layout_list_still_adds_the_black_layout_image(processor):
+    lines = []
+    assert layout.parse_layout_boxes("[]", 256, 256, note=lines.append) == []
+    assert len(lines) == 1 and "no boxes" in lines[0]
+    ref = Image.new("RGB", (256, 256), (200, 200, 200))
+    prepared = refs.prepare_references([ref, ref], 256, 256, processor, layout_boxes="[]")
+    assert len(prepared.resized_refs) == 3  # two framed references plus the layout image, as officially
+    assert np.asarray(prepared.resized_refs[-1]).max() == 0
+    framed = np.asarray(prepared.resized_refs[0])
+    assert tuple(framed[0, 0]) == layout.LAYOUT_COLORS[0] and tuple(np.asarray(prepared.resized_refs[1])[0, 0]) \
+        == layout.LAYOUT_COLORS[1]
+
+
 def test_layout_drawing_colours_largest_boxes_first():
     boxes = layout.parse_layout_boxes([[0.0, 0.1, 0.0, 0.1]] * 5 + [[0.2, 0.9, 0.2, 0.9]], 320, 320)
     image, colors = layout.draw_layout(boxes, 320, 320)
@@ -188,12 +242,12 @@ def test_layout_drawing_colours_largest_boxes_first():
     "spec, message",
     [
         ("not json [", "valid JSON"),
-        ("{}", "non-empty list"),
+        ("{}", "must be a list"),
         ([[0.1, 0.2, 0.3]], "4 numbers"),
         ([["a", 0.2, 0.3, 0.4]], "4 numbers"),
-        ([[-0.1, 0.2, 0.3, 0.4]], "out of range"),
-        ([[0.1, 200, 0.3, 0.4]], "out of range"),
         ([[0.5, 0.5, 0.1, 0.4]], "empty"),
+        ([[-0.5, -0.1, 0.1, 0.4]], "empty"),  # clamped to nothing, as the official pipeline refuses too
+        ([[300, 400, 10, 200]], "empty"),  # pixels entirely right of a 256 px wide image
         ([{"text": "no box"}], "missing 'bbox'"),
     ],
 )

@@ -118,6 +118,36 @@ def test_keep_aspect_with_a_layout_is_refused_with_the_reason():
         build(refs=[str(REF)], keep_aspect=True, layout="[[0, 0.5, 0, 0.5]]")
 
 
+def test_keep_aspect_with_several_references_is_noted_and_the_size_snaps_as_officially():
+    lines = []
+    request = build(refs=[str(REF), str(REF)], keep_aspect=True, width=1024, height=1024,
+                    layout="[[0, 0.5, 0, 1], [0.5, 1, 0, 1]]", note=lines.append)
+    plain = build(refs=[str(REF), str(REF)], width=1024, height=1024, layout="[[0, 0.5, 0, 1], [0.5, 1, 0, 1]]")
+    assert (request.width, request.height) == (plain.width, plain.height) == (2048, 2048)
+    assert not request.keep_aspect and request.layout == plain.layout  # the layout is honoured, as officially
+    assert "keep_aspect_budget" not in request.metadata()
+    assert any(line.startswith("note: --keep-aspect needs exactly one --ref") and "2 references" in line
+               for line in lines)
+
+
+def test_layout_leniencies_are_printed_as_notes():
+    lines = []
+    request = build(refs=[str(REF)], width=1024, height=1024, layout="[[0, 512, 0, 1024], [-0.1, 0.5, 0, 1]]",
+                    note=lines.append)
+    assert request.layout == "[[0, 512, 0, 1024], [-0.1, 0.5, 0, 1]]"  # stored as given, read the same again
+    notes = [line for line in lines if line.startswith("note: layout box")]
+    assert len(notes) == 2 and "pixels" in notes[0] and "clamped" in notes[1]
+
+
+def test_an_empty_layout_list_is_kept_and_an_empty_value_means_no_layout():
+    lines = []
+    assert build(refs=[str(REF)], layout="[]", note=lines.append).layout == "[]"
+    assert any("no boxes" in line for line in lines)
+    lines.clear()
+    assert build(refs=[str(REF)], layout="", note=lines.append).layout is None
+    assert any(line.startswith("note: --layout is empty") for line in lines)
+
+
 def test_reference_only_options_need_a_reference():
     with pytest.raises(RequestError, match="--keep-aspect needs at least one --ref"):
         build(keep_aspect=True)

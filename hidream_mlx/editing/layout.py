@@ -1,7 +1,9 @@
 """Layout boxes for subject-driven generation: parsing, validation, and the layout image.
 
-Boxes are relative [x1, x2, y1, y2] (0..1, or 0..100 read as percent), optionally with text;
-the layout image outlines them in colours that also frame the matching references.
+Boxes are [x1, x2, y1, y2], optionally with text, read as the official pipeline reads them: by
+the largest absolute value, relative (<= 1), percent (<= 100) or pixels of the target (above
+100); then clamped into the image. An empty list still adds the (black) layout image. The layout
+image outlines the boxes in colours that also frame the matching references.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -28,7 +30,10 @@ class LayoutBox:
     text: str = ""
 
 
-def _layout_items(spec: Any) -> list:
+Note = Optional[Callable[[str], None]]
+
+
+def _layout_items(spec: Any, note: Note = None) -> list:
     if isinstance(spec, (str, Path)):
         path = Path(spec)
         try:
@@ -41,37 +46,54 @@ def _layout_items(spec: Any) -> list:
             raise ValueError(f"layout boxes are neither valid JSON nor a JSON file ({e.msg})") from None
     if isinstance(spec, dict):
         spec = next((spec[k] for k in ("layout_bboxes", "bboxes", "boxes", "bbox_list") if k in spec), spec)
-    if not isinstance(spec, list) or not spec:
-        raise ValueError("layout boxes must be a non-empty list of [x1, x2, y1, y2] or {'bbox': ..., 'text': ...}")
+    if not isinstance(spec, list):
+        raise ValueError("layout boxes must be a list of [x1, x2, y1, y2] or {'bbox': ..., 'text': ...}")
+    if not spec and note:
+        note("note: the layout has no boxes: as in the official pipeline, each reference gets its default frame "
+             "colour and an empty (black) layout image is added")
     return spec
 
 
-def _to_absolute(values: Any, width: int, height: int, index: int) -> tuple[int, int, int, int]:
+def _unit(largest: float) -> tuple[str, Callable[[float, int], float]]:
+    """How the official pipeline reads a box, decided by its largest absolute value: the unit's
+    name and value -> pixels along a side (in the official operation order, so rounding agrees)."""
+    if largest <= 1.0:
+        return "relative", lambda v, side: v * side
+    if largest <= 100.0:
+        return "percent", lambda v, side: v / 100.0 * side
+    return "pixels", lambda v, side: v
+
+
+def _to_absolute(values: Any, width: int, height: int, index: int, note: Note = None) -> tuple[int, int, int, int]:
     if (
         not isinstance(values, (list, tuple))
         or len(values) != 4
         or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
     ):
         raise ValueError(f"layout box {index}: expected 4 numbers [x1, x2, y1, y2], got {values!r}")
-    x1, x2, y1, y2 = (float(v) for v in values)
-    largest = max(x1, x2, y1, y2)
-    if min(x1, x2, y1, y2) < 0 or largest > 100:
-        raise ValueError(f"layout box {index}: {list(values)} out of range (relative 0..1, or percent 0..100)")
-    scale = 1.0 if largest <= 1.0 else 0.01
-    x1, x2 = sorted((x1 * scale * width, x2 * scale * width))
-    y1, y2 = sorted((y1 * scale * height, y2 * scale * height))
-    x1, x2 = (min(width - 1, int(round(v))) for v in (x1, x2))
-    y1, y2 = (min(height - 1, int(round(v))) for v in (y1, y2))
+    unit, to_pixels = _unit(max(abs(float(v)) for v in values))
+    x1, x2 = sorted(to_pixels(float(v), width) for v in values[:2])
+    y1, y2 = sorted(to_pixels(float(v), height) for v in values[2:])
+    outside = x1 < 0 or y1 < 0 or x2 > width or y2 > height
+    x1, x2 = (max(0, min(width - 1, int(round(v)))) for v in (x1, x2))
+    y1, y2 = (max(0, min(height - 1, int(round(v)))) for v in (y1, y2))
     if x2 <= x1 or y2 <= y1:
-        raise ValueError(f"layout box {index}: {list(values)} is empty at {width}x{height}")
+        raise ValueError(f"layout box {index}: {list(values)} ({unit}) is empty inside {width}x{height}")
+    if note and (unit != "relative" or outside):
+        read = {"percent": "read as percent (values above 1, none above 100)",
+                "pixels": "read as pixels (a value above 100)"}.get(unit, "relative")
+        clamped = f", clamped into the {width}x{height} image" if outside else ""
+        note(f"note: layout box {index} {list(values)}: {read}{clamped}: x {x1}..{x2}, y {y1}..{y2} px")
     return x1, y1, x2, y2
 
 
-def parse_layout_boxes(spec: Any, width: int, height: int) -> list[LayoutBox]:
+def parse_layout_boxes(spec: Any, width: int, height: int, note: Note = None) -> list[LayoutBox]:
     """Boxes from a JSON string, a JSON file path, a list or a dict holding one: each item is
-    [x1, x2, y1, y2] (relative; 0..100 read as percent) or {"bbox"/"box": ..., "text"/"label": ...}."""
+    [x1, x2, y1, y2] (relative, percent or pixels, see the module docstring) or
+    {"bbox"/"box": ..., "text"/"label": ...}. ``note`` receives a line for each box read as percent
+    or pixels or clamped, and for an empty list."""
     boxes = []
-    for index, item in enumerate(_layout_items(spec)):
+    for index, item in enumerate(_layout_items(spec, note)):
         if isinstance(item, dict):
             values = item.get("bbox") or item.get("box")
             if values is None:
@@ -79,7 +101,7 @@ def parse_layout_boxes(spec: Any, width: int, height: int) -> list[LayoutBox]:
             text = str(item.get("text") or item.get("label") or "")
         else:
             values, text = item, ""
-        boxes.append(LayoutBox(_to_absolute(values, width, height, index), text))
+        boxes.append(LayoutBox(_to_absolute(values, width, height, index, note), text))
     return boxes
 
 

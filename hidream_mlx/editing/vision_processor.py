@@ -7,7 +7,6 @@ flatten patches in the order the vision tower's spatial merge expects.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image
+
+from hidream_mlx.files import read_json_file
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,10 @@ class ImageProcessorConfig:
 
     @classmethod
     def from_file(cls, path: Union[str, Path]) -> "ImageProcessorConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        data = read_json_file(path, "image processor config")
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: image processor config is not a JSON object")
+        return cls.from_dict(data)
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from hidream_mlx.files import read_text_file
 from hidream_mlx.models.o1.config import PATCH_SIZE
 from hidream_mlx.models.lora import checked_specs, specs_from_json
 from hidream_mlx.recipes import get_recipe
@@ -128,10 +129,8 @@ def _battery_item(entry: dict) -> BatteryItem:
 def read_battery(path: Path | str) -> list[BatteryItem]:
     """Parse a JSONL battery; any problem is reported as ``FILE:LINE: what is wrong``."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such battery file")
     items, seen = [], {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text_file(path, "battery file").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -227,12 +226,20 @@ def parse_variant(spec: str) -> Variant:
 
 
 def read_variants_file(path: Path | str) -> list[str]:
-    """Variant specs, one per line; blank lines and ``#`` comments are skipped."""
+    """Variant specs, one per line; blank lines and ``#`` comments are skipped. A bad spec is
+    reported as ``FILE:LINE: what is wrong``."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such variants file")
-    lines = (line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines())
-    return [line for line in lines if line]
+    specs = []
+    for number, line in enumerate(read_text_file(path, "variants file").splitlines(), start=1):
+        spec = line.split("#", 1)[0].strip()
+        if not spec:
+            continue
+        try:
+            parse_variant(spec)
+        except ValueError as e:
+            raise ValueError(f"{path}:{number}: {e}") from None
+        specs.append(spec)
+    return specs
 
 
 def parse_variants(specs: list[str]) -> list[Variant]:

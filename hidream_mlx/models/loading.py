@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from hidream_mlx.files import read_json_file
 from hidream_mlx.models.o1.config import ModelConfig
 from hidream_mlx.models.o1.transformer import HiDreamO1
 from hidream_mlx.quant.plans import LoadPlan, load_plan
@@ -87,9 +88,11 @@ def weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise ModelLoadError(f"{index.name}: not a valid shard index ({e})") from None
+            weight_map = read_json_file(index, "shard index")["weight_map"]
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(str(e)) from None
+        except (KeyError, TypeError):
+            raise ModelLoadError(f"{index}: not a valid shard index (no weight_map)") from None
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (model_dir / f).is_file()]
         if missing:

@@ -20,7 +20,6 @@ quantized matmul and never dequantizes. Several LoRAs stack.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Iterable, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from hidream_mlx.files import sha256_file
+from hidream_mlx.files import read_json_file, sha256_file
 
 DOTTED_PREFIXES = ("base_model.model.", "diffusion_model.", "transformer.", "model.")
 UNDERSCORED_PREFIXES = ("lora_unet_", "lora_transformer_")
@@ -134,6 +133,8 @@ def specs_from_json(items, where: str) -> list[LoRASpec]:
 
 def check_path(path: Path | str) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise LoRAError(f"{path}: is a folder, expected a LoRA .safetensors file")
     if not path.is_file():
         raise LoRAError(f"{path}: no such LoRA file")
     if path.suffix != ".safetensors":
@@ -211,9 +212,9 @@ def _adapter_config(path: Path) -> Optional[dict]:
     if not cfg.is_file():
         return None
     try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise LoRAError(f"{cfg}: not valid JSON ({e})") from None
+        return read_json_file(cfg, "adapter config")
+    except ValueError as e:
+        raise LoRAError(str(e)) from None
 
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from hidream_mlx.files import read_json_file
 from hidream_mlx.models.loading import ModelLoadError, TensorInfo, checkpoint_index, read_safetensors_header
 from hidream_mlx.models.o1.config import ConfigError, ModelConfig
 from hidream_mlx.prompt import check_chat_template
@@ -209,7 +210,7 @@ def _resolve(arg: str, tokenizer: Optional[str], allow_download: bool) -> ModelS
         index = read_safetensors_header(path)
         variant = recipe_for_name(path.stem)
         side, where = _side_files(tokenizer, variant, allow_download)
-        template = json.loads((side / "config.json").read_text()) if (side / "config.json").is_file() else None
+        template = read_json_file(side / "config.json", "model config") if (side / "config.json").is_file() else None
         data, how = single_file_config(index, template, path)
         try:
             config = ModelConfig.from_dict(data)

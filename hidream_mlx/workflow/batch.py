@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from hidream_mlx.files import check_output_path
+from hidream_mlx.files import check_output_path, read_text_file
 from hidream_mlx.images import image_format
 from hidream_mlx.requests import SEED_MAX, RequestError, build_request, check_number
 from hidream_mlx.requests import SPECIAL_TOKEN
@@ -60,12 +60,10 @@ def expand_seeds(seeds: tuple, count: Optional[int]) -> list[int]:
 def read_prompt_file(path: Path | str) -> list[dict]:
     """One dict per prompt (``prompt`` plus any per-line settings); errors name the file and line."""
     path = Path(path)
-    if not path.is_file():
-        raise RequestError(f"{path}: prompt file not found")
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise RequestError(f"{path}: prompt file is not UTF-8 text ({e.reason})") from None
+        text = read_text_file(path, "prompt file")
+    except (OSError, ValueError) as e:
+        raise RequestError(str(e)) from None
     entries = []
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()

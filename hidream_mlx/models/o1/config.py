@@ -7,10 +7,11 @@ nonsensical value that the model needs is rejected with a message naming the key
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+from hidream_mlx.files import read_json_file
 
 # HiDream hard-codes these ids in its model code; they are not in config.json.
 TMS_TOKEN_ID = 151673
@@ -200,11 +201,11 @@ class ModelConfig:
     def from_file(cls, path: Path | str) -> "ModelConfig":
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = read_json_file(path, "model config")
         except FileNotFoundError:
             raise ConfigError(f"{path}: not found (a model folder needs config.json)") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except (OSError, ValueError) as e:
+            raise ConfigError(str(e)) from None
         return cls.from_dict(data)
 
     def to_dict(self) -> dict:
