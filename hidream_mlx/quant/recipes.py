@@ -9,11 +9,12 @@ against one model's layers; this module only holds the vocabulary (widths, group
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Union
+
+from hidream_mlx.files import read_json_file
 
 MODE = "affine"
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)  # every width MLX's affine mode packs
@@ -167,13 +168,8 @@ class QuantRecipe:
     @classmethod
     def from_file(cls, path: Path | str) -> "QuantRecipe":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no such recipe file") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        recipe = cls.from_dict(data, path.name)
+        data = read_json_file(path, "recipe file")
+        recipe = cls.from_dict(data, str(path))
         return recipe if "name" in data else replace(recipe, name=path.stem)
 
     def to_dict(self) -> dict:
