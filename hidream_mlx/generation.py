@@ -31,6 +31,8 @@ from hidream_mlx.pipeline import (
     initial_latent,
     sample,
 )
+from hidream_mlx.models.family import I1, O1
+from hidream_mlx.models.i1.recipes import request_metadata as i1_request_metadata
 from hidream_mlx.models.source import SINGLE_FILE, ModelSource
 from hidream_mlx.prompt import UNCOND_PROMPT, Tokenizer
 from hidream_mlx.recipes import Recipe, get_recipe, recipe_for_model
@@ -57,6 +59,12 @@ class Request:
     seam_window: str = "hann"
     seam_strength: float = 1.0
     negative_prompt: Optional[str] = None  # replaces the unconditional prompt " " (CFG recipes only)
+    step_noise_seed: Optional[int] = None  # HiDream-I1 Dev/Fast: seed of the per-step noise (None: seed)
+
+    @property
+    def family(self) -> str:
+        """``"o1"`` or ``"i1"``: the family whose recipe this request carries."""
+        return getattr(self.recipe, "family", O1)
 
     @property
     def seams(self) -> SeamSmoothing:
@@ -68,6 +76,8 @@ class Request:
         return extra_passes(self.seams, self.recipe.steps, self.recipe.uses_cfg)
 
     def metadata(self) -> dict:
+        if self.family == I1:
+            return i1_request_metadata(self)
         return {
             "prompt": self.prompt,
             "seed": self.seed,

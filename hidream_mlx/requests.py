@@ -4,6 +4,10 @@ Option names are the CLI's with underscores (``noise_scale`` is ``--noise-scale`
 runs here, before any weights load, so a setting means the same thing wherever it is given:
 ranges (:data:`RANGES`), finiteness, options the chosen recipe ignores, prompt text, sizes and
 references. The rules behind the recipe defaults are in ``docs/model.md``.
+
+Both families go through :func:`build_request`: a HiDream-I1 model (an I1Source or I1Engine,
+whose ``family`` is ``"i1"``) gets the I1 recipes and size rule, and every HiDream-O1 option
+it cannot use is refused naming the flag (:data:`O1_ONLY`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ from hidream_mlx.editing.references import (
 )
 from hidream_mlx.files import read_text_file
 from hidream_mlx.generation import Request
+from hidream_mlx.models.family import I1, O1
+from hidream_mlx.models.i1.recipes import I1_RECIPES, apply_i1_preset, get_i1_recipe
+from hidream_mlx.models.i1.sizes import DEFAULT_SIZE as I1_DEFAULT_SIZE
+from hidream_mlx.models.i1.sizes import resolve_i1_size
 from hidream_mlx.noise import NOISE_KINDS
 from hidream_mlx.recipes import (
     RECIPES,
@@ -80,13 +88,30 @@ RANGES: dict[str, Range] = {
     "seam_smoothing": Range(0, 1),
     "seam_strength": Range(0, 1),
     "preview_every": Range(0, 1000),
+    "step_noise_seed": Range(0, SEED_MAX),
 }
-INTEGER_OPTIONS = ("seed", "width", "height", "steps", "blend_seams", "preview_every")
+INTEGER_OPTIONS = ("seed", "width", "height", "steps", "blend_seams", "preview_every", "step_noise_seed")
 
 # Which recipes read an option at all (the others would record it without effect).
 FLASH_RECIPES = tuple(name for name, r in RECIPES.items() if r.scheduler == "flash")
 SHIFTED_RECIPES = tuple(name for name, r in RECIPES.items() if not r.distilled)
 USED_BY = {"s_noise": FLASH_RECIPES, "noise_clip": FLASH_RECIPES, "shift": SHIFTED_RECIPES}
+
+# HiDream-O1 options that mean nothing for HiDream-I1: (value that leaves them unset, why).
+O1_ONLY: dict[str, tuple[object, str]] = {
+    "refs": ((), "HiDream-I1 is text-to-image only"),
+    "layout": (None, "it places --ref images"),
+    "keep_aspect": (False, "it keeps a --ref image's aspect"),
+    "editing_scheduler": ("flow_match", "it picks the O1 editing sampler"),
+    "noise": ("torch", "HiDream-I1 draws its noise as torch does, so --seed matches the reference pipeline"),
+    "noise_scale": (None, "the I1 samplers have no such setting"),
+    "s_noise": (None, "the I1 samplers have no such setting"),
+    "noise_clip": (None, "the I1 samplers have no such setting"),
+    "blend_seams": (0, "it softens O1's 32 px patch grid"),
+    "seam_smoothing": (0.0, "it smooths O1's 32 px patch grid"),
+    "seam_window": ("hann", "it belongs to --seam-smoothing"),
+    "seam_strength": (1.0, "it belongs to --seam-smoothing"),
+}
 
 # Qwen special tokens look like <|name|>; inside a prompt the tokenizer would turn them into
 # structure (end the user turn, open an image), which the official pipeline never intends.
@@ -154,6 +179,47 @@ def choose_recipe(model, recipe: Optional[str], num_refs: int, editing_scheduler
     return get_recipe(recipe_for_references(recipe or recipe_for_model(name, stored), num_refs, editing_scheduler))
 
 
+def model_family(model) -> str:
+    """``"i1"`` for an I1Source or I1Engine, else ``"o1"`` (ModelSource, Engine, None)."""
+    return getattr(model, "family", O1)
+
+
+def refuse_o1_options(options: dict) -> None:
+    """One line for the first HiDream-O1 option given with a HiDream-I1 model."""
+    for name, (unset, why) in O1_ONLY.items():
+        value = options.get(name, unset)
+        if value != unset and not (name == "refs" and not value):
+            flag = "--ref" if name == "refs" else option_flag(name)
+            shown = "" if isinstance(value, bool) or name == "refs" else f" {value}"
+            raise RequestError(f"{flag}{shown} is a HiDream-O1 option and means nothing for HiDream-I1 ({why}); "
+                               "remove it")
+
+
+def build_i1_request(model, *, prompt, seed, width, height, no_snap, recipe, preset, steps, guidance, shift,
+                     step_noise_seed) -> Request:
+    """The HiDream-I1 side of :func:`build_request` (options already range-checked)."""
+    source = getattr(model, "source", None) or model
+    name = recipe or getattr(model, "default_recipe", None) or source.variant
+    try:
+        rec = get_i1_recipe(name)
+        if preset:
+            rec = apply_i1_preset(rec, get_preset(preset))
+        rec = rec.with_overrides(steps=steps, guidance=guidance, shift=shift)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    if step_noise_seed is not None and rec.scheduler != "flash":
+        users = ", ".join(n for n, r in I1_RECIPES.items() if r.scheduler == "flash")
+        raise RequestError(f"--step-noise-seed has no effect with the {rec.name} recipe (UniPC draws no per-step "
+                           f"noise); it applies to: {users}")
+    try:
+        w, h, size_note = resolve_i1_size(width or I1_DEFAULT_SIZE, height or I1_DEFAULT_SIZE, not no_snap,
+                                          source.vae_scale, source.transformer.patch_size, source.transformer.max_seq)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    seed = secrets.randbelow(SEED_MAX + 1) if seed is None else seed
+    return Request(prompt, w, h, seed, rec, size_note=size_note, step_noise_seed=step_noise_seed)
+
+
 def read_layout(layout: Optional[str]) -> Optional[str]:
     """The layout as JSON text: the option's value, or the file it names (whose errors name it)."""
     if layout is None:
@@ -217,22 +283,37 @@ def build_request(model, *, prompt, seed=None, width=None, height=None, no_snap=
                   steps=None, guidance=None, shift=None, noise_scale=None, s_noise=None, noise_clip=None,
                   noise="torch", blend_seams=0, seam_smoothing=0.0, seam_window="hann", seam_strength=1.0,
                   refs=(), layout=None, keep_aspect=False, editing_scheduler="flow_match",
-                  default_size: int = DEFAULT_SIZE,
+                  default_size: int = DEFAULT_SIZE, step_noise_seed=None,
                   min_free_side: int = MIN_SIDE, note: Optional[Callable[[str], None]] = None) -> Request:
     """A checked :class:`Request` from option values (``model``: a ModelSource or an Engine,
-    which gives the model's name and stored metadata for the default recipe).
+    which gives the model's name and stored metadata for the default recipe; an I1Source or
+    I1Engine for HiDream-I1, see :func:`build_i1_request`).
 
     ``seed=None`` draws a random seed (in range, stored in the metadata). ``note`` receives
-    warnings (default: dropped). ``min_free_side`` lets eval run free sizes below 256 px. Raises :class:`RequestError` (a ValueError) naming the option.
+    warnings (default: dropped). ``min_free_side`` lets eval run free sizes below 256 px
+    (``default_size`` and ``min_free_side`` are O1's; I1 has its own size rule).
+    ``step_noise_seed``: I1 Dev/Fast only. Raises :class:`RequestError` (a ValueError) naming the option.
     """
     note = note or (lambda line: None)
     prompt = check_prompt(prompt)
     numbers = {"seed": seed, "width": width, "height": height, "steps": steps, "guidance": guidance,
                "shift": shift, "noise_scale": noise_scale, "s_noise": s_noise, "noise_clip": noise_clip,
-               "blend_seams": blend_seams}
+               "blend_seams": blend_seams, "step_noise_seed": step_noise_seed}
     for name, value in numbers.items():
         if value is not None:
             check_number(name, value)
+    if model_family(model) == I1:
+        refuse_o1_options({"refs": tuple(refs or ()), "layout": layout, "keep_aspect": keep_aspect,
+                           "editing_scheduler": editing_scheduler, "noise": noise, "noise_scale": noise_scale,
+                           "s_noise": s_noise, "noise_clip": noise_clip, "blend_seams": blend_seams,
+                           "seam_smoothing": seam_smoothing, "seam_window": seam_window,
+                           "seam_strength": seam_strength})
+        return build_i1_request(model, prompt=prompt, seed=seed, width=width, height=height, no_snap=no_snap,
+                                recipe=recipe, preset=preset, steps=steps, guidance=guidance, shift=shift,
+                                step_noise_seed=step_noise_seed)
+    if step_noise_seed is not None:
+        raise RequestError("--step-noise-seed is for HiDream-I1 Dev/Fast (their per-step noise); HiDream-O1 draws "
+                           "all its noise from --seed")
     check_seam_smoothing(seam_smoothing, seam_window, seam_strength)
     if noise not in NOISE_KINDS:
         raise RequestError(f"--noise must be one of {', '.join(NOISE_KINDS)}, got {noise!r}")
@@ -241,7 +322,6 @@ def build_request(model, *, prompt, seed=None, width=None, height=None, no_snap=
         note(f"note: --keep-aspect needs exactly one --ref; with {len(refs)} references the size is snapped "
              "as usual (the official pipeline warns and does the same)")
         keep_aspect = False
-
 
     chosen = get_preset(preset) if preset else None
     rec = choose_recipe(model, recipe, len(refs), editing_scheduler)

@@ -55,8 +55,9 @@ def is_repo_id(arg: str) -> bool:
     return arg.count("/") == 1 and not arg.startswith((".", "/", "~")) and not Path(arg).expanduser().exists()
 
 
-def resolve_model_path(name_or_path: str, allow_download: bool = True) -> Path:
-    """A local folder or file as given, or a Hugging Face repo id fetched into the local cache."""
+def resolve_model_path(name_or_path: str, allow_download: bool = True, patterns: Optional[list[str]] = None) -> Path:
+    """A local folder or file as given, or a Hugging Face repo id fetched into the local cache
+    (``patterns``: the files to fetch, default :data:`HUB_PATTERNS`)."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         if path.is_file() and path.suffix != ".safetensors":
@@ -65,7 +66,7 @@ def resolve_model_path(name_or_path: str, allow_download: bool = True) -> Path:
         return path
     if not is_repo_id(name_or_path):
         raise ModelLoadError(f"{name_or_path}: no such folder (and not a Hugging Face repo id like owner/name)")
-    return _hub_download(name_or_path, HUB_PATTERNS, allow_download)
+    return _hub_download(name_or_path, patterns or HUB_PATTERNS, allow_download)
 
 
 def _layer_count(index: dict[str, TensorInfo], prefix: str) -> int:

@@ -180,6 +180,12 @@ class PromptCache:
     def __len__(self) -> int:
         return len(self._store)
 
+    def keep_only(self, texts: Sequence[str]) -> None:
+        """Forget every text not in ``texts`` (a long prompt file encodes in groups)."""
+        wanted = set(texts)
+        for text in [t for t in self._store if t not in wanted]:
+            del self._store[text]
+
     def lookup(self, encoders: TextEncoders, texts: Sequence[str]) -> list[PromptEmbedding]:
         missing = list(dict.fromkeys(t for t in texts if t not in self._store))
         if missing:

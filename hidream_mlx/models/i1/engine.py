@@ -1,0 +1,279 @@
+"""HiDream-I1 behind the engine interface that ``generate``, the eval harness and the server drive.
+
+The run is split into phases so the peak is the largest phase, not the sum (what a Mac holds):
+1. prompts: the four text encoders, one at a time (``TextEncoders`` frees each), over every
+   distinct text of the planned requests (``encode_prompts``); the embeddings stay in a
+   ``PromptCache`` and the encoders are gone before anything else loads;
+2. the transformer, loaded once after the prompts, samples every image;
+3. the VAE decode; the transformer is dropped first when no planned image needs it again.
+A run that meets a text not encoded yet (a long prompt file is encoded in groups of about
+:data:`EMBEDDING_BUDGET`, or a request nobody planned) drops the transformer, encodes and loads
+it again; ``keep_loaded`` keeps every component resident instead.
+
+Seeds: ``request.seed`` is ``torch.Generator("cpu").manual_seed(seed)`` for the initial latents,
+as the reference pipeline's generator. Dev and Fast also draw fresh noise at every step; the
+reference takes it from torch's global RNG, here ``torch.manual_seed(step_noise_seed)`` (the seed
+unless the request says otherwise). See the README's HiDream-I1 section for what matches.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from hidream_mlx import __version__
+from hidream_mlx.generation import NonFiniteLatentError, Request, Result
+from hidream_mlx.memory import format_bytes
+from hidream_mlx.models.family import I1
+from hidream_mlx.models.i1.recipes import I1Recipe, get_i1_recipe
+from hidream_mlx.models.i1.sampling import Conditioning, GlobalTorchNoise, i1_schedule, initial_latents, sample
+from hidream_mlx.models.i1.source import I1Source
+from hidream_mlx.models.i1.text_encoding import PromptCache, PromptEmbedding, TextEncoders
+from hidream_mlx.models.i1.vae import to_uint8
+from hidream_mlx.models.i1.weights import load_transformer, load_vae
+from hidream_mlx.models.precision import parse_dtype
+from hidream_mlx.workflow.reproduce import reproduction_fields
+
+I1_DTYPES = ("bfloat16", "float32")
+GROUP_SIZE = 64
+EMBEDDING_BUDGET = 2 * 1024**3  # prompt embeddings kept at once (about 60 texts for the released model)
+
+
+def transformer_quantization_supported() -> bool:
+    """Whether the I1 transformer loader quantizes in memory (its ``bits`` keyword)."""
+    return "bits" in inspect.signature(load_transformer).parameters
+
+
+def check_load_options(dtype: str, quantize_bits: Optional[int], loras: Sequence = ()) -> None:
+    """Refuse load options I1 cannot honour, before anything loads."""
+    if dtype not in I1_DTYPES:
+        raise ValueError(f"--dtype {dtype} is not available for HiDream-I1; choose {' or '.join(I1_DTYPES)}")
+    if quantize_bits and not transformer_quantization_supported():
+        raise ValueError("-q is not supported for HiDream-I1 yet (in-memory transformer quantization is coming); "
+                         "run without -q, or with --encoder-bits 8 to shrink T5 and Llama")
+    if loras:
+        raise ValueError("--lora is not supported for HiDream-I1 yet")
+
+
+def request_texts(request: Request) -> list[str]:
+    """The texts a request encodes: ``[negative, prompt]`` with CFG (negative default ""), else ``[prompt]``."""
+    if request.recipe.uses_cfg:
+        return [request.negative_prompt or "", request.prompt]
+    return [request.prompt]
+
+
+@dataclass
+class I1Step:
+    """One finished sampling step, as the CLI's progress callback sees it (no x0 preview)."""
+
+    index: int
+    total: int
+    timestep: float
+    latent: mx.array
+    preview: Optional[mx.array] = None
+
+
+class I1Engine:
+    """A HiDream-I1 pipeline ready to run requests (weights load on first need, phase by phase)."""
+
+    family = I1
+
+    def __init__(self, source: I1Source, dtype: str = "bfloat16", quantize_bits: Optional[int] = None,
+                 encoder_bits: Optional[int] = None):
+        self.source = source
+        self.path = source.path
+        self.model_arg = source.arg
+        self.stored = source.stored
+        self.dtype = dtype
+        self.quantize_bits = quantize_bits
+        self.encoder_bits = encoder_bits
+        stored = source.quantization
+        self.quantization = stored or ({"bits": quantize_bits, "group_size": GROUP_SIZE} if quantize_bits else None)
+        self.loras: list = []
+        self.keep_vision = False  # the interface O1's Engine has; I1 has no vision tower
+        self.keep_loaded = False  # True: encoders and transformer stay resident (memory permitting)
+        self.default_recipe = source.variant
+        self.encoders = TextEncoders(source.path, dtype=parse_dtype(dtype), llama_dir=source.llama.folder,
+                                     quantize_bits=encoder_bits)
+        self.prompts = PromptCache()
+        self.transformer = None
+        self.vae = None
+        self.load_time = 0.0  # seconds spent loading the transformer
+        self.phase_peaks: dict[str, int] = {}  # bytes: the largest MLX peak seen in each phase
+        self._plan: list[Request] = []  # planned requests not run yet, in order
+        self._planned = False
+        self._unreported_encode = 0.0
+
+    @classmethod
+    def load(cls, model, dtype: str = "bfloat16", quantize_bits: Optional[int] = None, lazy: bool = False,
+             loras: Sequence = (), encoder_bits: Optional[int] = None, llama: Optional[str] = None) -> "I1Engine":
+        """An engine for ``model`` (an :class:`I1Source` or what resolves to one). Nothing heavy
+        loads here: the encoders load in ``encode_prompts``/``run``, the transformer after them."""
+        check_load_options(dtype, quantize_bits, loras)
+        return cls(I1Source.resolve(model, llama=llama), dtype, quantize_bits, encoder_bits)
+
+    # The O1 Engine's batch hook: the CLI sets {} for a run and None after it (drop the embeddings).
+    @property
+    def conditioning_cache(self) -> PromptCache:
+        return self.prompts
+
+    @conditioning_cache.setter
+    def conditioning_cache(self, value) -> None:
+        if value is None:
+            self.prompts = PromptCache()
+            self._plan, self._planned = [], False
+
+    def describe(self) -> dict:
+        return {
+            "model": self.stored.get("source") or self.model_arg,
+            "family": I1,
+            "dtype": self.dtype,
+            "quantization": self.quantization,
+            "llama": self.source.llama.given,
+            "encoder_bits": self.encoder_bits,
+            "tool_version": __version__,
+        }
+
+    def recipe(self, name: Optional[str] = None) -> I1Recipe:
+        return get_i1_recipe(name or self.default_recipe)
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        mx.reset_peak_memory()
+        try:
+            yield
+        finally:
+            self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), mx.get_peak_memory())
+
+    def _text_bytes(self) -> int:
+        """Bytes one encoded text keeps (Llama stack, T5 sequence, pooled)."""
+        t5_width, llama_width = self.source.transformer.caption_channels
+        tokens = self.encoders.max_sequence_length
+        values = self.source.llama.num_layers * tokens * llama_width + tokens * t5_width
+        return (values + self.source.transformer.text_emb_dim) * parse_dtype(self.dtype).size
+
+    def _drop_transformer(self) -> None:
+        if self.transformer is not None and not self.keep_loaded:
+            self.transformer = None
+            mx.clear_cache()
+
+    def encode_prompts(self, requests: Sequence[Request]) -> float:
+        """Plan ``requests`` (run them in this order) and encode their texts before the
+        transformer loads; returns the seconds spent."""
+        self._plan, self._planned = list(requests), True
+        return self._encode_group(self._plan) if self._plan else 0.0
+
+    def _encode_group(self, upcoming: Sequence[Request]) -> float:
+        """Encode the distinct texts of ``upcoming`` from its start, up to the embedding budget."""
+        group: list[str] = []
+        for request in upcoming:
+            texts = [t for t in request_texts(request) if t not in group]
+            if group and (len(group) + len(texts)) * self._text_bytes() > EMBEDDING_BUDGET:
+                break
+            group += texts
+        if all(t in self.prompts for t in group):
+            return 0.0
+        start = time.perf_counter()
+        self._drop_transformer()
+        self.prompts.keep_only(group)
+        with self._phase("encoders"):
+            embeddings = self.prompts.lookup(self.encoders, group)
+            mx.eval([(e.pooled_embeds, e.t5_embeds, e.llama_hidden_states) for e in embeddings])
+        if not self.keep_loaded:
+            self.encoders.free()
+        mx.clear_cache()
+        seconds = time.perf_counter() - start
+        self._unreported_encode += seconds
+        return seconds
+
+    def load_transformer(self) -> None:
+        """Load the transformer if it is not resident (``load_time`` adds the seconds)."""
+        if self.transformer is not None:
+            return
+        start = time.perf_counter()
+        extra = {"bits": self.quantize_bits, "group_size": GROUP_SIZE} if self.quantize_bits else {}
+        with self._phase("transformer"):
+            self.transformer = load_transformer(self.path / "transformer", parse_dtype(self.dtype), lazy=False,
+                                                **extra)
+        self.load_time += time.perf_counter() - start
+
+    def _conditioning(self, request: Request) -> Conditioning:
+        texts = request_texts(request)
+        if any(t not in self.prompts for t in texts):
+            planned = self._plan if self._plan and self._plan[0] == request else [request]
+            self._encode_group(planned)
+        embedding = PromptEmbedding.concatenate(self.prompts.lookup(self.encoders, texts))
+        return Conditioning(embedding.t5_embeds, embedding.llama_hidden_states, embedding.pooled_embeds)
+
+    def latent_shape(self, request: Request) -> tuple[int, int, int, int]:
+        """``[1, C, 2*(H//16), 2*(W//16)]`` as the pipeline's ``prepare_latents``."""
+        d = 2 * self.source.vae_scale
+        return (1, self.source.transformer.in_channels, 2 * (request.height // d), 2 * (request.width // d))
+
+    def _sample(self, request: Request, cond: Conditioning, on_step: Optional[Callable]) -> tuple[mx.array, list]:
+        rec: I1Recipe = request.recipe
+        cfg = self.source.transformer
+        schedule = i1_schedule(rec.sampler_recipe(), official_mu=rec.mu_shift, max_seq=cfg.max_seq)
+        noise_seed = request.seed if request.step_noise_seed is None else request.step_noise_seed
+        step_noise = GlobalTorchNoise(noise_seed) if rec.scheduler == "flash" else None
+        compute = parse_dtype(self.dtype)
+        transformer = self.transformer
+
+        def model(x, t, t5, llama, pooled):
+            return transformer(x.astype(compute), t, t5, llama, pooled)
+
+        step_times: list[float] = []
+        last = [time.perf_counter()]
+
+        def each_step(i, output, x):
+            finite = mx.isfinite(x).all()
+            if not bool(finite):  # x is already evaluated: one tiny reduction per step
+                raise NonFiniteLatentError(f"the latent became non-finite (NaN or inf) at step {i + 1} of "
+                                           f"{len(schedule)}; no image written (check --guidance and the weights)")
+            now = time.perf_counter()
+            step_times.append(now - last[0])
+            last[0] = now
+            if on_step is not None:
+                on_step(I1Step(i, len(schedule), float(schedule.timesteps[i]), x), step_times[-1])
+
+        latents = initial_latents(request.seed, self.latent_shape(request))
+        with self._phase("transformer"):
+            final = sample(model, cond, latents, rec.sampler_recipe(), schedule, step_noise, each_step)
+        return final, step_times
+
+    def _decode(self, latent: mx.array) -> np.ndarray:
+        if self._planned and not self._plan:
+            self._drop_transformer()  # no planned image needs it again: the VAE phase runs alone
+        with self._phase("vae"):
+            if self.vae is None:
+                self.vae = load_vae(self.path / "vae", parse_dtype(self.dtype), lazy=False)
+            image = to_uint8(self.vae.decode_latents(latent.astype(parse_dtype(self.dtype))))[0]
+            mx.eval(image)
+        return np.array(image)
+
+    def run(self, request: Request, on_step: Optional[Callable] = None) -> Result:
+        """One image: the prompt's embeddings (encoded once), the transformer's steps, the decode."""
+        start = time.perf_counter()
+        cond = self._conditioning(request)
+        encode_time, self._unreported_encode = self._unreported_encode, 0.0
+        if self._plan and self._plan[0] == request:
+            self._plan.pop(0)
+        self.load_transformer()
+        latent, step_times = self._sample(request, cond, on_step)
+        del cond
+        image = self._decode(latent)
+        total = time.perf_counter() - start
+        meta = {**request.metadata(), **self.describe(),
+                "second_shift": request.recipe.second_shift(self.source.transformer.max_seq),
+                **reproduction_fields(request, self)}
+        return Result(image, request, step_times, encode_time, total, max(self.phase_peaks.values()), meta)
+
+    def phase_summary(self) -> str:
+        """``encoders 1.2 GB | transformer 9.8 GB | vae 2.1 GB``: each phase's measured peak."""
+        return " | ".join(f"{name} {format_bytes(peak)}" for name, peak in self.phase_peaks.items())
