@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from hidream_mlx import __version__
-from hidream_mlx.models.loading import SKIPPED_PREFIXES, assign, check_against, is_vision, load_model_planned, load_tensors, select_tensors
+from hidream_mlx.models.loading import load_model_planned
 from hidream_mlx.models.precision import apply_precision, check_with_quantization, parse_dtype
 from hidream_mlx.memory import wired_limit
 from hidream_mlx.noise import make_noise_source
@@ -158,7 +158,8 @@ class Engine:
             engine = cls._load_single_file(source, dtype, quantize_bits, lazy, start).with_loras(loras)
         else:
             path, config = source.path, source.config
-            model, plan = load_model_planned(path, dtype=parse_dtype(dtype), lazy=lazy, bits=quantize_bits)
+            model, plan = load_model_planned(path, dtype=parse_dtype(dtype), lazy=lazy, bits=quantize_bits,
+                                             config=config, index=source.index)
             quantization = plan.description if plan is not None else None
             engine = cls(model, Tokenizer(source.tokenizer_dir or path), source.arg, config.hidream, quantization,
                          dtype, time.perf_counter() - start, path, source).with_loras(loras)
@@ -176,15 +177,12 @@ class Engine:
     @classmethod
     def _load_single_file(cls, source: ModelSource, dtype: str, quantize_bits: Optional[int], lazy: bool,
                           start: float) -> "Engine":
-        """A single-file release: the config and index come from the source (there is no config.json)."""
-        if quantize_bits:
-            raise ValueError(f"{source.path}: -q with a single-file checkpoint is not supported yet; "
-                             "convert it with hidream-mlx quantize first")
-        model = HiDreamO1(source.config)
-        tensors = select_tensors(source.index, lambda n: not n.startswith(SKIPPED_PREFIXES) and not is_vision(n))
-        check_against(model, tensors, source.path)
-        assign(model, load_tensors(tensors, parse_dtype(dtype)), lazy=lazy)
-        return cls(model, Tokenizer(source.tokenizer_dir), source.arg, source.stored, None, dtype,
+        """A single-file release: the config and index come from the source (there is no config.json);
+        ``-q`` quantizes its decoder linears as they are read, as for a folder."""
+        model, plan = load_model_planned(source.path, dtype=parse_dtype(dtype), lazy=lazy, bits=quantize_bits,
+                                         config=source.config, index=source.index)
+        quantization = plan.description if plan is not None else None
+        return cls(model, Tokenizer(source.tokenizer_dir), source.arg, source.stored, quantization, dtype,
                    time.perf_counter() - start, source.path, source)
 
     @property

@@ -83,6 +83,23 @@ def test_a_single_file_checkpoint_loads_the_same_weights_as_its_folder(tmp_path)
     assert single.default_recipe == "dev"
 
 
+def test_q_on_a_single_file_checkpoint_quantizes_as_on_its_folder(tmp_path):
+    from mlx.utils import tree_flatten
+
+    from hidream_mlx.generation import Engine
+
+    weights = tmp_path / "o1_dev.safetensors"
+    shutil.copy(FIXTURES / "model.safetensors", weights)
+    single = Engine.load(ModelSource.resolve(str(weights), tokenizer=str(side_folder(tmp_path))),
+                         dtype="float32", quantize_bits=8)
+    folder = Engine.load(str(FIXTURES), dtype="float32", quantize_bits=8)
+    assert single.quantization == folder.quantization and single.quantization["bits"] == 8
+    ours, theirs = dict(tree_flatten(single.model.parameters())), dict(tree_flatten(folder.model.parameters()))
+    assert sorted(ours) == sorted(theirs) and any(name.endswith(".scales") for name in ours)
+    for name, value in ours.items():
+        np.testing.assert_array_equal(np.array(value), np.array(theirs[name]), err_msg=name)
+
+
 def test_a_changed_chat_template_stops_the_load(tmp_path):
     copy = tmp_path / "m"
     shutil.copytree(FIXTURES, copy, ignore=shutil.ignore_patterns("*.npz"))
