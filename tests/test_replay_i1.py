@@ -129,11 +129,14 @@ def pipeline_without_llama(tmp_path):
     return folder
 
 
-def test_llama_from_its_own_folder(tmp_path):
+def test_llama_from_its_own_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the default (the official repo) is not in the cache
     pipeline = pipeline_without_llama(tmp_path)
     case, out = FIXTURES / "text_encoding.npz", tmp_path / "out.npz"
-    result = run("replay", "--model", pipeline, "--case", case, "--out", out)
-    assert result.exit_code == 1 and "--llama" in result.output and not out.exists()
+    for extra in ([], ["--llama", tmp_path / "no-such-llama"]):
+        result = run("replay", "--model", pipeline, "--case", case, "--out", out, *extra)
+        assert result.exit_code == 1 and result.output.strip().count("\n") == 0, result.output
+        assert "Llama not found" in result.output and "--llama" in result.output and not out.exists()
     llama = tmp_path / "llama"
     llama.mkdir()
     for part in ("text_encoder_4", "tokenizer_4"):

@@ -1,8 +1,9 @@
 """``hidream-mlx replay``: run a recorded reference case through the generation code.
 
-The model folder's family (``models.family``) picks the replayer: HiDream-O1 cases go through
-``harness.replay``, HiDream-I1 cases through ``harness.replay_i1``. A case of the other family
-is refused in one line before any weight loads.
+The model's family (``models.family``) picks the replayer: HiDream-O1 cases go through
+``harness.replay`` (the checkpoint reached through ``ModelSource``), HiDream-I1 cases through
+``harness.replay_i1`` (the pipeline and its Llama through ``I1Source``, as ``generate`` does).
+A case of the other family is refused in one line before any weight loads.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import numpy as np
 from hidream_mlx.files import atomic_output, check_output_path
 from hidream_mlx.harness.replay import ReplayError, detect_format, open_case, replay_case
 from hidream_mlx.harness.replay_i1 import i1_case_kind, replay_i1_case
-from hidream_mlx.models.family import I1, family_of
+from hidream_mlx.models.family import I1, LLAMA_REPO, family_of
+from hidream_mlx.models.i1.source import I1Source
 from hidream_mlx.models.loading import load_model
 from hidream_mlx.models.source import ModelSource
 
@@ -35,25 +37,18 @@ def case_family(case_path: Path):
             return None, None
 
 
-def _i1_folder(model_path: str) -> Path:
-    folder = Path(model_path).expanduser()
-    if not folder.is_dir():
-        raise ReplayError(f"--model {model_path}: replay of HiDream-I1 cases takes a local pipeline folder")
-    return folder
-
-
 @click.command("replay")
 @click.option("--model", "model_path", required=True,
-              help="Model folder (O1: official or quantized layout; I1: a diffusers pipeline folder).")
+              help="Model folder or repo id (O1: official or quantized layout; I1: a diffusers pipeline).")
 @click.option("--case", "case_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="A recorded case file (.npz in one of the fixture formats).")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
               help="Where to write the replayed outputs (.npz).")
-@click.option("--llama", "llama_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="I1 only: a local Llama folder (transformers or mlx-lm layout, with its tokenizer) "
-                   "for pipeline folders without text_encoder_4/.")
+@click.option("--llama", "llama", metavar="PATH_OR_ID",
+              help="I1 only: the Llama text encoder (a folder with its tokenizer, transformers or mlx-lm "
+                   f"layout, or a repo id) for pipelines without text_encoder_4/ [default: {LLAMA_REPO}].")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-def replay(model_path, case_path, out_path, llama_path, overwrite):
+def replay(model_path, case_path, out_path, llama, overwrite):
     """Replay a recorded reference case in float32 and write our outputs under the same keys."""
     check_output_path(out_path, overwrite)
     if not case_path.is_file():
@@ -67,10 +62,11 @@ def replay(model_path, case_path, out_path, llama_path, overwrite):
     if case_fam != model_family:
         raise ReplayError(f"{case_path}: a {FAMILY_NAMES[case_fam]} case ({kind}), but --model {model_path} "
                           f"is a {FAMILY_NAMES[model_family]} model")
-    if llama_path is not None and model_family != I1:
+    if llama is not None and model_family != I1:
         raise ReplayError("--llama: only HiDream-I1 pipelines take a separate Llama")
     if model_family == I1:
-        outputs = replay_i1_case(_i1_folder(model_path), case_path, llama_path)
+        source = I1Source.resolve(model_path, llama=llama)
+        outputs = replay_i1_case(source.path, case_path, source.llama.folder)
     else:
         model_dir = ModelSource.resolve(model_path).path
         outputs = replay_case(load_model(model_dir, dtype=mx.float32), case_path, model_dir)
