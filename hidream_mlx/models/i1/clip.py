@@ -171,5 +171,9 @@ def load_clip(folder: Path | str, dtype: mx.Dtype = mx.float32, lazy: bool = Tru
     folder = Path(folder)
     cfg = CLIPTextConfig.from_dict(read_json_config(folder, "CLIP text encoder"), f"{folder}/config.json")
     model = CLIPTextModelWithProjection(cfg)
-    tensors = encoder_tensors(folder, strip_model_prefix=False, drop=(_POSITION_IDS,))
-    return load_encoder(model, folder, dtype, tensors, strip_model_prefix=False, lazy=lazy)
+    return load_encoder(model, folder, dtype, clip_tensors(folder), strip_model_prefix=False, lazy=lazy)
+
+
+def clip_tensors(folder: Path | str) -> dict:
+    """The tensors ``load_clip`` loads, by module path (headers only; memory sizes them too)."""
+    return encoder_tensors(Path(folder), strip_model_prefix=False, drop=(_POSITION_IDS,))

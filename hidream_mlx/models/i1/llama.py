@@ -190,7 +190,12 @@ def load_llama(folder: Path | str, dtype: mx.Dtype = mx.float32, lazy: bool = Tr
     folder = Path(folder)
     cfg = LlamaConfig.from_dict(read_json_config(folder, "Llama"), f"{folder}/config.json")
     model = LlamaModel(cfg)
-    tensors = encoder_tensors(folder, strip_model_prefix=True)
+    tensors = llama_tensors(folder)
     if cfg.quantization:
         apply_stored_quantization(model, cfg.quantization, tensors, str(folder))
     return load_encoder(model, folder, dtype, tensors, strip_model_prefix=True, lazy=lazy)
+
+
+def llama_tensors(folder: Path | str) -> dict:
+    """The tensors ``load_llama`` loads, by module path (``model.`` stripped, no ``lm_head``)."""
+    return encoder_tensors(Path(folder), strip_model_prefix=True)

@@ -215,5 +215,9 @@ def load_t5(folder: Path | str, dtype: mx.Dtype = mx.float32, lazy: bool = True)
     folder = Path(folder)
     cfg = T5Config.from_dict(read_json_config(folder, "T5 encoder"), f"{folder}/config.json")
     model = T5EncoderModel(cfg)
-    tensors = encoder_tensors(folder, strip_model_prefix=False, aliases=_EMBED_ALIAS)
-    return load_encoder(model, folder, dtype, tensors, strip_model_prefix=False, lazy=lazy)
+    return load_encoder(model, folder, dtype, t5_tensors(folder), strip_model_prefix=False, lazy=lazy)
+
+
+def t5_tensors(folder: Path | str) -> dict:
+    """The tensors ``load_t5`` loads, by module path (headers only; memory sizes them too)."""
+    return encoder_tensors(Path(folder), strip_model_prefix=False, aliases=_EMBED_ALIAS)
