@@ -143,3 +143,29 @@ def test_read_text_file_returns_utf8_text(tmp_path):
     path = tmp_path / "ok.txt"
     path.write_text("naïve café", encoding="utf-8")
     assert read_text_file(path) == "naïve café"
+
+
+@pytest.mark.parametrize("kind", ["not-utf8", "malformed"])
+@pytest.mark.parametrize("name", ["run.json", "results.jsonl"])
+def test_a_broken_eval_run_folder_file_is_named_by_report_and_compare(tmp_path, name, kind):
+    rundir = tmp_path / "run"
+    rundir.mkdir()
+    (rundir / "run.json").write_text("{}", encoding="utf-8")
+    target = rundir / name
+    target.unlink(missing_ok=True)
+    if name == "results.jsonl" and kind == "malformed":
+        target.write_text('{"prompt": "a row without its key"}\n', encoding="utf-8")  # whole JSON, not a record
+    else:
+        bad_input(target, kind)
+    assert_names_the_file(run(["eval", "report", rundir]), target)
+    assert_names_the_file(run(["eval", "compare", rundir, rundir, "-o", tmp_path / "c.md"]), target)
+
+
+@pytest.mark.parametrize("kind", ["not-utf8", "malformed"])
+def test_a_broken_hostfile_is_named_before_anything_launches(tmp_path, monkeypatch, kind):
+    monkeypatch.chdir(Path(__file__).parent.parent)
+    hostfile = bad_input(tmp_path / "hosts.json", kind)
+    result = run(["eval", "--battery", "evals/batteries/showcase.jsonl", "--model", FIXTURES,
+                  "-o", tmp_path / "run", "--hosts", hostfile])
+    assert_names_the_file(result, hostfile)
+    assert "launching" not in result.output and not (tmp_path / "run").exists()

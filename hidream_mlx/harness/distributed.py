@@ -36,6 +36,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from hidream_mlx.files import read_json_file
 from hidream_mlx.harness.evaluation import Job, image_metadata, make_record
 from hidream_mlx.images import save_image
 from hidream_mlx.harness.peak_rss import PeakRss
@@ -66,6 +67,10 @@ def launcher_hosts(hosts: str) -> list[str]:
     """``--hosts`` as ``mlx.launch`` arguments: an existing file is its JSON hostfile, anything
     else a comma list of IP addresses (``localhost`` means 127.0.0.1; the ring backend wants IPs)."""
     if Path(hosts).is_file():
+        entries = read_json_file(hosts, "--hosts file")
+        if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+            raise ValueError(f"{hosts}: an mlx.launch hostfile is a JSON list of host objects "
+                             '(like [{"ssh": "mini.local", "ips": ["10.0.0.2"]}, ...])')
         return ["--hostfile", str(hosts)]
     names = [h.strip() for h in hosts.split(",")]
     if len(names) < 2 or not all(names):

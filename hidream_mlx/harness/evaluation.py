@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Optional
 
 from hidream_mlx.harness.batteries import DEFAULT_SEED, DEFAULT_SIZE, BatteryItem, Variant, eval_size
 from hidream_mlx.harness.peak_rss import PeakRss, reset_high_water, ru_maxrss_bytes
-from hidream_mlx.files import sha256_file
+from hidream_mlx.files import read_json_file, read_text_file, sha256_file
 from hidream_mlx.images import save_image
 from hidream_mlx.models.lora import switch_loras
 from hidream_mlx.models.o1.config import PATCH_SIZE
@@ -101,13 +101,15 @@ def read_results(rundir: Path | str) -> dict[str, dict]:
     records: dict[str, dict] = {}
     if not path.is_file():
         return records
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(read_text_file(path, "results file").splitlines(), start=1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             # Only a write cut short by a hard kill leaves such a line (later appends start on a
             # fresh line after it); its image counts as not done and is made again.
             continue
+        if not isinstance(record, dict) or "key" not in record:
+            raise ValueError(f"{path}:{number}: not a result record (no \"key\")")
         records[record["key"]] = record
     return records
 
@@ -132,7 +134,7 @@ def repair_results(rundir: Path | str) -> list[str]:
     if not path.is_file():
         return []
     kept, dropped = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text_file(path, "results file").splitlines(), start=1):
         try:
             record = json.loads(line)
             if not isinstance(record, dict) or "key" not in record:
@@ -221,7 +223,9 @@ class EvalRun:
         self.rundir = Path(rundir)
         self.rundir.mkdir(parents=True, exist_ok=True)
         path = self.rundir / RUN_FILE
-        run = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        run = read_json_file(path, "eval run file") if path.is_file() else {}
+        if not isinstance(run, dict):
+            raise ValueError(f"{path}: eval run file is not a JSON object")
         for key, value in identity.items():
             if key in run.get("identity", {}) and run["identity"][key] != value:
                 raise ValueError(f"{self.rundir} was run with {key}={run['identity'][key]!r}, not {value!r}; "

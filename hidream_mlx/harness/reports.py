@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from hidream_mlx.harness.evaluation import RUN_FILE, read_results
-from hidream_mlx.files import atomic_output
+from hidream_mlx.files import atomic_output, read_json_file
 from hidream_mlx.memory import format_bytes
 from hidream_mlx.seams import grid_energy
 
@@ -29,7 +29,10 @@ def read_run(rundir: Path | str) -> dict:
     path = Path(rundir) / RUN_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{rundir}: not an eval run folder (no {RUN_FILE})")
-    return json.loads(path.read_text(encoding="utf-8"))
+    run = read_json_file(path, "eval run file")
+    if not isinstance(run, dict):
+        raise ValueError(f"{path}: eval run file is not a JSON object")
+    return run
 
 
 def ordered_records(run: dict, records: dict[str, dict]) -> list[dict]:
