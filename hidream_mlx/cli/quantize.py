@@ -1,18 +1,21 @@
 """``hidream-mlx quantize``: convert an official checkpoint into a quantized folder.
 
-The click layer only parses and prints; :mod:`hidream_mlx.convert` does the work and
-:mod:`hidream_mlx.fidelity` the optional report. User errors are raised as ValueError /
+The click layer only parses and prints; :mod:`hidream_mlx.quant.convert` (O1) and
+:mod:`hidream_mlx.quant.convert_i1` (I1 pipelines) do the work and :mod:`hidream_mlx.quant.fidelity`
+the optional O1 report. User errors are raised as ValueError /
 FileExistsError / ModelLoadError for the command group to print as one ``error:`` line.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from hidream_mlx.quant.recipes import (
     BUILTIN_RECIPES,
+    DEFAULT_GROUP_SIZE,
     GROUP_SIZES,
     SUPPORTED_BITS,
     QuantRecipe,
@@ -20,7 +23,14 @@ from hidream_mlx.quant.recipes import (
     get_quant_recipe,
 )
 
+from hidream_mlx.memory import format_bytes
+from hidream_mlx.models.family import I1, family_of
+from hidream_mlx.models.lora import checked_specs, parse_lora_options
+from hidream_mlx.models.precision import parse_dtype
 from hidream_mlx.models.source import ModelSource
+from hidream_mlx.quant.convert import convert, source_matrices
+from hidream_mlx.quant.convert_i1 import convert_i1
+from hidream_mlx.quant.fidelity import comparison_plans, fidelity_report
 from hidream_mlx.quant.output import REPORT_FILE
 
 
@@ -33,28 +43,28 @@ def choose_recipe(name: str | None, recipe_file: Path | None) -> QuantRecipe:
 
 
 def size_table(conversion) -> list[str]:
-    from hidream_mlx.memory import format_bytes
-
-    lines = [f"{'component':<14} {'parameters':>14} {'size':>12} {'bits/weight':>12}"]
+    width = max(14, *(len(name) for name in conversion.sizes))
+    lines = [f"{'component':<{width}} {'parameters':>14} {'size':>12} {'bits/weight':>12}"]
     for name, size in [*conversion.sizes.items(), ("total", conversion.total)]:
-        lines.append(f"{name:<14} {size.params:>14,} {format_bytes(size.bytes):>12} {size.bits_per_weight:>12.2f}")
+        lines.append(f"{name:<{width}} {size.params:>14,} {format_bytes(size.bytes):>12} {size.bits_per_weight:>12.2f}")
     return lines
 
 
 @click.command("quantize")
 @click.option("--model", "model_arg", required=True,
-              help="Source: Hugging Face repo id or folder in the official layout (float32 or bf16 shards).")
+              help="Source: Hugging Face repo id, a folder in the official layout (float32 or bf16 shards), an O1 "
+                   "single-file .safetensors, or a HiDream-I1 diffusers pipeline folder.")
 @click.option("--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default=None,
-              help="Bits for the decoder's linear layers (a recipe may fix them).")
+              help="Bits for the quantized layers: O1's decoder linears, I1's block linears (a recipe may fix them).")
 @click.option("--plan", "--recipe", "recipe_name", type=click.Choice(sorted(BUILTIN_RECIPES)), default=None,
               help="Built-in mixed-precision quantization plan (default: flat). --recipe is the old spelling, "
                    "kept as an alias for one release (on generate, --recipe is the sampling recipe).")
 @click.option("--recipe-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON recipe: per-layer overrides, first match wins (see quantize/recipes/).")
 @click.option("--group-size", type=click.Choice([str(g) for g in GROUP_SIZES]), default=None,
-              help="Quantization group size (default: the recipe's, else 64).")
+              help=f"Quantization group size (default: the recipe's, else {DEFAULT_GROUP_SIZE}).")
 @click.option("--no-vision", is_flag=True, help="Leave the vision tower out (text-to-image only; no editing).")
-@click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--output", "--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder to create.")
 @click.option("--quantize-embeddings", is_flag=True,
               help="Also quantize embed_tokens (vocab x hidden) at the default bits: smallest folder, "
@@ -76,16 +86,9 @@ def quantize(model_arg, bits, recipe_name, recipe_file, group_size, no_vision, o
     The output folder loads with no flags: its config.json records mode, bits, group size and
     every per-layer override.
     """
-    from hidream_mlx.quant.convert import convert
-    from hidream_mlx.models.precision import parse_dtype
-
-    from hidream_mlx.models.lora import checked_specs, parse_lora_options
-
     lora_specs = checked_specs(parse_lora_options(loras, lora_scales))
     recipe = choose_recipe(recipe_name, recipe_file)
     if quantize_embeddings:
-        from dataclasses import replace
-
         recipe = replace(recipe, quantize_embeddings=True)
 
     def notice(line: str) -> None:
@@ -95,9 +98,18 @@ def quantize(model_arg, bits, recipe_name, recipe_file, group_size, no_vision, o
         click.echo(f"[{done}/{total}] {'reading ' + name if name else 'writing index and config'}", err=True)
 
     click.echo(f"converting {model_arg} with recipe {recipe.name} -> {output}", err=True)
-    conversion = convert(model_arg, output, recipe, bits=int(bits) if bits else None,
-                         group_size=int(group_size) if group_size else None, include_vision=not no_vision,
-                         overwrite=overwrite, on_notice=notice, on_progress=progress, loras=lora_specs)
+    bits, group_size = int(bits) if bits else None, int(group_size) if group_size else None
+    if family_of(model_arg) == I1:
+        refused = [flag for flag, given in (("--no-vision", no_vision), ("--quantize-embeddings", quantize_embeddings),
+                                            ("--report", report), ("--lora", loras)) if given]
+        if refused:
+            raise ValueError(f"{refused[0]}: not available for HiDream-I1 pipelines (O1 only)")
+        conversion = convert_i1(model_arg, output, recipe, bits=bits, group_size=group_size, overwrite=overwrite,
+                                on_notice=notice, on_progress=progress)
+    else:
+        conversion = convert(model_arg, output, recipe, bits=bits, group_size=group_size,
+                             include_vision=not no_vision, overwrite=overwrite, on_notice=notice,
+                             on_progress=progress, loras=lora_specs)
     for lora in conversion.loras:
         click.echo(f"baked in: {lora.line()}", err=True)
     q = conversion.config["quantization"]
@@ -110,8 +122,6 @@ def quantize(model_arg, bits, recipe_name, recipe_file, group_size, no_vision, o
     for line in size_table(conversion):
         click.echo(line)
     if report:
-        from hidream_mlx.quant.convert import source_matrices
-        from hidream_mlx.quant.fidelity import comparison_plans, fidelity_report
         source = ModelSource.resolve(model_arg)
         layers = conversion.config["text_config"]["num_hidden_layers"]
         others = comparison_plans(conversion.plan, source_matrices(source.index), layers)

@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 
-from hidream_mlx.models.i1.config import TransformerConfig, VAEConfig
+from hidream_mlx.models.i1.config import TransformerConfig, VAEConfig, read_json
+from hidream_mlx.models.i1.transformer import HiDreamImageTransformer
 from hidream_mlx.models.loading import (ModelLoadError, TensorInfo, check_against, open_shard,
-                                        read_safetensors_header)
+                                        read_safetensors_header, stream_into)
+from hidream_mlx.quant.plans import I1_LAYERS, load_plan
+from hidream_mlx.quant.quantization import apply_plan
+from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 
@@ -77,17 +82,40 @@ def _assign(module, infos: dict[str, TensorInfo], dtype, convert=None, lazy: boo
         mx.eval(module.parameters())
 
 
-def load_transformer(folder: Path | str, dtype: mx.Dtype = mx.float32, lazy: bool = True):
-    """``HiDreamImageTransformer`` from a diffusers ``transformer/`` folder, strictly."""
-    from hidream_mlx.models.i1.transformer import HiDreamImageTransformer
-
+def load_transformer_planned(folder: Path | str, dtype: mx.Dtype = mx.float32, lazy: bool = True,
+                             bits: Optional[int] = None, group_size: int = DEFAULT_GROUP_SIZE):
+    """``load_transformer`` that also returns the quantization plan it runs with (or None)."""
     folder = Path(folder)
-    cfg = TransformerConfig.load(folder)
+    raw = read_json(folder / "config.json")
+    cfg = TransformerConfig.from_dict(raw, folder / "config.json")
     infos = component_index(folder)
     model = HiDreamImageTransformer(cfg, expert_widths(infos, folder))
-    check_against(model, infos, folder, prefix="")
-    _assign(model, infos, dtype, lazy=lazy)
-    return model
+    try:
+        plan = load_plan(model, raw.get("quantization"), bits, group_size, scheme=I1_LAYERS)
+    except ValueError as e:
+        raise ModelLoadError(f"{folder}: {e}") from None
+    if plan is not None and not plan.stored:
+        check_against(model, infos, folder, prefix="")  # the float names and shapes the folder holds
+    if plan is not None:
+        apply_plan(model, plan.layers)  # quantized layers in the skeleton, before any weight is read
+    if plan is None or plan.stored:
+        check_against(model, infos, folder, prefix="")
+    # Quantizing at load evaluates each layer as it is read: a lazy graph would keep every float
+    # source alive until the first evaluation, which is the whole float checkpoint.
+    stream_into(model, infos, dtype, plan, lazy=lazy and (plan is None or plan.stored))
+    return model, plan
+
+
+def load_transformer(folder: Path | str, dtype: mx.Dtype = mx.float32, lazy: bool = True,
+                     bits: Optional[int] = None, group_size: int = DEFAULT_GROUP_SIZE):
+    """``HiDreamImageTransformer`` from a diffusers ``transformer/`` folder, strictly.
+
+    A folder whose config.json carries a ``quantization`` block (``hidream-mlx quantize``) loads
+    quantized with no flags; ``bits`` quantizes a float folder's block linears as they are read
+    (``-q BITS``, the flat plan of ``quant.plans.I1_LAYERS``), so the peak stays near the
+    quantized size. Without ``bits``, ``lazy`` leaves the weights mapped until first use.
+    """
+    return load_transformer_planned(folder, dtype, lazy, bits, group_size)[0]
 
 
 def load_vae(folder: Path | str, dtype: mx.Dtype = mx.float32, lazy: bool = True):
