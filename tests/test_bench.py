@@ -101,6 +101,23 @@ def test_load_only_honours_dtype_and_quantization():
     assert LOAD_LINE.fullmatch(load_only("-q", "8")).group(3) == f"{q8 / 2**30:.2f}"
 
 
+def test_load_only_on_an_i1_pipeline_loads_its_transformer_and_vae():
+    from i1_support import FIXTURES as I1_FIXTURES
+
+    from hidream_mlx.harness.bench import run_load
+    from hidream_mlx.models.i1.weights import load_transformer, load_vae
+
+    def resident(bits=None):
+        return (parameter_bytes(load_transformer(I1_FIXTURES / "transformer", mx.bfloat16, bits=bits))
+                + parameter_bytes(load_vae(I1_FIXTURES / "vae", mx.bfloat16)))
+
+    floats, q8 = run_load(str(I1_FIXTURES)), run_load(str(I1_FIXTURES), bits=8)
+    assert floats.weight_bytes == resident() and floats.quantization is None
+    assert q8.weight_bytes == resident(8) < floats.weight_bytes and q8.quantization["bits"] == 8
+    line = CliRunner().invoke(bench, ["--load-only", "--model", str(I1_FIXTURES), "-q", "4"]).output
+    assert LOAD_LINE.fullmatch(line.strip().splitlines()[-1])
+
+
 def test_load_only_and_model_go_together():
     result = CliRunner().invoke(bench, ["--model", str(FIXTURES)])
     assert result.exit_code != 0 and "--load-only and --model go together" in str(result.exception)

@@ -39,6 +39,9 @@ from hidream_mlx.models.precision import check_precision, parse_dtype
 from hidream_mlx.quant.quantization import quantize_in_memory
 from hidream_mlx.quant.recipes import SUPPORTED_BITS
 from hidream_mlx.models.o1.synthetic import random_model, synthetic_prompt_ids
+from hidream_mlx.models.family import I1, family_of
+from hidream_mlx.models.i1.weights import load_transformer_planned, load_vae
+from hidream_mlx.models.source import resolve_model_path
 
 UNCOND_TOKENS = 13  # the chat template around the unconditional prompt " "
 
@@ -276,13 +279,30 @@ def _percent(predicted: int, measured: int) -> str:
 
 
 def run_load(model_arg: str, bits: Optional[int] = None, dtype: str = "bfloat16") -> LoadResult:
-    """Load what text-to-image ``generate`` loads (no vision tower), every weight evaluated."""
+    """Load what text-to-image ``generate`` loads (no vision tower), every weight evaluated.
+
+    For a HiDream-I1 pipeline that is what stays resident while sampling: the transformer
+    (``-q`` quantizes it as it streams in) and the VAE; the text encoders run once per prompt
+    before it and are not counted."""
     check_precision(dtype)
+    if family_of(model_arg) == I1:
+        return _run_load_i1(model_arg, bits, dtype)
     start = time.perf_counter()
     engine = Engine.load(model_arg, dtype=dtype, quantize_bits=bits)
     mx.eval(engine.model.parameters())
     seconds = time.perf_counter() - start
     return LoadResult(seconds, ru_maxrss_bytes(), parameter_bytes(engine.model), engine.quantization)
+
+
+def _run_load_i1(model_arg: str, bits: Optional[int], dtype: str) -> LoadResult:
+    start = time.perf_counter()
+    folder = resolve_model_path(model_arg)
+    transformer, plan = load_transformer_planned(folder / "transformer", parse_dtype(dtype), lazy=False, bits=bits)
+    vae = load_vae(folder / "vae", parse_dtype(dtype), lazy=False)
+    mx.eval(transformer.parameters(), vae.parameters())
+    seconds = time.perf_counter() - start
+    return LoadResult(seconds, ru_maxrss_bytes(), parameter_bytes(transformer) + parameter_bytes(vae),
+                      plan.description if plan is not None else None)
 
 
 def load_line(result: LoadResult) -> str:
