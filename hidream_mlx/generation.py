@@ -126,6 +126,8 @@ class Engine:
     (random weights for benchmarks), in which case prompts become synthetic token ids.
     """
 
+    family = O1  # the I1 pipeline's engine is models/i1/engine.py's I1Engine
+
     def __init__(self, model: HiDreamO1, tokenizer: Optional[Tokenizer] = None, name: str = "in-memory",
                  stored: Optional[dict] = None, quantization: Optional[dict] = None, dtype: str = "float32",
                  load_time: float = 0.0, path: Optional[Path] = None, source: Optional[ModelSource] = None):

@@ -1,4 +1,9 @@
-"""``hidream-mlx generate``: one image from a prompt (the CLI face of :class:`Engine`)."""
+"""``hidream-mlx generate``: one image from a prompt (the CLI face of :class:`Engine`).
+
+A HiDream-I1 ``--model`` (a diffusers pipeline folder or an ``HiDream-I1`` repo id) runs on
+:class:`~hidream_mlx.models.i1.engine.I1Engine` through the same plan and render loop: every
+prompt is encoded first, the encoders are freed, then the transformer loads once.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,10 @@ from hidream_mlx.generation import Engine
 from hidream_mlx.memory import check_fits_folder, format_bytes
 from hidream_mlx.models.precision import parse_dtype
 from hidream_mlx.models.lora import checked_specs, lora_memory, parse_lora_options
+from hidream_mlx.models.family import I1
+from hidream_mlx.models.i1.encoder_common import ENCODER_BITS
+from hidream_mlx.models.i1.engine import I1Engine, check_load_options
+from hidream_mlx.models.i1.recipes import I1_RECIPES
 from hidream_mlx.recipes import PRESETS as PRESET_NAMES
 from hidream_mlx.recipes import RECIPES as RECIPE_NAMES
 from hidream_mlx.requests import SEED_MAX, USED_BY, check_number, range_help
@@ -48,16 +57,16 @@ def _print_summary(result, engine, elapsed_note: str = "") -> None:
               help=f"Random seed, 0 to {SEED_MAX}; repeatable (default: a random one, printed and stored).")
 @click.option("--count", type=int, default=None, metavar="N",
               help="N images: the given seed and the next N-1, or N random seeds.")
-@click.option("--width", type=int, default=None, help=f"Width in pixels, {range_help('width')} (default 2048, or the preset's; with --keep-aspect the pixel budget).")
-@click.option("--height", type=int, default=None, help=f"Height in pixels, {range_help('height')} (default 2048, or the preset's; with --keep-aspect the pixel budget).")
-@click.option("--no-snap", is_flag=True, help="Render the exact size instead of the closest official bucket.")
-@click.option("--recipe", type=click.Choice(sorted(RECIPE_NAMES)), default=None,
-              help="Sampling recipe (default: from the model's name or stored metadata).")
+@click.option("--width", type=int, default=None, help=f"Width in pixels, {range_help('width')} (default 2048, or the preset's; with --keep-aspect the pixel budget; HiDream-I1: 1024).")
+@click.option("--height", type=int, default=None, help=f"Height in pixels, {range_help('height')} (default 2048, or the preset's; with --keep-aspect the pixel budget; HiDream-I1: 1024).")
+@click.option("--no-snap", is_flag=True, help="Render the exact size instead of the closest official bucket (HiDream-I1: instead of the rescale to the 1024x1024 area; multiples of 16).")
+@click.option("--recipe", type=click.Choice(sorted(set(RECIPE_NAMES) | set(I1_RECIPES))), default=None,
+              help="Sampling recipe (default: from the model's name or stored metadata; HiDream-I1: full, dev, fast).")
 @click.option("--preset", type=click.Choice(sorted(PRESET_NAMES)), default=None,
               help="quick / standard / high / official: size and effort for explore -> re-render.")
 @click.option("--steps", type=int, default=None, help=f"Override the recipe's step count ({range_help('steps')}; distilled recipes: at most 28).")
 @click.option("--guidance", type=float, default=None, help=f"Override CFG scale ({range_help('guidance')}; <= 1 turns CFG off).")
-@click.option("--shift", type=float, default=None, help=f"Override the timestep shift ({range_help('shift')}; recipes: {', '.join(USED_BY['shift'])}).")
+@click.option("--shift", type=float, default=None, help=f"Override the timestep shift ({range_help('shift')}; recipes: {', '.join(USED_BY['shift'])}; HiDream-I1: all, and on full it replaces both UniPC shifts, official exp(mu) included).")
 @click.option("--noise-scale", type=float, default=None, help=f"Override the initial noise scale ({range_help('noise_scale')}).")
 @click.option("--s-noise", type=float, default=None, help=f"Override the per-step noise scale ({range_help('s_noise')}; recipes: {', '.join(USED_BY['s_noise'])}).")
 @click.option("--noise-clip", type=float, default=None, help=f"Override the per-step noise clip, x std ({range_help('noise_clip')}; recipes: {', '.join(USED_BY['noise_clip'])}).")
@@ -83,6 +92,14 @@ def _print_summary(result, engine, elapsed_note: str = "") -> None:
 @click.option("--keep-aspect", is_flag=True, help="One reference: the output takes its aspect ratio, fitted into the --width x --height pixel area (default 2048x2048).")
 @click.option("--editing-scheduler", type=click.Choice(["flow_match", "flash"]), default="flow_match", show_default=True,
               help="Dev recipes with exactly one --ref: flow-match Euler (official default) or the flash sampler.")
+@click.option("--llama", default=None, metavar="PATH_OR_ID",
+              help="HiDream-I1: the Llama-3.1-8B-Instruct folder or repo id (an mlx-lm quantized folder too) "
+                   "when the model folder has no text_encoder_4/ (default: meta-llama/Meta-Llama-3.1-8B-Instruct, gated).")
+@click.option("--encoder-bits", type=click.Choice([str(b) for b in ENCODER_BITS]), default=None,
+              help="HiDream-I1: quantize the T5 and Llama text encoders in memory (CLIP stays in floats).")
+@click.option("--step-noise-seed", type=int, default=None, metavar="N",
+              help="HiDream-I1 dev/fast: seed of the per-step noise, as torch.manual_seed(N) before the reference "
+                   "pipeline's call (default: --seed).")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @click.option("--force", is_flag=True, help="Run even if the memory estimate says it will not fit.")
 @click.option("--lora", "loras", multiple=True, metavar="PATH",
@@ -96,7 +113,8 @@ def generate(model_arg, prompt, output, seeds, width, height, no_snap, recipe, p
              noise_scale, s_noise, noise_clip, noise, blend_seams, preview_every, dtype, quantize_bits,
              refs, layout, keep_aspect, overwrite, force, seam_smoothing=0.0, seam_window="hann", seam_strength=1.0,
              prompt_file=None, negative_prompt=None, from_image=None, quality=None, count=None,
-             loras=(), lora_scales=(), lora_paths=(), lora_scales_mflux=(), editing_scheduler="flow_match"):
+             loras=(), lora_scales=(), lora_paths=(), lora_scales_mflux=(), editing_scheduler="flow_match",
+             llama=None, encoder_bits=None, step_noise_seed=None):
     """Generate images from a prompt (several seeds or a prompt file: one model load)."""
     check_number("preview_every", preview_every)
     note = lambda line: click.echo(line, err=True)  # noqa: E731
@@ -106,6 +124,9 @@ def generate(model_arg, prompt, output, seeds, width, height, no_snap, recipe, p
         params = from_image_settings(from_image, params, given_on_command_line(ctx, params), note)
     # Everything that can be refused (every job and output name) is refused before the weights load.
     source, jobs, requests = plan(params, note)
+    if source.family == I1:
+        _generate_i1(source, jobs, requests, params, force, note)
+        return
     dtype = params["dtype"]
     bits = int(params["quantize_bits"]) if params["quantize_bits"] else None
     lora_specs = checked_specs(parse_lora_options([*params["loras"], *params["lora_paths"]],
@@ -133,5 +154,39 @@ def generate(model_arg, prompt, output, seeds, width, height, no_snap, recipe, p
     written = render(engine, jobs, requests, params, announce, lambda result: _print_summary(result, engine))
     if summary(written):
         click.echo(summary(written), err=True)
+    for path in written:
+        click.echo(str(path))
+
+
+def _generate_i1(source, jobs, requests, params, force, note) -> None:
+    """The HiDream-I1 run: prompts first (encoders freed), then the transformer once, then each image."""
+    bits = int(params["quantize_bits"]) if params["quantize_bits"] else None
+    encoder_bits = int(params["encoder_bits"]) if params["encoder_bits"] else None
+    check_load_options(params["dtype"])
+    for line in source.notes:
+        note(line)
+    engine = I1Engine(source, params["dtype"], bits, encoder_bits)
+    seconds = engine.encode_prompts(requests)
+    note(f"prompts encoded in {seconds:.1f} s ({len(engine.prompts)} distinct texts); text encoders freed")
+    engine.load_transformer()
+    note(f"model loaded once in {engine.load_time:.1f} s{f' for {len(jobs)} images' if len(jobs) > 1 else ''}")
+
+    def announce(request):
+        rec = request.recipe
+        second = rec.second_shift(source.transformer.max_seq)
+        shift = f"shift {rec.shift:g}" + (f" (UniPC second shift exp(mu) = {second:.3f})" if rec.mu_shift else "")
+        note(f"size {request.size_note}; recipe {rec.name}, {rec.steps} steps, guidance {rec.guidance:g}, {shift}, "
+             f"seed {request.seed}")
+        if not rec.official:
+            why = (f" (--shift: UniPC shifts twice by {rec.shift:g}, as diffusers' pipeline, not by exp(mu))"
+                   if rec.scheduler == "unipc" and not rec.mu_shift else "")
+            note(f"note: settings differ from the released {rec.name} recipe{why}")
+
+    def done(result):
+        _print_summary(result, engine, f" | phases: {engine.phase_summary()}")
+
+    written = render(engine, jobs, requests, params, announce, done)
+    if summary(written):
+        note(summary(written))
     for path in written:
         click.echo(str(path))

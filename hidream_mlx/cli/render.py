@@ -2,6 +2,8 @@
 
 Everything that can be refused (prompt file, seeds, output names, every request) is refused
 before the weights load; then the model loads once and each distinct prompt is encoded once.
+The model's family (HiDream-O1 or HiDream-I1, see ``models/family.py``) picks its source;
+the shared request builder applies that family's rules.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Callable, Optional
 import click
 from click.core import ParameterSource
 
+from hidream_mlx.models.family import I1, family_of
+from hidream_mlx.models.i1.source import I1Source
 from hidream_mlx.requests import RequestError
 from hidream_mlx.models.loading import is_vision, module_name
 from hidream_mlx.workflow.batch import (Job, build_requests, check_outputs, output_names, plan_jobs, preview_path,
@@ -33,7 +37,9 @@ from hidream_mlx.workflow.reproduce import (
 # build_request's options, as generate's parameters are named.
 REQUEST_OPTIONS = ("width", "height", "no_snap", "recipe", "preset", "steps", "guidance", "shift", "noise_scale",
                    "s_noise", "noise_clip", "noise", "blend_seams", "seam_smoothing", "seam_window", "seam_strength",
-                   "layout", "keep_aspect", "editing_scheduler", "negative_prompt")
+                   "layout", "keep_aspect", "editing_scheduler", "negative_prompt", "step_noise_seed")
+# generate's options that only a HiDream-I1 model reads (load options, not request options).
+I1_LOAD_OPTIONS = ("llama", "encoder_bits")
 
 
 def given_on_command_line(ctx: click.Context, names) -> set:
@@ -47,11 +53,14 @@ def from_image_settings(image: Path, params: dict, explicit: set, note: Callable
     recorded.pop("prompt", None) if "prompt" in explicit or "prompt_file" in explicit else None
     if "seeds" in explicit or "count" in explicit:
         recorded.pop("seed", None)
+    if "seeds" in explicit or "count" in explicit:
+        recorded.pop("step_noise_seed", None)  # a new seed draws new per-step noise too
     recorded_dtype = recorded.pop("dtype", None)
     recorded_bits = recorded.pop("quantize_bits", None)
+    recorded_load = {k: recorded.pop(k) for k in I1_LOAD_OPTIONS if k in recorded}
     mine = {k: params[k] for k in REQUEST_OPTIONS if k in explicit}
     target = params["recipe"] if "recipe" in explicit else recorded.get("recipe")
-    merged = merge_settings(recorded, mine, target)
+    merged = merge_settings(recorded, mine, target, meta.get("family", "o1"))
     out = dict(params)
     out.update({k: v for k, v in merged.items() if k in REQUEST_OPTIONS})
     if "prompt" in merged and "prompt_file" not in explicit:
@@ -64,6 +73,9 @@ def from_image_settings(image: Path, params: dict, explicit: set, note: Callable
         out["dtype"] = recorded_dtype
     if "quantize_bits" not in explicit:
         out["quantize_bits"] = recorded_bits
+    for key, value in recorded_load.items():
+        if key not in explicit and key in out:
+            out[key] = value
     out["refs"] = find_references(meta, image, params["refs"], note)
     lora_flags = {"loras", "lora_scales", "lora_paths", "lora_scales_mflux"}
     if "loras" in params and meta.get("loras") and not lora_flags & explicit:
@@ -76,9 +88,26 @@ def has_vision_tower(source) -> bool:
     return any(is_vision(module_name(name)) for name in source.index)
 
 
+def resolve_source(params: dict):
+    """The ModelSource (HiDream-O1) or I1Source (HiDream-I1) of ``--model``; the other
+    family's load options are refused here, naming the flag."""
+    arg = params["model_arg"]
+    if family_of(arg) == I1:
+        if params.get("preview_every"):
+            raise RequestError("--preview-every is not supported for HiDream-I1 yet (its preview needs a VAE decode "
+                               "per step)")
+        if params.get("loras") or params.get("lora_paths"):
+            raise RequestError("--lora is not supported for HiDream-I1 yet")
+        return I1Source.resolve(arg, llama=params.get("llama"))
+    for name in I1_LOAD_OPTIONS:
+        if params.get(name) is not None:
+            raise RequestError(f"--{name.replace('_', '-')} is for HiDream-I1 models; {arg} is a HiDream-O1 model")
+    return ModelSource.resolve(arg)
+
+
 def plan(params: dict, note: Callable[[str], None]):
     """(source, jobs, requests) with every output checked; nothing loads here."""
-    source = ModelSource.resolve(params["model_arg"])
+    source = resolve_source(params)
     if params.get("_meta"):
         check_model(params["_meta"], source, note)
     jobs = plan_jobs(params["prompt"], params["prompt_file"], tuple(params["seeds"]), params["count"])
@@ -88,7 +117,7 @@ def plan(params: dict, note: Callable[[str], None]):
     options = {k: params[k] for k in REQUEST_OPTIONS}
     options["refs"] = params["refs"]
     requests = build_requests(source, jobs, options, note)
-    if any(r.references for r in requests) and not has_vision_tower(source):
+    if source.family != I1 and any(r.references for r in requests) and not has_vision_tower(source):
         raise RequestError(f"{source.path}: this model has no vision tower (converted with --no-vision), so --ref "
                            "cannot be used; convert again without --no-vision or use the original checkpoint")
     every = params["preview_every"]

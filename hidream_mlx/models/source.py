@@ -15,9 +15,10 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 from hidream_mlx.files import read_json_file
+from hidream_mlx.models.family import O1
 from hidream_mlx.models.loading import ModelLoadError, TensorInfo, checkpoint_index, read_safetensors_header
 from hidream_mlx.models.o1.config import ConfigError, ModelConfig
 from hidream_mlx.prompt import check_chat_template
@@ -136,6 +137,7 @@ class ModelSource:
     tokenizer_dir: Optional[Path]
     fingerprint: str
     notes: tuple[str, ...] = ()  # what was inferred or fetched, for the user to read
+    family: ClassVar[str] = O1  # an I1Source says I1
 
     @property
     def quantization(self) -> Optional[dict]:

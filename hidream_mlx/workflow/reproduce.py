@@ -8,6 +8,10 @@ with its hub revision or a fingerprint of its config and index, the dtype and ``
 ``--from-image`` precedence: flags on the command line (and what a ``--preset`` given there
 sets) > the image's settings > recipe defaults. Only settings the target recipe reads are
 re-applied; with another recipe than the recorded one, the recorded recipe numbers are dropped.
+
+A HiDream-I1 image (``"family": "i1"``) records its own settings: both seeds, the shift rule
+(``mu_shift``: Full's official exp(mu) second shift, re-applied by leaving ``--shift`` out), the
+Llama it was encoded with and the encoders' bits; O1-only options are never given back for it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Callable, Optional
 
 from hidream_mlx.files import sha256_file
 from hidream_mlx.images import read_metadata
+from hidream_mlx.models.family import I1, O1
 from hidream_mlx.models.source import is_repo_id
 from hidream_mlx.recipes import RECIPES
 from hidream_mlx.requests import USED_BY, RequestError
@@ -46,10 +51,32 @@ def reproduction_fields(request, engine, quantize_bits: Optional[int] = None) ->
     return fields
 
 
+def recorded_i1_settings(meta: dict) -> dict:
+    """:func:`recorded_settings` for a HiDream-I1 image."""
+    recipe = dict(meta.get("recipe_settings") or {})
+    settings = {"prompt": meta["prompt"], "seed": meta["seed"], "recipe": meta.get("recipe"),
+                "width": meta.get("width"), "height": meta.get("height"), "no_snap": True}
+    for key in ("steps", "guidance", "shift"):
+        settings[key] = recipe.get(key, meta.get(key))
+    if recipe.get("mu_shift", meta.get("mu_shift")):
+        settings.pop("shift")  # the official exp(mu) second shift is what leaving --shift out gives
+    if meta.get("step_noise_seed") not in (None, meta["seed"]):
+        settings["step_noise_seed"] = meta["step_noise_seed"]
+    settings["negative_prompt"] = meta.get("negative_prompt")
+    settings["dtype"] = meta.get("dtype")
+    bits = meta.get("quantize_bits")
+    settings["quantize_bits"] = str(bits) if bits else None
+    settings["llama"] = meta.get("llama")
+    settings["encoder_bits"] = str(meta["encoder_bits"]) if meta.get("encoder_bits") else None
+    return {k: v for k, v in settings.items() if v is not None}
+
+
 def recorded_settings(meta: dict) -> dict:
     """Option values (named like the CLI's, underscores) that re-create the image in ``meta``."""
     if "prompt" not in meta or "seed" not in meta:
         raise RequestError("the image's hidream-mlx metadata has no prompt or seed to re-run")
+    if meta.get("family") == I1:
+        return recorded_i1_settings(meta)
     settings = {"prompt": meta["prompt"], "seed": meta["seed"], "recipe": meta.get("recipe"),
                 "noise": meta.get("noise", "torch"), "blend_seams": meta.get("blend_seams", 0)}
     recipe = dict(meta.get("recipe_settings") or {})
@@ -78,11 +105,12 @@ def recorded_settings(meta: dict) -> dict:
     return {k: v for k, v in settings.items() if v is not None}
 
 
-def merge_settings(recorded: dict, explicit: dict, target_recipe: Optional[str]) -> dict:
+def merge_settings(recorded: dict, explicit: dict, target_recipe: Optional[str], family: str = O1) -> dict:
     """``explicit`` (the command line's own values) over ``recorded`` (the image's).
 
     ``target_recipe``: the recipe that will run (the command line's, else the recorded one).
     A command-line --preset drops the recorded size and effort so the preset's win.
+    ``family``: the image's; O1's rules on which recipe reads which option apply to O1 only.
     """
     merged = dict(recorded)
     if explicit.get("preset"):
@@ -93,7 +121,7 @@ def merge_settings(recorded: dict, explicit: dict, target_recipe: Optional[str])
         for key in RECIPE_NUMBERS:
             merged.pop(key, None)
     for name, users in USED_BY.items():
-        if target_recipe in RECIPES and target_recipe not in users:
+        if family == O1 and target_recipe in RECIPES and target_recipe not in users:
             merged.pop(name, None)
     if explicit.get("width") is not None or explicit.get("height") is not None:
         merged.pop("no_snap", None)

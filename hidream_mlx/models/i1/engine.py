@@ -18,7 +18,6 @@ unless the request says otherwise). See the README's HiDream-I1 section for what
 
 from __future__ import annotations
 
-import inspect
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,27 +35,19 @@ from hidream_mlx.models.i1.sampling import Conditioning, GlobalTorchNoise, i1_sc
 from hidream_mlx.models.i1.source import I1Source
 from hidream_mlx.models.i1.text_encoding import PromptCache, PromptEmbedding, TextEncoders
 from hidream_mlx.models.i1.vae import to_uint8
-from hidream_mlx.models.i1.weights import load_transformer, load_vae
+from hidream_mlx.models.i1.weights import load_transformer_planned, load_vae
 from hidream_mlx.models.precision import parse_dtype
+from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
 from hidream_mlx.workflow.reproduce import reproduction_fields
 
 I1_DTYPES = ("bfloat16", "float32")
-GROUP_SIZE = 64
 EMBEDDING_BUDGET = 2 * 1024**3  # prompt embeddings kept at once (about 60 texts for the released model)
 
 
-def transformer_quantization_supported() -> bool:
-    """Whether the I1 transformer loader quantizes in memory (its ``bits`` keyword)."""
-    return "bits" in inspect.signature(load_transformer).parameters
-
-
-def check_load_options(dtype: str, quantize_bits: Optional[int], loras: Sequence = ()) -> None:
+def check_load_options(dtype: str, loras: Sequence = ()) -> None:
     """Refuse load options I1 cannot honour, before anything loads."""
     if dtype not in I1_DTYPES:
         raise ValueError(f"--dtype {dtype} is not available for HiDream-I1; choose {' or '.join(I1_DTYPES)}")
-    if quantize_bits and not transformer_quantization_supported():
-        raise ValueError("-q is not supported for HiDream-I1 yet (in-memory transformer quantization is coming); "
-                         "run without -q, or with --encoder-bits 8 to shrink T5 and Llama")
     if loras:
         raise ValueError("--lora is not supported for HiDream-I1 yet")
 
@@ -94,7 +85,7 @@ class I1Engine:
         self.quantize_bits = quantize_bits
         self.encoder_bits = encoder_bits
         stored = source.quantization
-        self.quantization = stored or ({"bits": quantize_bits, "group_size": GROUP_SIZE} if quantize_bits else None)
+        self.quantization = stored or ({"bits": quantize_bits, "group_size": DEFAULT_GROUP_SIZE} if quantize_bits else None)
         self.loras: list = []
         self.keep_vision = False  # the interface O1's Engine has; I1 has no vision tower
         self.keep_loaded = False  # True: encoders and transformer stay resident (memory permitting)
@@ -115,7 +106,7 @@ class I1Engine:
              loras: Sequence = (), encoder_bits: Optional[int] = None, llama: Optional[str] = None) -> "I1Engine":
         """An engine for ``model`` (an :class:`I1Source` or what resolves to one). Nothing heavy
         loads here: the encoders load in ``encode_prompts``/``run``, the transformer after them."""
-        check_load_options(dtype, quantize_bits, loras)
+        check_load_options(dtype, loras)
         return cls(I1Source.resolve(model, llama=llama), dtype, quantize_bits, encoder_bits)
 
     # The O1 Engine's batch hook: the CLI sets {} for a run and None after it (drop the embeddings).
@@ -197,10 +188,11 @@ class I1Engine:
         if self.transformer is not None:
             return
         start = time.perf_counter()
-        extra = {"bits": self.quantize_bits, "group_size": GROUP_SIZE} if self.quantize_bits else {}
         with self._phase("transformer"):
-            self.transformer = load_transformer(self.path / "transformer", parse_dtype(self.dtype), lazy=False,
-                                                **extra)
+            self.transformer, plan = load_transformer_planned(self.path / "transformer", parse_dtype(self.dtype),
+                                                              lazy=False, bits=self.quantize_bits,
+                                                              group_size=DEFAULT_GROUP_SIZE)
+        self.quantization = plan.description if plan is not None else None
         self.load_time += time.perf_counter() - start
 
     def _conditioning(self, request: Request) -> Conditioning:
@@ -275,5 +267,5 @@ class I1Engine:
         return Result(image, request, step_times, encode_time, total, max(self.phase_peaks.values()), meta)
 
     def phase_summary(self) -> str:
-        """``encoders 1.2 GB | transformer 9.8 GB | vae 2.1 GB``: each phase's measured peak."""
-        return " | ".join(f"{name} {format_bytes(peak)}" for name, peak in self.phase_peaks.items())
+        """``encoders 1.2 GB, transformer 9.8 GB, vae 2.1 GB``: each phase's measured peak."""
+        return ", ".join(f"{name} {format_bytes(peak)}" for name, peak in self.phase_peaks.items())
