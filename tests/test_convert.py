@@ -242,6 +242,31 @@ def test_quantize_command_bad_input(args, message, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_single_file_checkpoint_converts_to_the_same_folder_as_its_official_folder(converted, tmp_path):
+    import shutil
+
+    weights, side = tmp_path / "hidream_o1_image_dev_bf16.safetensors", tmp_path / "side"
+    shutil.copy(FIXTURES / "model.safetensors", weights)
+    side.mkdir()
+    for name in (*TOKENIZER_FILES, "config.json"):
+        if (FIXTURES / name).is_file():
+            shutil.copy(FIXTURES / name, side / name)
+    out = tmp_path / "q8"
+    result = CliRunner().invoke(quantize, ["--model", str(weights), "--tokenizer", str(side), "--bits", "8",
+                                           "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "single-file checkpoint" in result.output
+    ours, theirs = json.loads((out / "config.json").read_text()), json.loads((converted[8] / "config.json").read_text())
+    assert ours["quantization"] == theirs["quantization"] and ours["text_config"] == theirs["text_config"]
+    assert ours["hidream"]["variant"] == weights.stem and ours["hidream"]["source"] == str(weights.resolve())
+    tensors = lambda folder: {k: v for f in sorted(folder.glob("model-*.safetensors")) for k, v in mx.load(str(f)).items()}
+    a, b = tensors(out), tensors(converted[8])
+    assert sorted(a) == sorted(b)
+    assert all(a[name].dtype == b[name].dtype and mx.array_equal(a[name], b[name]).item() for name in a)
+    assert all((out / name).read_bytes() == (side / name).read_bytes() for name in TOKENIZER_FILES
+               if (side / name).is_file())
+
+
 def test_script_entry_gives_one_line_errors(tmp_path):
     (tmp_path / "exists").mkdir()
     run = subprocess.run([sys.executable, str(REPO / "quantize" / "convert.py"), "--model", str(FIXTURES),

@@ -27,7 +27,7 @@ from hidream_mlx.memory import format_bytes
 from hidream_mlx.models.family import I1, family_of
 from hidream_mlx.models.lora import checked_specs, parse_lora_options
 from hidream_mlx.models.precision import parse_dtype
-from hidream_mlx.models.source import ModelSource
+from hidream_mlx.models.source import SINGLE_FILE, ModelSource
 from hidream_mlx.quant.convert import convert, source_matrices
 from hidream_mlx.quant.convert_i1 import convert_i1
 from hidream_mlx.quant.fidelity import comparison_plans, fidelity_report
@@ -63,6 +63,9 @@ def size_table(conversion) -> list[str]:
               help="JSON recipe: per-layer overrides, first match wins (see quantize/recipes/).")
 @click.option("--group-size", type=click.Choice([str(g) for g in GROUP_SIZES]), default=None,
               help=f"Quantization group size (default: the recipe's, else {DEFAULT_GROUP_SIZE}).")
+@click.option("--tokenizer", "tokenizer", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With an O1 single-file .safetensors: the folder holding the official tokenizer, chat template "
+                   "and configs (default: fetched from the official repository, small files only).")
 @click.option("--no-vision", is_flag=True, help="Leave the vision tower out (text-to-image only; no editing).")
 @click.option("--output", "--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder to create.")
@@ -80,7 +83,7 @@ def size_table(conversion) -> list[str]:
 @click.option("--lora-scale", "lora_scales", multiple=True, type=float, metavar="S",
               help="Strength of the matching --lora, in order (default 1.0 each).")
 def quantize(model_arg, bits, recipe_name, recipe_file, group_size, no_vision, output, quantize_embeddings,
-             overwrite, report, report_dtype, loras=(), lora_scales=()):
+             overwrite, report, report_dtype, loras=(), lora_scales=(), tokenizer=None):
     """Convert a checkpoint to affine-quantized MLX weights (Q4/Q6/Q8 and mixed recipes).
 
     The output folder loads with no flags: its config.json records mode, bits, group size and
@@ -101,13 +104,20 @@ def quantize(model_arg, bits, recipe_name, recipe_file, group_size, no_vision, o
     bits, group_size = int(bits) if bits else None, int(group_size) if group_size else None
     if family_of(model_arg) == I1:
         refused = [flag for flag, given in (("--no-vision", no_vision), ("--quantize-embeddings", quantize_embeddings),
-                                            ("--report", report), ("--lora", loras)) if given]
+                                            ("--report", report), ("--lora", loras), ("--tokenizer", tokenizer))
+                   if given]
         if refused:
             raise ValueError(f"{refused[0]}: not available for HiDream-I1 pipelines (O1 only)")
         conversion = convert_i1(model_arg, output, recipe, bits=bits, group_size=group_size, overwrite=overwrite,
                                 on_notice=notice, on_progress=progress)
     else:
-        conversion = convert(model_arg, output, recipe, bits=bits, group_size=group_size,
+        source = ModelSource.resolve(model_arg, tokenizer=None if tokenizer is None else str(tokenizer))
+        if report and source.layout == SINGLE_FILE:
+            raise ValueError("--report: needs a model folder (a single-file checkpoint has no config.json to rebuild "
+                             "the float model from); convert first, or pass the official folder")
+        for line in source.notes:
+            click.echo(line, err=True)
+        conversion = convert(source, output, recipe, bits=bits, group_size=group_size,
                              include_vision=not no_vision, overwrite=overwrite, on_notice=notice,
                              on_progress=progress, loras=lora_specs)
     for lora in conversion.loras:
@@ -122,7 +132,6 @@ def quantize(model_arg, bits, recipe_name, recipe_file, group_size, no_vision, o
     for line in size_table(conversion):
         click.echo(line)
     if report:
-        source = ModelSource.resolve(model_arg)
         layers = conversion.config["text_config"]["num_hidden_layers"]
         others = comparison_plans(conversion.plan, source_matrices(source.index), layers)
         result = fidelity_report(source.path, conversion.plan, recipe.name, dtype=parse_dtype(report_dtype),

@@ -188,12 +188,13 @@ def _convert_into(tmp: Path, infos: dict[str, TensorInfo], plan: QuantPlan, incl
     return writer.finish()
 
 
-def convert(source: str, output: Path | str, recipe: QuantRecipe, bits: Optional[int] = None,
+def convert(source: str | ModelSource, output: Path | str, recipe: QuantRecipe, bits: Optional[int] = None,
             group_size: Optional[int] = None, include_vision: bool = True, overwrite: bool = False,
             shard_bytes: int = DEFAULT_SHARD_BYTES, on_notice: Callable[[str], None] = lambda _: None,
             on_progress: Callable[[int, int, str], None] = lambda done, total, name: None,
             loras: Sequence = ()) -> Conversion:
-    """Convert ``source`` (repo id, folder or single-file release; float32 or bf16) into ``output``.
+    """Convert ``source`` (repo id, folder or single-file release, or its resolved ``ModelSource``;
+    float32 or bf16) into ``output``.
 
     ``loras`` (LoRASpec) are merged into the float weights first, then quantized, and recorded in
     the config's hidream block (``Conversion.loras`` holds their summaries).
@@ -206,7 +207,7 @@ def convert(source: str, output: Path | str, recipe: QuantRecipe, bits: Optional
     if shard_bytes <= 0:
         raise ValueError(f"shard size must be positive, got {shard_bytes}")
     model = ModelSource.resolve(source)
-    source_dir = model.path
+    source, source_dir = model.arg, model.path
     check_output(output, Path(source).expanduser() if model.layout == SINGLE_FILE else source_dir, overwrite)
     clean_leftovers(output)
     config = model.config

@@ -25,6 +25,7 @@ import mlx.core as mx
 
 from hidream_mlx import __version__
 from hidream_mlx.models.family import I1, family_of, i1_variant
+from hidream_mlx.models.i1.source import PIPELINE_PATTERNS
 from hidream_mlx.models.i1.weights import INDEX_NAME, component_index
 from hidream_mlx.models.loading import ModelLoadError, TensorInfo, iter_checkpoint, open_shard
 from hidream_mlx.models.source import is_repo_id, resolve_model_path
@@ -138,7 +139,7 @@ def convert_i1(source: str, output: Path | str, recipe: QuantRecipe, bits: Optio
         raise FileNotFoundError(f"{output.parent}: output folder's parent does not exist")
     if shard_bytes <= 0:
         raise ValueError(f"shard size must be positive, got {shard_bytes}")
-    source_dir = resolve_model_path(source)
+    source_dir = resolve_model_path(source, patterns=PIPELINE_PATTERNS)
     if family_of(source_dir) != I1:
         raise ModelLoadError(f"{source_dir}: not a HiDream-I1 pipeline folder (its {PIPELINE_INDEX} "
                              f"does not name HiDreamImagePipeline)")
