@@ -11,22 +11,25 @@ does, which is most of the difference between the two at large sizes.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import psutil
 from mlx.utils import tree_flatten
 
-from hidream_mlx.models.loading import SKIPPED_PREFIXES, is_vision, module_name
+from hidream_mlx.models.loading import LOAD_CACHE_BYTES, SKIPPED_PREFIXES, is_vision, module_name
 from hidream_mlx.models.o1.config import PATCH_DIM, PATCH_SIZE, TextConfig
+from hidream_mlx.models.o1.transformer import HiDreamO1
 from hidream_mlx.models.source import ModelSource
+from hidream_mlx.quant.plans import is_decoder_linear
+from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE, LayerSetting
 
 GiB = 1 << 30
 MiB = 1 << 20
-QUANT_GROUP_SIZE = 64
 # Python, MLX and numpy themselves, measured as RSS before any array exists (~40 MiB on Linux),
 # plus MLX's buffer-cache slack that RSS shows beyond its own active-memory peak.
 RUNTIME_BYTES = 64 * MiB
@@ -70,94 +73,122 @@ class ComponentSize:
         self.parameters += parameters
         self.nbytes += nbytes
 
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / self.parameters if self.parameters else 0.0
 
-def is_decoder_linear(name: str, shape: tuple[int, ...]) -> bool:
-    """The weights ``-q`` quantizes: 2-D linear weights inside the decoder layers."""
-    return name.startswith("language_model.layers.") and name.endswith(".weight") and len(shape) == 2
 
-
-def quantized_bytes(count: int, bits: int, scale_bytes: int = 2, group_size: int = QUANT_GROUP_SIZE) -> int:
+def quantized_bytes(count: int, bits: int, scale_bytes: int = 2, group_size: int = DEFAULT_GROUP_SIZE) -> int:
     """``count`` weights at ``bits`` each, plus one scale and one bias per group."""
     return count * bits // 8 + (count // group_size) * 2 * scale_bytes
 
 
-def plan_weight_sizes(shapes: Iterable[tuple[str, tuple[int, ...]]], layers: dict, dtype_bytes: int = 2
-                      ) -> dict[str, ComponentSize]:
-    """``weight_sizes`` under a quantization plan (module path -> setting with ``bits`` and
-    ``group_size``, or None): any width, per-layer overrides and a quantized embed_tokens."""
+# (tensor name, shape) -> the quantization of that tensor, or None when it stays float.
+SettingOf = Callable[[str, tuple], Optional[LayerSetting]]
+
+
+def component_sizes(shapes: Iterable[tuple[str, tuple[int, ...]]], dtype_bytes: int,
+                    setting_of: SettingOf = lambda name, shape: None,
+                    group_of: Callable[[str], str] = None) -> dict[str, ComponentSize]:
+    """Parameters and bytes per reporting group of float tensors loaded at ``dtype_bytes``.
+
+    The one size rule of both families: a tensor ``setting_of`` quantizes takes
+    ``quantized_bytes`` (scales and biases in the load dtype), every other one its elements
+    times ``dtype_bytes``. ``group_of`` names the group (default: ``component_of``).
+    """
+    group_of = group_of or component_of
     out: dict[str, ComponentSize] = {}
     for name, shape in shapes:
-        count = 1
-        for d in shape:
-            count *= d
-        setting = layers.get(name[: -len(".weight")]) if name.endswith(".weight") else None
+        count = math.prod(shape)
+        setting = setting_of(name, tuple(shape))
         size = (quantized_bytes(count, setting.bits, dtype_bytes, setting.group_size) if setting is not None
                 else count * dtype_bytes)
-        out.setdefault(component_of(name), ComponentSize()).add(count, size)
+        out.setdefault(group_of(name), ComponentSize()).add(count, size)
     return out
+
+
+def flat_setting(bits: Optional[int], group_size: int = DEFAULT_GROUP_SIZE) -> SettingOf:
+    """``-q BITS`` on O1: the decoder linears (``quant.quantization.is_decoder_linear``) whose input
+    width the group size divides, as the flat plan quantizes them at load."""
+    if not bits:
+        return lambda name, shape: None
+    setting = LayerSetting(bits, group_size)
+
+    def setting_of(name: str, shape: tuple) -> Optional[LayerSetting]:
+        if not name.endswith(".weight") or len(shape) != 2 or shape[1] % group_size:
+            return None
+        return setting if is_decoder_linear(name[: -len(".weight")]) else None
+
+    return setting_of
+
+
+def plan_weight_sizes(shapes: Iterable[tuple[str, tuple[int, ...]]], layers: dict, dtype_bytes: int = 2
+                      ) -> dict[str, ComponentSize]:
+    """``component_sizes`` under a quantization plan (module path -> setting with ``bits`` and
+    ``group_size``, or None): any width, per-layer overrides and a quantized embed_tokens."""
+    def setting_of(name, shape):
+        return layers.get(name[: -len(".weight")]) if name.endswith(".weight") else None
+
+    return component_sizes(shapes, dtype_bytes, setting_of)
 
 
 def weight_sizes(shapes: Iterable[tuple[str, tuple[int, ...]]], dtype_bytes: int,
                  bits: Optional[int] = None) -> dict[str, ComponentSize]:
-    """Parameters and bytes per component for float tensors loaded at ``dtype_bytes``.
+    """``component_sizes`` of O1 tensors, with ``-q bits`` quantizing the decoder linears."""
+    return component_sizes(shapes, dtype_bytes, flat_setting(bits))
 
-    With ``bits``, decoder linears take ``quantized_bytes`` (scales and biases in the load dtype).
+
+def stored_sizes(index: dict, dtype_bytes: int, setting_of: SettingOf, group_of: Callable[[str], str],
+                 quantization: Optional[dict] = None, rename: Callable[[str], str] = lambda n: n
+                 ) -> dict[str, ComponentSize]:
+    """Component sizes of a header index (checkpoint name -> TensorInfo) as it loads.
+
+    Float tensors follow ``component_sizes``. A folder quantized beforehand (``quantization``:
+    its config's block) keeps its packed weights as stored, counted as the elements they
+    pack; its scales and biases load in the load dtype.
     """
+    group = int((quantization or {}).get("group_size", DEFAULT_GROUP_SIZE))
     out: dict[str, ComponentSize] = {}
-    for name, shape in shapes:
-        count = 1
-        for d in shape:
-            count *= d
-        size = quantized_bytes(count, bits, dtype_bytes) if bits and is_decoder_linear(name, shape) \
-            else count * dtype_bytes
-        out.setdefault(component_of(name), ComponentSize()).add(count, size)
+    floats = []
+    for ckpt_name, info in index.items():
+        name = rename(ckpt_name)
+        count = math.prod(info.shape)
+        if quantization and info.dtype in ("U32", "I32", "U8"):
+            scales = index.get(ckpt_name[: -len("weight")] + "scales")
+            params = math.prod(scales.shape) * group if scales is not None else count
+            out.setdefault(group_of(name), ComponentSize()).add(params, info.nbytes)
+        elif quantization and name.endswith((".scales", ".biases")):
+            out.setdefault(group_of(name), ComponentSize()).add(0, count * dtype_bytes)
+        else:
+            floats.append((name, info.shape))
+    for key, size in component_sizes(floats, dtype_bytes, setting_of, group_of).items():
+        out.setdefault(key, ComponentSize()).add(size.parameters, size.nbytes)
     return out
 
 
 def checkpoint_sizes(source, dtype_bytes: int, bits: Optional[int] = None
                      ) -> tuple[dict[str, ComponentSize], dict[str, ComponentSize]]:
-    """(loaded, skipped) component sizes of a checkpoint (a ModelSource, or a folder), from its
-    safetensors headers.
+    """(loaded, skipped) component sizes of an O1 checkpoint (a ModelSource, or a folder), from
+    its safetensors headers.
 
     Skipped are the tensors text-to-image never loads (``lm_head``, the vision tower), shown
     at their stored size. A folder quantized by our tools keeps its packed weights as stored.
     """
     source = ModelSource.resolve(source)
     config, index = source.config, source.index
-    group = int((config.quantization or {}).get("group_size", QUANT_GROUP_SIZE))
-    loaded: dict[str, ComponentSize] = {}
-    skipped: dict[str, ComponentSize] = {}
+    kept, skipped = {}, {}
     for ckpt_name, info in index.items():
         name = module_name(ckpt_name)
-        count = 1
-        for d in info.shape:
-            count *= d
         if name.startswith(SKIPPED_PREFIXES) or is_vision(name):
-            skipped.setdefault(component_of(name), ComponentSize()).add(count, info.nbytes)
-            continue
-        if info.dtype in ("U32", "I32", "U8") and config.quantization:
-            scales = index.get(ckpt_name[: -len("weight")] + "scales")
-            params = scales_count(scales.shape) * group if scales is not None else count
-            loaded.setdefault(component_of(name), ComponentSize()).add(params, info.nbytes)
-        elif name.endswith((".scales", ".biases")) and config.quantization:
-            loaded.setdefault(component_of(name), ComponentSize()).add(0, count * dtype_bytes)
+            skipped.setdefault(component_of(name), ComponentSize()).add(math.prod(info.shape), info.nbytes)
         else:
-            for key, size in weight_sizes([(name, info.shape)], dtype_bytes, bits).items():
-                loaded.setdefault(key, ComponentSize()).add(size.parameters, size.nbytes)
+            kept[ckpt_name] = info
+    loaded = stored_sizes(kept, dtype_bytes, flat_setting(bits), component_of, config.quantization, module_name)
     return loaded, skipped
-
-
-def scales_count(shape: tuple[int, ...]) -> int:
-    count = 1
-    for d in shape:
-        count *= d
-    return count
 
 
 def skeleton_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
     """Parameter shapes of an unevaluated model: MLX builds the graph but allocates nothing."""
-    from hidream_mlx.models.o1.transformer import HiDreamO1
-
     return [(name, tuple(a.shape)) for name, a in tree_flatten(HiDreamO1(config).parameters())]
 
 
@@ -220,8 +251,6 @@ def predict_peak_bytes(weight_bytes: int, cfg: TextConfig, width: int, height: i
 def predict_load_peak_bytes(weight_bytes: int) -> int:
     """Peak RSS of loading: the loader streams tensor by tensor (``models.loading.stream_into``), so
     beyond the weights only the runtime and MLX's capped buffer cache (``LOAD_CACHE_BYTES``)."""
-    from hidream_mlx.models.loading import LOAD_CACHE_BYTES
-
     return weight_bytes + RUNTIME_BYTES + LOAD_CACHE_BYTES
 
 
@@ -266,13 +295,34 @@ def check_fits_folder(source, dtype_bytes: int, bits: Optional[int], width: int,
                                               dtype_bytes=dtype_bytes))
 
 
-def _refuse_beyond_machine(need: int) -> None:
+def check_fits_i1(source, dtype_bytes: int, bits: Optional[int], encoder_bits: Optional[int], width: int,
+                  height: int, cfg_pass: bool, images: int = 1, extra_bytes: int = 0) -> None:
+    """Refuse a HiDream-I1 run the machine cannot hold, before any weight loads.
+
+    ``source``: an ``I1Source`` (or a pipeline folder); ``bits``: the transformer's ``-q``;
+    ``encoder_bits``: T5 and Llama's ``--encoder-bits``; ``width`` x ``height``: the size that
+    renders (after the I1 size rule); ``cfg_pass``: guidance > 1 (batch 2); ``images``: how
+    many the run makes (more than one: the engine decodes all but the last with the transformer
+    resident); ``extra_bytes``: LoRAs. The need is the largest phase's predicted peak
+    (``models.i1.memory.phase_peaks``, from headers alone); the MemoryError names that phase
+    and the flags that shrink it.
+    """
+    from hidream_mlx.models.i1.memory import I1Memory, phase_peaks  # lazy: models.i1.memory builds on this module
+
+    peaks = phase_peaks(I1Memory.from_source(source), bits, encoder_bits, width, height, cfg_pass, dtype_bytes,
+                        images=images, extra_bytes=extra_bytes)
+    advice = {"encode": "--encoder-bits 8 or 4 (quantizes T5 and Llama)",
+              "sample": "a lower-bit transformer (-q 8 or -q 4) or a smaller size",
+              "decode": "a smaller size"}[peaks.largest]
+    _refuse_beyond_machine(peaks.whole, f"try {advice}, or --force", f" (its {peaks.largest} phase)")
+
+
+def _refuse_beyond_machine(need: int, advice: str = "try a lower-bit model (-q 6 or -q 4), a smaller size "
+                                                   "(--preset quick), or --force", what: str = "") -> None:
     have = machine_memory()
     if need > have:
-        raise MemoryError(
-            f"this run needs about {format_bytes(need)} but this machine offers {format_bytes(have)}; "
-            f"try a lower-bit model (-q 6 or -q 4), a smaller size (--preset quick), or --force"
-        )
+        raise MemoryError(f"this run needs about {format_bytes(need)}{what} but this machine offers "
+                          f"{format_bytes(have)}; {advice}")
 
 
 @contextlib.contextmanager

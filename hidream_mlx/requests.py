@@ -141,6 +141,23 @@ def check_number(name: str, value) -> None:
         raise RequestError(f"{flag} must be {valid.text()}, got {value}")
 
 
+def check_free_size(width, height, flag: str = "--width/--height") -> None:
+    """A HiDream-O1 size taken as given (``bench --size``, ``info``): the ranges of ``--width`` and
+    ``--height``, then the free-size rule (whole 32 px patches, at least 256 px, at most
+    ``resolution.MAX_PIXELS``), before any memory is estimated. The error names ``flag``."""
+    for name, value in (("width", width), ("height", height)):
+        try:
+            check_number(name, value)
+        except RequestError as e:
+            if flag == "--width/--height":
+                raise
+            raise RequestError(f"{flag} {str(e).split(' ', 1)[1]}") from None
+    try:
+        validate_free_size(width, height)
+    except ValueError as e:
+        raise RequestError(f"{flag}: {e}") from None
+
+
 def check_prompt(prompt) -> str:
     if not isinstance(prompt, str) or not prompt.strip():
         raise RequestError("--prompt is empty")

@@ -78,9 +78,10 @@ def main():
 
 
 def _register_commands() -> None:
-    from hidream_mlx.cli.bench import bench, info
+    from hidream_mlx.cli.bench import bench
     from hidream_mlx.cli.eval import eval_group
     from hidream_mlx.cli.generate import generate
+    from hidream_mlx.cli.info import info
     from hidream_mlx.cli.quantize import quantize
     from hidream_mlx.cli.replay import replay
     from hidream_mlx.cli.serve import serve

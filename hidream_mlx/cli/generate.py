@@ -15,7 +15,7 @@ from hidream_mlx.models.precision import PRECISIONS
 
 from hidream_mlx.cli.render import from_image_settings, given_on_command_line, plan, render, summary
 from hidream_mlx.generation import Engine
-from hidream_mlx.memory import check_fits_folder, format_bytes
+from hidream_mlx.memory import check_fits_folder, check_fits_i1, format_bytes
 from hidream_mlx.models.precision import parse_dtype
 from hidream_mlx.models.lora import checked_specs, lora_memory, parse_lora_options
 from hidream_mlx.models.family import I1
@@ -165,6 +165,10 @@ def _generate_i1(source, jobs, requests, params, force, note) -> None:
     check_load_options(params["dtype"])
     for line in source.notes:
         note(line)
+    if not force:
+        for w, h, cfg in sorted({(r.width, r.height, r.recipe.uses_cfg) for r in requests}):
+            check_fits_i1(source, parse_dtype(params["dtype"]).size, bits, encoder_bits, w, h, cfg,
+                          images=len(requests))
     engine = I1Engine(source, params["dtype"], bits, encoder_bits)
     seconds = engine.encode_prompts(requests)
     note(f"prompts encoded in {seconds:.1f} s ({len(engine.prompts)} distinct texts); text encoders freed")

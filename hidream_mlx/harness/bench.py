@@ -35,6 +35,7 @@ from hidream_mlx.harness.peak_rss import PeakRss, ru_maxrss_bytes
 from hidream_mlx.pipeline import Conditioning, encode_prompt_state
 from hidream_mlx.positions import t2i_positions
 from hidream_mlx.recipes import uses_cfg
+from hidream_mlx.requests import check_free_size
 from hidream_mlx.models.precision import check_precision, parse_dtype
 from hidream_mlx.quant.quantization import quantize_in_memory
 from hidream_mlx.quant.recipes import SUPPORTED_BITS
@@ -63,8 +64,7 @@ class BenchConfig:
     compare_cfg: bool = False
 
     def check(self) -> None:
-        if self.size < 256 or self.size % 32:
-            raise ValueError(f"--size must be a multiple of 32 and at least 256, got {self.size}")
+        check_free_size(self.size, self.size, "--size")  # before anything is allocated: 8192 px segfaulted
         if self.steps < 1 or self.repeats < 1:
             raise ValueError("--steps and --repeats must be at least 1")
         if self.prompt_tokens < 3:

@@ -23,6 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_unflatten
 
+from hidream_mlx.memory import component_sizes
 from hidream_mlx.models.precision import DTYPE_NAMES
 from hidream_mlx.quant.plans import EMBEDDINGS, QuantPlan, resolve_plan
 from hidream_mlx.quant.quantization import quantize_weight
@@ -235,16 +236,11 @@ def layer_errors(model: nn.Module, inputs: dict[str, mx.array],
 
 def plan_bits_per_weight(model: nn.Module, settings: dict[str, Optional[LayerSetting]], paths) -> float:
     """Stored bits per weight of the matrices at ``paths`` under ``settings`` (floats as bf16)."""
-    from hidream_mlx.memory import quantized_bytes
-
     modules = dict(model.named_modules())
-    count = nbytes = 0
-    for path in paths:
-        n = modules[path].weight.size
-        s = settings.get(path)
-        count += n
-        nbytes += 2 * n if s is None else quantized_bytes(n, s.bits, 2, s.group_size)
-    return 8 * nbytes / count if count else 0.0
+    shapes = [(f"{path}.weight", tuple(modules[path].weight.shape)) for path in paths]
+    sizes = component_sizes(shapes, 2, lambda name, shape: settings.get(name[: -len(".weight")]),
+                            group_of=lambda name: "matrices")
+    return sizes["matrices"].bits_per_weight if sizes else 0.0
 
 
 def score_plans(model: nn.Module, inputs: dict[str, mx.array], title: str, run: str, plan: QuantPlan,

@@ -1,0 +1,70 @@
+"""``hidream-mlx info``: what a model needs, before loading it (or the recipe an image carries).
+
+A thin click layer over ``harness.info``; user errors are ValueErrors, which the CLI group
+turns into one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from hidream_mlx.harness.info import i1_info_lines, o1_info_lines
+from hidream_mlx.models.family import I1, family_of
+from hidream_mlx.models.precision import PRECISIONS, parse_dtype
+from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE, SUPPORTED_BITS
+from hidream_mlx.workflow.reproduce import describe_image
+
+
+@click.command("info")
+@click.argument("image", required=False, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="With IMAGE: print its stored hidream-mlx object as JSON.")
+@click.option("--model", "model_arg", default=None,
+              help="Model folder or Hugging Face repo id, HiDream-O1 or a HiDream-I1 pipeline (only headers are read).")
+@click.option("--random-weights", "dims", type=click.Choice(["tiny", "mid", "real"]), default=None,
+              help="Describe a random-weight O1 model of these dims instead (as `bench` builds).")
+@click.option("--layers", type=int, default=None, help="With --random-weights: number of decoder layers.")
+@click.option("-q", "--quantize", "bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default=None,
+              help=f"O1: size the decoder linears as if quantized at load (group size {DEFAULT_GROUP_SIZE}). "
+                   "I1 always shows bf16, Q8 and Q4.")
+@click.option("--dtype", type=click.Choice(list(PRECISIONS)), default="bfloat16", show_default=True,
+              help="Load dtype of the unquantized weights and the activations.")
+@click.option("--width", type=int, default=None,
+              help="Image width as rendered (O1: a free size, default 2048; I1: default 1024).")
+@click.option("--height", type=int, default=None, help="Image height as rendered (defaults as --width).")
+@click.option("--guidance", type=float, default=None,
+              help="CFG scale of the request (default: the model's recipe; > 1 adds the uncond pass).")
+@click.option("--text-tokens", type=int, default=128, show_default=True,
+              help="O1: prompt length assumed for the prefix cache and attention.")
+@click.option("--no-snap", is_flag=True, help="I1: the exact size, not rescaled to the official area (O1 sizes are always taken as given).")
+@click.option("--llama", "llama_arg", default=None, type=click.Path(path_type=Path),
+              help="I1: Llama-3.1-8B folder when the pipeline has no text_encoder_4/.")
+def info(model_arg, dims, layers, bits, dtype, width, height, guidance, text_tokens, image=None, as_json=False,
+         no_snap=False, llama_arg=None):
+    """Parameters and bytes per component, predicted peak memory for a request, and this machine's memory.
+
+    For a HiDream-I1 pipeline: the transformer's size at bf16/Q8/Q4 and each phase's predicted
+    peak (encode, sampling, VAE decode) and the whole run's. With an IMAGE we wrote: the recipe
+    it carries (``--json``: the stored object itself)."""
+    if image is not None:
+        if not image.is_file():
+            raise ValueError(f"{image}: image not found")
+        click.echo(describe_image(image, as_json))
+        return
+    if (model_arg is None) == (dims is None):
+        raise ValueError("give exactly one of --model or --random-weights")
+    if layers is not None and dims is None:
+        raise ValueError("--layers goes with --random-weights")
+    dtype_bytes = parse_dtype(dtype).size
+    if model_arg is not None and family_of(model_arg) == I1:
+        if bits:
+            raise ValueError("-q applies to HiDream-O1; for a HiDream-I1 pipeline info shows bf16, Q8 and Q4")
+        lines = i1_info_lines(model_arg, llama_arg, dtype, dtype_bytes, width, height, guidance, no_snap)
+    else:
+        if llama_arg is not None or no_snap:
+            raise ValueError(f"{'--llama' if llama_arg is not None else '--no-snap'} applies to HiDream-I1 "
+                             "pipelines only (O1 sizes are taken as given)")
+        lines = o1_info_lines(model_arg, dims, layers, int(bits) if bits else None, dtype, dtype_bytes,
+                              width, height, guidance, text_tokens, note=lambda line: click.echo(line, err=True))
+    click.echo("\n".join(lines))
