@@ -122,7 +122,9 @@ class I1Engine:
 
     def describe(self) -> dict:
         return {
-            "model": self.stored.get("source") or self.model_arg,
+            # The folder or repo that ran (a --from-image re-render loads it again), and what it was converted from.
+            "model": self.model_arg,
+            **({"converted_from": self.stored["source"]} if self.stored.get("source") else {}),
             "family": I1,
             "dtype": self.dtype,
             "quantization": self.quantization,
