@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from conftest import FIXTURES
 
 from hidream_mlx import memory
-from hidream_mlx.cli.bench import info
+from hidream_mlx.cli.info import info
 from hidream_mlx.models.loading import checkpoint_index
 from hidream_mlx.models.o1.synthetic import synthetic_config
 
