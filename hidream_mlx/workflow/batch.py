@@ -24,7 +24,7 @@ from hidream_mlx.requests import SPECIAL_TOKEN
 # Per-line settings a JSONL prompt file may carry (build_request's options, plus the prompt).
 LINE_KEYS = ("prompt", "seed", "width", "height", "no_snap", "recipe", "preset", "steps", "guidance", "shift",
              "noise_scale", "s_noise", "noise_clip", "noise", "blend_seams", "seam_smoothing", "seam_window",
-             "seam_strength", "negative_prompt")
+             "seam_strength", "negative_prompt", "step_noise_seed")
 PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 PLACEHOLDERS = ("seed", "n", "prompt")
 SLUG_LENGTH = 40
