@@ -12,12 +12,8 @@ from pathlib import Path
 
 from hidream_mlx.memory import GiB, plan_weight_sizes, predict_peak_bytes, skeleton_shapes
 from hidream_mlx.models.o1.synthetic import synthetic_config
-from hidream_mlx.quant.quantization import (
-    BUILTIN_RECIPES,
-    QuantRecipe,
-    is_decoder_linear,
-    resolve_plan,
-)
+from hidream_mlx.quant.plans import is_decoder_linear, resolve_plan
+from hidream_mlx.quant.recipes import BUILTIN_RECIPES, QuantRecipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "quantize" / "recipes"
 ROWS = [("bf16", None, None), ("flat Q2", "flat", 2), ("flat Q3", "flat", 3), ("flat Q4", "flat", 4),
