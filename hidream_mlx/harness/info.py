@@ -32,7 +32,6 @@ from hidream_mlx.models.i1.weights import expert_widths
 from hidream_mlx.models.o1.synthetic import synthetic_config
 from hidream_mlx.models.source import ModelSource
 from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
-from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
 from hidream_mlx.recipes import get_recipe, recipe_for_model, uses_cfg
 from hidream_mlx.requests import RequestError, check_free_size, check_number
 
