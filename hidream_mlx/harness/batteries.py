@@ -17,6 +17,7 @@ from typing import Optional
 from hidream_mlx.files import read_text_file
 from hidream_mlx.models.o1.config import PATCH_SIZE
 from hidream_mlx.models.lora import checked_specs, specs_from_json
+from hidream_mlx.models.i1.recipes import I1_RECIPES
 from hidream_mlx.recipes import get_recipe
 from hidream_mlx.resolution import FREE_SIZE_MULTIPLE, MAX_PIXELS, resolve_size
 
@@ -67,8 +68,11 @@ def _number(key: str, value, minimum: float, inclusive: bool = True) -> float:
 
 
 def _recipe_name(value) -> str:
-    get_recipe(str(value))
-    return str(value)
+    """A recipe of either family (HiDream-I1 has fast); the request builder checks it against the model."""
+    name = str(value)
+    if name not in I1_RECIPES:
+        get_recipe(name)
+    return name
 
 
 def _check_name(kind: str, name) -> str:

@@ -32,6 +32,7 @@ from hidream_mlx.harness.batteries import DEFAULT_SEED, DEFAULT_SIZE, BatteryIte
 from hidream_mlx.harness.peak_rss import PeakRss, reset_high_water, ru_maxrss_bytes
 from hidream_mlx.files import read_json_file, read_text_file, sha256_file
 from hidream_mlx.images import save_image
+from hidream_mlx.models.family import I1, O1, family_of
 from hidream_mlx.models.lora import switch_loras
 from hidream_mlx.models.o1.config import PATCH_SIZE
 from hidream_mlx.requests import build_request
@@ -193,10 +194,15 @@ def load_engine(model: Optional[str], random_weights: Optional[str] = None, laye
                 dtype: str = "bfloat16", quantize_bits: Optional[int] = None):
     """A loaded checkpoint, or random weights of a named size (no download; for speed and memory).
 
-    Random weights with ``quantize_bits`` get the same flat recipe as ``generate -q``.
+    Random weights with ``quantize_bits`` get the same flat recipe as ``generate -q``. A
+    HiDream-I1 pipeline gets an I1Engine (its weights load phase by phase in :meth:`EvalRun.run`).
     """
     from hidream_mlx.generation import Engine
 
+    if random_weights is None and family_of(model) == I1:
+        from hidream_mlx.models.i1.engine import I1Engine  # lazy: the I1 stack only for I1 runs
+
+        return I1Engine.load(model, dtype=dtype, quantize_bits=quantize_bits)
     if random_weights is None:
         return Engine.load(model, dtype=dtype, quantize_bits=quantize_bits)
     import mlx.core as mx
@@ -259,7 +265,8 @@ class EvalRun:
                         "images": 0, "warmup_time": None}
         self.data["sessions"].append(self.session)
         self.data["machine"] = machine_description()
-        self.data["weight_bytes"] = parameter_bytes(engine.model)
+        # An I1Engine loads its transformer after the prompts (see run); its bytes are recorded then.
+        self.data["weight_bytes"] = parameter_bytes(engine.model) if getattr(engine, "model", None) else None
         self.data["rss_method"] = ("kernel high-water mark reset per image (/proc/self/clear_refs), "
                                    "with 5 ms psutil sampling" if reset_high_water()
                                    else "psutil RSS sampled every 5 ms, and ru_maxrss")
@@ -273,6 +280,8 @@ class EvalRun:
         exception raised there (KeyboardInterrupt, say) stops the run with that image kept.
         """
         todo = self.pending(engine, jobs)
+        if todo and hasattr(engine, "encode_prompts"):
+            self._prepare_phases(engine, [request for _, request in todo])
         if todo and warmup:
             self.session["warmup_time"] = warm_up(engine, todo[0][1])
             self.save()
@@ -289,10 +298,23 @@ class EvalRun:
                 on_image(done, len(todo), record)
         return records
 
+    def _prepare_phases(self, engine, requests: list) -> None:
+        """HiDream-I1: every prompt encoded (encoders freed) before the transformer loads once;
+        the load's time and the weights' bytes go into the session as O1's do at load."""
+        from hidream_mlx.memory import parameter_bytes
+
+        engine.encode_prompts(requests)
+        engine.load_transformer()
+        self.session["load_time"] = engine.load_time
+        self.data["weight_bytes"] = parameter_bytes(engine.transformer)
+        self.save()
+
     def pending(self, engine, jobs: list[Job]) -> list[tuple[Job, object]]:
         """The jobs with no finished result for their exact settings, with their requests."""
         finished = read_results(self.rundir)
-        requests = [(job, job.request(engine.default_recipe)) for job in jobs]  # bad settings fail here
+        # An I1 engine goes to the builder itself (it knows its family); O1 jobs take the recipe name.
+        target = engine if getattr(engine, "family", O1) == I1 else engine.default_recipe
+        requests = [(job, job.request(target)) for job in jobs]  # bad settings fail here
         return [(job, req) for job, req in requests if not is_done(finished.get(job.key), req, self.rundir)]
 
     def _store(self, job: Job, request, result, rss: PeakRss) -> dict:
