@@ -202,6 +202,36 @@ def test_a_redefined_variant_or_a_missing_image_is_redone(tmp_path, engine):
     assert [r["key"] for r in run.run(engine, jobs)] == ["only/cat/42"]
 
 
+def test_a_finished_job_counts_as_done_only_with_its_exact_settings_and_image(tmp_path):
+    item = read_battery(write_battery(tmp_path, MINI[:1]))[0]
+    job = plan_jobs([item], parse_variants(["v:recipe=dev,steps=2"]))[0]
+    request = job.request("dev")
+    (tmp_path / "x.png").write_bytes(b"png")
+    record = {"image": "x.png", "settings": request.metadata()}
+    assert evaluation.is_done(record, request, tmp_path)
+    changed = plan_jobs([item], parse_variants(["v:recipe=dev,steps=3"]))[0].request("dev")
+    assert not evaluation.is_done(record, changed, tmp_path)
+    assert not evaluation.is_done({**record, "image": "gone.png"}, request, tmp_path)
+    assert not evaluation.is_done(None, request, tmp_path)
+
+
+def test_a_battery_line_whose_settings_changed_is_made_again(tmp_path, engine):
+    rundir = tmp_path / "run"
+    variants = ["only:recipe=dev,steps=2,size=64x64"]
+    line = {"id": "cat", "prompt": "a ginger cat asleep on a windowsill"}
+    run, jobs = start_run(rundir, write_battery(tmp_path, [line]), engine, variants=variants)
+    assert len(run.run(engine, jobs)) == 1
+    run, jobs = start_run(rundir, write_battery(tmp_path, [line]), engine, variants=variants)
+    assert run.run(engine, jobs) == []  # unchanged: nothing to do
+    edited = {**line, "prompt": "a black cat asleep on a windowsill"}
+    run, jobs = start_run(rundir, write_battery(tmp_path, [edited]), engine, variants=variants)
+    assert [r["prompt"] for r in run.run(engine, jobs)] == [edited["prompt"]]
+    retuned = {**edited, "guidance": 0.5}
+    run, jobs = start_run(rundir, write_battery(tmp_path, [retuned]), engine, variants=variants)
+    assert len(run.run(engine, jobs)) == 1
+    assert read_results(rundir)["only/cat/42"]["guidance"] == 0.5  # the later row is the one that counts
+
+
 def test_a_run_folder_refuses_measurements_of_another_setup(tmp_path):
     EvalRun(tmp_path, {"model": "a", "dtype": "float32"}, [DEFAULT_VARIANT]).save()
     with pytest.raises(ValueError, match="dtype='float32', not 'bfloat16'"):

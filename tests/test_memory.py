@@ -134,3 +134,38 @@ def test_info_needs_exactly_one_model_source():
     result = CliRunner().invoke(info, [])
     assert result.exit_code != 0
     assert isinstance(result.exception, ValueError)
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory):
+    """A folder of mixed widths: every down_proj at 8 bits, the other decoder linears at 4."""
+    from hidream_mlx.quant.convert import convert
+    from hidream_mlx.quant.recipes import get_quant_recipe
+
+    out = tmp_path_factory.mktemp("q") / "q4-down8"
+    return convert(str(FIXTURES), out, get_quant_recipe("q4-down8"), bits=4, include_vision=False).output
+
+
+@pytest.mark.parametrize("dtype, dtype_bytes", [(mx.bfloat16, 2), (mx.float32, 4)])
+def test_checkpoint_sizes_of_a_quantized_folder_match_what_loads(mixed_folder, dtype, dtype_bytes):
+    from hidream_mlx.models.loading import load_model
+
+    model = load_model(mixed_folder, dtype=dtype)
+    loaded, skipped = memory.checkpoint_sizes(mixed_folder, dtype_bytes=dtype_bytes)
+    by_component = {}
+    for name, a in tree_flatten(model.parameters()):
+        by_component[memory.component_of(name)] = by_component.get(memory.component_of(name), 0) + a.nbytes
+    assert {k: v.nbytes for k, v in loaded.items()} == by_component
+    assert "visual" not in skipped  # converted with --no-vision
+    # Packed weights count as the parameters they hold: the same count as the float checkpoint.
+    float_sizes, _ = memory.checkpoint_sizes(FIXTURES, dtype_bytes=dtype_bytes)
+    assert {k: v.parameters for k, v in loaded.items()} == {k: v.parameters for k, v in float_sizes.items()}
+    assert loaded["language_model.layers"].nbytes < float_sizes["language_model.layers"].nbytes
+
+
+def test_info_on_a_quantized_folder_predicts_from_its_stored_sizes(mixed_folder):
+    result = CliRunner().invoke(info, ["--model", str(mixed_folder), "--width", "256", "--height", "256"])
+    assert result.exit_code == 0, result.output
+    sizes = memory.checkpoint_sizes(mixed_folder, 2)[0].values()
+    total, total_params = sum(v.nbytes for v in sizes), sum(v.parameters for v in sizes)
+    assert f"total: {total_params:,} params, {memory.format_bytes(total)}" in result.output

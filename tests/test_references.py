@@ -57,6 +57,16 @@ def test_resize_reference_sizes(utils):
         assert resized.size == tuple(expected)
 
 
+@pytest.mark.parametrize("size, max_size, expected", [
+    ((1159, 517), 256, (384, 160)),  # the rounded width wins over the floored one
+    ((1502, 1333), 512, (544, 480)),
+    ((1600, 1000), 2048, (2560, 1600)),
+])
+def test_resize_reference_picks_the_largest_rounded_candidate_as_the_official_code(size, max_size, expected):
+    # Expected sizes come from the official resize_pilimage (models/utils.py), run on these inputs.
+    assert refs.resize_reference(Image.new("RGB", size), max_size).size == expected
+
+
 def test_resize_reference_pixels(utils):
     resized = refs.resize_reference(Image.open(FIXTURES / "edit_ref.png").convert("RGB"), 64, 32)
     np.testing.assert_array_equal(np.asarray(resized), utils["resize_pilimage.example_128x96_to_64.pixels"])

@@ -12,6 +12,7 @@ from conftest import FIXTURES
 from PIL import Image
 
 from hidream_mlx.harness.batteries import parse_variants, read_battery
+from hidream_mlx.cli import main
 from hidream_mlx.cli.eval import eval_group
 from hidream_mlx.harness.evaluation import EvalRun, load_engine, plan_jobs
 from hidream_mlx.harness.reports import (
@@ -145,6 +146,28 @@ def test_the_report_has_variant_medians_speedups_and_load_time(runs):
     assert "| `fast` (baseline) |" in rebased
     with pytest.raises(ValueError, match="not a variant"):
         write_reports(runs["seed42"], baseline="nope")
+
+
+def test_the_report_command_rewrites_the_report_and_the_contact_sheet(runs):
+    rundir = runs["seed42"]
+    (rundir / "report.md").unlink(missing_ok=True)
+    (rundir / "contact_pair.png").unlink(missing_ok=True)
+    result = CliRunner().invoke(eval_group, ["report", str(rundir)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == str(rundir / "report.md")
+    report = (rundir / "report.md").read_text()
+    assert "| `slow` (baseline) |" in report and (rundir / "contact_pair.png").is_file()
+    rebased = CliRunner().invoke(eval_group, ["report", str(rundir), "--baseline", "fast"])
+    assert rebased.exit_code == 0 and "| `fast` (baseline) |" in (rundir / "report.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (lambda run, tmp: ["report", str(run), "--baseline", "nope"], "--baseline 'nope' is not a variant of this run"),
+    (lambda run, tmp: ["report", str(tmp)], "not an eval run folder"),
+])
+def test_the_report_command_refuses_in_one_line(runs, tmp_path, args, message):
+    result = CliRunner().invoke(main, ["eval", *args(runs["seed42"], tmp_path)])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
 
 
 def test_speedup_is_baseline_median_time_over_each_variants():

@@ -1,6 +1,9 @@
 """Rules that were once untested (mutation testing changed them and no test noticed): each is pinned here."""
 
+import dataclasses
 import json
+import time
+from types import SimpleNamespace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -8,10 +11,19 @@ import numpy as np
 import pytest
 from conftest import FIXTURES, load_case
 
+from PIL import Image
+
+from hidream_mlx import generation
+from hidream_mlx.generation import Engine, Request
 from hidream_mlx.harness import peak_rss
+from hidream_mlx.models.o1.config import BOI_TOKEN_ID, TMS_TOKEN_ID
+from hidream_mlx.models.o1.synthetic import random_model, synthetic_config, synthetic_prompt_ids
+from hidream_mlx.models.o1.transformer import HiDreamO1
 from hidream_mlx.noise import MlxNoise
+from hidream_mlx.pipeline import encode_synthetic
 from hidream_mlx.prompt import UNCOND_PROMPT, Tokenizer, encode_prompt
-from hidream_mlx.recipes import PRESETS, apply_preset, get_recipe
+from hidream_mlx.recipes import PRESETS, apply_preset, get_preset, get_recipe
+from hidream_mlx.requests import build_request, check_references
 from hidream_mlx.seams import blend_seams
 
 
@@ -43,6 +55,26 @@ def test_seam_blend_mixes_half_of_the_band_mean_into_a_band_of_radius_px_each_si
     # Columns 30..33 form the band (2R = 4 px); its mean is 50, mixed in at strength 0.5.
     np.testing.assert_array_equal(out[0, 28:36, 0], [0, 0, 25, 25, 75, 75, 100, 100])
     assert (out[:, :, 0] == out[:1, :, 0]).all()  # rows are untouched: no horizontal seam has a step
+
+
+def test_seam_blend_treats_every_seam_of_both_axes_with_the_band_mean():
+    image = np.zeros((96, 96, 3), np.uint8)
+    image[:, 32], image[:, 33], image[:, 64] = 100, 40, 100
+    out = blend_seams(image, 2).astype(int)
+    # Seam 32: band 0, 0, 100, 40 has mean 35 (its median would be 20); half of it mixed in.
+    np.testing.assert_array_equal(out[0, 30:34, 0], [18, 18, 68, 38])
+    # Seam 64: band 0, 0, 100, 0, mean 25 (round half to even: 12.5 -> 12, 62.5 -> 62).
+    np.testing.assert_array_equal(out[0, 62:66, 0], [12, 12, 62, 12])
+    flipped = blend_seams(np.ascontiguousarray(image.transpose(1, 0, 2)), 2)
+    np.testing.assert_array_equal(flipped, out.astype(np.uint8).transpose(1, 0, 2))  # rows the same as columns
+
+
+def test_generate_blend_seams_is_the_half_strength_blend_of_the_plain_image():
+    engine = Engine.load(str(FIXTURES), dtype="float32")
+    plain = Request("a fox", 256, 256, 3, get_recipe("dev").with_overrides(steps=2))
+    blended = dataclasses.replace(plain, blend_seams=4)
+    np.testing.assert_array_equal(np.asarray(engine.run(blended).image),
+                                  blend_seams(np.asarray(engine.run(plain).image), 4, strength=0.5))
 
 
 def test_seam_blend_strength_scales_the_mix():
@@ -82,6 +114,8 @@ def test_mlx_noise_derives_its_keys_from_seed_plus_one():
                                   np.array(mx.random.normal((1, 3, 4, 4), key=initial_key)))
     step_key, first = mx.random.split(step_key)
     np.testing.assert_array_equal(np.array(noise.step((2, 8))), np.array(mx.random.normal((2, 8), key=first)))
+    step_key, second = mx.random.split(step_key)  # every step splits the step key again: no repeats
+    np.testing.assert_array_equal(np.array(noise.step((2, 8))), np.array(mx.random.normal((2, 8), key=second)))
 
 
 @pytest.mark.parametrize("recipe,refs,scheduler,expected", [
@@ -106,3 +140,133 @@ def test_the_flash_editing_scheduler_is_refused_where_it_means_nothing():
     result = CliRunner().invoke(main, ["generate", "--model", str(FIXTURES), "--prompt", "a fox", "--recipe", "full",
                                        "--editing-scheduler", "flash", "--no-snap", "--width", "256", "--height", "256"])
     assert result.exit_code == 1 and "only applies to a Dev recipe" in result.output
+
+
+# --- the unconditional prompt as the engine sends it ---------------------------------------------
+
+def test_the_engine_encodes_a_single_space_as_the_unconditional_prompt(monkeypatch):
+    engine = Engine.load(str(FIXTURES), dtype="float32")
+    seen = []
+    monkeypatch.setattr(generation, "encode", lambda *args: seen.append(args[-1]))
+    engine.encode(Request("a fox", 256, 256, 0, get_recipe("full")))
+    engine.encode(Request("a fox", 256, 256, 0, get_recipe("full"), negative_prompt="blurry"))
+    assert seen == [" ", "blurry"]
+
+
+# --- a model's name decides its recipe, and each recipe has the released settings --------------
+
+@pytest.mark.parametrize("name, recipe, settings", [
+    ("HiDream-ai/HiDream-O1-Image", "full",
+     dict(scheduler="unipc", steps=50, shift=3.0, guidance=5.0, noise_scale=8.0, s_noise=0.0, noise_clip=0.0)),
+    ("HiDream-ai/HiDream-O1-Image-Dev", "dev",
+     dict(scheduler="flash", steps=28, guidance=0.0, noise_scale=7.5, s_noise=7.5, noise_clip=2.5)),
+    ("HiDream-ai/HiDream-O1-Image-Dev-2604", "dev-2604",
+     dict(scheduler="flash", steps=28, guidance=0.0, noise_scale=8.0, s_noise=8.0, noise_clip=8.0)),
+])
+def test_each_official_model_name_gets_its_released_recipe(name, recipe, settings):
+    request = build_request(SimpleNamespace(name=name, stored={}), prompt="a fox", seed=1)
+    assert request.recipe.name == recipe and request.recipe.official
+    assert {k: getattr(request.recipe, k) for k in settings} == settings
+
+
+# --- presets: lookup and what they change ---------------------------------------------------------
+
+def test_presets_are_looked_up_by_name_and_an_unknown_one_lists_the_choices():
+    assert all(get_preset(name) is PRESETS[name] for name in ("quick", "standard", "high", "official"))
+    with pytest.raises(ValueError, match="unknown preset 'fast'; choose one of quick, standard, high, official"):
+        get_preset("fast")
+
+
+def test_a_preset_reaches_the_request_with_its_free_size_and_effort():
+    full = SimpleNamespace(name="HiDream-ai/HiDream-O1-Image", stored={})
+    quick = build_request(full, prompt="a fox", seed=1, preset="quick")
+    assert (quick.width, quick.height, quick.recipe.steps, quick.recipe.guidance) == (1024, 1024, 24, 1.0)
+    assert not quick.recipe.official and not quick.recipe.uses_cfg
+    standard = build_request(full, prompt="a fox", seed=1, preset="standard", steps=40)
+    assert (standard.width, standard.recipe.steps, standard.recipe.guidance) == (1536, 40, 4.0)  # a flag wins
+
+
+# --- the --keep-aspect size -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("width, height, expected", [
+    (None, None, (2560, 1600)),  # the official 2048^2 budget: what the official pipeline renders
+    (1024, 1024, (1280, 800)),
+    (256, 256, (320, 192)),
+    (1024, 512, (896, 544)),  # a non-square budget counts by its area: isqrt(1024*512) = 724
+])
+def test_keep_aspect_fits_a_16_by_10_reference_into_the_pixel_budget(tmp_path, width, height, expected):
+    ref = tmp_path / "wide.png"
+    Image.new("RGB", (1600, 1000), (90, 120, 200)).save(ref)
+    request = build_request(SimpleNamespace(name="HiDream-ai/HiDream-O1-Image-Dev", stored={}), prompt="x", seed=1,
+                            refs=[str(ref)], keep_aspect=True, width=width, height=height)
+    assert (request.width, request.height) == expected
+    assert request.size_note.startswith(f"{expected[0]}x{expected[1]} ")
+
+
+# --- the editing warning below 2 MP --------------------------------------------------------------
+
+@pytest.mark.parametrize("width, height, warns", [
+    (2000, 1000, False),  # exactly 2,000,000 pixels: no warning
+    (1999, 1000, True),
+    (1414, 1414, True),  # 1,999,396
+    (1415, 1414, False),  # 2,000,810
+])
+def test_editing_warns_below_two_million_pixels_exactly(width, height, warns):
+    lines = []
+    check_references([str(FIXTURES / "edit_ref.png")], None, False, width, height, lines.append)
+    assert any("(< 2 MP)" in line for line in lines) == warns
+
+
+# --- peak RSS: the sampled spike and the kernel high-water mark, merged by max ---------------------
+
+def test_peak_rss_keeps_a_sampled_spike_above_a_lower_kernel_mark(monkeypatch):
+    monkeypatch.setattr(peak_rss, "ru_maxrss_bytes", lambda: 1)
+    monkeypatch.setattr(peak_rss, "reset_high_water", lambda: True)
+    readings, calls = iter([100, 500] + [200] * 10**6), []  # at the start, a spike, then steady
+
+    class Process:
+        def memory_info(self):
+            calls.append(None)
+            return SimpleNamespace(rss=next(readings))
+
+    rss = peak_rss.PeakRss(interval=0.001)
+    rss.process = Process()
+    with rss.measure():
+        while len(calls) < 3:  # the start reading and two samples
+            time.sleep(0.001)
+    assert rss.exact and rss.process_max == 1
+    assert rss.peak == 500  # neither the kernel's 1 nor the final 200
+
+
+# --- RMSNorm epsilons: every layer's and the final norm's follow the config ----------------------
+
+def test_every_rms_norm_takes_the_configs_epsilon_not_a_constant():
+    config = synthetic_config("tiny", layers=2)
+    config = config.replace(text=dataclasses.replace(config.text, rms_norm_eps=3e-3))
+    model = HiDreamO1(config)
+    norms = {path: m.eps for path, m in model.named_modules() if isinstance(m, nn.RMSNorm)}
+    expected = {"language_model.norm"} | {f"language_model.layers.{i}.{n}" for i in range(2) for n in (
+        "input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm")}
+    assert expected <= set(norms)
+    assert all(eps == 3e-3 for eps in norms.values()), norms
+
+
+# --- synthetic prompt encoding (random-weight models, no tokenizer) ------------------------------
+
+def test_synthetic_prompt_ids_are_ordinary_ids_ending_with_boi_and_tms():
+    ids = synthetic_prompt_ids(20)
+    assert len(ids) == 20 and ids[-2:].tolist() == [BOI_TOKEN_ID, TMS_TOKEN_ID]
+    assert 1000 <= ids[:-2].min() and ids[:-2].max() < 150000
+    np.testing.assert_array_equal(ids, synthetic_prompt_ids(20))  # deterministic per seed
+    assert not np.array_equal(ids, synthetic_prompt_ids(20, seed=1))
+
+
+def test_synthetic_encoding_sizes_the_prompt_by_its_words_and_the_uncond_like_the_real_one():
+    model = random_model("tiny", layers=1)
+    words = "a red fox in a snowy forest at dawn"  # 9 words: the template's 14 tokens + 9 * 4 // 3
+    with_cfg = encode_synthetic(model, words, 64, 64, guidance=5.0)
+    assert with_cfg.cond.cache.length == 14 + 12 - 1  # the prefix is every token but tms
+    real_uncond = load_case("full_sampling.npz")["input_ids_uncond"].shape[1]
+    assert with_cfg.uncond.cache.length == real_uncond - 1  # as long as the real encoded " "
+    assert with_cfg.cond.positions.shape[1] == 1 + (64 // 32) ** 2  # tms and the patches
+    assert encode_synthetic(model, words, 64, 64, guidance=1.0).uncond is None
