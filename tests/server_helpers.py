@@ -11,6 +11,8 @@ from pathlib import Path
 import uvicorn
 
 from hidream_mlx.generation import Engine
+from hidream_mlx.models.family import I1, family_of
+from hidream_mlx.models.i1.engine import I1Engine
 from hidream_mlx.server.app import ServerConfig, create_app
 
 # Small and quick: a second or two per image on a CPU.
@@ -25,7 +27,7 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(model_dir: Path, output_dir: Path, **config):
-    engine = Engine.load(model_dir, dtype="float32")
+    engine = (I1Engine if family_of(model_dir) == I1 else Engine).load(model_dir, dtype="float32")
     app, studio = create_app(engine, ServerConfig(output_dir=output_dir, **config))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

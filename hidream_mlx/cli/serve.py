@@ -14,6 +14,9 @@ from hidream_mlx.models.precision import PRECISIONS
 
 from hidream_mlx.cli.generate import DEFAULT_MODEL
 from hidream_mlx.generation import Engine
+from hidream_mlx.models.family import I1, family_of
+from hidream_mlx.models.i1.encoder_common import ENCODER_BITS
+from hidream_mlx.models.i1.engine import I1Engine
 from hidream_mlx.models.source import ModelSource
 
 LOOPBACK = ("localhost",)
@@ -60,17 +63,29 @@ def import_server():
               help="Folder of LoRA .safetensors files requests may choose by name.")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs"),
               show_default=True, help="Where every image is saved, with its metadata.")
-def serve(model_arg, dtype, quantize_bits, host, port, token, insecure, lora_dir, output_dir):
+@click.option("--llama", default=None, metavar="PATH_OR_ID",
+              help="HiDream-I1: the Llama folder or repo id when the model folder has no text_encoder_4/.")
+@click.option("--encoder-bits", type=click.Choice([str(b) for b in ENCODER_BITS]), default=None,
+              help="HiDream-I1: quantize the T5 and Llama text encoders in memory.")
+def serve(model_arg, dtype, quantize_bits, host, port, token, insecure, lora_dir, output_dir, llama=None,
+          encoder_bits=None):
     """Load the model once and serve the OpenAI-shaped images API and a web studio."""
     check_exposure(host, token, insecure)
     uvicorn, ServerConfig, create_app = import_server()
-    source = ModelSource.resolve(model_arg)
     bits = int(quantize_bits) if quantize_bits else None
-    engine = Engine.load(source, dtype=dtype, quantize_bits=bits)
+    if family_of(model_arg) == I1:
+        # Phase by phase: each new prompt is encoded with the transformer dropped, then it loads again.
+        engine = I1Engine.load(model_arg, dtype=dtype, quantize_bits=bits, llama=llama,
+                               encoder_bits=int(encoder_bits) if encoder_bits else None)
+        loaded = "HiDream-I1 ready (weights load phase by phase on the first request)"
+    else:
+        if llama is not None or encoder_bits is not None:
+            raise click.UsageError("--llama and --encoder-bits are for HiDream-I1 models")
+        engine = Engine.load(ModelSource.resolve(model_arg), dtype=dtype, quantize_bits=bits)
+        loaded = f"model loaded in {engine.load_time:.1f} s"
     config = ServerConfig(output_dir=output_dir, token=token, quantize_bits=bits, lora_dir=lora_dir)
     app, studio = create_app(engine, config)
-    click.echo(f"model loaded in {engine.load_time:.1f} s; serving http://{host}:{port}/ "
-               f"(images saved to {output_dir})", err=True)
+    click.echo(f"{loaded}; serving http://{host}:{port}/ (images saved to {output_dir})", err=True)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):

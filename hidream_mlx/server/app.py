@@ -30,6 +30,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from hidream_mlx.memory import check_fits_folder
+from hidream_mlx.models.family import I1, O1
 from hidream_mlx.models.precision import parse_dtype
 from hidream_mlx.server.fields import CLI_FIELDS, BadRequest, Limits, build_spec, decode_reference, parse_json, \
     served_names
@@ -102,10 +103,14 @@ class Studio:
     def spec(self, body: dict, uploads=None):
         spec = build_spec(self.engine, body, self.config.limits, self.config.output_dir / "references",
                           self.config.lora_dir, uploads)
+        i1 = getattr(self.engine, "family", O1) == I1
+        if spec.loras and i1:
+            raise BadRequest("lora is not supported for HiDream-I1 yet")
         if spec.loras:
             check_loras(self.engine, spec.loras, self.config.lora_dir)
         first = spec.requests[0]
-        if self.engine.source is not None:
+        # The fit check models O1 checkpoints; an I1 engine runs phase by phase (largest phase = peak).
+        if self.engine.source is not None and not i1:
             source, bits = self.engine.source, self.config.quantize_bits
             extra = lora_memory(spec.loras, bits is not None or source.quantization is not None) if spec.loras else 0
             try:

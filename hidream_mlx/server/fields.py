@@ -42,6 +42,7 @@ CLI_FIELDS: dict[str, tuple] = {
     "noise_clip": NUMBER, "noise": (str,), "blend_seams": (int,), "seam_smoothing": NUMBER,
     "seam_window": (str,), "seam_strength": NUMBER, "keep_aspect": (bool,), "layout": (str, list, dict),
     "negative_prompt": (str,), "lora": (str, list), "lora_scale": (int, float, list),
+    "step_noise_seed": (int,),
 }
 OPENAI_FIELDS: dict[str, tuple] = {
     "prompt": (str,), "n": (int,), "size": (str,), "response_format": (str,), "model": (str,), "user": (str,),

@@ -1,0 +1,53 @@
+"""`hidream-mlx serve` with a HiDream-I1 pipeline: the CLI's builder and pixels, O1 fields refused."""
+
+import base64
+import io
+
+import httpx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from hidream_mlx.cli import main
+from i1_support import FIXTURES, golden
+from server_helpers import running_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(FIXTURES, tmp_path_factory.mktemp("served")) as (url, studio):
+        yield url
+
+
+def size():
+    c = golden("fast_sampling.npz")
+    return int(c["width"]), int(c["height"])
+
+
+def test_a_request_gives_the_cli_image_and_records_the_family(server, tmp_path):
+    w, h = size()
+    body = {"prompt": "a red fox", "size": f"{w}x{h}", "no_snap": True, "recipe": "fast", "steps": 3, "seed": 5,
+            "n": 2, "step_noise_seed": 9}
+    with httpx.Client(base_url=server, timeout=120) as client:
+        response = client.post("/v1/images/generations", json=body)
+        assert response.status_code == 200, response.text
+        data = response.json()["data"]
+        health = client.get("/health").json()
+    assert [d["seed"] for d in data] == [5, 6] and health["default_recipe"] == "full"
+    served = np.array(Image.open(io.BytesIO(base64.b64decode(data[0]["b64_json"]))))
+    out = tmp_path / "cli.png"
+    result = CliRunner().invoke(main, ["generate", "--model", str(FIXTURES), "--prompt", "a red fox", "--width",
+                                       str(w), "--height", str(h), "--no-snap", "--recipe", "fast", "--steps", "3",
+                                       "--seed", "5", "--step-noise-seed", "9", "--dtype", "float32", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(served, np.array(Image.open(out)))
+
+
+@pytest.mark.parametrize("field,value,flag", [("blend_seams", 2, "--blend-seams"), ("noise", "mlx", "--noise"),
+                                              ("recipe", "dev-2604", "--recipe")])
+def test_o1_fields_are_a_400_naming_the_option(server, field, value, flag):
+    w, h = size()
+    response = httpx.post(f"{server}/v1/images/generations", timeout=60,
+                          json={"prompt": "a fox", "size": f"{w}x{h}", "no_snap": True, field: value})
+    assert response.status_code == 400 and flag in response.json()["error"]["message"]
