@@ -148,7 +148,7 @@ def test_a_prompt_file_encodes_every_distinct_text_in_one_pass(tmp_path, monkeyp
 O1_FLAGS = [
     ("--ref", "{tmp}/ref.png"), ("--layout", "[[0, 1, 0, 1]]"), ("--keep-aspect",), ("--editing-scheduler", "flash"),
     ("--blend-seams", "2"), ("--seam-smoothing", "0.5"), ("--seam-window", "mean"), ("--seam-strength", "0.5"),
-    ("--preview-every", "2"), ("--noise", "mlx"), ("--lora", "{tmp}/style.safetensors"), ("--s-noise", "1"),
+    ("--preview-every", "2"), ("--noise", "mlx"), ("--s-noise", "1"),
     ("--noise-clip", "1"), ("--noise-scale", "2"), ("--dtype", "mixed"),
 ]
 

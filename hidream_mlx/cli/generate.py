@@ -169,10 +169,14 @@ def _generate_i1(source, jobs, requests, params, force, note) -> None:
         for w, h, cfg in sorted({(r.width, r.height, r.recipe.uses_cfg) for r in requests}):
             check_fits_i1(source, parse_dtype(params["dtype"]).size, bits, encoder_bits, w, h, cfg,
                           images=len(requests))
-    engine = I1Engine(source, params["dtype"], bits, encoder_bits)
+    lora_specs = parse_lora_options([*params["loras"], *params["lora_paths"]],
+                                    [*params["lora_scales"], *params["lora_scales_mflux"]])
+    engine = I1Engine(source, params["dtype"], bits, encoder_bits, lora_specs)  # LoRA files checked here
     seconds = engine.encode_prompts(requests)
     note(f"prompts encoded in {seconds:.1f} s ({len(engine.prompts)} distinct texts); text encoders freed")
     engine.load_transformer()
+    for lora in engine.loras:
+        note(lora.line())
     note(f"model loaded once in {engine.load_time:.1f} s{f' for {len(jobs)} images' if len(jobs) > 1 else ''}")
 
     def announce(request):

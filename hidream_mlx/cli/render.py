@@ -96,8 +96,6 @@ def resolve_source(params: dict):
         if params.get("preview_every"):
             raise RequestError("--preview-every is not supported for HiDream-I1 yet (its preview needs a VAE decode "
                                "per step)")
-        if params.get("loras") or params.get("lora_paths"):
-            raise RequestError("--lora is not supported for HiDream-I1 yet")
         return I1Source.resolve(arg, llama=params.get("llama"))
     for name in I1_LOAD_OPTIONS:
         if params.get(name) is not None:

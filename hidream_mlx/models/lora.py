@@ -6,11 +6,17 @@ Layouts recognised (auto-detected per key):
   ``lora_A.default.weight``), the module under ``base_model.model.``, ``transformer.``,
   ``diffusion_model.`` or ``model.`` (ModelScope's trainers write the checkpoint's own
   ``model.language_model.layers.N...`` names). Alpha: ``lora_alpha`` / ``alpha_pattern`` from an
-  ``adapter_config.json`` beside the file, else alpha = rank (factor 1, as diffusers assumes).
+  ``adapter_config.json`` beside the file, else from the ``lora_adapter_metadata`` JSON that
+  diffusers' ``save_lora_weights`` writes into the safetensors header, else alpha = rank
+  (factor 1, as diffusers assumes).
 * kohya / ComfyUI: ``<module>.lora_down.weight`` / ``<module>.lora_up.weight`` with an optional
   ``<module>.alpha``, the module either dotted (``diffusion_model.`` prefix) or underscored after
   ``lora_unet_`` / ``lora_transformer_``; underscored names are mapped back through the model's
   own module paths, and a name two paths would both produce is refused. No ``.alpha``: alpha = rank.
+
+Which prefixes a family's files use is its :class:`LoRAKeys` (:data:`O1_KEYS`, :data:`I1_KEYS`);
+everything else (suffixes, alpha, merging, side paths) is shared. The facts behind each map are
+in ``docs/model.md`` ("LoRA key layouts").
 
 Applying: a float ``nn.Linear`` gets ``W + scale * (alpha / rank) * B @ A`` merged once (computed
 in float32, cast back, evaluated layer by layer so only one layer's temporaries exist); an
@@ -20,25 +26,25 @@ quantized matmul and never dequantizes. Several LoRAs stack.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from hidream_mlx.files import read_json_file, sha256_file
-
-DOTTED_PREFIXES = ("base_model.model.", "diffusion_model.", "transformer.", "model.")
-UNDERSCORED_PREFIXES = ("lora_unet_", "lora_transformer_")
-PEFT_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B",
-                 ".lora_A.default.weight": "A", ".lora_B.default.weight": "B"}
-KOHYA_SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"}
-
-
-class LoRAError(ValueError):
-    """A LoRA file that does not fit the model: the message names the file and the key."""
+from hidream_mlx.files import sha256_file
+from hidream_mlx.models.lora_keys import (  # noqa: F401 (LoRAKeys, I1_KEYS: part of this module's interface)
+    I1_KEYS,
+    O1_KEYS,
+    LoRAError,
+    LoRAKeys,
+    adapter_config,
+    module_path,
+    peft_alpha,
+    split_key,
+    underscore_map,
+)
 
 
 @dataclass(frozen=True)
@@ -156,85 +162,24 @@ def linear_targets(model: nn.Module) -> dict[str, nn.Module]:
             and not path.endswith(".base")}
 
 
-def _underscore_map(targets: Iterable[str]) -> dict[str, Optional[str]]:
-    out: dict[str, Optional[str]] = {}
-    for path in targets:
-        flat = path.replace(".", "_")
-        out[flat] = None if flat in out and out[flat] != path else path  # None: ambiguous
-    return out
-
-
-def _split_key(key: str) -> Optional[tuple[str, str, str]]:
-    """key -> (module part, role A/B/alpha, layout) or None when no LoRA suffix fits."""
-    for suffixes, layout in ((PEFT_SUFFIXES, "peft"), (KOHYA_SUFFIXES, "kohya")):
-        for suffix, role in suffixes.items():
-            if key.endswith(suffix):
-                return key[: -len(suffix)], role, layout
-    return None
-
-
-def _module_path(raw: str, targets: dict, flat: dict) -> Optional[str]:
-    for prefix in UNDERSCORED_PREFIXES:
-        if raw.startswith(prefix):
-            name = raw[len(prefix):]
-            for candidate in (name, name[len("model_"):] if name.startswith("model_") else None):
-                if candidate is not None and candidate in flat:
-                    if flat[candidate] is None:
-                        raise LoRAError(f"{candidate!r} names more than one module of the model")
-                    return flat[candidate]
-            return None
-    name = raw
-    while True:
-        if name in targets:
-            return name
-        stripped = next((name[len(p):] for p in DOTTED_PREFIXES if name.startswith(p)), None)
-        if stripped is None:
-            return None
-        name = stripped
-
-
-def _peft_alpha(config: Optional[dict], raw: str, rank: int) -> float:
-    if config is None:
-        return float(rank)
-    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?(?:{pattern})", raw):
-            return float(alpha)
-    alpha = config.get("lora_alpha")
-    if alpha is None:
-        return float(rank)
-    if config.get("use_rslora"):
-        return float(alpha) * rank ** 0.5  # alpha / sqrt(r) written as alpha' / r
-    return float(alpha)
-
-
-def _adapter_config(path: Path) -> Optional[dict]:
-    cfg = path.parent / "adapter_config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        return read_json_file(cfg, "adapter config")
-    except ValueError as e:
-        raise LoRAError(str(e)) from None
-
-
-
-def read_lora(path: Path | str, targets: dict) -> tuple[dict[str, LoRALayer], str]:
+def read_lora(path: Path | str, targets: dict, keys: LoRAKeys = O1_KEYS) -> tuple[dict[str, LoRALayer], str]:
     """The file's layers by our module path, and the layout found; strict about every key.
 
-    ``targets``: our module path -> the module, or its (out, in) shape (a checkpoint, no model).
+    ``targets``: our module path -> the module, or its (out, in) shape (a checkpoint, no model);
+    ``keys``: the family's prefixes.
     """
     path = check_path(path)
     try:
-        tensors = mx.load(str(path))
+        tensors, metadata = mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError, OSError) as e:  # what mlx raises for a broken header
         raise LoRAError(f"{path}: not a readable safetensors file ({e})") from None
-    config = _adapter_config(path)
-    flat = _underscore_map(targets)
+    config = adapter_config(path, metadata)
+    flat = underscore_map(targets)
     parts: dict[str, dict] = {}
     layouts, unrecognised = set(), []
     for key in sorted(tensors):
-        split = _split_key(key)
-        module = _module_path(split[0], targets, flat) if split else None
+        split = split_key(key)
+        module = module_path(split[0], targets, flat, keys) if split else None
         if module is None:
             unrecognised.append((key, split is not None))
             continue
@@ -244,7 +189,8 @@ def read_lora(path: Path | str, targets: dict) -> tuple[dict[str, LoRALayer], st
         entry[role] = (key, tensors[key])
     if not parts:
         first = unrecognised[0][0] if unrecognised else "(the file is empty)"
-        raise LoRAError(f"{path}: no key matched a module of this model; first unrecognised key: {first}")
+        raise LoRAError(f"{path}: no key matched a module of this model; first unrecognised key: {first} "
+                        f"(read as a {keys.family} LoRA)")
     if unrecognised:
         key, is_lora = unrecognised[0]
         what = "targets a module this model does not have" if is_lora else "is not a LoRA tensor"
@@ -264,7 +210,7 @@ def read_lora(path: Path | str, targets: dict) -> tuple[dict[str, LoRALayer], st
         if "alpha" in entry:
             alpha = float(entry["alpha"][1].astype(mx.float32).reshape(-1)[0])
         elif entry["layout"] == "peft":
-            alpha = _peft_alpha(config, entry["raw"], rank)
+            alpha = peft_alpha(config, entry["raw"], rank)
         else:
             alpha = float(rank)
         out_f, in_f = layer_shape(targets[module])
@@ -305,14 +251,15 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
         setattr(parent, last, new)
 
 
-def apply_lora(model: nn.Module, spec: LoRASpec, keep: Optional[dict] = None) -> LoRASummary:
+def apply_lora(model: nn.Module, spec: LoRASpec, keep: Optional[dict] = None,
+               keys: LoRAKeys = O1_KEYS) -> LoRASummary:
     """Apply one LoRA at ``spec.scale``: merged into float layers, a side path on quantized ones.
 
     ``keep`` collects what is replaced (the original weight or quantized module, by path), so
     :func:`switch_loras` can undo it exactly.
     """
     targets = linear_targets(model)
-    layers, layout = read_lora(spec.path, targets)
+    layers, layout = read_lora(spec.path, targets, keys)
     merged = side = 0
     for module_path, layer in layers.items():
         factor = spec.scale * layer.alpha / layer.rank
@@ -339,9 +286,9 @@ def apply_lora(model: nn.Module, spec: LoRASpec, keep: Optional[dict] = None) ->
                        len(layers), merged, side, ranks, nbytes)
 
 
-def apply_loras(model: nn.Module, specs: Sequence[LoRASpec]) -> list[LoRASummary]:
+def apply_loras(model: nn.Module, specs: Sequence[LoRASpec], keys: LoRAKeys = O1_KEYS) -> list[LoRASummary]:
     """Apply each LoRA in order (they stack); one summary each."""
-    return [apply_lora(model, spec) for spec in specs]
+    return [apply_lora(model, spec, keys=keys) for spec in specs]
 
 
 def lora_memory(specs: Sequence[LoRASpec], quantized: bool) -> int:
@@ -387,20 +334,31 @@ def merged_weight(weight: mx.array, updates: Sequence) -> mx.array:
     return w
 
 
-def switch_loras(engine, specs: Sequence[LoRASpec]) -> None:
-    """Make ``engine`` run with exactly ``specs`` (a battery job's LoRAs): the previous job's are
-    undone exactly (original weights and modules put back) first. Costs a copy of the changed
-    float layers while LoRAs are active. ``engine.loras`` holds the summaries."""
-    specs = tuple(specs)
-    state = getattr(engine, "lora_state", None) or {"specs": (), "keep": {}}
-    if specs == state["specs"]:
-        return
-    targets = linear_targets(engine.model)
-    for path, original in state["keep"].items():
+def replace_loras(model: nn.Module, specs: Sequence[LoRASpec], keep: dict,
+                  keys: LoRAKeys = O1_KEYS) -> tuple[list[LoRASummary], dict]:
+    """Undo what ``keep`` holds (a previous :func:`apply_lora`'s originals, by path), then apply
+    ``specs``; returns their summaries and the new ``keep``."""
+    targets = linear_targets(model)
+    for path, original in keep.items():
         if isinstance(original, mx.array):
             targets[path].weight = original
         else:
-            _replace(engine.model, path, original)
-    keep: dict = {}
-    engine.loras = [apply_lora(engine.model, spec, keep) for spec in specs]
+            _replace(model, path, original)
+    new_keep: dict = {}
+    return [apply_lora(model, spec, new_keep, keys) for spec in specs], new_keep
+
+
+def switch_loras(engine, specs: Sequence[LoRASpec]) -> None:
+    """Make ``engine`` run with exactly ``specs`` (a battery job's LoRAs): the previous job's are
+    undone exactly (original weights and modules put back) first. Costs a copy of the changed
+    float layers while LoRAs are active. ``engine.loras`` holds the summaries. An engine with
+    its own ``use_loras`` (HiDream-I1, whose transformer loads after the prompts) does it there."""
+    specs = tuple(specs)
+    if hasattr(engine, "use_loras"):
+        engine.use_loras(specs)
+        return
+    state = getattr(engine, "lora_state", None) or {"specs": (), "keep": {}}
+    if specs == state["specs"]:
+        return
+    engine.loras, keep = replace_loras(engine.model, specs, state["keep"])
     engine.lora_state = {"specs": specs, "keep": keep}

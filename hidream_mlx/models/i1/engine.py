@@ -35,7 +35,9 @@ from hidream_mlx.models.i1.sampling import Conditioning, GlobalTorchNoise, i1_sc
 from hidream_mlx.models.i1.source import I1Source
 from hidream_mlx.models.i1.text_encoding import PromptCache, PromptEmbedding, TextEncoders
 from hidream_mlx.models.i1.vae import to_uint8
+from hidream_mlx.models.i1.lora_targets import check_loras
 from hidream_mlx.models.i1.weights import load_transformer_planned, load_vae
+from hidream_mlx.models.lora import I1_KEYS, LoRASpec, replace_loras
 from hidream_mlx.models.precision import parse_dtype
 from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
 from hidream_mlx.workflow.reproduce import reproduction_fields
@@ -44,12 +46,10 @@ I1_DTYPES = ("bfloat16", "float32")
 EMBEDDING_BUDGET = 2 * 1024**3  # prompt embeddings kept at once (about 60 texts for the released model)
 
 
-def check_load_options(dtype: str, loras: Sequence = ()) -> None:
+def check_load_options(dtype: str) -> None:
     """Refuse load options I1 cannot honour, before anything loads."""
     if dtype not in I1_DTYPES:
         raise ValueError(f"--dtype {dtype} is not available for HiDream-I1; choose {' or '.join(I1_DTYPES)}")
-    if loras:
-        raise ValueError("--lora is not supported for HiDream-I1 yet")
 
 
 def request_texts(request: Request) -> list[str]:
@@ -76,7 +76,7 @@ class I1Engine:
     family = I1
 
     def __init__(self, source: I1Source, dtype: str = "bfloat16", quantize_bits: Optional[int] = None,
-                 encoder_bits: Optional[int] = None):
+                 encoder_bits: Optional[int] = None, loras: Sequence[LoRASpec] = ()):
         self.source = source
         self.path = source.path
         self.model_arg = source.arg
@@ -86,7 +86,10 @@ class I1Engine:
         self.encoder_bits = encoder_bits
         stored = source.quantization
         self.quantization = stored or ({"bits": quantize_bits, "group_size": DEFAULT_GROUP_SIZE} if quantize_bits else None)
-        self.loras: list = []
+        self.loras: list = []  # LoRASummary per LoRA applied to the resident transformer
+        self.lora_specs: tuple = tuple(check_loras(source, loras))  # applied whenever the transformer loads
+        self._lora_keep: Optional[dict] = None  # originals the LoRAs replaced, kept only to switch in place
+        self._switching = False
         self.keep_vision = False  # the interface O1's Engine has; I1 has no vision tower
         self.keep_loaded = False  # True: encoders and transformer stay resident (memory permitting)
         self.default_recipe = source.variant
@@ -106,8 +109,8 @@ class I1Engine:
              loras: Sequence = (), encoder_bits: Optional[int] = None, llama: Optional[str] = None) -> "I1Engine":
         """An engine for ``model`` (an :class:`I1Source` or what resolves to one). Nothing heavy
         loads here: the encoders load in ``encode_prompts``/``run``, the transformer after them."""
-        check_load_options(dtype, loras)
-        return cls(I1Source.resolve(model, llama=llama), dtype, quantize_bits, encoder_bits)
+        check_load_options(dtype)
+        return cls(I1Source.resolve(model, llama=llama), dtype, quantize_bits, encoder_bits, loras)
 
     # The O1 Engine's batch hook: the CLI sets {} for a run and None after it (drop the embeddings).
     @property
@@ -130,6 +133,7 @@ class I1Engine:
             "quantization": self.quantization,
             "llama": self.source.llama.given,
             "encoder_bits": self.encoder_bits,
+            **({"loras": [s.to_dict() for s in self.loras]} if self.loras else {}),
             "tool_version": __version__,
         }
 
@@ -195,7 +199,26 @@ class I1Engine:
                                                               lazy=False, bits=self.quantize_bits,
                                                               group_size=DEFAULT_GROUP_SIZE)
         self.quantization = plan.description if plan is not None else None
+        if self.lora_specs:
+            self.loras, keep = replace_loras(self.transformer, self.lora_specs, {}, I1_KEYS)
+            self._lora_keep = keep if self._switching else None  # unkept originals are freed now
         self.load_time += time.perf_counter() - start
+
+    def use_loras(self, specs: Sequence[LoRASpec]) -> None:
+        """Run with exactly ``specs`` from now on (eval jobs, server requests; checked now). A
+        resident transformer swaps them in place; otherwise they apply when it loads."""
+        specs = tuple(check_loras(self.source, specs))
+        self._switching = True
+        if specs == self.lora_specs:
+            return
+        self.lora_specs = specs
+        if self.transformer is None:
+            self.loras = []
+        elif self._lora_keep is None and self.loras:  # the originals were not kept: load afresh
+            self.transformer, self.loras = None, []
+            mx.clear_cache()
+        else:
+            self.loras, self._lora_keep = replace_loras(self.transformer, specs, self._lora_keep or {}, I1_KEYS)
 
     def _conditioning(self, request: Request) -> Conditioning:
         texts = request_texts(request)
