@@ -51,3 +51,22 @@ def test_o1_fields_are_a_400_naming_the_option(server, field, value, flag):
     response = httpx.post(f"{server}/v1/images/generations", timeout=60,
                           json={"prompt": "a fox", "size": f"{w}x{h}", "no_snap": True, field: value})
     assert response.status_code == 400 and flag in response.json()["error"]["message"]
+
+
+def test_a_lora_by_name_is_checked_before_queueing_and_changes_the_image(tmp_path):
+    from test_i1_lora import lora_tensors, transformer, write_lora  # the LoRA files those tests build
+
+    loras = tmp_path / "loras"
+    write_lora(loras, lora_tensors(transformer(), scale=1.0), "kohya").rename(loras / "style.safetensors")
+    (loras / "wrong.safetensors").write_bytes((loras / "style.safetensors").read_bytes().replace(
+        b"lora_unet_double_stream_blocks_0", b"lora_unet_double_stream_blocks_9"))
+    w, h = size()
+    body = {"prompt": "a red fox", "size": f"{w}x{h}", "no_snap": True, "recipe": "fast", "steps": 2, "seed": 5}
+    with running_server(FIXTURES, tmp_path / "out", lora_dir=loras) as (url, _):
+        with httpx.Client(base_url=url, timeout=120) as client:
+            plain = client.post("/v1/images/generations", json=body)
+            styled = client.post("/v1/images/generations", json={**body, "lora": ["style"]})
+            wrong = client.post("/v1/images/generations", json={**body, "lora": ["wrong"]})
+    assert plain.status_code == 200 and styled.status_code == 200, styled.text
+    assert styled.json()["data"][0]["b64_json"] != plain.json()["data"][0]["b64_json"]
+    assert wrong.status_code == 400 and "--lora-dir" in wrong.json()["error"]["message"]

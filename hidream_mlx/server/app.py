@@ -29,7 +29,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from hidream_mlx.memory import check_fits_folder
+from hidream_mlx.memory import check_fits_folder, check_fits_i1
 from hidream_mlx.models.family import I1, O1
 from hidream_mlx.models.precision import parse_dtype
 from hidream_mlx.server.fields import CLI_FIELDS, BadRequest, Limits, build_spec, decode_reference, parse_json, \
@@ -104,13 +104,19 @@ class Studio:
         spec = build_spec(self.engine, body, self.config.limits, self.config.output_dir / "references",
                           self.config.lora_dir, uploads)
         i1 = getattr(self.engine, "family", O1) == I1
-        if spec.loras and i1:
-            raise BadRequest("lora is not supported for HiDream-I1 yet")
         if spec.loras:
             check_loras(self.engine, spec.loras, self.config.lora_dir)
         first = spec.requests[0]
-        # The fit check models O1 checkpoints; an I1 engine runs phase by phase (largest phase = peak).
-        if self.engine.source is not None and not i1:
+        if i1:
+            extra = lora_memory(spec.loras, self.engine.quantize_bits is not None or
+                                self.engine.source.quantization is not None) if spec.loras else 0
+            try:  # the largest phase's predicted peak (the engine runs one phase at a time)
+                check_fits_i1(self.engine.source, parse_dtype(self.engine.dtype).size, self.engine.quantize_bits,
+                              self.engine.encoder_bits, first.width, first.height, first.recipe.uses_cfg,
+                              extra_bytes=extra)
+            except MemoryError as e:
+                raise BadRequest(str(e), 400, "insufficient_memory") from None
+        elif self.engine.source is not None:
             source, bits = self.engine.source, self.config.quantize_bits
             extra = lora_memory(spec.loras, bits is not None or source.quantization is not None) if spec.loras else 0
             try:
@@ -281,6 +287,14 @@ def check_loras(engine, specs, lora_dir: Path) -> None:
     (applying one in the worker then cannot fail half-way)."""
     from hidream_mlx.models.lora import LoRAError, linear_targets, read_lora
 
+    if getattr(engine, "family", O1) == I1:
+        from hidream_mlx.models.i1.lora_targets import check_loras as check_i1_loras  # lazy: I1 servers only
+
+        try:  # against the transformer's module tree (it may not be resident between prompts)
+            check_i1_loras(engine.source, specs)
+        except LoRAError as e:
+            raise BadRequest(str(e).replace(str(lora_dir), "--lora-dir")) from None
+        return
     targets = linear_targets(engine.model)
     for spec in specs:
         try:
