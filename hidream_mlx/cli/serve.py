@@ -67,8 +67,11 @@ def import_server():
               help="HiDream-I1: the Llama folder or repo id when the model folder has no text_encoder_4/.")
 @click.option("--encoder-bits", type=click.Choice([str(b) for b in ENCODER_BITS]), default=None,
               help="HiDream-I1: quantize the T5 and Llama text encoders in memory.")
+@click.option("--keep-loaded", is_flag=True,
+              help="HiDream-I1: keep the text encoders and the transformer resident (a new prompt needs no "
+                   "reload; the peak is then about their sum, not the largest phase).")
 def serve(model_arg, dtype, quantize_bits, host, port, token, insecure, lora_dir, output_dir, llama=None,
-          encoder_bits=None):
+          encoder_bits=None, keep_loaded=False):
     """Load the model once and serve the OpenAI-shaped images API and a web studio."""
     check_exposure(host, token, insecure)
     uvicorn, ServerConfig, create_app = import_server()
@@ -77,10 +80,11 @@ def serve(model_arg, dtype, quantize_bits, host, port, token, insecure, lora_dir
         # Phase by phase: each new prompt is encoded with the transformer dropped, then it loads again.
         engine = I1Engine.load(model_arg, dtype=dtype, quantize_bits=bits, llama=llama,
                                encoder_bits=int(encoder_bits) if encoder_bits else None)
+        engine.keep_loaded = keep_loaded
         loaded = "HiDream-I1 ready (weights load phase by phase on the first request)"
     else:
-        if llama is not None or encoder_bits is not None:
-            raise click.UsageError("--llama and --encoder-bits are for HiDream-I1 models")
+        if llama is not None or encoder_bits is not None or keep_loaded:
+            raise click.UsageError("--llama, --encoder-bits and --keep-loaded are for HiDream-I1 models")
         engine = Engine.load(ModelSource.resolve(model_arg), dtype=dtype, quantize_bits=bits)
         loaded = f"model loaded in {engine.load_time:.1f} s"
     config = ServerConfig(output_dir=output_dir, token=token, quantize_bits=bits, lora_dir=lora_dir)

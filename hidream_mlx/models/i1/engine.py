@@ -91,7 +91,6 @@ class I1Engine:
         self._lora_keep: Optional[dict] = None  # originals the LoRAs replaced, kept only to switch in place
         self._switching = False
         self.keep_vision = False  # the interface O1's Engine has; I1 has no vision tower
-        self.keep_loaded = False  # True: encoders and transformer stay resident (memory permitting)
         self.default_recipe = source.variant
         self.encoders = TextEncoders(source.path, dtype=parse_dtype(dtype), llama_dir=source.llama.folder,
                                      quantize_bits=encoder_bits)
@@ -111,6 +110,16 @@ class I1Engine:
         loads here: the encoders load in ``encode_prompts``/``run``, the transformer after them."""
         check_load_options(dtype)
         return cls(I1Source.resolve(model, llama=llama), dtype, quantize_bits, encoder_bits, loras)
+
+    @property
+    def keep_loaded(self) -> bool:
+        """True: the encoders and the transformer stay resident (faster on new prompts; the peak
+        is then about their sum, not the largest phase)."""
+        return self.encoders.keep_loaded
+
+    @keep_loaded.setter
+    def keep_loaded(self, value: bool) -> None:
+        self.encoders.keep_loaded = bool(value)
 
     # The O1 Engine's batch hook: the CLI sets {} for a run and None after it (drop the embeddings).
     @property
