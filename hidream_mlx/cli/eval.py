@@ -15,6 +15,7 @@ from typing import Optional
 
 import click
 
+from hidream_mlx.models.family import O1, family_of
 from hidream_mlx.models.precision import PRECISIONS
 
 from hidream_mlx.models.o1.synthetic import TEXT_DIMS
@@ -89,7 +90,7 @@ def run_battery(battery: Optional[Path], model_arg: Optional[str], random_weight
                 layers: Optional[int], variant_specs: list[str], variants_file: Optional[Path],
                 seeds: Optional[str], rundir: Optional[Path], warmup: bool, baseline: Optional[str],
                 dtype: str, quantize_bits: Optional[int], hosts: Optional[str] = None) -> Path:
-    from hidream_mlx.harness.batteries import parse_seeds, parse_variants, read_battery, read_variants_file
+    from hidream_mlx.harness.batteries import parse_seeds, parse_variants, read_battery, variant_lines
     from hidream_mlx.harness import distributed
     from hidream_mlx.harness.evaluation import load_engine, plan_jobs, run_lock
     from hidream_mlx.harness.reports import write_reports
@@ -108,12 +109,12 @@ def run_battery(battery: Optional[Path], model_arg: Optional[str], random_weight
             raise ValueError("--hosts starts mlx.launch itself: inside mlx.launch, leave it out")
         group = distributed.init_group()
         distributed.check_inputs(group, [str(battery), variants_file and str(variants_file), model_arg])
-    specs = (read_variants_file(variants_file) if variants_file else []) + variant_specs
-    variants = parse_variants(specs)
+    from_file = variant_lines(variants_file) if variants_file else []
+    variants = parse_variants([spec for spec, _ in from_file] + variant_specs, dict(from_file))
     if baseline is not None and baseline not in {v.name for v in variants}:
         raise ValueError(f"--baseline {baseline!r} is not one of the variants: {', '.join(v.name for v in variants)}")
     items = read_battery(battery)
-    jobs = plan_jobs(items, variants, parse_seeds(seeds))
+    jobs = plan_jobs(items, variants, parse_seeds(seeds), family_of(model_arg) if model_arg else O1)
     model_name = _model_name(model_arg, random_weights, layers)
     if group is not None:
         distributed.check_same_jobs(group, jobs)

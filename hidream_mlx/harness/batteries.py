@@ -8,6 +8,7 @@ Every problem is reported with the file and line, or the variant, it comes from.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -95,6 +96,7 @@ class BatteryItem:
     recipe: Optional[str] = None
     note: str = ""
     loras: tuple = ()  # LoRASpec per LoRA this item runs with ("loras": [{"path", "scale"}])
+    where: str = field(default="", compare=False)  # "FILE:LINE", for errors found once the model is known
 
     def settings(self) -> dict:
         keys = ("size", "steps", "guidance", "recipe")
@@ -146,7 +148,7 @@ def read_battery(path: Path | str) -> list[BatteryItem]:
         if item.id in seen:
             raise ValueError(f"{path}:{number}: id {item.id!r} already used on line {seen[item.id]}")
         seen[item.id] = number
-        items.append(item)
+        items.append(dataclasses.replace(item, where=f"{path}:{number}"))
     if not items:
         raise ValueError(f"{path}: the battery has no prompts")
     return items
@@ -158,6 +160,7 @@ def read_battery(path: Path | str) -> list[BatteryItem]:
 class Variant:
     name: str
     overrides: dict = field(default_factory=dict)
+    where: str = field(default="", compare=False)  # "FILE:LINE" when it came from a variants file
 
     def spec(self) -> str:
         body = ",".join(f"{k}={_format_value(v)}" for k, v in self.overrides.items())
@@ -232,6 +235,11 @@ def parse_variant(spec: str) -> Variant:
 def read_variants_file(path: Path | str) -> list[str]:
     """Variant specs, one per line; blank lines and ``#`` comments are skipped. A bad spec is
     reported as ``FILE:LINE: what is wrong``."""
+    return [spec for spec, _ in variant_lines(path)]
+
+
+def variant_lines(path: Path | str) -> list[tuple[str, str]]:
+    """:func:`read_variants_file`'s specs, each with its ``FILE:LINE`` (for :func:`parse_variants`)."""
     path = Path(path)
     specs = []
     for number, line in enumerate(read_text_file(path, "variants file").splitlines(), start=1):
@@ -242,12 +250,14 @@ def read_variants_file(path: Path | str) -> list[str]:
             parse_variant(spec)
         except ValueError as e:
             raise ValueError(f"{path}:{number}: {e}") from None
-        specs.append(spec)
+        specs.append((spec, f"{path}:{number}"))
     return specs
 
 
-def parse_variants(specs: list[str]) -> list[Variant]:
-    variants = [parse_variant(s) for s in specs] or [DEFAULT_VARIANT]
+def parse_variants(specs: list[str], origins: Optional[dict[str, str]] = None) -> list[Variant]:
+    """``origins``: spec -> ``FILE:LINE`` for specs read from a variants file."""
+    origins = origins or {}
+    variants = [dataclasses.replace(parse_variant(s), where=origins.get(s, "")) for s in specs] or [DEFAULT_VARIANT]
     names = [v.name for v in variants]
     for name in names:
         if names.count(name) > 1:

@@ -81,17 +81,44 @@ def job_key(variant: str, item_id: str, seed: int) -> str:
     return f"{variant}/{item_id}/{seed}"
 
 
-def plan_jobs(items: list[BatteryItem], variants: list[Variant], seeds: Optional[list[int]] = None) -> list[Job]:
+def plan_jobs(items: list[BatteryItem], variants: list[Variant], seeds: Optional[list[int]] = None,
+              family: str = O1) -> list[Job]:
     """Prompt-major order: a prompt's variants run back to back, so slow drift of the machine
-    (heat, other load) hits every variant alike. ``seeds`` replaces each line's own seed."""
+    (heat, other load) hits every variant alike. ``seeds`` replaces each line's own seed.
+    HiDream-O1 sizes are checked here; a HiDream-I1 size follows its pipeline's config, so the
+    request builder checks it (:meth:`EvalRun.pending`, before any weight loads)."""
     jobs = []
     for item in items:
         for seed in seeds or [item.seed if item.seed is not None else DEFAULT_SEED]:
             jobs.extend(Job(item, v, seed) for v in variants)
-    for job in jobs:  # sizes are checked before any model is loaded
+    for job in jobs if family == O1 else ():  # sizes are checked before any model is loaded
         settings = job.settings()
-        eval_size(*settings["size"], snap=settings["snap"])
+        try:
+            eval_size(*settings["size"], snap=settings["snap"])
+        except ValueError as e:
+            raise ValueError(f"{origin(job, 'size' in job.variant.overrides)}: {e}") from None
     return jobs
+
+
+def origin(job: Job, from_variant: bool) -> str:
+    """Where a job's setting came from: ``variant 'NAME' (FILE:LINE)`` or ``FILE:LINE (id ID)``."""
+    if from_variant:
+        return f"variant {job.variant.name!r}" + (f" ({job.variant.where})" if job.variant.where else "")
+    return f"{job.item.where or 'battery line'} (id {job.item.id})"
+
+
+def checked_request(job: Job, model):
+    """``job.request(model)``; a refusal names the battery line or the variant it comes from
+    (the variant when the line alone builds)."""
+    try:
+        return job.request(model)
+    except ValueError as e:
+        try:
+            Job(job.item, Variant(job.variant.name), job.seed).request(model)
+            blame = bool(job.variant.overrides)
+        except ValueError:
+            blame = False
+        raise ValueError(f"{origin(job, blame)}: {e}") from None
 
 
 # --- the run folder ----------------------------------------------------------------------------
@@ -314,7 +341,7 @@ class EvalRun:
         finished = read_results(self.rundir)
         # An I1 engine goes to the builder itself (it knows its family); O1 jobs take the recipe name.
         target = engine if getattr(engine, "family", O1) == I1 else engine.default_recipe
-        requests = [(job, job.request(target)) for job in jobs]  # bad settings fail here
+        requests = [(job, checked_request(job, target)) for job in jobs]  # bad settings fail here
         return [(job, req) for job, req in requests if not is_done(finished.get(job.key), req, self.rundir)]
 
     def _store(self, job: Job, request, result, rss: PeakRss) -> dict:
