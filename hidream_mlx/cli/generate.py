@@ -165,12 +165,13 @@ def _generate_i1(source, jobs, requests, params, force, note) -> None:
     check_load_options(params["dtype"])
     for line in source.notes:
         note(line)
+    lora_specs = checked_specs(parse_lora_options([*params["loras"], *params["lora_paths"]],
+                                                  [*params["lora_scales"], *params["lora_scales_mflux"]]))
     if not force:
+        extra = lora_memory(lora_specs, quantized=bits is not None or source.quantization is not None)
         for w, h, cfg in sorted({(r.width, r.height, r.recipe.uses_cfg) for r in requests}):
             check_fits_i1(source, parse_dtype(params["dtype"]).size, bits, encoder_bits, w, h, cfg,
-                          images=len(requests))
-    lora_specs = parse_lora_options([*params["loras"], *params["lora_paths"]],
-                                    [*params["lora_scales"], *params["lora_scales_mflux"]])
+                          images=len(requests), extra_bytes=extra)
     engine = I1Engine(source, params["dtype"], bits, encoder_bits, lora_specs)  # LoRA files checked here
     seconds = engine.encode_prompts(requests)
     note(f"prompts encoded in {seconds:.1f} s ({len(engine.prompts)} distinct texts); text encoders freed")
