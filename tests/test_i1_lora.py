@@ -4,7 +4,8 @@
 Layouts (docs/model.md, "LoRA key layouts"): diffusers/PEFT ``transformer.<module>.lora_A/B.weight``
 (alpha from the header's ``lora_adapter_metadata`` or an ``adapter_config.json``, else alpha = r),
 ComfyUI / converted ``diffusion_model.<module>``, bare PEFT ``base_model.model.<module>``, kohya
-``lora_unet_<module_underscored>.lora_down/lora_up/alpha`` and SimpleTuner's ``lycoris_`` spelling.
+``lora_unet_<module_underscored>.lora_down/lora_up/alpha`` (also dotted under ``diffusion_model.``,
+and after ``lora_transformer_``) and SimpleTuner's ``lycoris_`` spelling.
 """
 
 import json
@@ -32,7 +33,9 @@ RANK, ALPHA = 2, 6.0
 TARGETS = ("double_stream_blocks.0.block.attn1.to_q", "double_stream_blocks.0.block.attn1.to_v_t",
            "double_stream_blocks.1.block.ff_i.experts.1.w2", "single_stream_blocks.0.block.ff_i.shared_experts.w1",
            "single_stream_blocks.1.block.adaLN_modulation.1", "caption_projection.0.linear", "final_layer.linear")
-LAYOUTS = ("diffusers_metadata", "diffusers_config", "diffusers_bare", "comfyui", "peft", "kohya", "lycoris")
+LAYOUTS = ("diffusers_metadata", "diffusers_config", "diffusers_bare", "comfyui", "peft", "kohya", "kohya_dotted",
+           "kohya_transformer", "lycoris")
+KOHYA_PREFIXES = {"kohya": "lora_unet_", "kohya_transformer": "lora_transformer_", "lycoris": "lycoris_"}
 
 
 def transformer():
@@ -61,7 +64,8 @@ def write_lora(folder, tensors, layout, alpha=ALPHA):
             prescale = alpha / RANK if layout in ("diffusers_bare", "comfyui", "peft") else 1.0
             data[f"{prefix}{module}.lora_A.weight"], data[f"{prefix}{module}.lora_B.weight"] = A, B * prescale
         else:
-            key = ("lora_unet_" if layout == "kohya" else "lycoris_") + module.replace(".", "_")
+            key = (f"diffusion_model.{module}" if layout == "kohya_dotted"
+                   else KOHYA_PREFIXES[layout] + module.replace(".", "_"))
             data[f"{key}.lora_down.weight"], data[f"{key}.lora_up.weight"] = A, B
             data[f"{key}.alpha"] = np.array(alpha, dtype=np.float32)
     if layout == "diffusers_metadata":  # what diffusers' save_lora_weights writes
