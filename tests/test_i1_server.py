@@ -45,9 +45,18 @@ def test_a_request_gives_the_cli_image_and_records_the_family(server, tmp_path):
 
 
 @pytest.mark.parametrize("field,value,flag", [("blend_seams", 2, "--blend-seams"), ("noise", "mlx", "--noise"),
-                                              ("recipe", "dev-2604", "--recipe")])
+                                              ("recipe", "dev-2604", "--recipe"),
+                                              ("seam_smoothing", 0.5, "--seam-smoothing"),
+                                              ("seam_window", "mean", "--seam-window"),
+                                              ("layout", "[[0, 1, 0, 1]]", "--layout"),
+                                              ("keep_aspect", True, "--keep-aspect"),
+                                              ("references", "png", "--ref")])
 def test_o1_fields_are_a_400_naming_the_option(server, field, value, flag):
     w, h = size()
+    if field == "references":  # one real image, so the refusal is about I1, not the upload
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), "red").save(buffer, format="PNG")
+        value = [base64.b64encode(buffer.getvalue()).decode()]
     response = httpx.post(f"{server}/v1/images/generations", timeout=60,
                           json={"prompt": "a fox", "size": f"{w}x{h}", "no_snap": True, field: value})
     assert response.status_code == 400 and flag in response.json()["error"]["message"]
