@@ -88,3 +88,7 @@ def test_new_seed_draws_another_seed(page):
     page.click("#new-seed")
     after = page.input_value("#seed")
     assert after != before and 0 <= int(after) <= 4294967295
+
+
+def test_an_o1_page_offers_references_and_no_i1_note(page):
+    assert page.is_visible("#refs") and not page.is_visible("#family-note")

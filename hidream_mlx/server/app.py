@@ -25,7 +25,7 @@ import mlx.core as mx
 import psutil
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -155,7 +155,10 @@ class Studio:
     # ------------------------------------------------------------------ routes
 
     async def index(self, request: HttpRequest):
-        return FileResponse(STATIC / "index.html")
+        # The page hides what the served family cannot use (HiDream-I1: references); the API refuses it anyway.
+        family = getattr(self.engine, "family", O1)
+        page = (STATIC / "index.html").read_text(encoding="utf-8")
+        return HTMLResponse(page.replace("<body>", f'<body data-family="{family}">', 1))
 
     async def generations(self, request: HttpRequest):
         return await self._wait(request, edits=False)
