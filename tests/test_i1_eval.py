@@ -24,7 +24,8 @@ def test_an_i1_battery_encodes_first_loads_once_and_matches_generate(tmp_path, m
     ]) + "\n")
     encoded, loads = [], []
     real_encode, real_load = TextEncoders.encode, engine_module.load_transformer_planned
-    monkeypatch.setattr(TextEncoders, "encode", lambda self, texts: encoded.append(list(texts)) or real_encode(self, texts))
+    monkeypatch.setattr(TextEncoders, "encode",
+                        lambda self, texts: encoded.append(list(texts)) or real_encode(self, texts))
     monkeypatch.setattr(engine_module, "load_transformer_planned",
                         lambda *a, **k: loads.append(1) or real_load(*a, **k))
     rundir = tmp_path / "run"

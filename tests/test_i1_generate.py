@@ -133,7 +133,8 @@ def test_prompts_are_encoded_once_before_the_transformer_loads_once(tmp_path, mo
 def test_a_prompt_file_encodes_every_distinct_text_in_one_pass(tmp_path, monkeypatch):
     calls = []
     real_encode = TextEncoders.encode
-    monkeypatch.setattr(TextEncoders, "encode", lambda self, texts: calls.append(list(texts)) or real_encode(self, texts))
+    monkeypatch.setattr(TextEncoders, "encode",
+                        lambda self, texts: calls.append(list(texts)) or real_encode(self, texts))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\na blue bird\na red fox\n")
     result = invoke(*[a for a in base_args("fast") if a not in ("--prompt", str(case("fast")["prompt"]))],

@@ -66,7 +66,8 @@ def test_the_default_recipe_follows_the_variant_in_the_name(tmp_path, name, reci
 
 
 def test_an_o1_recipe_name_is_refused_for_i1():
-    with pytest.raises(RequestError, match="--recipe dev-2604 is not a HiDream-I1 recipe; choose one of full, dev, fast"):
+    with pytest.raises(RequestError, match="--recipe dev-2604 is not a HiDream-I1 recipe; choose one of "
+                                           "full, dev, fast"):
         request(I1Source.resolve(FIXTURES), recipe="dev-2604")
 
 
@@ -137,7 +138,8 @@ def test_llama_from_a_separate_folder_gives_the_same_image(tmp_path):
     separate = CliRunner().invoke(main, [*args, "--model", str(folder), "--llama", str(llama),
                                          "-o", str(tmp_path / "sep.png")])
     assert own.exit_code == 0 and separate.exit_code == 0, separate.output
-    np.testing.assert_array_equal(np.array(Image.open(tmp_path / "own.png")), np.array(Image.open(tmp_path / "sep.png")))
+    np.testing.assert_array_equal(np.array(Image.open(tmp_path / "own.png")),
+                                  np.array(Image.open(tmp_path / "sep.png")))
     assert read_metadata(tmp_path / "sep.png")["llama"] == str(llama)
     assert f"Llama from {llama}" in separate.output
 

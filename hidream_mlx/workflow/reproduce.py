@@ -200,7 +200,8 @@ def describe_image(path: Path | str, as_json: bool = False) -> str:
         lines.append(f"  HiDream-I1 | seed {meta.get('seed')} (step noise {meta.get('step_noise_seed')}) | "
                      f"{meta.get('width')}x{meta.get('height')} | second shift {meta.get('second_shift')}")
     else:
-        lines.append(f"  seed {meta.get('seed')} | {meta.get('width')}x{meta.get('height')} | noise {meta.get('noise')}")
+        lines.append(f"  seed {meta.get('seed')} | {meta.get('width')}x{meta.get('height')} | "
+                     f"noise {meta.get('noise')}")
     official = "" if meta.get("official_recipe", True) else " (modified)"
     numbers = ", ".join(f"{k} {rec.get(k, meta.get(k))}" for k in RECIPE_NUMBERS if k in rec or k in meta)
     lines.append(f"  recipe {meta.get('recipe')}{official}: {numbers}")

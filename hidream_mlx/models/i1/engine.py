@@ -84,8 +84,9 @@ class I1Engine:
         self.dtype = dtype
         self.quantize_bits = quantize_bits
         self.encoder_bits = encoder_bits
-        stored = source.quantization
-        self.quantization = stored or ({"bits": quantize_bits, "group_size": DEFAULT_GROUP_SIZE} if quantize_bits else None)
+        # Until the transformer loads: the stored plan, or what -q asks for (then the plan it ran with).
+        asked = {"bits": quantize_bits, "group_size": DEFAULT_GROUP_SIZE} if quantize_bits else None
+        self.quantization = source.quantization or asked
         self.loras: list = []  # LoRASummary per LoRA applied to the resident transformer
         self.lora_specs: tuple = tuple(check_loras(source, loras))  # applied whenever the transformer loads
         self._lora_keep: Optional[dict] = None  # originals the LoRAs replaced, kept only to switch in place
