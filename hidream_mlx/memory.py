@@ -52,6 +52,10 @@ def parameter_bytes(module: nn.Module) -> int:
     return sum(a.nbytes for _, a in tree_flatten(module.parameters()))
 
 
+def parameter_count(module: nn.Module) -> int:
+    return sum(a.size for _, a in tree_flatten(module.parameters()))
+
+
 def component_of(name: str) -> str:
     """Reporting group of a parameter (module path, ``model.`` already stripped)."""
     parts = name.split(".")

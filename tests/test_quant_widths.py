@@ -129,4 +129,4 @@ def test_plan_sizes_from_dims_equal_the_bytes_on_disk(name, bits, embeddings, tm
     conversion = convert(str(FIXTURES), tmp_path / "q", recipe, bits=bits, include_vision=False)
     shapes = [s for s in skeleton_shapes(read_config(FIXTURES)) if not s[0].startswith("lm_head")]
     predicted = sum(s.nbytes for s in plan_weight_sizes(shapes, conversion.plan.layers).values())
-    assert predicted == conversion.total.bytes
+    assert predicted == conversion.total.nbytes

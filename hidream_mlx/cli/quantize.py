@@ -46,7 +46,7 @@ def size_table(conversion) -> list[str]:
     width = max(14, *(len(name) for name in conversion.sizes))
     lines = [f"{'component':<{width}} {'parameters':>14} {'size':>12} {'bits/weight':>12}"]
     for name, size in [*conversion.sizes.items(), ("total", conversion.total)]:
-        lines.append(f"{name:<{width}} {size.params:>14,} {format_bytes(size.bytes):>12} {size.bits_per_weight:>12.2f}")
+        lines.append(f"{name:<{width}} {size.parameters:>14,} {format_bytes(size.nbytes):>12} {size.bits_per_weight:>12.2f}")
     return lines
 
 

@@ -25,10 +25,9 @@ from typing import Callable, Optional
 import mlx.core as mx
 import numpy as np
 import psutil
-from mlx.utils import tree_flatten
 
 from hidream_mlx import pipeline
-from hidream_mlx.memory import format_bytes, parameter_bytes, predict_peak_bytes
+from hidream_mlx.memory import format_bytes, parameter_bytes, parameter_count, predict_peak_bytes
 from hidream_mlx.patches import grid_size
 from hidream_mlx.generation import Engine
 from hidream_mlx.harness.peak_rss import PeakRss, ru_maxrss_bytes
@@ -226,7 +225,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _: None) -> 
     dtype_bytes = parse_dtype(cfg.dtype).size
     predicted = predict_peak_bytes(weight_bytes, text_cfg, cfg.size, cfg.size, use_cfg,
                                    text_tokens=cfg.prompt_tokens, dtype_bytes=dtype_bytes)
-    return BenchResult(cfg, sum(a.size for _, a in tree_flatten(model.parameters())), weight_bytes, baseline, memory.peak_rss,
+    return BenchResult(cfg, parameter_count(model), weight_bytes, baseline, memory.peak_rss,
                        memory.ru_maxrss, memory.mlx_peak, predicted, cfg.prompt_tokens, grid[0] * grid[1] + 1, grid[0] * grid[1],
                        results)
 

@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 import mlx.core as mx
 
 from hidream_mlx import __version__
+from hidream_mlx.memory import ComponentSize
 from hidream_mlx.models.loading import (
     SKIPPED_PREFIXES,
     TensorInfo,
@@ -53,16 +54,6 @@ def component_of(path: str) -> str:
 
 
 @dataclass
-class ComponentSize:
-    params: int = 0  # source elements, norms and biases included
-    bytes: int = 0  # bytes written
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8 * self.bytes / self.params if self.params else 0.0
-
-
-@dataclass
 class Conversion:
     output: Path
     plan: QuantPlan
@@ -74,7 +65,7 @@ class Conversion:
 
     @property
     def total(self) -> ComponentSize:
-        return ComponentSize(sum(s.params for s in self.sizes.values()), sum(s.bytes for s in self.sizes.values()))
+        return ComponentSize(sum(s.parameters for s in self.sizes.values()), sum(s.nbytes for s in self.sizes.values()))
 
 
 class ShardWriter:
@@ -165,7 +156,7 @@ def _convert_into(tmp: Path, infos: dict[str, TensorInfo], plan: QuantPlan, incl
                 continue
             module, _, leaf = mpath.rpartition(".")
             size = sizes.setdefault(component_of(mpath), ComponentSize())
-            size.params += source.size
+            size.parameters += source.size
             if leaf == "weight" and lora_updates and module in lora_updates:
                 source = merged_weight(source, lora_updates[module])  # float32, before quantizing
             setting = plan.layers.get(module) if leaf == "weight" else None
@@ -179,7 +170,7 @@ def _convert_into(tmp: Path, infos: dict[str, TensorInfo], plan: QuantPlan, incl
             mx.eval(*outputs.values())
             del source
             for out_name, array in outputs.items():
-                size.bytes += array.nbytes
+                size.nbytes += array.nbytes
                 writer.add(out_name, array)
             del outputs
         del arrays
@@ -227,7 +218,7 @@ def convert(source: str | ModelSource, output: Path | str, recipe: QuantRecipe, 
         sizes: dict[str, ComponentSize] = {}
         shards, weight_map = _convert_into(tmp, infos, plan, include_vision, shard_bytes, sizes, on_progress,
                                            lora_updates)
-        index = {"metadata": {"total_size": sum(s.bytes for s in sizes.values())},
+        index = {"metadata": {"total_size": sum(s.nbytes for s in sizes.values())},
                  "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         new_config = config.replace(

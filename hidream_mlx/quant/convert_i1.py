@@ -29,7 +29,8 @@ from hidream_mlx.models.i1.source import PIPELINE_PATTERNS
 from hidream_mlx.models.i1.weights import INDEX_NAME, component_index
 from hidream_mlx.models.loading import ModelLoadError, TensorInfo, iter_checkpoint, open_shard
 from hidream_mlx.models.source import is_repo_id, resolve_model_path
-from hidream_mlx.quant.convert import DEFAULT_SHARD_BYTES, ComponentSize, Conversion, ShardWriter
+from hidream_mlx.memory import ComponentSize
+from hidream_mlx.quant.convert import DEFAULT_SHARD_BYTES, Conversion, ShardWriter
 from hidream_mlx.quant.output import PIPELINE_INDEX, check_output, clean_leftovers, make_temp, move_into_place
 from hidream_mlx.quant.plans import I1_LAYERS, QuantPlan, index_matrices, resolve_plan
 from hidream_mlx.quant.quantization import quantize_weight
@@ -107,7 +108,7 @@ def _convert_transformer(infos: dict[str, TensorInfo], plan: QuantPlan, out: Pat
             source = arrays.pop(infos[name].name)
             module, _, leaf = name.rpartition(".")
             size = sizes.setdefault(component_of(name), ComponentSize())
-            size.params += source.size
+            size.parameters += source.size
             setting = plan.layers.get(module) if leaf == "weight" else None
             if setting is not None:
                 packed, scales, biases = quantize_weight(source, setting)
@@ -117,7 +118,7 @@ def _convert_transformer(infos: dict[str, TensorInfo], plan: QuantPlan, out: Pat
             mx.eval(*outputs.values())
             del source
             for out_name, array in outputs.items():
-                size.bytes += array.nbytes
+                size.nbytes += array.nbytes
                 writer.add(out_name, array)
             del outputs
         del arrays
@@ -164,7 +165,7 @@ def convert_i1(source: str, output: Path | str, recipe: QuantRecipe, bits: Optio
         (tmp / TRANSFORMER).mkdir()
         sizes: dict[str, ComponentSize] = {}
         shards, weight_map = _convert_transformer(infos, plan, tmp / TRANSFORMER, shard_bytes, sizes, on_progress)
-        index = {"metadata": {"total_size": sum(s.bytes for s in sizes.values())},
+        index = {"metadata": {"total_size": sum(s.nbytes for s in sizes.values())},
                  "weight_map": dict(sorted(weight_map.items()))}
         (tmp / TRANSFORMER / INDEX_NAME).write_text(json.dumps(index, indent=2))
         written += [f"{TRANSFORMER}/{name}" for name in (*shards, INDEX_NAME, "config.json")]
