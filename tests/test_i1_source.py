@@ -104,9 +104,9 @@ def test_no_snap_keeps_the_exact_size_which_must_be_a_multiple_of_16():
 
 def test_a_non_square_size_beyond_max_seq_is_refused_naming_it():
     cfg = tcfg()
-    side = int(math.isqrt(cfg.max_seq)) * cfg.patch_size * 8  # the largest square the padded path holds
-    with pytest.raises(RequestError, match=f"max_seq {cfg.max_seq}"):
-        request(I1Source.resolve(FIXTURES), width=side + 16, height=side, no_snap=True)
+    patch_px = cfg.patch_size * 8  # one patch of the 8x latent
+    with pytest.raises(RequestError, match=f"max_seq {cfg.max_seq}"):  # one row of max_seq + 1 patches
+        request(I1Source.resolve(FIXTURES), width=(cfg.max_seq + 1) * patch_px, height=patch_px, no_snap=True)
 
 
 def test_a_pipeline_without_llama_and_no_access_says_how_to_get_one(tmp_path, monkeypatch):
