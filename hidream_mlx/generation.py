@@ -297,5 +297,8 @@ class Engine:
 
 
 def preview_image(step: Step, request: Request) -> np.ndarray:
-    """The model's x0 prediction at ``step`` as an image (it predicts the clean image every step)."""
+    """The model's x0 prediction at ``step`` as an image (it predicts the clean image every step;
+    a HiDream-I1 step decodes its x0 latent with the VAE)."""
+    if hasattr(step, "image"):
+        return step.image()
     return patches_to_image(np.array(step.preview), request.height, request.width)

@@ -149,7 +149,7 @@ def test_a_prompt_file_encodes_every_distinct_text_in_one_pass(tmp_path, monkeyp
 O1_FLAGS = [
     ("--ref", "{tmp}/ref.png"), ("--layout", "[[0, 1, 0, 1]]"), ("--keep-aspect",), ("--editing-scheduler", "flash"),
     ("--blend-seams", "2"), ("--seam-smoothing", "0.5"), ("--seam-window", "mean"), ("--seam-strength", "0.5"),
-    ("--preview-every", "2"), ("--noise", "mlx"), ("--s-noise", "1"),
+    ("--noise", "mlx"), ("--s-noise", "1"),
     ("--noise-clip", "1"), ("--noise-scale", "2"), ("--dtype", "mixed"),
 ]
 
@@ -167,6 +167,20 @@ def test_o1_only_flags_are_refused_in_one_line_before_any_weight_loads(flag, tmp
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and flag[0] in lines[0], result.output
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("name", ["full", "fast"])
+def test_previews_decode_the_x0_prediction_without_changing_the_image(name, tmp_path):
+    plain, previewed = tmp_path / "plain.png", tmp_path / "out.png"
+    common = [*base_args(name), "--recipe", name, "--steps", "3", "--seed", "2"]
+    assert invoke(*common, "-o", str(plain)).exit_code == 0
+    result = invoke(*common, "--preview-every", "1", "-o", str(previewed))
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(pixels(plain), pixels(previewed))
+    previews = sorted(p.name for p in tmp_path.glob("out.step*.png"))
+    assert previews == ["out.step001.png", "out.step002.png"]  # none after the last step
+    first, second = (pixels(tmp_path / p) for p in previews)
+    assert first.shape == pixels(plain).shape and not np.array_equal(first, second)
 
 
 def test_recipe_only_options_name_the_recipes_that_read_them(tmp_path):

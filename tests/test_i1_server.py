@@ -79,3 +79,14 @@ def test_a_lora_by_name_is_checked_before_queueing_and_changes_the_image(tmp_pat
     assert plain.status_code == 200 and styled.status_code == 200, styled.text
     assert styled.json()["data"][0]["b64_json"] != plain.json()["data"][0]["b64_json"]
     assert wrong.status_code == 400 and "--lora-dir" in wrong.json()["error"]["message"]
+
+
+def test_job_progress_carries_x0_previews(server):
+    w, h = size()
+    body = {"prompt": "a red fox", "size": f"{w}x{h}", "no_snap": True, "recipe": "full", "steps": 3, "seed": 2}
+    with httpx.Client(base_url=server, timeout=120) as client:
+        job = client.post("/v1/jobs", json=body).json()
+        with client.stream("GET", f"/v1/jobs/{job['id']}/events") as response:
+            events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    previews = [e for e in events if '"preview": "data:image/jpeg;base64,' in e and '"event": "progress"' in e]
+    assert len(previews) == 2 and any('"event": "done"' in e for e in events)

@@ -93,9 +93,6 @@ def resolve_source(params: dict):
     family's load options are refused here, naming the flag."""
     arg = params["model_arg"]
     if family_of(arg) == I1:
-        if params.get("preview_every"):
-            raise RequestError("--preview-every is not supported for HiDream-I1 yet (its preview needs a VAE decode "
-                               "per step)")
         return I1Source.resolve(arg, llama=params.get("llama"))
     for name in I1_LOAD_OPTIONS:
         if params.get(name) is not None:

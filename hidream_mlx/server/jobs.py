@@ -210,7 +210,7 @@ class JobQueue:
                 remaining = (step.total - done + (len(requests) - number - 1) * step.total) * rate
                 data = {"image": number, "step": done, "steps": step.total, "seconds_per_step": round(rate, 4),
                         "eta_seconds": round(remaining, 2)}
-                # A HiDream-I1 step has no x0 preview (it would need a VAE decode per step).
+                # The flash sampler's last HiDream-I1 step calls no model, so it has no x0 preview.
                 if done % every == 0 and done < step.total and step.preview is not None:
                     data["preview"] = jpeg_data_url(preview_image(step, request))
                 job.emit("progress", **data)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
@@ -31,7 +31,8 @@ from hidream_mlx.generation import NonFiniteLatentError, Request, Result
 from hidream_mlx.memory import format_bytes
 from hidream_mlx.models.family import I1
 from hidream_mlx.models.i1.recipes import I1Recipe, get_i1_recipe
-from hidream_mlx.models.i1.sampling import Conditioning, GlobalTorchNoise, i1_schedule, initial_latents, sample
+from hidream_mlx.models.i1.sampling import (Conditioning, GlobalTorchNoise, guided_prediction, i1_schedule,
+                                            initial_latents, sample)
 from hidream_mlx.models.i1.source import I1Source
 from hidream_mlx.models.i1.text_encoding import PromptCache, PromptEmbedding, TextEncoders
 from hidream_mlx.models.i1.vae import to_uint8
@@ -61,13 +62,20 @@ def request_texts(request: Request) -> list[str]:
 
 @dataclass
 class I1Step:
-    """One finished sampling step, as the CLI's progress callback sees it (no x0 preview)."""
+    """One finished sampling step, as the CLI's progress callback sees it."""
 
     index: int
     total: int
     timestep: float
     latent: mx.array
+    # The step's x0 prediction (``x - sigma * guided``, lazy: costs nothing unless decoded); None on
+    # the flash sampler's last step, which calls no model.
     preview: Optional[mx.array] = None
+    decode: Optional[Callable[[mx.array], np.ndarray]] = field(default=None, repr=False)
+
+    def image(self) -> np.ndarray:
+        """The x0 prediction as a uint8 image (one VAE decode, with the transformer resident)."""
+        return self.decode(self.preview)
 
 
 class I1Engine:
@@ -257,6 +265,8 @@ class I1Engine:
 
         step_times: list[float] = []
         last = [time.perf_counter()]
+        latents = initial_latents(request.seed, self.latent_shape(request))
+        before = [latents]  # the step's input, for its x0 prediction
 
         def each_step(i, output, x):
             finite = mx.isfinite(x).all()
@@ -266,23 +276,30 @@ class I1Engine:
             now = time.perf_counter()
             step_times.append(now - last[0])
             last[0] = now
+            x0 = None if output is None else before[0] - float(schedule.sigmas[i]) * guided_prediction(
+                output, rec.guidance)
+            before[0] = x
             if on_step is not None:
-                on_step(I1Step(i, len(schedule), float(schedule.timesteps[i]), x), step_times[-1])
+                on_step(I1Step(i, len(schedule), float(schedule.timesteps[i]), x, x0, self._vae_image),
+                        step_times[-1])
 
-        latents = initial_latents(request.seed, self.latent_shape(request))
         with self._phase("transformer"):
             final = sample(model, cond, latents, rec.sampler_recipe(), schedule, step_noise, each_step)
         return final, step_times
+
+    def _vae_image(self, latent: mx.array) -> np.ndarray:
+        """Transformer-space latents [1, C, h, w] -> uint8 HWC (the VAE loads once, then stays: it is small)."""
+        if self.vae is None:
+            self.vae = load_vae(self.path / "vae", parse_dtype(self.dtype), lazy=False)
+        image = to_uint8(self.vae.decode_latents(latent.astype(parse_dtype(self.dtype))))[0]
+        mx.eval(image)
+        return np.array(image)
 
     def _decode(self, latent: mx.array) -> np.ndarray:
         if self._planned and not self._plan:
             self._drop_transformer()  # no planned image needs it again: the VAE phase runs alone
         with self._phase("vae"):
-            if self.vae is None:
-                self.vae = load_vae(self.path / "vae", parse_dtype(self.dtype), lazy=False)
-            image = to_uint8(self.vae.decode_latents(latent.astype(parse_dtype(self.dtype))))[0]
-            mx.eval(image)
-        return np.array(image)
+            return self._vae_image(latent)
 
     def run(self, request: Request, on_step: Optional[Callable] = None) -> Result:
         """One image: the prompt's embeddings (encoded once), the transformer's steps, the decode."""
