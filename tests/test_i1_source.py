@@ -81,6 +81,17 @@ def test_shift_replaces_both_unipc_shifts_and_leaves_the_official_recipe():
     assert dev.official  # flash shifts twice by the config shift in both pipelines: same value, same recipe
 
 
+def test_presets_set_the_effort_and_leave_the_size_to_the_i1_rule():
+    source = I1Source.resolve(FIXTURES)
+    quick = request(source, recipe="full", preset="quick")
+    assert (quick.recipe.steps, quick.recipe.guidance, quick.recipe.uses_cfg, quick.recipe.official) == (
+        24, 1.0, False, False)
+    assert request(source, recipe="dev", preset="quick").recipe.steps == 14
+    assert (quick.width, quick.height) == (1024, 1024)  # not the preset's O1 size
+    high = request(source, recipe="full", preset="high").recipe
+    assert high == request(source, recipe="full").recipe and high.official
+
+
 def test_sizes_are_rescaled_to_the_official_area_as_the_pipeline_does():
     assert snap_size(1024, 1024) == (1024, 1024)
     assert snap_size(1360, 768) == (1360, 768)
