@@ -195,3 +195,14 @@ def test_generate_refuses_a_lora_for_another_model_in_one_line_before_any_weight
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines[-1].startswith("error:") and str(path) in lines[-1] and "no key matched" in lines[-1]
     assert "Traceback" not in result.output and not (tmp_path / "x.png").exists()
+
+
+def test_a_broken_lora_adapter_metadata_header_is_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "meta.safetensors"
+    key = "transformer.final_layer.linear"
+    out, inp = dict(transformer().named_modules())["final_layer.linear"].weight.shape
+    tensors = {f"{key}.lora_A.weight": mx.zeros((2, inp)), f"{key}.lora_B.weight": mx.zeros((out, 2))}
+    mx.save_safetensors(str(path), tensors, metadata={"lora_adapter_metadata": "{not json"})
+    with pytest.raises(LoRAError, match="lora_adapter_metadata in the header is not valid JSON") as err:
+        apply_lora(transformer(), LoRASpec(path), keys=I1_KEYS)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
