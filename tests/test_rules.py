@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -270,3 +272,22 @@ def test_synthetic_encoding_sizes_the_prompt_by_its_words_and_the_uncond_like_th
     assert with_cfg.uncond.cache.length == real_uncond - 1  # as long as the real encoded " "
     assert with_cfg.cond.positions.shape[1] == 1 + (64 // 32) ** 2  # tms and the patches
     assert encode_synthetic(model, words, 64, 64, guidance=1.0).uncond is None
+
+
+# --- run-time dependencies ---------------------------------------------------------------------
+
+def test_generation_and_conversion_run_without_the_safetensors_package(tmp_path):
+    """safetensors is a dev-only dependency (tests write fixtures with it): nothing at run time imports it."""
+    script = (
+        "import sys\n"
+        "sys.modules['safetensors'] = None  # any import of it now fails\n"
+        "from hidream_mlx.cli import main\n"
+        f"args = ['--model', {str(FIXTURES)!r}]\n"
+        f"main(['quantize', *args, '--bits', '8', '-o', {str(tmp_path / 'q8')!r}], standalone_mode=False)\n"
+        f"main(['generate', '--model', {str(tmp_path / 'q8')!r}, '--prompt', 'a fox', '--no-snap', '--width', '256',"
+        f" '--height', '256', '--steps', '1', '--ref', {str(FIXTURES / 'edit_ref.png')!r},"
+        f" '-o', {str(tmp_path / 'o.png')!r}], standalone_mode=False)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "o.png").is_file()
