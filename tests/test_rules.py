@@ -5,17 +5,21 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from conftest import FIXTURES, load_case
+from huggingface_hub import constants
 
 from PIL import Image
 
 from hidream_mlx import generation
+from hidream_mlx.cli import main
 from hidream_mlx.generation import Engine, Request
 from hidream_mlx.harness import peak_rss
 from hidream_mlx.models.o1.config import BOI_TOKEN_ID, TMS_TOKEN_ID
@@ -291,3 +295,27 @@ def test_generation_and_conversion_run_without_the_safetensors_package(tmp_path)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "o.png").is_file()
+
+
+# --- README commands that depend on where they run -------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["module from the repository root", "script path from elsewhere"])
+def test_the_quantize_convert_shim_runs_as_the_readme_says(tmp_path, how):
+    repo = Path(__file__).resolve().parents[1]
+    if how.startswith("module"):
+        command, cwd = [sys.executable, "-m", "quantize.convert"], repo
+    else:
+        command, cwd = [sys.executable, str(repo / "quantize" / "convert.py")], tmp_path
+    out = tmp_path / "q8"
+    done = subprocess.run([*command, "--model", str(FIXTURES), "--bits", "8", "-o", str(out)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
+
+
+def test_info_with_a_repo_id_reads_only_the_local_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))  # even where it is cached
+    result = CliRunner().invoke(main, ["info", "--model", "HiDream-ai/HiDream-O1-Image-Dev"])
+    assert result.exit_code == 1
+    assert "not in the local Hugging Face cache and downloads are off" in result.output
