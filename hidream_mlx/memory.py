@@ -1,6 +1,8 @@
 """Memory: what the weights take, what a request will need, and what this machine can give.
 
-All sizes are bytes; printed sizes use GiB/MiB (powers of two) and say so.
+All sizes are bytes; printed sizes use GiB/MiB (powers of two) and say so. The size rule
+(``component_sizes``), the machine and the fit checks serve both families; HiDream-I1's phases
+are modelled in ``models.i1.memory`` (``check_fits_i1`` uses it).
 
 The prediction is weights + working set + the runtime's own footprint. The working set was
 calibrated by measurement on the CPU path (``hidream-mlx bench``, float32, real layer widths),
