@@ -204,8 +204,8 @@ def model_family(model) -> str:
 def refuse_o1_options(options: dict) -> None:
     """One line for the first HiDream-O1 option given with a HiDream-I1 model."""
     for name, (unset, why) in O1_ONLY.items():
-        value = options.get(name, unset)
-        if value != unset and not (name == "refs" and not value):
+        value = options.get(name)
+        if value is not None and value != unset and not (name == "refs" and not value):
             flag = "--ref" if name == "refs" else option_flag(name)
             shown = "" if isinstance(value, bool) or name == "refs" else f" {value}"
             raise RequestError(f"{flag}{shown} is a HiDream-O1 option and means nothing for HiDream-I1 ({why}); "
