@@ -210,6 +210,17 @@ def test_generate_with_other_bits_on_a_converted_folder_is_refused(converted):
     assert Engine.load(str(converted[4]), dtype="float32", quantize_bits=4).quantization["bits"] == 4
 
 
+def test_info_treats_q_on_a_converted_folder_as_generate_does(converted):
+    from hidream_mlx.cli import main
+
+    other = CliRunner().invoke(main, ["info", "--model", str(converted[4]), "-q", "6"])
+    assert other.exit_code != 0
+    assert "already quantized to 4 bits; drop -q" in other.output
+    same = CliRunner().invoke(main, ["info", "--model", str(converted[4]), "-q", "4"])
+    assert same.exit_code == 0, same.output
+    assert "stored quantization" in same.output
+
+
 def test_quantize_command_prints_sizes_and_writes_the_report(tmp_path):
     out = tmp_path / "q4s"
     result = CliRunner().invoke(quantize, ["--model", str(FIXTURES), "--recipe", "q4-selective", "--output",

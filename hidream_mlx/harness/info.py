@@ -31,6 +31,7 @@ from hidream_mlx.models.i1.text_encoding import DEFAULT_MAX_SEQUENCE_LENGTH
 from hidream_mlx.models.i1.weights import expert_widths
 from hidream_mlx.models.o1.synthetic import synthetic_config
 from hidream_mlx.models.source import ModelSource
+from hidream_mlx.quant.plans import check_requested_bits
 from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
 from hidream_mlx.recipes import get_recipe, recipe_for_model, uses_cfg
 from hidream_mlx.requests import RequestError, check_free_size, check_number
@@ -71,8 +72,7 @@ def o1_info_lines(model_arg: Optional[str], dims: Optional[str], layers: Optiona
         source = ModelSource.resolve(model_arg, allow_download=False)  # info never downloads 33 GB
         config = source.config
         if config.quantization and bits:
-            note(f"note: {source.path} is already quantized ({config.quantization.get('bits')} bits); "
-                 f"-q {bits} is ignored")
+            check_requested_bits(config.quantization, bits)  # as generate: another width is refused
             bits = None
         loaded, skipped = checkpoint_sizes(source, dtype_bytes, bits)
         title = str(source.path)

@@ -269,6 +269,15 @@ class LoadPlan:
     indivisible: tuple[str, ...] = ()
 
 
+def check_requested_bits(stored: Optional[dict], bits: Optional[int]) -> None:
+    """``-q BITS`` on a folder that is already quantized: the same width changes nothing, another
+    one is refused (re-quantizing quantized weights would compound the error)."""
+    stored_bits = stored.get("bits") if isinstance(stored, dict) else None
+    if stored and bits is not None and bits != stored_bits:
+        raise ValueError(f"this folder is already quantized to {stored_bits} bits; drop -q or convert "
+                         f"from the original checkpoint")
+
+
 def load_plan(model: nn.Module, stored: Optional[dict] = None, bits: Optional[int] = None,
               group_size: int = DEFAULT_GROUP_SIZE, scheme: LayerScheme = O1_LAYERS) -> Optional[LoadPlan]:
     """The plan for loading into ``model`` (a float skeleton): a folder's stored ``quantization``
@@ -276,10 +285,7 @@ def load_plan(model: nn.Module, stored: Optional[dict] = None, bits: Optional[in
     None when neither is given."""
     matrices = weight_matrices(model)
     if stored:
-        stored_bits = stored.get("bits") if isinstance(stored, dict) else None
-        if bits is not None and bits != stored_bits:
-            raise ValueError(f"this folder is already quantized to {stored_bits} bits; drop -q or convert "
-                             f"from the original checkpoint")
+        check_requested_bits(stored, bits)
         return LoadPlan(plan_from_description(stored, matrices, scheme), stored, stored=True)
     if bits is None:
         return None
