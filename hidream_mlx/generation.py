@@ -39,6 +39,9 @@ from hidream_mlx.recipes import Recipe, get_recipe, recipe_for_model
 from hidream_mlx.seam_smoothing import SeamSmoothing, extra_passes
 from hidream_mlx.seams import blend_seams
 from hidream_mlx.models.o1.transformer import HiDreamO1
+from hidream_mlx.editing.references import ImageProcessorConfig, prepare_references
+from hidream_mlx.models.lora import apply_loras
+from hidream_mlx.models.o1.vision import load_vision_tower
 
 
 @dataclass(frozen=True)
@@ -171,8 +174,6 @@ class Engine:
 
     def with_loras(self, specs: Sequence) -> "Engine":
         """Apply LoRAs (merged into float layers, side paths on quantized ones); summaries stack in ``loras``."""
-        from hidream_mlx.models.lora import apply_loras
-
         self.loras = self.loras + apply_loras(self.model, specs)
         return self
 
@@ -191,8 +192,6 @@ class Engine:
     def vision(self):
         """The vision tower, loaded on first use: text-to-image never needs it."""
         if self._vision is None:
-            from hidream_mlx.models.o1.vision import load_vision_tower
-
             if self.path is None:
                 raise ValueError("reference images need a model folder with a vision tower")
             self._vision = load_vision_tower(self.path, self.model.config, parse_dtype(self.dtype))
@@ -203,7 +202,6 @@ class Engine:
         that will run (``keep_aspect`` takes the reference's)."""
         if not request.references:
             return None, request
-        from hidream_mlx.editing.references import ImageProcessorConfig, prepare_references
 
         if self.path is None or self.tokenizer is None:
             raise ValueError("reference images need a model folder with a tokenizer and a vision tower")

@@ -31,6 +31,8 @@ from hidream_mlx.schedulers import (
     pipeline_schedule,
 )
 from hidream_mlx.models.o1.transformer import HiDreamO1, PrefixCache, stack_prefix_caches
+from hidream_mlx.editing.references import edit_prompt_text, edit_sequence
+from hidream_mlx.models.o1.synthetic import synthetic_prompt_ids
 
 
 @dataclass
@@ -119,8 +121,6 @@ def encode_with_references(model: HiDreamO1, vision, tokenizer: Tokenizer, promp
     prompt and the unconditional prompt (which carries the same images), and the reference
     patches ride along after the target patches at every step.
     """
-    from hidream_mlx.editing.references import edit_prompt_text, edit_sequence
-
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty")
     cfg = model.config
@@ -140,8 +140,6 @@ def encode_with_references(model: HiDreamO1, vision, tokenizer: Tokenizer, promp
 
 def encode_synthetic(model: HiDreamO1, prompt: str, height: int, width: int, guidance: float) -> Conditioning:
     """Like ``encode`` for tokenizer-less (random-weight) models: about one token per word."""
-    from hidream_mlx.models.o1.synthetic import synthetic_prompt_ids
-
     grid = grid_size(height, width)
     text_len = 14 + len(prompt.split()) * 4 // 3  # chat template overhead + words
     cond = encode_prompt_state(model, synthetic_prompt_ids(text_len), grid)

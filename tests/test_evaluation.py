@@ -18,6 +18,7 @@ from hidream_mlx.harness.batteries import (
     read_battery,
     read_variants_file,
 )
+from hidream_mlx.cli import eval as eval_cli
 from hidream_mlx.cli.eval import eval_group
 from hidream_mlx.harness.evaluation import EvalRun, load_engine, plan_jobs, read_results
 from hidream_mlx.harness.peak_rss import ru_maxrss_bytes
@@ -140,7 +141,7 @@ def test_unknown_variant_key_fails_before_any_model_is_loaded(tmp_path, monkeypa
     def no_loading(*args, **kwargs):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(evaluation, "load_engine", no_loading)
+    monkeypatch.setattr(eval_cli, "load_engine", no_loading)  # the name the command calls
     battery = write_battery(tmp_path, MINI)
     result = CliRunner().invoke(eval_group, ["--battery", str(battery), "--model", str(FIXTURES),
                                              "--variant", "a:stepz=3", "--output", str(tmp_path / "run")])

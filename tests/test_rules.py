@@ -1,5 +1,6 @@
 """Rules that were once untested (mutation testing changed them and no test noticed): each is pinned here."""
 
+import ast
 import dataclasses
 import json
 import subprocess
@@ -319,3 +320,37 @@ def test_info_with_a_repo_id_reads_only_the_local_cache(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["info", "--model", "HiDream-ai/HiDream-O1-Image-Dev"])
     assert result.exit_code == 1
     assert "not in the local Hugging Face cache and downloads are off" in result.output
+
+
+# --- code rules ------------------------------------------------------------------------------------
+
+
+def function_local_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, source text) of every import inside a function body of ``path``."""
+    source = path.read_text(encoding="utf-8")
+    lines = source.splitlines()
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for inner in ast.walk(node):
+                if isinstance(inner, (ast.Import, ast.ImportFrom)):
+                    found.add((inner.lineno, " ".join(lines[inner.lineno - 1:inner.end_lineno])))
+    return sorted(found)
+
+
+def test_function_local_import_detection_sees_nested_and_multi_line_imports(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("import os\n\ndef f():\n    def g():\n        from json import (\n            dumps,  # lazy: x\n"
+                      "        )\n    import sys\n")
+    assert [line for line, _ in function_local_imports(module)] == [5, 8]
+    assert ["# lazy:" in text for _, text in function_local_imports(module)] == [True, False]
+
+
+def test_every_function_local_import_says_why_it_is_lazy():
+    """Imports go at the top of a module; one that must wait (an import cycle, an optional extra)
+    says why on its line: ``# lazy: <why>``."""
+    repo = Path(__file__).resolve().parents[1]
+    files = [*(repo / "hidream_mlx").rglob("*.py"), *(repo / "quantize").rglob("*.py"), repo / "generate_hidream_mlx.py"]
+    unmarked = [f"{path.relative_to(repo)}:{line}: {text.strip()}" for path in sorted(files) if path.is_file()
+                for line, text in function_local_imports(path) if "# lazy:" not in text]
+    assert unmarked == []

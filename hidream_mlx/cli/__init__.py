@@ -15,6 +15,13 @@ import click
 from hidream_mlx import __version__
 from hidream_mlx.models.o1.config import ConfigError
 from hidream_mlx.models.loading import ModelLoadError
+from hidream_mlx.cli.bench import bench
+from hidream_mlx.cli.eval import eval_group
+from hidream_mlx.cli.generate import generate
+from hidream_mlx.cli.info import info
+from hidream_mlx.cli.quantize import quantize
+from hidream_mlx.cli.replay import replay
+from hidream_mlx.cli.serve import serve
 
 USER_ERRORS = (ConfigError, ModelLoadError, ValueError, FileExistsError, FileNotFoundError,
                IsADirectoryError, PermissionError, KeyError, OSError, MemoryError)
@@ -78,14 +85,6 @@ def main():
 
 
 def _register_commands() -> None:
-    from hidream_mlx.cli.bench import bench
-    from hidream_mlx.cli.eval import eval_group
-    from hidream_mlx.cli.generate import generate
-    from hidream_mlx.cli.info import info
-    from hidream_mlx.cli.quantize import quantize
-    from hidream_mlx.cli.replay import replay
-    from hidream_mlx.cli.serve import serve
-
     main.add_command(generate)
     main.add_command(quantize)
     main.add_command(eval_group)

@@ -10,6 +10,7 @@ import click
 
 from hidream_mlx.models.precision import PRECISIONS
 from hidream_mlx.quant.recipes import SUPPORTED_BITS
+from hidream_mlx.harness.bench import BenchConfig, load_line, report_lines, run_bench, run_load
 
 DTYPE_CHOICES = list(PRECISIONS)
 
@@ -39,8 +40,6 @@ def bench(dims, layers, bits, size, steps, guidance, compare_naive, compare_cfg,
     With --load-only --model PATH: load the folder (as text-to-image generate does) and print, last,
     `load <seconds> s, peak RSS <x> GiB, weights <y> GiB` (peak RSS: the process high-water mark).
     """
-    from hidream_mlx.harness.bench import BenchConfig, load_line, report_lines, run_bench, run_load
-
     if load_only != (model_arg is not None):
         raise ValueError("--load-only and --model go together")
     if load_only:

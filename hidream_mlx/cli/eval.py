@@ -9,7 +9,11 @@ runs as one rank of :mod:`hidream_mlx.harness.distributed`.
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +24,13 @@ from hidream_mlx.models.precision import PRECISIONS
 
 from hidream_mlx.models.o1.synthetic import TEXT_DIMS
 from hidream_mlx.quant.recipes import SUPPORTED_BITS
+from hidream_mlx.files import atomic_output, check_output_path
+from hidream_mlx.harness import distributed
+from hidream_mlx.harness.batteries import parse_seeds, parse_variants, read_battery, variant_lines
+from hidream_mlx.harness.distributed import HostLost, agree, gather_json, launch_command, lost_line, run_ranks
+from hidream_mlx.harness.evaluation import EvalRun, load_engine, plan_jobs, read_results, run_lock
+from hidream_mlx.harness.reports import REPORT_FILE, compare_runs, render_comparison, write_reports
+from hidream_mlx.memory import format_bytes
 
 
 def _echo(message: str) -> None:
@@ -27,8 +38,6 @@ def _echo(message: str) -> None:
 
 
 def _image_line(done: int, todo: int, record: dict) -> None:
-    from hidream_mlx.memory import format_bytes
-
     _echo(f"[{done}/{todo}] {record['variant']}/{record['id']} seed {record['seed']} "
           f"{record['width']}x{record['height']}: {record['total_time']:.2f} s, "
           f"{record['seconds_per_step']:.3f} s/step, peak RSS {format_bytes(record['peak_rss_bytes'])}, "
@@ -90,11 +99,6 @@ def run_battery(battery: Optional[Path], model_arg: Optional[str], random_weight
                 layers: Optional[int], variant_specs: list[str], variants_file: Optional[Path],
                 seeds: Optional[str], rundir: Optional[Path], warmup: bool, baseline: Optional[str],
                 dtype: str, quantize_bits: Optional[int], hosts: Optional[str] = None) -> Path:
-    from hidream_mlx.harness.batteries import parse_seeds, parse_variants, read_battery, variant_lines
-    from hidream_mlx.harness import distributed
-    from hidream_mlx.harness.evaluation import load_engine, plan_jobs, run_lock
-    from hidream_mlx.harness.reports import write_reports
-
     if battery is None:
         raise ValueError("--battery is required (or use a subcommand: compare, report)")
     if rundir is None:
@@ -149,8 +153,6 @@ def _model_name(model_arg, random_weights, layers) -> str:
 
 
 def _open_run(rundir, model_name, dtype, quantize_bits, battery, variants, baseline):
-    from hidream_mlx.harness.evaluation import EvalRun
-
     identity = {"model": model_name, "dtype": dtype, "quantize": quantize_bits, "battery": battery.stem}
     run = EvalRun(rundir, identity, variants, {"battery_path": str(battery), "baseline": baseline})
     for line in run.dropped:
@@ -161,14 +163,6 @@ def _open_run(rundir, model_name, dtype, quantize_bits, battery, variants, basel
 def _launch(hosts: str, eval_args: list[str], rundir: Path, jobs) -> Path:
     """Run the ranks with mlx.launch and judge the outcome from the run folder itself:
     mlx.launch exits 0 even when a rank failed, so a missing result is the one sure sign."""
-    import subprocess
-
-    from hidream_mlx.harness.distributed import launch_command
-    from hidream_mlx.harness.evaluation import read_results
-    from hidream_mlx.harness.reports import REPORT_FILE
-
-    from hidream_mlx.harness.evaluation import run_lock
-
     command = launch_command(hosts, eval_args)
     with run_lock(rundir):  # refuse a folder in use now, not after every host has loaded
         pass
@@ -185,13 +179,6 @@ def _launch(hosts: str, eval_args: list[str], rundir: Path, jobs) -> Path:
 def _rank_battery(group, jobs, open_run, load, rundir: Path, baseline: Optional[str]) -> None:
     """One launched rank. Rank 0 locks and opens the run folder first; every rank loads the model;
     one collective after loading is the barrier before any job starts."""
-    import socket
-    from contextlib import ExitStack
-
-    from hidream_mlx.harness.distributed import HostLost, agree, gather_json, lost_line, run_ranks
-    from hidream_mlx.harness.evaluation import run_lock
-    from hidream_mlx.harness.reports import write_reports
-
     rank, run = group.rank(), None
     with ExitStack() as stack:
         problem = None
@@ -236,10 +223,6 @@ def _leave(group) -> None:
     """End a rank once all are done. A last collective first, so no rank closes its sockets
     while another still talks; then exit without interpreter teardown, during which a rank's
     ring-backend threads were seen to hang now and then (keeping mlx.launch waiting)."""
-    import os
-
-    from hidream_mlx.harness.distributed import agree
-
     agree(group, None)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -267,9 +250,6 @@ def compare(run_a, run_b, output, overwrite, ignore_seed, allow_mismatch):
 
     Images are matched by prompt id; a pair whose prompt, seed or size differ is refused
     unless --allow-mismatch, which marks it."""
-    from hidream_mlx.files import atomic_output, check_output_path
-    from hidream_mlx.harness.reports import compare_runs, render_comparison
-
     if output is not None:
         check_output_path(output, overwrite)
     text = render_comparison(run_a, run_b, compare_runs(run_a, run_b, ignore_seed, allow_mismatch))
@@ -285,6 +265,4 @@ def compare(run_a, run_b, output, overwrite, ignore_seed, allow_mismatch):
 @click.option("--baseline", default=None, help="Variant the speed-ups are against (default: the run's).")
 def report(rundir, baseline):
     """Rewrite RUNDIR/report.md and the contact sheet from the results so far."""
-    from hidream_mlx.harness.reports import write_reports
-
     click.echo(str(write_reports(rundir, baseline)))

@@ -33,6 +33,7 @@ from hidream_mlx.workflow.reproduce import (
     recorded_settings,
     reproduction_fields,
 )
+from hidream_mlx.generation import preview_image
 
 # build_request's options, as generate's parameters are named.
 REQUEST_OPTIONS = ("width", "height", "no_snap", "recipe", "preset", "steps", "guidance", "shift", "noise_scale",
@@ -123,8 +124,6 @@ def plan(params: dict, note: Callable[[str], None]):
 
 def render(engine, jobs: list[Job], requests: list, params: dict, announce=None, on_image_done=None) -> list[Path]:
     """Render every job with the one loaded ``engine``; returns the files written, in order."""
-    from hidream_mlx.generation import preview_image
-
     engine.conditioning_cache = {}
     written, started, total = [], time.perf_counter(), len(jobs)
     bits = int(params["quantize_bits"]) if params["quantize_bits"] else None

@@ -40,9 +40,9 @@ def check_exposure(host: str, token, insecure: bool) -> None:
 
 def import_server():
     try:
-        import uvicorn
+        import uvicorn  # lazy: optional extra
 
-        from hidream_mlx.server.app import ServerConfig, create_app
+        from hidream_mlx.server.app import ServerConfig, create_app  # lazy: optional extra
     except ImportError as e:
         raise click.ClickException(f"the server needs the optional extra: pip install 'hidream-mlx[serve]' "
                                    f"(missing: {e.name})") from None

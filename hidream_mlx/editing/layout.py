@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 MAX_LAYOUT_BOXES = 5
 LAYOUT_COLORS = (
@@ -108,8 +108,6 @@ def parse_layout_boxes(spec: Any, width: int, height: int, note: Note = None) ->
 def draw_layout(boxes: Sequence[LayoutBox], width: int, height: int) -> tuple[Image.Image, list]:
     """Black image with the largest MAX_LAYOUT_BOXES boxes outlined, thickest first; returns it
     and each box's colour (None for boxes not drawn), in input order."""
-    from PIL import ImageDraw
-
     max_line = int(math.sqrt(width * height) * 0.05)
     gap = max(1, max_line // MAX_LAYOUT_BOXES)
     image = Image.new("RGB", (width, height), (0, 0, 0))

@@ -21,6 +21,7 @@ from hidream_mlx.models.lora import checked_specs, specs_from_json
 from hidream_mlx.models.i1.recipes import I1_RECIPES
 from hidream_mlx.recipes import get_recipe
 from hidream_mlx.resolution import FREE_SIZE_MULTIPLE, MAX_PIXELS, resolve_size
+from hidream_mlx.seam_smoothing import check_setting
 
 VARIANT_KEYS = ("steps", "guidance", "size", "recipe", "shift", "blend_seams", "noise", "snap",
                 "seam_smoothing", "seam_window", "seam_strength")
@@ -196,8 +197,6 @@ def _variant_value(key: str, text: str):
             raise ValueError(f"blend_seams must be between 0 and {PATCH_SIZE // 2}, got {radius}")
         return radius
     if key.startswith("seam_"):
-        from hidream_mlx.seam_smoothing import check_setting
-
         value = text if key == "seam_window" else _parse_number(key, text, float)
         check_setting(key, value)
         return value

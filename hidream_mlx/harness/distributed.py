@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import mlx.core as mx
 import numpy as np
 
 from hidream_mlx.files import read_json_file
@@ -56,8 +57,6 @@ def launched_rank() -> bool:
 
 
 def init_group():
-    import mlx.core as mx
-
     return mx.distributed.init(backend="ring", strict=True)
 
 
@@ -93,8 +92,6 @@ def gather_bytes(group, data: bytes) -> list[bytes]:
 
     Each piece travels with its hash: after losing a peer the ring backend can hand back
     zeros instead of raising, and that must read as a lost peer, never as data."""
-    import mlx.core as mx
-
     data = hashlib.sha256(data).digest()[:8] + data
     lengths = mx.distributed.all_gather(mx.array([len(data)], dtype=mx.int32), group=group)
     lengths = np.array(lengths).tolist()

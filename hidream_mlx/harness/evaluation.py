@@ -28,15 +28,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+import mlx.core as mx
+import psutil
+
 from hidream_mlx.harness.batteries import DEFAULT_SEED, DEFAULT_SIZE, BatteryItem, Variant, eval_size
 from hidream_mlx.harness.peak_rss import PeakRss, reset_high_water, ru_maxrss_bytes
-from hidream_mlx.files import read_json_file, read_text_file, sha256_file
+from hidream_mlx.files import atomic_output, read_json_file, read_text_file, sha256_file
 from hidream_mlx.images import save_image
 from hidream_mlx.models.family import I1, O1, family_of
 from hidream_mlx.models.lora import switch_loras
 from hidream_mlx.models.o1.config import PATCH_SIZE
 from hidream_mlx.requests import build_request
 from hidream_mlx.seams import grid_energy_axes
+from hidream_mlx.generation import Engine
+from hidream_mlx.memory import parameter_bytes
+from hidream_mlx.models.o1.synthetic import random_model
+from hidream_mlx.models.precision import parse_dtype
+from hidream_mlx.quant.quantization import quantize_in_memory
 
 RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
@@ -210,8 +218,6 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def machine_description() -> str:
-    import mlx.core as mx
-
     device = "Metal GPU" if mx.metal.is_available() else "CPU"
     return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, MLX {mx.__version__} on {device}, "
             f"Python {platform.python_version()}")
@@ -224,19 +230,12 @@ def load_engine(model: Optional[str], random_weights: Optional[str] = None, laye
     Random weights with ``quantize_bits`` get the same flat recipe as ``generate -q``. A
     HiDream-I1 pipeline gets an I1Engine (its weights load phase by phase in :meth:`EvalRun.run`).
     """
-    from hidream_mlx.generation import Engine
-
     if random_weights is None and family_of(model) == I1:
         from hidream_mlx.models.i1.engine import I1Engine  # lazy: the I1 stack only for I1 runs
 
         return I1Engine.load(model, dtype=dtype, quantize_bits=quantize_bits)
     if random_weights is None:
         return Engine.load(model, dtype=dtype, quantize_bits=quantize_bits)
-    import mlx.core as mx
-
-    from hidream_mlx.models.precision import parse_dtype
-    from hidream_mlx.quant.quantization import quantize_in_memory
-    from hidream_mlx.models.o1.synthetic import random_model
 
     start = time.perf_counter()
     net = random_model(random_weights, layers, dtype=parse_dtype(dtype))
@@ -283,10 +282,6 @@ class EvalRun:
 
     def start_session(self, engine) -> None:
         """Call right after loading: the process high-water mark so far is the load's peak."""
-        import psutil
-
-        from hidream_mlx.memory import parameter_bytes
-
         self.session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_time": engine.load_time,
                         "load_peak_rss": ru_maxrss_bytes(), "rss_after_load": psutil.Process().memory_info().rss,
                         "images": 0, "warmup_time": None}
@@ -328,8 +323,6 @@ class EvalRun:
     def _prepare_phases(self, engine, requests: list) -> None:
         """HiDream-I1: every prompt encoded (encoders freed) before the transformer loads once;
         the load's time and the weights' bytes go into the session as O1's do at load."""
-        from hidream_mlx.memory import parameter_bytes
-
         engine.encode_prompts(requests)
         engine.load_transformer()
         self.session["load_time"] = engine.load_time
@@ -354,8 +347,6 @@ class EvalRun:
 
     def store_remote(self, record: dict, png: bytes) -> dict:
         """Write an image made by another rank (its bytes, checked against its hash), then its line."""
-        from hidream_mlx.files import atomic_output
-
         if hashlib.sha256(png).hexdigest() != record["sha256"]:
             raise ValueError(f"{record['key']}: the image from rank {record['rank']} arrived damaged")
         image_path = self.rundir / record["image"]

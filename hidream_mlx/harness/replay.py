@@ -18,6 +18,7 @@ from hidream_mlx.patches import patches_to_image
 from hidream_mlx.pipeline import Conditioning, PromptState, prompt_state, sample, schedule_for
 from hidream_mlx.recipes import Recipe, get_recipe
 from hidream_mlx.models.o1.transformer import HiDreamO1
+from hidream_mlx.models.o1.vision import load_vision_tower
 
 
 class ReplayError(ValueError):
@@ -148,8 +149,6 @@ def recorded_edit_state(model: HiDreamO1, vision, data) -> tuple[PromptState, di
 
 
 def _vision(model: HiDreamO1, model_dir: Path):
-    from hidream_mlx.models.o1.vision import load_vision_tower
-
     return load_vision_tower(model_dir, model.config, mx.float32)
 
 

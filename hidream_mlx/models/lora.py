@@ -45,6 +45,7 @@ from hidream_mlx.models.lora_keys import (  # noqa: F401 (LoRAKeys, I1_KEYS: par
     split_key,
     underscore_map,
 )
+from hidream_mlx.models.loading import SKIPPED_PREFIXES, is_vision, module_name
 
 
 @dataclass(frozen=True)
@@ -301,8 +302,6 @@ def lora_memory(specs: Sequence[LoRASpec], quantized: bool) -> int:
 
 def checkpoint_targets(infos: dict) -> dict[str, tuple[int, int]]:
     """(out, in) of every linear layer in a checkpoint index (checkpoint name -> TensorInfo)."""
-    from hidream_mlx.models.loading import SKIPPED_PREFIXES, is_vision, module_name
-
     out = {}
     for name, info in infos.items():
         path = module_name(name)

@@ -14,7 +14,7 @@ tokens the run looked up.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -28,6 +28,9 @@ from hidream_mlx.models.precision import DTYPE_NAMES
 from hidream_mlx.quant.plans import EMBEDDINGS, QuantPlan, resolve_plan
 from hidream_mlx.quant.quantization import quantize_weight
 from hidream_mlx.quant.recipes import BUILTIN_RECIPES, KEEP, MODE, LayerSetting
+from hidream_mlx.generation import Engine, Request
+from hidream_mlx.models.loading import load_model
+from hidream_mlx.prompt import Tokenizer
 
 DEFAULT_PROMPT = "a lighthouse on a rocky coast at sunset, waves, warm light"
 MAX_ROWS = 256  # activation rows kept per layer: enough for a stable norm, bounded memory
@@ -257,10 +260,6 @@ def fidelity_report(source_dir: Path, plan: QuantPlan, title: str, dtype: mx.Dty
                     others: Optional[dict[str, QuantPlan]] = None) -> FidelityReport:
     """Load the unquantized model from ``source_dir``, record activations, score ``plan`` (and
     ``others``, for comparison, on the same activations)."""
-    from hidream_mlx.generation import Engine, Request
-    from hidream_mlx.models.loading import load_model
-    from hidream_mlx.prompt import Tokenizer
-
     model = load_model(source_dir, dtype=dtype)
     tokenizer = Tokenizer(source_dir) if (source_dir / "tokenizer.json").is_file() else None
     engine = Engine(model, tokenizer, name=str(source_dir))
@@ -279,9 +278,6 @@ def fidelity_report(source_dir: Path, plan: QuantPlan, title: str, dtype: mx.Dty
 def comparison_plans(plan: QuantPlan, matrices: dict[str, int], num_layers: int) -> dict[str, QuantPlan]:
     """What ``quantize --report`` compares ``plan`` with: flat at the plan's default bits, every
     built-in recipe, and the plan's own recipe with embed_tokens toggled (its effect alone)."""
-    from dataclasses import replace
-
-
     bits, group = plan.default.bits, plan.default.group_size
     out = {f"flat Q{bits}": resolve_plan(BUILTIN_RECIPES["flat"], matrices, num_layers, bits, group)}
     for name, recipe in BUILTIN_RECIPES.items():

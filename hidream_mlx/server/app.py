@@ -35,6 +35,7 @@ from hidream_mlx.models.precision import parse_dtype
 from hidream_mlx.server.fields import CLI_FIELDS, BadRequest, Limits, build_spec, decode_reference, parse_json, \
     served_names
 from hidream_mlx.server.jobs import Job, JobQueue
+from hidream_mlx.models.lora import LoRAError, linear_targets, lora_memory as estimate, read_lora
 
 STATIC = Path(__file__).parent / "static"
 FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.png$")
@@ -280,16 +281,12 @@ def form_value(key: str, text: str):
 
 
 def lora_memory(specs, quantized: bool) -> int:
-    from hidream_mlx.models.lora import lora_memory as estimate
-
     return estimate(specs, quantized)
 
 
 def check_loras(engine, specs, lora_dir: Path) -> None:
     """Read each LoRA against the model now, so a file that does not fit is a 400 before queueing
     (applying one in the worker then cannot fail half-way)."""
-    from hidream_mlx.models.lora import LoRAError, linear_targets, read_lora
-
     if getattr(engine, "family", O1) == I1:
         from hidream_mlx.models.i1.lora_targets import check_loras as check_i1_loras  # lazy: I1 servers only
 

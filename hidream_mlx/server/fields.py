@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from hidream_mlx.generation import Request
 from hidream_mlx.workflow.batch import make_request as build_one
+from hidream_mlx.models.lora import LoRAError, parse_lora_options
 
 
 class BadRequest(ValueError):
@@ -163,7 +164,6 @@ def lora_specs(names, scales, lora_dir: Optional[Path]) -> tuple:
         if scales is not None:
             raise BadRequest("lora_scale needs a lora")
         return ()
-    from hidream_mlx.models.lora import LoRAError, parse_lora_options
 
     chosen = lora_names(names, lora_dir)
     scales = [scales] if isinstance(scales, (int, float)) else list(scales or [])

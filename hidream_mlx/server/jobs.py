@@ -24,6 +24,7 @@ from hidream_mlx.generation import preview_image
 from hidream_mlx.images import save_image
 from hidream_mlx.workflow.reproduce import reproduction_fields
 from hidream_mlx.server.fields import Spec
+from hidream_mlx.models.lora import switch_loras
 
 PREVIEW_SIDE = 256
 PREVIEW_QUALITY = 70
@@ -188,8 +189,6 @@ class JobQueue:
                     self.running = None
 
     def _render(self, job: Job) -> None:
-        from hidream_mlx.models.lora import switch_loras
-
         job.state = "running"
         # Exactly this job's LoRAs: the previous job's are undone first (a no-op when they match).
         switch_loras(self.engine, job.spec.loras)

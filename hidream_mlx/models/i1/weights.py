@@ -14,6 +14,7 @@ from hidream_mlx.models.loading import (ModelLoadError, TensorInfo, check_agains
 from hidream_mlx.quant.plans import I1_LAYERS, load_plan
 from hidream_mlx.quant.quantization import apply_plan
 from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
+from hidream_mlx.models.i1.vae import AutoencoderKL, torch_to_mlx
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 
@@ -120,8 +121,6 @@ def load_transformer(folder: Path | str, dtype: mx.Dtype = mx.float32, lazy: boo
 
 def load_vae(folder: Path | str, dtype: mx.Dtype = mx.float32, lazy: bool = True):
     """``AutoencoderKL`` (encoder and decoder) from a diffusers ``vae/`` folder, strictly."""
-    from hidream_mlx.models.i1.vae import AutoencoderKL, torch_to_mlx
-
     folder = Path(folder)
     cfg = VAEConfig.load(folder)
     infos = component_index(folder)

@@ -14,7 +14,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from hidream_mlx.models.o1.config import ModelConfig
+from hidream_mlx.models.o1.config import BOI_TOKEN_ID, ModelConfig, TMS_TOKEN_ID
+from hidream_mlx.models.o1.transformer import HiDreamO1
 
 _REAL_TEXT = dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                   head_dim=128, intermediate_size=12288, mrope_section=[24, 20, 20])
@@ -46,8 +47,6 @@ def synthetic_config(dims: str, layers: Optional[int] = None) -> ModelConfig:
 
 def random_model(dims: str, layers: Optional[int] = None, dtype: mx.Dtype = mx.float32, seed: int = 0):
     """A HiDreamO1 with random weights; the embedding table stays small-valued and lazy-free."""
-    from hidream_mlx.models.o1.transformer import HiDreamO1
-
     mx.random.seed(seed)
     model = HiDreamO1(synthetic_config(dims, layers))
     params = []
@@ -65,8 +64,6 @@ def random_model(dims: str, layers: Optional[int] = None, dtype: mx.Dtype = mx.f
 
 def synthetic_prompt_ids(length: int, seed: int = 0) -> np.ndarray:
     """Token ids shaped like an encoded prompt: ordinary ids, then boi and tms."""
-    from hidream_mlx.models.o1.config import BOI_TOKEN_ID, TMS_TOKEN_ID
-
     rng = np.random.default_rng(seed)
     body = rng.integers(*_ORDINARY_IDS, size=max(length - 2, 1), dtype=np.int64)
     return np.concatenate([body, np.array([BOI_TOKEN_ID, TMS_TOKEN_ID], dtype=np.int64)])
