@@ -301,11 +301,14 @@ def test_generation_and_conversion_run_without_the_safetensors_package(tmp_path)
 # --- README commands that depend on where they run -------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["module from the repository root", "script path from elsewhere"])
+@pytest.mark.parametrize("how", ["module from the repository root", "module from elsewhere",
+                                 "script path from elsewhere"])
 def test_the_quantize_convert_shim_runs_as_the_readme_says(tmp_path, how):
     repo = Path(__file__).resolve().parents[1]
-    if how.startswith("module"):
+    if how == "module from the repository root":
         command, cwd = [sys.executable, "-m", "quantize.convert"], repo
+    elif how == "module from elsewhere":  # the package is installed with hidream_mlx
+        command, cwd = [sys.executable, "-m", "quantize.convert"], tmp_path
     else:
         command, cwd = [sys.executable, str(repo / "quantize" / "convert.py")], tmp_path
     out = tmp_path / "q8"
