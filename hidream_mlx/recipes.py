@@ -117,7 +117,7 @@ def recipe_for_model(name_or_path: str, stored: Optional[dict] = None) -> str:
 
 @dataclass(frozen=True)
 class Preset:
-    """Size and effort for one stage of the explore -> re-render workflow (seeds/000)."""
+    """Size and effort for one stage of the explore -> re-render workflow (README, *Presets*)."""
 
     name: str
     size: Optional[tuple[int, int]]  # None: the official bucket for the requested size

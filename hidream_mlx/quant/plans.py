@@ -10,7 +10,7 @@ recipe may quantize only by naming them with a pattern.
 
 * O1: only the decoder's attention and MLP projections. The pixel shims (``x_embedder``,
   ``t_embedder1``, ``final_layer2``), the norms, the biases and ``embed_tokens`` stay in bf16:
-  error in the shims lands directly on the pixels (SPEC §5: flat Q4 darkens images), and
+  error in the shims lands directly on the pixels (flat Q4 darkens images: docs/model.md, *Quantization*), and
   ``embed_tokens`` (a lookup run once per prompt) is quantized only on request.
 * I1: every linear inside the double and single stream blocks: attention q/k/v/out of both
   streams, the routed and shared experts, the text FFN and the blocks' adaLN modulation (15% of

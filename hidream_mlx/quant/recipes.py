@@ -191,7 +191,7 @@ BUILTIN_RECIPES: dict[str, QuantRecipe] = {
     # First and last two decoder layers at 8 bits: the first layers turn raw patch embeddings
     # into the residual stream and the last ones feed final_layer2 directly, so their rounding
     # error is not averaged away by later layers; users measured that this fixes Q4 darkening
-    # (SPEC §4-5) for ~1 GB (bf16 edges) — at 8 bits the edges cost half that.
+    # (docs/model.md, *Quantization: what users measured*) for ~1 GB (bf16 edges) — at 8 bits the edges cost half that.
     "q4-selective": QuantRecipe(
         "q4-selective", bits=4,
         overrides=(Override(8, layers=(0, 1, -2, -1)),),
