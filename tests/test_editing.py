@@ -1,6 +1,7 @@
 """Editing and subject-driven generation: reference images through the same generation code."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -128,3 +129,24 @@ def test_references_on_a_folder_converted_without_the_vision_tower_fail_before_l
                                        "256", "--output", str(tmp_path / "e.png")])
     assert result.exit_code == 1 and "no vision tower" in result.output
     assert not (tmp_path / "e.png").exists()
+
+
+def test_keep_aspect_size_is_printed_fit_checked_rendered_and_recorded_as_one(tmp_path, monkeypatch):
+    generate_cli = sys.modules["hidream_mlx.cli.generate"]  # the package's `generate` is the command
+    checked = []
+    real_check = generate_cli.check_fits_folder
+    monkeypatch.setattr(generate_cli, "check_fits_folder",
+                        lambda source, dtype_bytes, bits, w, h, *a, **k: (checked.append((w, h)),
+                                                                          real_check(source, dtype_bytes, bits, w, h,
+                                                                                     *a, **k))[1])
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (1600, 1000), (90, 120, 200)).save(wide)
+    result, out = generate(tmp_path, "--ref", str(wide), "--keep-aspect", "--width", "256", "--height", "256",
+                           "--recipe", "dev", "--steps", "2", "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    rendered = Image.open(out).size
+    assert rendered[0] > rendered[1] and rendered[0] * rendered[1] <= 256 * 256 * 1.1  # 16:10, in the budget
+    assert checked == [rendered]
+    assert f"size {rendered[0]}x{rendered[1]}" in result.output
+    meta = read_metadata(out)
+    assert (meta["width"], meta["height"]) == rendered
