@@ -179,3 +179,18 @@ def test_loras_recorded_by_name_are_found_beside_the_image_or_asked_for(tmp_path
     moved.write_bytes(out.read_bytes())
     missing = invoke("generate", "--from-image", str(moved), "-o", str(tmp_path / "x.png"))
     assert missing.exit_code == 1 and "made with LoRA(s) lora.safetensors" in missing.output
+
+
+@pytest.mark.parametrize("scheduler, recipe", [("flash", "dev"), ("flow_match", "dev-edit")])
+def test_from_image_of_an_edit_reruns_the_editing_scheduler_it_was_made_with(tmp_path, scheduler, recipe):
+    ref = str(FIXTURES / "edit_ref.png")
+    first = tmp_path / "edit.png"
+    made = invoke(*BASE, "--recipe", "dev", "--seed", "3", "--ref", ref, "--editing-scheduler", scheduler,
+                  "-o", str(first))
+    assert made.exit_code == 0, made.output
+    assert read_metadata(first)["recipe"] == recipe
+    again = tmp_path / "again.png"
+    rerun = invoke("generate", "--from-image", str(first), "--ref", ref, "-o", str(again))
+    assert rerun.exit_code == 0, rerun.output
+    assert read_metadata(again)["recipe"] == recipe
+    assert np.array_equal(pixels(again), pixels(first))

@@ -93,6 +93,10 @@ def recorded_settings(meta: dict) -> dict:
     settings["no_snap"] = True  # the recorded size is the one that ran
     if meta.get("layout") is not None:
         settings["layout"] = meta["layout"]
+    if len(meta.get("references") or []) == 1 and meta.get("recipe") in ("dev", "dev-2604"):
+        # One reference under a Dev recipe ran the flash sampler only with --editing-scheduler flash
+        # (flow-match editing records the recipe dev-edit), so the re-render asks for flash again.
+        settings["editing_scheduler"] = "flash"
     seams = meta.get("seam_smoothing")
     if isinstance(seams, dict):
         settings.update(seam_smoothing=seams.get("fraction", 0.0), seam_window=seams.get("window", "hann"),
