@@ -41,7 +41,6 @@ RELEASED_VAE = {
     "sample_size": 1024, "scaling_factor": 0.3611, "shift_factor": 0.1159, "force_upcast": True,
     "use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": True,
 }
-INDEX = "diffusion_pytorch_model.safetensors.index.json"
 ELEMENT_BYTES = {"BF16": 2, "F32": 4}
 
 
@@ -176,28 +175,30 @@ def write_sparse(path: Path, tensors: list[tuple[str, list[int]]], dtype: str) -
 
 
 def write_component(folder: Path, config: dict, tensors: dict[str, list[int]], dtype: str,
-                    shard_bytes: int | None) -> int:
-    """config.json plus one file, or shards at ``shard_bytes`` with their index (as save_pretrained)."""
+                    shard_bytes: int | None, stem: str = "diffusion_pytorch_model") -> int:
+    """config.json plus ``STEM.safetensors``, or, when the tensors (in the given order) exceed
+    ``shard_bytes``, shards ``STEM-0000k-of-0000n.safetensors`` with ``STEM.safetensors.index.json``
+    (as save_pretrained)."""
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    items = sorted(tensors.items())
-    if shard_bytes is None:
-        return write_sparse(folder / "diffusion_pytorch_model.safetensors", items, dtype)
     groups, current, size = [], [], 0
-    for name, shape in items:
+    for name, shape in tensors.items():
         n = ELEMENT_BYTES[dtype] * math.prod(shape)
-        if current and size + n > shard_bytes:
+        if current and shard_bytes is not None and size + n > shard_bytes:
             groups.append(current)
             current, size = [], 0
         current.append((name, shape))
         size += n
     groups.append(current)
+    if len(groups) == 1:
+        return write_sparse(folder / f"{stem}.safetensors", groups[0], dtype)
     weight_map, total = {}, 0
     for k, group in enumerate(groups, start=1):
-        file = f"diffusion_pytorch_model-{k:05d}-of-{len(groups):05d}.safetensors"
+        file = f"{stem}-{k:05d}-of-{len(groups):05d}.safetensors"
         total += write_sparse(folder / file, group, dtype)
         weight_map.update({name: file for name, _ in group})
-    (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (folder / f"{stem}.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return total
 
 
@@ -221,9 +222,9 @@ def main(argv: list[str] | None = None) -> None:
         for folder in args.fixture.glob("scheduler*"):
             shutil.copytree(folder, args.out / folder.name)
     (args.out / "model_index.json").write_text(json.dumps(index, indent=2))
-    t = write_component(args.out / "transformer", tcfg, transformer_tensors(tcfg), args.dtype,
-                        args.shard_bytes or None)
-    v = write_component(args.out / "vae", vcfg, vae_tensors(vcfg), args.dtype, None)
+    t = write_component(args.out / "transformer", tcfg, dict(sorted(transformer_tensors(tcfg).items())),
+                        args.dtype, args.shard_bytes or None)
+    v = write_component(args.out / "vae", vcfg, dict(sorted(vae_tensors(vcfg).items())), args.dtype, None)
     params = sum(math.prod(s) for s in transformer_tensors(tcfg).values())
     print(f"{args.out}: transformer {params / 1e9:.2f}B parameters, {t / 2**30:.2f} GiB; "
           f"vae {v / 2**20:.0f} MiB ({args.dtype}, sparse)")

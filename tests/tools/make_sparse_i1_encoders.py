@@ -17,13 +17,13 @@ usage: make_sparse_i1_encoders.py PIPELINE_DIR --from FIXTURE_DIR [--dtype BF16|
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
-import struct
 from pathlib import Path
 
-ELEMENT_BYTES = {"BF16": 2, "F32": 4}
+# The sparse-file writer is the transformer tool's (run as a script, this folder is on sys.path).
+from make_sparse_i1_checkpoint import ELEMENT_BYTES, write_component
+
 SHARD_BYTES = 5 * 10**9
 CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
           "projection_dim": 768, "hidden_act": "quick_gelu"}
@@ -97,46 +97,6 @@ def llama_tensors(cfg: dict) -> dict[str, list[int]]:
     return t
 
 
-def write_sparse(path: Path, tensors: list[tuple[str, list[int]]], dtype: str) -> int:
-    """One safetensors file whose data region is a hole (reads back as zeros); returns data bytes."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in tensors:
-        n = ELEMENT_BYTES[dtype] * math.prod(shape)
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + offset)
-    return offset
-
-
-def write_encoder(folder: Path, config: dict, tensors: dict[str, list[int]], dtype: str) -> int:
-    """config.json plus ``model.safetensors`` or 5 GB shards with ``model.safetensors.index.json``."""
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}, indent=2))
-    groups, current, size = [], [], 0
-    for name, shape in tensors.items():
-        n = ELEMENT_BYTES[dtype] * math.prod(shape)
-        if current and size + n > SHARD_BYTES:
-            groups.append(current)
-            current, size = [], 0
-        current.append((name, shape))
-        size += n
-    groups.append(current)
-    if len(groups) == 1:
-        return write_sparse(folder / "model.safetensors", groups[0], dtype)
-    weight_map, total = {}, 0
-    for k, group in enumerate(groups, start=1):
-        file = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
-        total += write_sparse(folder / file, group, dtype)
-        weight_map.update({name: file for name, _ in group})
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return total
-
-
 ENCODERS = {
     "text_encoder": ({**CLIP_COMMON, **CLIP_L}, clip_tensors),
     "text_encoder_2": ({**CLIP_COMMON, **CLIP_G}, clip_tensors),
@@ -156,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         shutil.copytree(folder, args.pipeline / folder.name)
     for name, (config, tensors_of) in ENCODERS.items():
         tensors = tensors_of(config)
-        nbytes = write_encoder(args.pipeline / name, config, tensors, args.dtype)
+        nbytes = write_component(args.pipeline / name, {**config, "torch_dtype": "bfloat16"}, tensors, args.dtype,
+                                 SHARD_BYTES, stem="model")
         params = sum(math.prod(s) for s in tensors.values())
         print(f"{args.pipeline / name}: {params / 1e9:.3f}B parameters, {nbytes / 2**30:.2f} GiB ({args.dtype}, sparse)")
 
