@@ -34,8 +34,8 @@ from hidream_mlx.models.lora import checkpoint_targets, merged_weight, updates_f
 from hidream_mlx.models.source import CONVERTED, SINGLE_FILE, ModelSource
 from hidream_mlx.quant.output import TOKENIZER_FILES, check_output, clean_leftovers, make_temp, move_into_place
 from hidream_mlx.quant.plans import QuantPlan, resolve_plan
-from hidream_mlx.quant.quantization import quantize_weight
-from hidream_mlx.quant.recipes import QuantRecipe
+from hidream_mlx.quant.quantization import quantize_tensor
+from hidream_mlx.quant.recipes import LayerSetting, QuantRecipe
 from hidream_mlx.recipes import recipe_for_model
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # 5 GB (decimal), like the hub's own shards
@@ -83,6 +83,12 @@ class ShardWriter:
         if self.pending_bytes >= self.limit:
             self.flush()
 
+    def add_counted(self, outputs: dict[str, mx.array], size: ComponentSize) -> None:
+        """Add a converted tensor's arrays, counting their bytes into its component's ``size``."""
+        for name, array in outputs.items():
+            size.nbytes += array.nbytes
+            self.add(name, array)
+
     def flush(self) -> None:
         if not self.pending:
             return
@@ -102,6 +108,19 @@ class ShardWriter:
             names.append(name)
             weight_map.update({t: name for t in tensors})
         return names, weight_map
+
+
+def converted_tensor(name: str, source: mx.array, setting: Optional[LayerSetting],
+                     keep: Callable[[mx.array], mx.array]) -> dict[str, mx.array]:
+    """The arrays a checkpoint tensor ``name`` becomes, evaluated: a planned weight quantized
+    (``quantize_tensor``: packed weight, bf16 scales and biases named after it), anything else
+    through ``keep`` (each family's rule for unquantized tensors)."""
+    if setting is not None:
+        outputs = dict(quantize_tensor(name[: -len(".weight")], source, setting, mx.bfloat16))
+    else:
+        outputs = {name: keep(source)}
+    mx.eval(*outputs.values())
+    return outputs
 
 
 def source_matrices(infos: dict[str, TensorInfo]) -> dict[str, int]:
@@ -140,6 +159,11 @@ def hidream_block(source_arg: str, source_dir: Path, stored: Optional[dict], rec
     return block
 
 
+def _as_bf16(array: mx.array) -> mx.array:
+    """O1 folders store every unquantized float tensor in bf16."""
+    return array.astype(mx.bfloat16) if mx.issubdtype(array.dtype, mx.floating) else array
+
+
 def _convert_into(tmp: Path, infos: dict[str, TensorInfo], plan: QuantPlan, include_vision: bool,
                   shard_bytes: int, sizes: dict[str, ComponentSize],
                   on_progress: Callable[[int, int, str], None],
@@ -160,18 +184,9 @@ def _convert_into(tmp: Path, infos: dict[str, TensorInfo], plan: QuantPlan, incl
             if leaf == "weight" and lora_updates and module in lora_updates:
                 source = merged_weight(source, lora_updates[module])  # float32, before quantizing
             setting = plan.layers.get(module) if leaf == "weight" else None
-            if setting is not None:
-                packed, scales, biases = quantize_weight(source, setting)
-                outputs = {name: packed, f"{name[:-len('weight')]}scales": scales,
-                           f"{name[:-len('weight')]}biases": biases}
-            else:
-                outputs = {name: source.astype(mx.bfloat16) if mx.issubdtype(source.dtype, mx.floating)
-                           else source}
-            mx.eval(*outputs.values())
+            outputs = converted_tensor(name, source, setting, _as_bf16)
             del source
-            for out_name, array in outputs.items():
-                size.nbytes += array.nbytes
-                writer.add(out_name, array)
+            writer.add_counted(outputs, size)
             del outputs
         del arrays
         mx.clear_cache()

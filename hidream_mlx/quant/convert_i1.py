@@ -30,10 +30,9 @@ from hidream_mlx.models.i1.weights import INDEX_NAME, component_index
 from hidream_mlx.models.loading import ModelLoadError, TensorInfo, iter_checkpoint, open_shard
 from hidream_mlx.models.source import is_repo_id, resolve_model_path
 from hidream_mlx.memory import ComponentSize
-from hidream_mlx.quant.convert import DEFAULT_SHARD_BYTES, Conversion, ShardWriter
+from hidream_mlx.quant.convert import DEFAULT_SHARD_BYTES, Conversion, ShardWriter, converted_tensor
 from hidream_mlx.quant.output import PIPELINE_INDEX, check_output, clean_leftovers, make_temp, move_into_place
 from hidream_mlx.quant.plans import I1_LAYERS, QuantPlan, index_matrices, resolve_plan
-from hidream_mlx.quant.quantization import quantize_weight
 from hidream_mlx.quant.recipes import QuantRecipe
 
 TRANSFORMER = "transformer"
@@ -110,16 +109,10 @@ def _convert_transformer(infos: dict[str, TensorInfo], plan: QuantPlan, out: Pat
             size = sizes.setdefault(component_of(name), ComponentSize())
             size.parameters += source.size
             setting = plan.layers.get(module) if leaf == "weight" else None
-            if setting is not None:
-                packed, scales, biases = quantize_weight(source, setting)
-                outputs = {name: packed, f"{module}.scales": scales, f"{module}.biases": biases}
-            else:
-                outputs = {name: source}  # kept at the source's precision (bf16 in the released repos)
-            mx.eval(*outputs.values())
+            # Unquantized tensors keep the source's precision (bf16 in the released repos).
+            outputs = converted_tensor(name, source, setting, keep=lambda array: array)
             del source
-            for out_name, array in outputs.items():
-                size.nbytes += array.nbytes
-                writer.add(out_name, array)
+            writer.add_counted(outputs, size)
             del outputs
         del arrays
         mx.clear_cache()
