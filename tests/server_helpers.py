@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import uvicorn
 
 from hidream_mlx.generation import Engine
@@ -17,6 +19,16 @@ from hidream_mlx.server.app import ServerConfig, create_app
 
 # Small and quick: a second or two per image on a CPU.
 QUICK = {"size": "256x256", "no_snap": True, "steps": 4, "seed": 7}
+
+
+def browser_tools():
+    """(chromium's path, ``playwright.sync_api``) for the web page tests; skips the calling test
+    module where either is missing (CI installs both)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium installed (apt-get install chromium); the web page test needs a real browser",
+                    allow_module_level=True)
+    return chromium, pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
 
 
 def free_port() -> int:

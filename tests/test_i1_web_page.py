@@ -1,19 +1,12 @@
 """The studio page served for a HiDream-I1 pipeline, in a real headless browser (Debian's chromium):
 no references input (I1 is text to image), a note on its sizes, and an image made from the form."""
 
-import shutil
-
-import pytest
-from server_helpers import running_server
+from server_helpers import browser_tools, running_server
 
 from hidream_mlx.images import read_metadata
 from i1_support import FIXTURES
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-if CHROMIUM is None:
-    pytest.skip("no chromium installed (apt-get install chromium); the web page test needs a real browser",
-                allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
+CHROMIUM, sync_api = browser_tools()
 
 
 def test_the_i1_page_hides_references_and_renders_an_image(tmp_path):

@@ -1,18 +1,12 @@
 """The studio page at ``/`` in a real headless browser (Debian's chromium driven by Playwright)."""
 
-import shutil
-
 import pytest
 from conftest import FIXTURES
-from server_helpers import running_server
+from server_helpers import browser_tools, running_server
 
 from hidream_mlx.images import read_metadata
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-if CHROMIUM is None:
-    pytest.skip("no chromium installed (apt-get install chromium); the web page test needs a real browser",
-                allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
+CHROMIUM, sync_api = browser_tools()
 
 TOKEN = "page-token"
 
