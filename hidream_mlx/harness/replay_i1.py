@@ -193,7 +193,7 @@ def replay_sampling(data, model_dir: Path, case: Path, llama: Optional[Path]) ->
         if output is None:
             # The flash sampler skips its last model call (its result is unused); the reference
             # made it, so replay makes it too, to return every step's output.
-            batch = mx.concatenate([x, x], axis=0) if recipe.guidance > 1.0 else x
+            batch = mx.concatenate([x, x], axis=0) if recipe.uses_cfg else x
             t = mx.full((batch.shape[0],), float(schedule.timesteps[i]), dtype=mx.float32)
             output = model(batch, t, cond.t5, cond.llama_stack, cond.pooled)
         outputs.append(np.array(output))

@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 from hidream_mlx.noise import TorchRandn
+from hidream_mlx.recipes import uses_cfg
 from hidream_mlx.schedulers import (NUM_TRAIN_TIMESTEPS, FlashEulerSampler, Schedule, UniPCSampler,
                                     flow_match_schedule)
 
@@ -25,6 +26,10 @@ class Recipe:
     steps: int
     guidance: float
     shift: float
+
+    @property
+    def uses_cfg(self) -> bool:
+        return uses_cfg(self.guidance)
 
 
 RECIPES = {
@@ -104,7 +109,7 @@ class RecordedNoise:
 def guided_prediction(output: mx.array, guidance: float) -> mx.array:
     """Negate the raw output; with CFG (rows [uncond, cond]) combine ``u + g (c - u)``."""
     pred = -output
-    if guidance > 1.0:
+    if uses_cfg(guidance):
         u, c = mx.split(pred, 2, axis=0)
         return u + guidance * (c - u)
     return pred
@@ -129,7 +134,7 @@ def sample(model: Callable, cond: Conditioning, latents: mx.array, recipe: Recip
     if sampler.needs_noise and step_noise is None and len(schedule) > 1:
         raise ValueError("the flash sampler needs a per-step noise source")
     state = sampler.start()
-    cfg = recipe.guidance > 1.0
+    cfg = recipe.uses_cfg
     x = latents.astype(mx.float32)
     n = len(schedule)
     for i in range(n):

@@ -30,6 +30,7 @@ from hidream_mlx.models.i1.t5 import load_t5
 from hidream_mlx.models.i1.tokenization import PromptTokenizer, Tokenized, load_tokenizer
 from hidream_mlx.models.loading import ModelLoadError
 from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
+from hidream_mlx.recipes import uses_cfg
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 128
 # pipeline component -> (encoder folder, tokenizer folder, tokenizer kind)
@@ -199,7 +200,7 @@ def prompt_embedding(encoders: TextEncoders, prompt: str, negative_prompt: Optio
                      guidance_scale: float = 0.0, cache: Optional[PromptCache] = None) -> PromptEmbedding:
     """What the transformer gets for one prompt: batch ``[negative, positive]`` when
     ``guidance_scale > 1`` (CFG; ``negative_prompt`` None means ``""``), else ``[positive]``."""
-    cfg = guidance_scale > 1.0
+    cfg = uses_cfg(guidance_scale)
     texts = [negative_prompt or "", prompt] if cfg else [prompt]
     if cache is None:
         cache = PromptCache()
