@@ -34,7 +34,7 @@ from hidream_mlx.models.i1.recipes import I1Recipe, get_i1_recipe
 from hidream_mlx.models.i1.sampling import (Conditioning, GlobalTorchNoise, guided_prediction, i1_schedule,
                                             initial_latents, sample)
 from hidream_mlx.models.i1.source import I1Source
-from hidream_mlx.models.i1.text_encoding import PromptCache, PromptEmbedding, TextEncoders
+from hidream_mlx.models.i1.text_encoding import PromptCache, PromptEmbedding, TextEncoders, prompt_texts
 from hidream_mlx.models.i1.vae import to_uint8
 from hidream_mlx.models.i1.lora_targets import check_loras
 from hidream_mlx.models.i1.weights import load_transformer_planned, load_vae
@@ -54,10 +54,8 @@ def check_load_options(dtype: str) -> None:
 
 
 def request_texts(request: Request) -> list[str]:
-    """The texts a request encodes: ``[negative, prompt]`` with CFG (negative default ""), else ``[prompt]``."""
-    if request.recipe.uses_cfg:
-        return [request.negative_prompt or "", request.prompt]
-    return [request.prompt]
+    """The texts a request encodes (:func:`prompt_texts`: ``[negative, prompt]`` with CFG)."""
+    return prompt_texts(request.prompt, request.negative_prompt, request.recipe.guidance)
 
 
 @dataclass

@@ -196,12 +196,16 @@ class PromptCache:
         return [self._store[t] for t in texts]
 
 
+def prompt_texts(prompt: str, negative_prompt: Optional[str], guidance_scale: float) -> list[str]:
+    """The texts one prompt encodes, in batch order: ``[negative, positive]`` when
+    ``guidance_scale > 1`` (CFG; ``negative_prompt`` None means ``""``), else ``[positive]``."""
+    return [negative_prompt or "", prompt] if uses_cfg(guidance_scale) else [prompt]
+
+
 def prompt_embedding(encoders: TextEncoders, prompt: str, negative_prompt: Optional[str] = None,
                      guidance_scale: float = 0.0, cache: Optional[PromptCache] = None) -> PromptEmbedding:
-    """What the transformer gets for one prompt: batch ``[negative, positive]`` when
-    ``guidance_scale > 1`` (CFG; ``negative_prompt`` None means ``""``), else ``[positive]``."""
-    cfg = uses_cfg(guidance_scale)
-    texts = [negative_prompt or "", prompt] if cfg else [prompt]
+    """What the transformer gets for one prompt (the batch of :func:`prompt_texts`)."""
+    texts = prompt_texts(prompt, negative_prompt, guidance_scale)
     if cache is None:
         cache = PromptCache()
     return PromptEmbedding.concatenate(cache.lookup(encoders, texts))
