@@ -19,10 +19,12 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
+import sys
 from pathlib import Path
 
-# The sparse-file writer is the transformer tool's (run as a script, this folder is on sys.path).
-from make_sparse_i1_checkpoint import ELEMENT_BYTES, write_component
+# The sparse-file writer is the transformer tool's, beside this file (however this one is loaded).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_sparse_i1_checkpoint import ELEMENT_BYTES, write_component  # noqa: E402
 
 SHARD_BYTES = 5 * 10**9
 CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
