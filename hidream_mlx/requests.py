@@ -32,7 +32,6 @@ from hidream_mlx.generation import Request
 from hidream_mlx.models.family import I1, O1
 from hidream_mlx.models.i1.recipes import I1_RECIPES, apply_i1_preset, get_i1_recipe
 from hidream_mlx.models.i1.sizes import DEFAULT_SIZE as I1_DEFAULT_SIZE
-from hidream_mlx.models.i1.sizes import resolve_i1_size
 from hidream_mlx.noise import NOISE_KINDS
 from hidream_mlx.recipes import (
     RECIPES,
@@ -229,8 +228,7 @@ def build_i1_request(model, *, prompt, seed, width, height, no_snap, recipe, pre
         raise RequestError(f"--step-noise-seed has no effect with the {rec.name} recipe (UniPC draws no per-step "
                            f"noise); it applies to: {users}")
     try:
-        w, h, size_note = resolve_i1_size(width or I1_DEFAULT_SIZE, height or I1_DEFAULT_SIZE, not no_snap,
-                                          source.vae_scale, source.transformer.patch_size, source.transformer.max_seq)
+        w, h, size_note = source.render_size(width or I1_DEFAULT_SIZE, height or I1_DEFAULT_SIZE, not no_snap)
     except ValueError as e:
         raise RequestError(str(e)) from None
     seed = secrets.randbelow(SEED_MAX + 1) if seed is None else seed

@@ -25,7 +25,6 @@ from hidream_mlx.memory import (
 from hidream_mlx.models.i1.memory import ENCODERS, LEVELS, QUANTIZABLE_ENCODERS, I1Memory, phase_peaks
 from hidream_mlx.models.i1.recipes import get_i1_recipe
 from hidream_mlx.models.i1.sizes import DEFAULT_SIZE as I1_DEFAULT_SIZE
-from hidream_mlx.models.i1.sizes import resolve_i1_size
 from hidream_mlx.models.i1.source import I1Source
 from hidream_mlx.models.i1.text_encoding import DEFAULT_MAX_SEQUENCE_LENGTH
 from hidream_mlx.models.i1.weights import expert_widths
@@ -113,8 +112,7 @@ def check_i1_size(source: I1Source, width: int, height: int, no_snap: bool) -> t
     """The size a HiDream-I1 ``generate`` renders for this request (its ranges and size rule)."""
     check_number("width", width)
     check_number("height", height)
-    return resolve_i1_size(width, height, not no_snap, source.vae_scale, source.transformer.patch_size,
-                           source.transformer.max_seq)
+    return source.render_size(width, height, not no_snap)
 
 
 def i1_info_lines(model_arg: str, llama_arg, dtype: str, dtype_bytes: int, width: Optional[int],

@@ -22,6 +22,7 @@ from hidream_mlx.models.i1.clip import CLIPTextConfig
 from hidream_mlx.models.i1.config import TransformerConfig, VAEConfig, read_json
 from hidream_mlx.models.i1.encoder_common import read_json_config
 from hidream_mlx.models.i1.llama import LlamaConfig
+from hidream_mlx.models.i1.sizes import resolve_i1_size
 from hidream_mlx.models.i1.t5 import T5Config
 from hidream_mlx.models.i1.weights import component_index
 from hidream_mlx.models.loading import ModelLoadError, TensorInfo
@@ -80,6 +81,11 @@ class I1Source:
     def vae_scale(self) -> int:
         """Pixels per latent cell (8 for the FLUX VAE)."""
         return 2 ** (len(self.vae.block_out_channels) - 1)
+
+    def render_size(self, width: int, height: int, snap: bool) -> tuple[int, int, str]:
+        """The size this pipeline renders for a request, with the note saying why (the I1 size rule)."""
+        return resolve_i1_size(width, height, snap, self.vae_scale, self.transformer.patch_size,
+                               self.transformer.max_seq)
 
     @classmethod
     def resolve(cls, arg, *, llama: Optional[str] = None, allow_download: bool = True) -> "I1Source":
