@@ -19,13 +19,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from hidream_mlx import pipeline
-from hidream_mlx.generation import Engine, Request
-from hidream_mlx.models.o1.config import PATCH_SIZE
-from hidream_mlx.patches import patchify, unpatchify
-from hidream_mlx.recipes import get_recipe
-from hidream_mlx.seam_smoothing import ShiftedPass
-from hidream_mlx.seams import grid_energy_axes, seam_energy
+from hidream_mlx.families.o1 import sampling as pipeline
+from hidream_mlx.families.o1.engine import Engine, Request
+from hidream_mlx.families.o1.config import PATCH_SIZE
+from hidream_mlx.families.o1.patches import patchify, unpatchify
+from hidream_mlx.families.o1.recipes import get_recipe
+from hidream_mlx.families.o1.seam_smoothing import ShiftedPass
+from hidream_mlx.families.o1.seams import grid_energy_axes, seam_energy
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "o1-tiny"
 SETTINGS = [(0, "hann", "pad"), (0.25, "hann", "pad"), (0.5, "mean", "pad"), (0.5, "hann", "pad"),

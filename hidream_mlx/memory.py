@@ -23,10 +23,10 @@ import mlx.nn as nn
 import psutil
 from mlx.utils import tree_flatten
 
-from hidream_mlx.models.loading import LOAD_CACHE_BYTES, SKIPPED_PREFIXES, is_vision, module_name
-from hidream_mlx.models.o1.config import PATCH_DIM, PATCH_SIZE, TextConfig
-from hidream_mlx.models.o1.transformer import HiDreamO1
-from hidream_mlx.models.source import ModelSource
+from hidream_mlx.weights.loading import LOAD_CACHE_BYTES, SKIPPED_PREFIXES, is_vision, module_name
+from hidream_mlx.families.o1.config import PATCH_DIM, PATCH_SIZE, TextConfig
+from hidream_mlx.families.o1.transformer import HiDreamO1
+from hidream_mlx.weights.source import ModelSource
 from hidream_mlx.quant.plans import is_decoder_linear
 from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE, LayerSetting
 
@@ -313,7 +313,7 @@ def check_fits_i1(source, dtype_bytes: int, bits: Optional[int], encoder_bits: O
     (``models.i1.memory.phase_peaks``, from headers alone); the MemoryError names that phase
     and the flags that shrink it.
     """
-    from hidream_mlx.models.i1.memory import I1Memory, phase_peaks  # lazy: models.i1.memory builds on this module
+    from hidream_mlx.families.i1.memory import I1Memory, phase_peaks  # lazy: models.i1.memory builds on this module
 
     peaks = phase_peaks(I1Memory.from_source(source), bits, encoder_bits, width, height, cfg_pass, dtype_bytes,
                         images=images, extra_bytes=extra_bytes)

@@ -21,19 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from hidream_mlx.editing.layout import parse_layout_boxes
-from hidream_mlx.editing.references import (
+from hidream_mlx.families.o1.layout import parse_layout_boxes
+from hidream_mlx.families.o1.references import (
     check_reference_count,
     load_reference_images,
     resize_reference,
 )
 from hidream_mlx.files import read_text_file
-from hidream_mlx.generation import Request
-from hidream_mlx.models.family import I1, O1
-from hidream_mlx.models.i1.recipes import I1_RECIPES, apply_i1_preset, get_i1_recipe
-from hidream_mlx.models.i1.sizes import DEFAULT_SIZE as I1_DEFAULT_SIZE
+from hidream_mlx.families.o1.engine import Request
+from hidream_mlx.family import I1, O1
+from hidream_mlx.families.i1.recipes import I1_RECIPES, apply_i1_preset, get_i1_recipe
+from hidream_mlx.families.i1.sizes import DEFAULT_SIZE as I1_DEFAULT_SIZE
 from hidream_mlx.noise import NOISE_KINDS
-from hidream_mlx.recipes import (
+from hidream_mlx.families.o1.recipes import (
     RECIPES,
     Recipe,
     apply_preset,
@@ -42,9 +42,9 @@ from hidream_mlx.recipes import (
     recipe_for_model,
     recipe_for_references,
 )
-from hidream_mlx.resolution import MIN_SIDE, resolve_size, validate_free_size
-from hidream_mlx.seam_smoothing import check_settings as check_seam_smoothing
-from hidream_mlx.seams import PATCH_SIZE
+from hidream_mlx.families.o1.sizes import MIN_SIDE, resolve_size, validate_free_size
+from hidream_mlx.families.o1.seam_smoothing import check_settings as check_seam_smoothing
+from hidream_mlx.families.o1.seams import PATCH_SIZE
 
 
 class RequestError(ValueError):

@@ -22,21 +22,21 @@ def golden(name: str):
 
 @lru_cache(maxsize=None)
 def transformer():
-    from hidream_mlx.models.i1.weights import load_transformer
+    from hidream_mlx.families.i1.weights import load_transformer
     model = load_transformer(FIXTURES / "transformer", lazy=False)
     return model
 
 
 @lru_cache(maxsize=None)
 def vae():
-    from hidream_mlx.models.i1.weights import load_vae
+    from hidream_mlx.families.i1.weights import load_vae
     return load_vae(FIXTURES / "vae", lazy=False)
 
 
 def conditioning(case: dict):
     """The text inputs a sampling case gave the transformer, rebuilt from text_encoding.npz:
     batch [neg, pos] with CFG, [pos] without."""
-    from hidream_mlx.models.i1.sampling import Conditioning
+    from hidream_mlx.families.i1.sampling import Conditioning
     text = golden("text_encoding.npz")
     sides = ["neg", "pos"] if bool(case["uses_cfg"]) else ["pos"]
     return Conditioning(

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from hidream_mlx.generation import Engine
-from hidream_mlx.models.family import I1, family_of
-from hidream_mlx.models.i1.engine import I1Engine
+from hidream_mlx.families.o1.engine import Engine
+from hidream_mlx.family import I1, family_of
+from hidream_mlx.families.i1.engine import I1Engine
 from hidream_mlx.server.app import ServerConfig, create_app
 
 # Small and quick: a second or two per image on a CPU.

@@ -10,7 +10,7 @@ from PIL import Image
 
 from hidream_mlx.workflow.batch import Job, expand_seeds, output_names, read_prompt_file, slug
 from hidream_mlx.cli import main
-from hidream_mlx.generation import Engine
+from hidream_mlx.families.o1.engine import Engine
 from hidream_mlx.images import read_metadata
 from hidream_mlx.requests import RequestError
 

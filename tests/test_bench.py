@@ -11,11 +11,11 @@ from hidream_mlx.harness.bench import BenchConfig, run_bench
 from hidream_mlx.cli.bench import bench
 from hidream_mlx.harness.peak_rss import ru_maxrss_bytes
 from hidream_mlx.memory import parameter_bytes
-from hidream_mlx.models.loading import load_model
-from hidream_mlx.patches import grid_size
-from hidream_mlx.pipeline import Conditioning, encode_prompt_state, velocity
-from hidream_mlx.models.o1.synthetic import synthetic_prompt_ids
-from hidream_mlx.models.o1.transformer import stack_prefix_caches
+from hidream_mlx.weights.loading import load_model
+from hidream_mlx.families.o1.patches import grid_size
+from hidream_mlx.families.o1.sampling import Conditioning, encode_prompt_state, velocity
+from hidream_mlx.families.o1.synthetic import synthetic_prompt_ids
+from hidream_mlx.families.o1.transformer import stack_prefix_caches
 
 
 def conditioning(model, size=256, cond_tokens=20, uncond_tokens=13):
@@ -105,7 +105,7 @@ def test_load_only_on_an_i1_pipeline_loads_its_transformer_and_vae():
     from i1_support import FIXTURES as I1_FIXTURES
 
     from hidream_mlx.harness.bench import run_load
-    from hidream_mlx.models.i1.weights import load_transformer, load_vae
+    from hidream_mlx.families.i1.weights import load_transformer, load_vae
 
     def resident(bits=None):
         return (parameter_bytes(load_transformer(I1_FIXTURES / "transformer", mx.bfloat16, bits=bits))

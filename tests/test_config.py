@@ -6,7 +6,7 @@ import json
 import pytest
 from conftest import FIXTURES
 
-from hidream_mlx.models.o1.config import ConfigError, ModelConfig
+from hidream_mlx.families.o1.config import ConfigError, ModelConfig
 
 RAW = json.loads((FIXTURES / "config.json").read_text())
 

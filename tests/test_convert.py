@@ -15,13 +15,13 @@ from click.testing import CliRunner
 from conftest import FIXTURES, forward_cases, load_case
 
 from hidream_mlx.cli.quantize import REPORT_FILE, quantize
-from hidream_mlx.quant.convert import ShardWriter, convert
+from hidream_mlx.families.o1.convert import ShardWriter, convert
 from hidream_mlx.quant.output import TOKENIZER_FILES
-from hidream_mlx.generation import Engine, Request
-from hidream_mlx.models.loading import ModelLoadError, checkpoint_index, load_model
+from hidream_mlx.families.o1.engine import Engine, Request
+from hidream_mlx.weights.loading import ModelLoadError, checkpoint_index, load_model
 from hidream_mlx.quant.recipes import SUPPORTED_BITS, QuantRecipe, get_quant_recipe
-from hidream_mlx.recipes import get_recipe
-from hidream_mlx.harness.replay import predict_recorded
+from hidream_mlx.families.o1.recipes import get_recipe
+from hidream_mlx.families.o1.replay import predict_recorded
 
 REPO = Path(__file__).resolve().parent.parent
 FLAT = get_quant_recipe("flat")
@@ -296,8 +296,8 @@ def synthetic_checkpoint(folder: Path, layers: int = 36, shards: int = 4, seed: 
     from mlx.utils import tree_flatten
     from safetensors.numpy import save_file
 
-    from hidream_mlx.models.o1.config import ModelConfig
-    from hidream_mlx.models.o1.transformer import HiDreamO1
+    from hidream_mlx.families.o1.config import ModelConfig
+    from hidream_mlx.families.o1.transformer import HiDreamO1
 
     text = dict(hidden_size=256, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                 head_dim=64, intermediate_size=4096, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=5e6,
@@ -330,7 +330,7 @@ def synthetic_checkpoint(folder: Path, layers: int = 36, shards: int = 4, seed: 
 PEAK_RSS_CHILD = textwrap.dedent("""
     import sys, threading, time
     import psutil
-    from hidream_mlx.quant.convert import convert
+    from hidream_mlx.families.o1.convert import convert
     from hidream_mlx.quant.recipes import get_quant_recipe
 
     process = psutil.Process()

@@ -69,8 +69,8 @@ def test_two_references_with_a_layout(tmp_path):
 
 def test_keep_aspect_takes_the_reference_shape():
     # Only the preparation runs: sampling at ~4 MP takes half a minute even for the tiny model.
-    from hidream_mlx.generation import Engine, Request
-    from hidream_mlx.recipes import get_recipe
+    from hidream_mlx.families.o1.engine import Engine, Request
+    from hidream_mlx.families.o1.recipes import get_recipe
 
     engine = Engine.load(str(FIXTURES), dtype="float32")
     refs, request = engine.prepare(Request("x", 256, 256, 0, get_recipe("dev-edit"), references=(REF,), keep_aspect=True))
@@ -118,8 +118,8 @@ def test_full_recipe_edits_with_cfg_over_the_same_references(tmp_path):
 
 
 def test_references_on_a_folder_converted_without_the_vision_tower_fail_before_loading(tmp_path, monkeypatch):
-    from hidream_mlx.generation import Engine
-    from hidream_mlx.quant.convert import convert
+    from hidream_mlx.families.o1.engine import Engine
+    from hidream_mlx.families.o1.convert import convert
     from hidream_mlx.quant.recipes import get_quant_recipe
 
     out = convert(str(FIXTURES), tmp_path / "q8", get_quant_recipe("flat"), bits=8, include_vision=False).output

@@ -58,7 +58,7 @@ def test_flags_override_the_recipe_and_are_recorded(tmp_path):
 
 def test_default_size_snaps_to_an_official_bucket_and_says_so(tmp_path, monkeypatch):
     """Without --no-snap a request is snapped (checked without running: a bad size fails first)."""
-    from hidream_mlx.resolution import resolve_size
+    from hidream_mlx.families.o1.sizes import resolve_size
 
     w, h, note = resolve_size(1024, 1024, snap=True)
     assert (w, h) == (2048, 2048) and "snapped from 1024x1024" in note
@@ -137,7 +137,7 @@ def test_output_in_a_missing_folder_or_onto_a_folder(tmp_path):
 
 
 def test_failure_during_sampling_leaves_no_partial_file(tmp_path, monkeypatch):
-    from hidream_mlx import generation
+    from hidream_mlx.families.o1 import engine as generation
 
     def explode(*_a, **_k):
         raise ValueError("simulated failure")

@@ -4,9 +4,9 @@ a long run's embeddings are encoded in groups."""
 import numpy as np
 import pytest
 
-from hidream_mlx.models.i1 import engine as engine_module
-from hidream_mlx.models.i1.engine import I1Engine
-from hidream_mlx.models.i1.text_encoding import TextEncoders
+from hidream_mlx.families.i1 import engine as engine_module
+from hidream_mlx.families.i1.engine import I1Engine
+from hidream_mlx.families.i1.text_encoding import TextEncoders
 from hidream_mlx.requests import build_request
 from i1_support import FIXTURES, golden
 

@@ -9,8 +9,8 @@ from PIL import Image
 
 from hidream_mlx.cli import main
 from hidream_mlx.harness.evaluation import read_results
-from hidream_mlx.models.i1 import engine as engine_module
-from hidream_mlx.models.i1.text_encoding import TextEncoders
+from hidream_mlx.families.i1 import engine as engine_module
+from hidream_mlx.families.i1.text_encoding import TextEncoders
 from i1_support import FIXTURES, golden
 
 

@@ -12,10 +12,10 @@ from PIL import Image
 
 from hidream_mlx.cli import main
 from hidream_mlx.images import read_metadata
-from hidream_mlx.models.i1 import engine as engine_module
-from hidream_mlx.models.i1.config import TransformerConfig
-from hidream_mlx.models.i1.sampling import calculate_shift
-from hidream_mlx.models.i1.text_encoding import TextEncoders
+from hidream_mlx.families.i1 import engine as engine_module
+from hidream_mlx.families.i1.config import TransformerConfig
+from hidream_mlx.families.i1.sampling import calculate_shift
+from hidream_mlx.families.i1.text_encoding import TextEncoders
 from i1_support import FIXTURES, golden
 
 

@@ -18,13 +18,13 @@ from PIL import Image
 
 from hidream_mlx.cli import main
 from hidream_mlx.images import read_metadata
-from hidream_mlx.models.i1 import engine as engine_module
-from hidream_mlx.models.i1.engine import I1Engine
-from hidream_mlx.models.i1.lora_targets import transformer_targets
-from hidream_mlx.models.i1.source import I1Source
-from hidream_mlx.models.i1.text_encoding import TextEncoders
-from hidream_mlx.models.i1.weights import load_transformer
-from hidream_mlx.models.lora import I1_KEYS, LoRAError, LoRALinear, LoRASpec, apply_lora, switch_loras
+from hidream_mlx.families.i1 import engine as engine_module
+from hidream_mlx.families.i1.engine import I1Engine
+from hidream_mlx.families.i1.lora_targets import transformer_targets
+from hidream_mlx.families.i1.source import I1Source
+from hidream_mlx.families.i1.text_encoding import TextEncoders
+from hidream_mlx.families.i1.weights import load_transformer
+from hidream_mlx.weights.lora import I1_KEYS, LoRAError, LoRALinear, LoRASpec, apply_lora, switch_loras
 from i1_support import FIXTURES, golden
 
 RANK, ALPHA = 2, 6.0

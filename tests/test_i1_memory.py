@@ -15,12 +15,12 @@ from click.testing import CliRunner
 
 from hidream_mlx import memory
 from hidream_mlx.cli import main
-from hidream_mlx.models.i1 import memory as i1_memory
-from hidream_mlx.models.i1.encoder_common import quantize_linears
-from hidream_mlx.models.i1.llama import load_llama
-from hidream_mlx.models.i1.t5 import load_t5
-from hidream_mlx.models.i1.weights import load_transformer, load_vae
-from hidream_mlx.models.loading import TensorInfo
+from hidream_mlx.families.i1 import memory as i1_memory
+from hidream_mlx.families.i1.encoder_common import quantize_linears
+from hidream_mlx.families.i1.llama import load_llama
+from hidream_mlx.families.i1.t5 import load_t5
+from hidream_mlx.families.i1.weights import load_transformer, load_vae
+from hidream_mlx.weights.loading import TensorInfo
 from i1_support import FIXTURES
 
 GROUP = 64

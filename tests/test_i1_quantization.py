@@ -16,10 +16,10 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from hidream_mlx.cli import main
-from hidream_mlx.models.family import I1, family_of
-from hidream_mlx.models.i1.weights import component_index, load_transformer, load_transformer_planned
-from hidream_mlx.models.loading import ModelLoadError
-from hidream_mlx.quant.convert_i1 import convert_i1, transformer_plan
+from hidream_mlx.family import I1, family_of
+from hidream_mlx.families.i1.weights import component_index, load_transformer, load_transformer_planned
+from hidream_mlx.weights.loading import ModelLoadError
+from hidream_mlx.families.i1.convert import convert_i1, transformer_plan
 from hidream_mlx.quant.output import is_conversion_output
 from hidream_mlx.quant.plans import I1_LAYERS, index_matrices, resolve_plan, unquantized_layers
 from hidream_mlx.quant.recipes import GROUP_SIZES, QuantRecipe, get_quant_recipe

@@ -6,10 +6,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from hidream_mlx.models.i1.sampling import (RECIPES, GlobalTorchNoise, RecordedNoise, calculate_shift,
+from hidream_mlx.families.i1.sampling import (RECIPES, GlobalTorchNoise, RecordedNoise, calculate_shift,
                                             guided_prediction, i1_schedule, initial_latents, make_sampler,
                                             sample, unipc_i1_schedule)
-from hidream_mlx.models.i1.vae import to_uint8
+from hidream_mlx.families.i1.vae import to_uint8
 from i1_support import TOL, conditioning, golden, max_abs, transformer, vae
 
 CASES = ("full", "dev", "fast")

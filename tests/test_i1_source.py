@@ -12,11 +12,11 @@ from PIL import Image
 
 from hidream_mlx.cli import main
 from hidream_mlx.images import read_metadata
-from hidream_mlx.models.family import I1, LLAMA_REPO, O1, family_of
-from hidream_mlx.models.i1.config import TransformerConfig
-from hidream_mlx.models.i1.sizes import snap_size
-from hidream_mlx.models.i1.source import I1Source
-from hidream_mlx.models.loading import ModelLoadError
+from hidream_mlx.family import I1, LLAMA_REPO, O1, family_of
+from hidream_mlx.families.i1.config import TransformerConfig
+from hidream_mlx.families.i1.sizes import snap_size
+from hidream_mlx.families.i1.source import I1Source
+from hidream_mlx.weights.loading import ModelLoadError
 from hidream_mlx.requests import RequestError, build_request
 from i1_support import FIXTURES, golden
 

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from hidream_mlx.models.i1.clip import load_clip
-from hidream_mlx.models.i1.encoder_common import quantize_linears
-from hidream_mlx.models.i1.llama import LlamaConfig, LlamaModel, inverse_frequencies, load_llama
-from hidream_mlx.models.i1.spiece import t5_tokenizer_from_spiece
-from hidream_mlx.models.i1.t5 import load_t5
-from hidream_mlx.models.i1.text_encoding import COMPONENTS, PromptCache, TextEncoders, prompt_embedding
-from hidream_mlx.models.i1.tokenization import PromptTokenizer, _clip_from_vocab
-from hidream_mlx.models.loading import ModelLoadError
+from hidream_mlx.families.i1.clip import load_clip
+from hidream_mlx.families.i1.encoder_common import quantize_linears
+from hidream_mlx.families.i1.llama import LlamaConfig, LlamaModel, inverse_frequencies, load_llama
+from hidream_mlx.families.i1.spiece import t5_tokenizer_from_spiece
+from hidream_mlx.families.i1.t5 import load_t5
+from hidream_mlx.families.i1.text_encoding import COMPONENTS, PromptCache, TextEncoders, prompt_embedding
+from hidream_mlx.families.i1.tokenization import PromptTokenizer, _clip_from_vocab
+from hidream_mlx.weights.loading import ModelLoadError
 
 FIXTURES = Path(os.environ.get("HIDREAM_I1_FIXTURES", Path(__file__).parent / "fixtures" / "i1-tiny"))
 TOL = 1e-4

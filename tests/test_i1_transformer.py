@@ -9,12 +9,12 @@ import pytest
 from mlx.utils import tree_flatten
 from safetensors.numpy import load_file, save_file
 
-from hidream_mlx.models.i1.blocks import apply_rope, rope_angles
-from hidream_mlx.models.i1.config import TransformerConfig
-from hidream_mlx.models.i1.moe import MoEGate, route
-from hidream_mlx.models.i1.transformer import HiDreamImageTransformer, patchify, unpatchify
-from hidream_mlx.models.i1.weights import load_transformer
-from hidream_mlx.models.loading import ModelLoadError
+from hidream_mlx.families.i1.blocks import apply_rope, rope_angles
+from hidream_mlx.families.i1.config import TransformerConfig
+from hidream_mlx.families.i1.moe import MoEGate, route
+from hidream_mlx.families.i1.transformer import HiDreamImageTransformer, patchify, unpatchify
+from hidream_mlx.families.i1.weights import load_transformer
+from hidream_mlx.weights.loading import ModelLoadError
 from i1_support import FIXTURES, TOL, golden, max_abs, transformer
 
 CALLS = ("call1", "call2")

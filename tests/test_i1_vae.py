@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from hidream_mlx.models.i1.config import VAEConfig
-from hidream_mlx.models.i1.vae import to_uint8
-from hidream_mlx.models.i1.weights import load_vae
-from hidream_mlx.models.loading import ModelLoadError
+from hidream_mlx.families.i1.config import VAEConfig
+from hidream_mlx.families.i1.vae import to_uint8
+from hidream_mlx.families.i1.weights import load_vae
+from hidream_mlx.weights.loading import ModelLoadError
 from i1_support import FIXTURES, TOL, golden, max_abs, vae
 
 

@@ -14,11 +14,11 @@ import pytest
 from conftest import FIXTURES
 from mlx.utils import tree_flatten
 
-from hidream_mlx.models.i1.weights import component_index
-from hidream_mlx.models.loading import LOAD_CACHE_BYTES, checkpoint_index, load_model
-from hidream_mlx.models.o1.transformer import HiDreamO1
-from hidream_mlx.models.o1.config import ModelConfig
-from hidream_mlx.quant.convert import convert
+from hidream_mlx.families.i1.weights import component_index
+from hidream_mlx.weights.loading import LOAD_CACHE_BYTES, checkpoint_index, load_model
+from hidream_mlx.families.o1.transformer import HiDreamO1
+from hidream_mlx.families.o1.config import ModelConfig
+from hidream_mlx.families.o1.convert import convert
 from hidream_mlx.quant.recipes import BUILTIN_RECIPES
 
 SHARDS = 6
@@ -28,8 +28,8 @@ MEASURE = """
 import json, sys
 from hidream_mlx.harness.peak_rss import ru_maxrss_bytes
 from hidream_mlx.memory import parameter_bytes
-from hidream_mlx.models.loading import load_model
-from hidream_mlx.models.precision import parse_dtype
+from hidream_mlx.weights.loading import load_model
+from hidream_mlx.weights.precision import parse_dtype
 import mlx.core as mx
 before = ru_maxrss_bytes()
 model = load_model(sys.argv[1], dtype=parse_dtype(sys.argv[2]), bits=int(sys.argv[3]) or None)
@@ -126,7 +126,7 @@ MEASURE_I1 = """
 import json, sys
 from hidream_mlx.harness.peak_rss import ru_maxrss_bytes
 from hidream_mlx.memory import parameter_bytes
-from hidream_mlx.models.i1.weights import load_transformer
+from hidream_mlx.families.i1.weights import load_transformer
 import mlx.core as mx
 before = ru_maxrss_bytes()
 model = load_transformer(sys.argv[1], dtype=mx.bfloat16, lazy=False, bits=int(sys.argv[2]))

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import FIXTURES
 
-from hidream_mlx.generation import Engine, Request
-from hidream_mlx.models.loading import load_model
-from hidream_mlx.models.lora import (
+from hidream_mlx.families.o1.engine import Engine, Request
+from hidream_mlx.weights.loading import load_model
+from hidream_mlx.weights.lora import (
     LoRAError,
     LoRALinear,
     LoRASpec,
@@ -19,7 +19,7 @@ from hidream_mlx.models.lora import (
     parse_lora_options,
     specs_from_json,
 )
-from hidream_mlx.recipes import get_recipe
+from hidream_mlx.families.o1.recipes import get_recipe
 
 RANK, ALPHA = 4, 8.0
 # Decoder attention and MLP projections, the pixel head and both embedders.
@@ -294,7 +294,7 @@ def test_quantize_bakes_loras_in_before_quantizing_and_records_them(tmp_path):
 
 
 def test_loading_a_rank_64_lora_costs_its_own_size_plus_one_layer(tmp_path):
-    from hidream_mlx.models.lora import linear_targets
+    from hidream_mlx.weights.lora import linear_targets
 
     model = fresh()
     decoder = [p for p in linear_targets(model) if p.startswith("language_model.layers")]

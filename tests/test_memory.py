@@ -10,8 +10,8 @@ from conftest import FIXTURES
 
 from hidream_mlx import memory
 from hidream_mlx.cli.info import info
-from hidream_mlx.models.loading import checkpoint_index
-from hidream_mlx.models.o1.synthetic import synthetic_config
+from hidream_mlx.weights.loading import checkpoint_index
+from hidream_mlx.families.o1.synthetic import synthetic_config
 
 REAL = synthetic_config("real").text
 
@@ -139,7 +139,7 @@ def test_info_needs_exactly_one_model_source():
 @pytest.fixture(scope="module")
 def mixed_folder(tmp_path_factory):
     """A folder of mixed widths: every down_proj at 8 bits, the other decoder linears at 4."""
-    from hidream_mlx.quant.convert import convert
+    from hidream_mlx.families.o1.convert import convert
     from hidream_mlx.quant.recipes import get_quant_recipe
 
     out = tmp_path_factory.mktemp("q") / "q4-down8"
@@ -148,7 +148,7 @@ def mixed_folder(tmp_path_factory):
 
 @pytest.mark.parametrize("dtype, dtype_bytes", [(mx.bfloat16, 2), (mx.float32, 4)])
 def test_checkpoint_sizes_of_a_quantized_folder_match_what_loads(mixed_folder, dtype, dtype_bytes):
-    from hidream_mlx.models.loading import load_model
+    from hidream_mlx.weights.loading import load_model
 
     model = load_model(mixed_folder, dtype=dtype)
     loaded, skipped = memory.checkpoint_sizes(mixed_folder, dtype_bytes=dtype_bytes)

@@ -8,7 +8,7 @@ import pytest
 from conftest import FIXTURES
 
 from hidream_mlx.noise import MlxNoise, TorchNoise, TorchRandn, make_noise_source
-from hidream_mlx.patches import patchify
+from hidream_mlx.families.o1.patches import patchify
 
 
 def _meta(case: str) -> dict:

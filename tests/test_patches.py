@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 from conftest import load_case
 
-from hidream_mlx.patches import patchify, to_uint8, unpatchify
+from hidream_mlx.families.o1.patches import patchify, to_uint8, unpatchify
 
 
 def test_patch_index_is_channel_then_row_then_column():

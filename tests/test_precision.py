@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from conftest import FIXTURES, forward_cases, load_case
 
-from hidream_mlx.harness.replay import predict_recorded
-from hidream_mlx.models.loading import load_model
-from hidream_mlx.models.precision import AutocastLinear, apply_precision, parse_dtype
+from hidream_mlx.families.o1.replay import predict_recorded
+from hidream_mlx.weights.loading import load_model
+from hidream_mlx.weights.precision import AutocastLinear, apply_precision, parse_dtype
 
 
 def test_mixed_keeps_float32_weights_but_multiplies_in_bfloat16():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from conftest import FIXTURES, case_meta, load_case
 
-from hidream_mlx.positions import patch_positions, t2i_positions
-from hidream_mlx.harness.replay import prefix_length
-from hidream_mlx.prompt import Tokenizer, chat_text, encode_prompt
+from hidream_mlx.families.o1.positions import patch_positions, t2i_positions
+from hidream_mlx.families.o1.replay import prefix_length
+from hidream_mlx.families.o1.prompt import Tokenizer, chat_text, encode_prompt
 
 FORWARD = load_case("forward_t2i.npz")
 CASES = sorted({k.split(".")[0] for k in FORWARD.files})

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from conftest import FIXTURES, forward_cases, load_case
 
-from hidream_mlx.generation import Engine
+from hidream_mlx.families.o1.engine import Engine
 from hidream_mlx.quant.plans import decoder_layer_index, load_plan, plan_from_description, resolve_plan
 from hidream_mlx.quant.recipes import BUILTIN_RECIPES, KEEP, LayerSetting, Override, QuantRecipe, get_quant_recipe
-from hidream_mlx.harness.replay import predict_recorded
+from hidream_mlx.families.o1.replay import predict_recorded
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "quantize" / "recipes"
 LAYERS = 36

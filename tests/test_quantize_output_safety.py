@@ -9,7 +9,7 @@ import stat
 import pytest
 from conftest import FIXTURES
 
-from hidream_mlx.quant.convert import convert
+from hidream_mlx.families.o1.convert import convert
 from hidream_mlx.quant.output import PARTIAL_MARKER, clean_leftovers, is_conversion_output
 from hidream_mlx.quant.recipes import get_quant_recipe
 
@@ -67,7 +67,7 @@ def test_overwrite_replaces_a_previous_output_and_leaves_no_temp(source, tmp_pat
 def test_the_old_folder_survives_until_the_new_one_is_complete(source, tmp_path, monkeypatch):
     out = convert(str(source), tmp_path / "q", FLAT, bits=8).output
     before = (out / "config.json").read_text()
-    import hidream_mlx.quant.convert as conv
+    import hidream_mlx.families.o1.convert as conv
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt

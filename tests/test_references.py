@@ -9,9 +9,9 @@ from conftest import FIXTURES
 from PIL import Image
 from tokenizers import Tokenizer
 
-from hidream_mlx.editing import layout, vision_processor
-from hidream_mlx.editing import references as refs
-from hidream_mlx.models.o1.config import ModelConfig
+from hidream_mlx.families.o1 import layout, vision_processor
+from hidream_mlx.families.o1 import references as refs
+from hidream_mlx.families.o1.config import ModelConfig
 
 
 @pytest.fixture(scope="module")

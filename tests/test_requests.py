@@ -8,9 +8,9 @@ import pytest
 from conftest import FIXTURES
 from PIL import Image
 
-from hidream_mlx.editing.references import resize_reference
-from hidream_mlx.generation import Engine, NonFiniteLatentError, Request
-from hidream_mlx.recipes import get_recipe, recipe_for_model
+from hidream_mlx.families.o1.references import resize_reference
+from hidream_mlx.families.o1.engine import Engine, NonFiniteLatentError, Request
+from hidream_mlx.families.o1.recipes import get_recipe, recipe_for_model
 from hidream_mlx.requests import RANGES, SEED_MAX, RequestError, build_request
 
 DEV = SimpleNamespace(name="HiDream-ai/HiDream-O1-Image-Dev", stored={})

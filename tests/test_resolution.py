@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import FIXTURES
 
-from hidream_mlx.resolution import (
+from hidream_mlx.families.o1.sizes import (
     MAX_PIXELS,
     OFFICIAL_BUCKETS,
     find_closest_resolution,

@@ -19,19 +19,19 @@ from huggingface_hub import constants
 
 from PIL import Image
 
-from hidream_mlx import generation
+from hidream_mlx.families.o1 import engine as generation
 from hidream_mlx.cli import main
-from hidream_mlx.generation import Engine, Request
+from hidream_mlx.families.o1.engine import Engine, Request
 from hidream_mlx.harness import peak_rss
-from hidream_mlx.models.o1.config import BOI_TOKEN_ID, TMS_TOKEN_ID
-from hidream_mlx.models.o1.synthetic import random_model, synthetic_config, synthetic_prompt_ids
-from hidream_mlx.models.o1.transformer import HiDreamO1
+from hidream_mlx.families.o1.config import BOI_TOKEN_ID, TMS_TOKEN_ID
+from hidream_mlx.families.o1.synthetic import random_model, synthetic_config, synthetic_prompt_ids
+from hidream_mlx.families.o1.transformer import HiDreamO1
 from hidream_mlx.noise import MlxNoise
-from hidream_mlx.pipeline import encode_synthetic
-from hidream_mlx.prompt import UNCOND_PROMPT, Tokenizer, encode_prompt
-from hidream_mlx.recipes import PRESETS, apply_preset, get_preset, get_recipe
+from hidream_mlx.families.o1.sampling import encode_synthetic
+from hidream_mlx.families.o1.prompt import UNCOND_PROMPT, Tokenizer, encode_prompt
+from hidream_mlx.families.o1.recipes import PRESETS, apply_preset, get_preset, get_recipe
 from hidream_mlx.requests import build_request, check_references
-from hidream_mlx.seams import blend_seams
+from hidream_mlx.families.o1.seams import blend_seams
 
 
 def test_the_unconditional_prompt_is_a_single_space_as_the_official_pipeline_uses():
@@ -134,7 +134,7 @@ def test_mlx_noise_derives_its_keys_from_seed_plus_one():
     ("full", 1, "flow_match", "full"),
 ])
 def test_one_reference_on_a_dev_model_switches_to_the_editing_scheduler(recipe, refs, scheduler, expected):
-    from hidream_mlx.recipes import recipe_for_references
+    from hidream_mlx.families.o1.recipes import recipe_for_references
 
     assert recipe_for_references(recipe, refs, scheduler) == expected
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from conftest import FIXTURES, case_meta, load_case
 
-from hidream_mlx.pipeline import Conditioning, sampler_for, schedule_for, velocity
-from hidream_mlx.recipes import get_recipe
-from hidream_mlx.harness.replay import recorded_state, replay_case
+from hidream_mlx.families.o1.sampling import Conditioning, sampler_for, schedule_for, velocity
+from hidream_mlx.families.o1.recipes import get_recipe
+from hidream_mlx.families.o1.replay import recorded_state, replay_case
 
 TEACHER_TOL = 2e-4
 
@@ -71,7 +71,7 @@ def test_free_running_replay_reaches_the_reference_image(tiny_model, case):
 
 def test_seeded_noise_reproduces_the_recorded_initial_latent():
     from hidream_mlx.noise import make_noise_source
-    from hidream_mlx.pipeline import initial_latent
+    from hidream_mlx.families.o1.sampling import initial_latent
 
     for name, recipe in (("dev_sampling", "dev"), ("full_sampling", "full")):
         meta, ref = case_meta(name), load_case(f"{name}.npz")
@@ -80,7 +80,7 @@ def test_seeded_noise_reproduces_the_recorded_initial_latent():
 
 
 def test_a_schedule_and_sampler_run_twice_give_identical_latents(tiny_model):
-    from hidream_mlx.generation import Engine, Request
+    from hidream_mlx.families.o1.engine import Engine, Request
 
     engine = Engine.load(str(FIXTURES), dtype="float32")
     request = Request("a lighthouse", 64, 64, 3, get_recipe("full").with_overrides(steps=6))

@@ -8,16 +8,16 @@ from conftest import FIXTURES
 from PIL import Image
 
 from hidream_mlx.cli import main
-from hidream_mlx.generation import Engine, Request
-from hidream_mlx.models.o1.config import PATCH_SIZE
-from hidream_mlx.models.o1.transformer import PrefixCache
-from hidream_mlx.patches import patchify
-from hidream_mlx.pipeline import Conditioning, PromptState, sample
+from hidream_mlx.families.o1.engine import Engine, Request
+from hidream_mlx.families.o1.config import PATCH_SIZE
+from hidream_mlx.families.o1.transformer import PrefixCache
+from hidream_mlx.families.o1.patches import patchify
+from hidream_mlx.families.o1.sampling import Conditioning, PromptState, sample
 from hidream_mlx.images import read_metadata
-from hidream_mlx.positions import t2i_positions
-from hidream_mlx.recipes import get_recipe
-from hidream_mlx.seam_smoothing import SeamSmoothing, SeamSmoothingError, extra_passes, shifted_weight
-from hidream_mlx.seams import grid_energy, grid_energy_axes, seam_energy
+from hidream_mlx.families.o1.positions import t2i_positions
+from hidream_mlx.families.o1.recipes import get_recipe
+from hidream_mlx.families.o1.seam_smoothing import SeamSmoothing, SeamSmoothingError, extra_passes, shifted_weight
+from hidream_mlx.families.o1.seams import grid_energy, grid_energy_axes, seam_energy
 
 REF = str(FIXTURES / "edit_ref.png")
 WIDTH, HEIGHT = 10 * PATCH_SIZE, 8 * PATCH_SIZE  # not square, so a swapped axis shows

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from conftest import FIXTURES
 
-from hidream_mlx.models.loading import ModelLoadError
-from hidream_mlx.models.o1.config import ModelConfig
-from hidream_mlx.models.source import CONVERTED, OFFICIAL, SINGLE_FILE, ModelSource
+from hidream_mlx.weights.loading import ModelLoadError
+from hidream_mlx.families.o1.config import ModelConfig
+from hidream_mlx.weights.source import CONVERTED, OFFICIAL, SINGLE_FILE, ModelSource
 
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json",
               "preprocessor_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
@@ -72,7 +72,7 @@ def test_side_files_of_another_model_are_refused(tmp_path):
 
 
 def test_a_single_file_checkpoint_loads_the_same_weights_as_its_folder(tmp_path):
-    from hidream_mlx.generation import Engine
+    from hidream_mlx.families.o1.engine import Engine
 
     weights = tmp_path / "o1_dev.safetensors"
     shutil.copy(FIXTURES / "model.safetensors", weights)
@@ -86,7 +86,7 @@ def test_a_single_file_checkpoint_loads_the_same_weights_as_its_folder(tmp_path)
 def test_q_on_a_single_file_checkpoint_quantizes_as_on_its_folder(tmp_path):
     from mlx.utils import tree_flatten
 
-    from hidream_mlx.generation import Engine
+    from hidream_mlx.families.o1.engine import Engine
 
     weights = tmp_path / "o1_dev.safetensors"
     shutil.copy(FIXTURES / "model.safetensors", weights)

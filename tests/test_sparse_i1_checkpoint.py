@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from hidream_mlx.models.i1.config import TransformerConfig, VAEConfig
-from hidream_mlx.models.i1.transformer import HiDreamImageTransformer
-from hidream_mlx.models.i1.vae import AutoencoderKL, torch_to_mlx
-from hidream_mlx.models.i1.weights import component_index, expert_widths
-from hidream_mlx.models.loading import TensorInfo, check_against
+from hidream_mlx.families.i1.config import TransformerConfig, VAEConfig
+from hidream_mlx.families.i1.transformer import HiDreamImageTransformer
+from hidream_mlx.families.i1.vae import AutoencoderKL, torch_to_mlx
+from hidream_mlx.families.i1.weights import component_index, expert_widths
+from hidream_mlx.weights.loading import TensorInfo, check_against
 from i1_support import FIXTURES
 
 TOOL = Path(__file__).parent / "tools" / "make_sparse_i1_checkpoint.py"

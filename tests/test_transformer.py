@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from conftest import load_case
 
-from hidream_mlx.positions import rope_tables
-from hidream_mlx.harness.replay import predict_recorded, prefix_length
-from hidream_mlx.models.o1.transformer import generation_mask
+from hidream_mlx.families.o1.positions import rope_tables
+from hidream_mlx.families.o1.replay import predict_recorded, prefix_length
+from hidream_mlx.families.o1.transformer import generation_mask
 
 FORWARD = load_case("forward_t2i.npz")
 CASES = sorted({k.split(".")[0] for k in FORWARD.files})
@@ -71,7 +71,7 @@ def test_prefix_cache_is_reused_across_timesteps(tiny_model):
 
 
 def test_bfloat16_weights_stay_close_to_float32(fixtures_dir):
-    from hidream_mlx.models.loading import load_model
+    from hidream_mlx.weights.loading import load_model
 
     model = load_model(fixtures_dir, dtype=mx.bfloat16)
     assert model.language_model.layers[0].mlp.up_proj.weight.dtype == mx.bfloat16
@@ -87,10 +87,10 @@ def test_bfloat16_weights_stay_close_to_float32(fixtures_dir):
 ])
 def test_other_dims_give_the_same_x_pred_through_cache_and_full_pass(heads, kv_heads, head_dim, section, grid):
     """Nothing is tuned to the fixture dims: any head layout, MRoPE split and non-square grid."""
-    from hidream_mlx.models.o1.config import ModelConfig
-    from hidream_mlx.positions import t2i_positions
-    from hidream_mlx.models.o1.synthetic import synthetic_prompt_ids
-    from hidream_mlx.models.o1.transformer import HiDreamO1
+    from hidream_mlx.families.o1.config import ModelConfig
+    from hidream_mlx.families.o1.positions import t2i_positions
+    from hidream_mlx.families.o1.synthetic import synthetic_prompt_ids
+    from hidream_mlx.families.o1.transformer import HiDreamO1
 
     text = dict(hidden_size=heads * head_dim, num_hidden_layers=2, num_attention_heads=heads,
                 num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=96, vocab_size=151936,

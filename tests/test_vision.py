@@ -10,8 +10,8 @@ import pytest
 from conftest import FIXTURES
 from mlx.utils import tree_flatten
 
-from hidream_mlx.models.o1.config import ModelConfig
-from hidream_mlx.models.o1.vision import VisionTower, load_vision_tower
+from hidream_mlx.families.o1.config import ModelConfig
+from hidream_mlx.families.o1.vision import VisionTower, load_vision_tower
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import sys
 import click
 
 from hidream_mlx import __version__
-from hidream_mlx.models.o1.config import ConfigError
-from hidream_mlx.models.loading import ModelLoadError
+from hidream_mlx.families.o1.config import ConfigError
+from hidream_mlx.weights.loading import ModelLoadError
 from hidream_mlx.cli.bench import bench
 from hidream_mlx.cli.eval import eval_group
 from hidream_mlx.cli.generate import generate

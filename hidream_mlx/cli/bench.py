@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from hidream_mlx.models.precision import PRECISIONS
+from hidream_mlx.weights.precision import PRECISIONS
 from hidream_mlx.quant.recipes import SUPPORTED_BITS
 from hidream_mlx.harness.bench import BenchConfig, load_line, report_lines, run_bench, run_load
 

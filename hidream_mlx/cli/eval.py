@@ -19,10 +19,10 @@ from typing import Optional
 
 import click
 
-from hidream_mlx.models.family import O1, family_of
-from hidream_mlx.models.precision import PRECISIONS
+from hidream_mlx.family import O1, family_of
+from hidream_mlx.weights.precision import PRECISIONS
 
-from hidream_mlx.models.o1.synthetic import TEXT_DIMS
+from hidream_mlx.families.o1.synthetic import TEXT_DIMS
 from hidream_mlx.quant.recipes import SUPPORTED_BITS
 from hidream_mlx.files import atomic_output, check_output_path
 from hidream_mlx.harness import distributed

@@ -1,7 +1,7 @@
 """``hidream-mlx generate``: one image from a prompt (the CLI face of :class:`Engine`).
 
 A HiDream-I1 ``--model`` (a diffusers pipeline folder or an ``HiDream-I1`` repo id) runs on
-:class:`~hidream_mlx.models.i1.engine.I1Engine` through the same plan and render loop: every
+:class:`~hidream_mlx.families.i1.engine.I1Engine` through the same plan and render loop: every
 prompt is encoded first, the encoders are freed, then the transformer loads once.
 """
 
@@ -11,19 +11,19 @@ from pathlib import Path
 
 import click
 
-from hidream_mlx.models.precision import PRECISIONS
+from hidream_mlx.weights.precision import PRECISIONS
 
 from hidream_mlx.cli.render import from_image_settings, given_on_command_line, plan, render, summary
-from hidream_mlx.generation import Engine
+from hidream_mlx.families.o1.engine import Engine
 from hidream_mlx.memory import check_fits_folder, check_fits_i1, format_bytes
-from hidream_mlx.models.precision import parse_dtype
-from hidream_mlx.models.lora import checked_specs, lora_memory, parse_lora_options
-from hidream_mlx.models.family import I1
-from hidream_mlx.models.i1.encoder_common import ENCODER_BITS
-from hidream_mlx.models.i1.engine import I1Engine, check_load_options
-from hidream_mlx.models.i1.recipes import I1_RECIPES
-from hidream_mlx.recipes import PRESETS as PRESET_NAMES
-from hidream_mlx.recipes import RECIPES as RECIPE_NAMES
+from hidream_mlx.weights.precision import parse_dtype
+from hidream_mlx.weights.lora import checked_specs, lora_memory, parse_lora_options
+from hidream_mlx.family import I1
+from hidream_mlx.families.i1.encoder_common import ENCODER_BITS
+from hidream_mlx.families.i1.engine import I1Engine, check_load_options
+from hidream_mlx.families.i1.recipes import I1_RECIPES
+from hidream_mlx.families.o1.recipes import PRESETS as PRESET_NAMES
+from hidream_mlx.families.o1.recipes import RECIPES as RECIPE_NAMES
 from hidream_mlx.requests import SEED_MAX, USED_BY, check_number, range_help
 
 DEFAULT_MODEL = "HiDream-ai/HiDream-O1-Image-Dev"

@@ -11,8 +11,8 @@ from pathlib import Path
 import click
 
 from hidream_mlx.harness.info import i1_info_lines, o1_info_lines
-from hidream_mlx.models.family import I1, family_of
-from hidream_mlx.models.precision import PRECISIONS, parse_dtype
+from hidream_mlx.family import I1, family_of
+from hidream_mlx.weights.precision import PRECISIONS, parse_dtype
 from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE, SUPPORTED_BITS
 from hidream_mlx.workflow.reproduce import describe_image
 

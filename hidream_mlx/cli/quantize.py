@@ -1,7 +1,7 @@
 """``hidream-mlx quantize``: convert an official checkpoint into a quantized folder.
 
-The click layer only parses and prints; :mod:`hidream_mlx.quant.convert` (O1) and
-:mod:`hidream_mlx.quant.convert_i1` (I1 pipelines) do the work and :mod:`hidream_mlx.quant.fidelity`
+The click layer only parses and prints; :mod:`hidream_mlx.families.o1.convert` (O1) and
+:mod:`hidream_mlx.families.i1.convert` (I1 pipelines) do the work and :mod:`hidream_mlx.quant.fidelity`
 the optional O1 report. User errors are raised as ValueError /
 FileExistsError / ModelLoadError for the command group to print as one ``error:`` line.
 """
@@ -24,12 +24,12 @@ from hidream_mlx.quant.recipes import (
 )
 
 from hidream_mlx.memory import format_bytes
-from hidream_mlx.models.family import I1, family_of
-from hidream_mlx.models.lora import checked_specs, parse_lora_options
-from hidream_mlx.models.precision import parse_dtype
-from hidream_mlx.models.source import SINGLE_FILE, ModelSource
-from hidream_mlx.quant.convert import convert, source_matrices
-from hidream_mlx.quant.convert_i1 import convert_i1
+from hidream_mlx.family import I1, family_of
+from hidream_mlx.weights.lora import checked_specs, parse_lora_options
+from hidream_mlx.weights.precision import parse_dtype
+from hidream_mlx.weights.source import SINGLE_FILE, ModelSource
+from hidream_mlx.families.o1.convert import convert, source_matrices
+from hidream_mlx.families.i1.convert import convert_i1
 from hidream_mlx.quant.fidelity import comparison_plans, fidelity_report
 from hidream_mlx.quant.output import REPORT_FILE
 

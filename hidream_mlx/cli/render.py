@@ -16,14 +16,14 @@ from typing import Callable, Optional
 import click
 from click.core import ParameterSource
 
-from hidream_mlx.models.family import I1, family_of
-from hidream_mlx.models.i1.source import I1Source
+from hidream_mlx.family import I1, family_of
+from hidream_mlx.families.i1.source import I1Source
 from hidream_mlx.requests import RequestError
-from hidream_mlx.models.loading import is_vision, module_name
+from hidream_mlx.weights.loading import is_vision, module_name
 from hidream_mlx.workflow.batch import (Job, build_requests, check_outputs, output_names, plan_jobs, preview_path,
                                preview_paths)
 from hidream_mlx.images import read_metadata, save_image
-from hidream_mlx.models.source import ModelSource
+from hidream_mlx.weights.source import ModelSource
 from hidream_mlx.workflow.reproduce import (
     check_model,
     find_loras,
@@ -33,7 +33,7 @@ from hidream_mlx.workflow.reproduce import (
     recorded_settings,
     reproduction_fields,
 )
-from hidream_mlx.generation import preview_image
+from hidream_mlx.families.o1.engine import preview_image
 
 # build_request's options, as generate's parameters are named.
 REQUEST_OPTIONS = ("width", "height", "no_snap", "recipe", "preset", "steps", "guidance", "shift", "noise_scale",

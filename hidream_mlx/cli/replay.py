@@ -15,12 +15,12 @@ import mlx.core as mx
 import numpy as np
 
 from hidream_mlx.files import atomic_output, check_output_path
-from hidream_mlx.harness.replay import ReplayError, detect_format, open_case, replay_case
-from hidream_mlx.harness.replay_i1 import i1_case_kind, replay_i1_case
-from hidream_mlx.models.family import I1, LLAMA_REPO, family_of
-from hidream_mlx.models.i1.source import I1Source
-from hidream_mlx.models.loading import load_model
-from hidream_mlx.models.source import ModelSource
+from hidream_mlx.families.o1.replay import ReplayError, detect_format, open_case, replay_case
+from hidream_mlx.families.i1.replay import i1_case_kind, replay_i1_case
+from hidream_mlx.family import I1, LLAMA_REPO, family_of
+from hidream_mlx.families.i1.source import I1Source
+from hidream_mlx.weights.loading import load_model
+from hidream_mlx.weights.source import ModelSource
 
 FAMILY_NAMES = {I1: "HiDream-I1", "o1": "HiDream-O1"}
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import click
 
-from hidream_mlx.models.precision import PRECISIONS
+from hidream_mlx.weights.precision import PRECISIONS
 
 from hidream_mlx.cli.generate import DEFAULT_MODEL
-from hidream_mlx.generation import Engine
-from hidream_mlx.models.family import I1, family_of
-from hidream_mlx.models.i1.encoder_common import ENCODER_BITS
-from hidream_mlx.models.i1.engine import I1Engine
-from hidream_mlx.models.source import ModelSource
+from hidream_mlx.families.o1.engine import Engine
+from hidream_mlx.family import I1, family_of
+from hidream_mlx.families.i1.encoder_common import ENCODER_BITS
+from hidream_mlx.families.i1.engine import I1Engine
+from hidream_mlx.weights.source import ModelSource
 
 LOOPBACK = ("localhost",)
 

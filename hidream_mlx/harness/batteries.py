@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Optional
 
 from hidream_mlx.files import read_text_file
-from hidream_mlx.models.o1.config import PATCH_SIZE
-from hidream_mlx.models.lora import checked_specs, specs_from_json
-from hidream_mlx.models.i1.recipes import I1_RECIPES
-from hidream_mlx.recipes import get_recipe
-from hidream_mlx.resolution import FREE_SIZE_MULTIPLE, MAX_PIXELS, resolve_size
-from hidream_mlx.seam_smoothing import check_setting
+from hidream_mlx.families.o1.config import PATCH_SIZE
+from hidream_mlx.weights.lora import checked_specs, specs_from_json
+from hidream_mlx.families.i1.recipes import I1_RECIPES
+from hidream_mlx.families.o1.recipes import get_recipe
+from hidream_mlx.families.o1.sizes import FREE_SIZE_MULTIPLE, MAX_PIXELS, resolve_size
+from hidream_mlx.families.o1.seam_smoothing import check_setting
 
 VARIANT_KEYS = ("steps", "guidance", "size", "recipe", "shift", "blend_seams", "noise", "snap",
                 "seam_smoothing", "seam_window", "seam_strength")

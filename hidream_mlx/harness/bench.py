@@ -26,22 +26,22 @@ import mlx.core as mx
 import numpy as np
 import psutil
 
-from hidream_mlx import pipeline
+from hidream_mlx.families.o1 import sampling as pipeline
 from hidream_mlx.memory import format_bytes, parameter_bytes, parameter_count, predict_peak_bytes
-from hidream_mlx.patches import grid_size
-from hidream_mlx.generation import Engine
+from hidream_mlx.families.o1.patches import grid_size
+from hidream_mlx.families.o1.engine import Engine
 from hidream_mlx.harness.peak_rss import PeakRss, ru_maxrss_bytes
-from hidream_mlx.pipeline import Conditioning, encode_prompt_state
-from hidream_mlx.positions import t2i_positions
-from hidream_mlx.recipes import uses_cfg
+from hidream_mlx.families.o1.sampling import Conditioning, encode_prompt_state
+from hidream_mlx.families.o1.positions import t2i_positions
+from hidream_mlx.families.o1.recipes import uses_cfg
 from hidream_mlx.requests import check_free_size
-from hidream_mlx.models.precision import check_precision, parse_dtype
+from hidream_mlx.weights.precision import check_precision, parse_dtype
 from hidream_mlx.quant.quantization import quantize_in_memory
 from hidream_mlx.quant.recipes import SUPPORTED_BITS
-from hidream_mlx.models.o1.synthetic import random_model, synthetic_prompt_ids
-from hidream_mlx.models.family import I1, family_of
-from hidream_mlx.models.i1.weights import load_transformer_planned, load_vae
-from hidream_mlx.models.source import resolve_model_path
+from hidream_mlx.families.o1.synthetic import random_model, synthetic_prompt_ids
+from hidream_mlx.family import I1, family_of
+from hidream_mlx.families.i1.weights import load_transformer_planned, load_vae
+from hidream_mlx.weights.source import resolve_model_path
 
 UNCOND_TOKENS = 13  # the chat template around the unconditional prompt " "
 

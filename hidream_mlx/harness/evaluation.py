@@ -35,15 +35,15 @@ from hidream_mlx.harness.batteries import DEFAULT_SEED, DEFAULT_SIZE, BatteryIte
 from hidream_mlx.harness.peak_rss import PeakRss, reset_high_water, ru_maxrss_bytes
 from hidream_mlx.files import atomic_output, read_json_file, read_text_file, sha256_file
 from hidream_mlx.images import save_image
-from hidream_mlx.models.family import I1, O1, family_of
-from hidream_mlx.models.lora import switch_loras
-from hidream_mlx.models.o1.config import PATCH_SIZE
+from hidream_mlx.family import I1, O1, family_of
+from hidream_mlx.weights.lora import switch_loras
+from hidream_mlx.families.o1.config import PATCH_SIZE
 from hidream_mlx.requests import build_request
-from hidream_mlx.seams import grid_energy_axes
-from hidream_mlx.generation import Engine
+from hidream_mlx.families.o1.seams import grid_energy_axes
+from hidream_mlx.families.o1.engine import Engine
 from hidream_mlx.memory import parameter_bytes
-from hidream_mlx.models.o1.synthetic import random_model
-from hidream_mlx.models.precision import parse_dtype
+from hidream_mlx.families.o1.synthetic import random_model
+from hidream_mlx.weights.precision import parse_dtype
 from hidream_mlx.quant.quantization import quantize_in_memory
 
 RESULTS_FILE = "results.jsonl"
@@ -231,7 +231,7 @@ def load_engine(model: Optional[str], random_weights: Optional[str] = None, laye
     HiDream-I1 pipeline gets an I1Engine (its weights load phase by phase in :meth:`EvalRun.run`).
     """
     if random_weights is None and family_of(model) == I1:
-        from hidream_mlx.models.i1.engine import I1Engine  # lazy: the I1 stack only for I1 runs
+        from hidream_mlx.families.i1.engine import I1Engine  # lazy: the I1 stack only for I1 runs
 
         return I1Engine.load(model, dtype=dtype, quantize_bits=quantize_bits)
     if random_weights is None:

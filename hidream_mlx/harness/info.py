@@ -22,17 +22,17 @@ from hidream_mlx.memory import (
     weight_sizes,
     working_set,
 )
-from hidream_mlx.models.i1.memory import ENCODERS, LEVELS, QUANTIZABLE_ENCODERS, I1Memory, phase_peaks
-from hidream_mlx.models.i1.recipes import get_i1_recipe
-from hidream_mlx.models.i1.sizes import DEFAULT_SIZE as I1_DEFAULT_SIZE
-from hidream_mlx.models.i1.source import I1Source
-from hidream_mlx.models.i1.text_encoding import DEFAULT_MAX_SEQUENCE_LENGTH
-from hidream_mlx.models.i1.weights import expert_widths
-from hidream_mlx.models.o1.synthetic import synthetic_config
-from hidream_mlx.models.source import ModelSource
+from hidream_mlx.families.i1.memory import ENCODERS, LEVELS, QUANTIZABLE_ENCODERS, I1Memory, phase_peaks
+from hidream_mlx.families.i1.recipes import get_i1_recipe
+from hidream_mlx.families.i1.sizes import DEFAULT_SIZE as I1_DEFAULT_SIZE
+from hidream_mlx.families.i1.source import I1Source
+from hidream_mlx.families.i1.text_encoding import DEFAULT_MAX_SEQUENCE_LENGTH
+from hidream_mlx.families.i1.weights import expert_widths
+from hidream_mlx.families.o1.synthetic import synthetic_config
+from hidream_mlx.weights.source import ModelSource
 from hidream_mlx.quant.plans import check_requested_bits
 from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
-from hidream_mlx.recipes import get_recipe, recipe_for_model, uses_cfg
+from hidream_mlx.families.o1.recipes import get_recipe, recipe_for_model, uses_cfg
 from hidream_mlx.requests import RequestError, check_free_size, check_number
 
 O1_DEFAULT_SIDE = 2048

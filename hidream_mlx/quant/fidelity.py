@@ -24,13 +24,13 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from hidream_mlx.memory import component_sizes
-from hidream_mlx.models.precision import DTYPE_NAMES
+from hidream_mlx.weights.precision import DTYPE_NAMES
 from hidream_mlx.quant.plans import EMBEDDINGS, QuantPlan, resolve_plan
 from hidream_mlx.quant.quantization import quantize_weight
 from hidream_mlx.quant.recipes import BUILTIN_RECIPES, KEEP, MODE, LayerSetting
-from hidream_mlx.generation import Engine, Request
-from hidream_mlx.models.loading import load_model
-from hidream_mlx.prompt import Tokenizer
+from hidream_mlx.families.o1.engine import Engine, Request
+from hidream_mlx.weights.loading import load_model
+from hidream_mlx.families.o1.prompt import Tokenizer
 
 DEFAULT_PROMPT = "a lighthouse on a rocky coast at sunset, waves, warm light"
 MAX_ROWS = 256  # activation rows kept per layer: enough for a stable norm, bounded memory

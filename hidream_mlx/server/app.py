@@ -30,12 +30,12 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from hidream_mlx.memory import check_fits_folder, check_fits_i1
-from hidream_mlx.models.family import I1, O1
-from hidream_mlx.models.precision import parse_dtype
+from hidream_mlx.family import I1, O1
+from hidream_mlx.weights.precision import parse_dtype
 from hidream_mlx.server.fields import CLI_FIELDS, BadRequest, Limits, build_spec, decode_reference, parse_json, \
     served_names
 from hidream_mlx.server.jobs import Job, JobQueue
-from hidream_mlx.models.lora import LoRAError, linear_targets, lora_memory as estimate, read_lora
+from hidream_mlx.weights.lora import LoRAError, linear_targets, lora_memory as estimate, read_lora
 
 STATIC = Path(__file__).parent / "static"
 FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.png$")
@@ -288,7 +288,7 @@ def check_loras(engine, specs, lora_dir: Path) -> None:
     """Read each LoRA against the model now, so a file that does not fit is a 400 before queueing
     (applying one in the worker then cannot fail half-way)."""
     if getattr(engine, "family", O1) == I1:
-        from hidream_mlx.models.i1.lora_targets import check_loras as check_i1_loras  # lazy: I1 servers only
+        from hidream_mlx.families.i1.lora_targets import check_loras as check_i1_loras  # lazy: I1 servers only
 
         try:  # against the transformer's module tree (it may not be resident between prompts)
             check_i1_loras(engine.source, specs)

@@ -21,9 +21,9 @@ from typing import Optional
 
 from PIL import Image, UnidentifiedImageError
 
-from hidream_mlx.generation import Request
+from hidream_mlx.families.o1.engine import Request
 from hidream_mlx.workflow.batch import make_request as build_one
-from hidream_mlx.models.lora import LoRAError, parse_lora_options
+from hidream_mlx.weights.lora import LoRAError, parse_lora_options
 
 
 class BadRequest(ValueError):

@@ -20,11 +20,11 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from hidream_mlx.generation import preview_image
+from hidream_mlx.families.o1.engine import preview_image
 from hidream_mlx.images import save_image
 from hidream_mlx.workflow.reproduce import reproduction_fields
 from hidream_mlx.server.fields import Spec
-from hidream_mlx.models.lora import switch_loras
+from hidream_mlx.weights.lora import switch_loras
 
 PREVIEW_SIDE = 256
 PREVIEW_QUALITY = 70

@@ -22,9 +22,9 @@ from typing import Callable, Optional
 
 from hidream_mlx.files import sha256_file
 from hidream_mlx.images import read_metadata
-from hidream_mlx.models.family import I1, O1
-from hidream_mlx.models.source import is_repo_id
-from hidream_mlx.recipes import RECIPES
+from hidream_mlx.family import I1, O1
+from hidream_mlx.weights.source import is_repo_id
+from hidream_mlx.families.o1.recipes import RECIPES
 from hidream_mlx.requests import USED_BY, RequestError
 
 RECIPE_NUMBERS = ("steps", "guidance", "shift", "noise_scale", "s_noise", "noise_clip")

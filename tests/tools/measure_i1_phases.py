@@ -21,9 +21,9 @@ import mlx.core as mx
 
 from hidream_mlx.harness.peak_rss import ru_maxrss_bytes
 from hidream_mlx.memory import GiB, RUNTIME_BYTES
-from hidream_mlx.models.i1 import memory as i1_memory
-from hidream_mlx.models.i1.text_encoding import COMPONENTS, TextEncoders
-from hidream_mlx.models.i1.weights import load_transformer
+from hidream_mlx.families.i1 import memory as i1_memory
+from hidream_mlx.families.i1.text_encoding import COMPONENTS, TextEncoders
+from hidream_mlx.families.i1.weights import load_transformer
 
 TEXTS = ["", "A cat holding a sign that says hello"]  # the CFG pair: negative, positive
 

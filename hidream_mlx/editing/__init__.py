@@ -1,1 +1,0 @@
-"""Editing and subject-driven generation: reference images, the Qwen3-VL image processor, layout boxes."""

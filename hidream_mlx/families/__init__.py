@@ -1,0 +1,1 @@
+"""The model families: one package each (``o1``, ``i1``)."""
