@@ -79,9 +79,43 @@ def sha256_file(path: Path | str) -> str:
     return digest.hexdigest()
 
 
-def read_text_file(path: Path | str, what: str = "file") -> str:
-    """A UTF-8 text file's content; every way reading it can fail is one line naming the file."""
+def check_regular_file(path: Path | str, what: str = "file") -> Path:
+    """``path`` if it names a regular file (through symlinks). A FIFO, socket or device is refused
+    before it is opened: reading one can block forever or never end (``/dev/zero``)."""
     path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such {what}") from None
+    except PermissionError:
+        raise PermissionError(f"{path}: {what} is not readable (permission denied)") from None
+    except OSError as e:
+        raise OSError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"{path}: is a folder, expected a {what}")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path}: {what} is not a regular file (a pipe, socket or device); give a file")
+    return path
+
+
+def parse_json(text: str | bytes, where: str, what: str = "JSON"):
+    """``text``'s JSON value; a syntax error or nesting deeper than Python's parser can follow is
+    one ValueError saying ``where: what ...`` (``where``: a file or ``FILE:LINE``; may be empty)."""
+    head = f"{where}: {what}" if where else what
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{head} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{head} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except RecursionError:
+        raise ValueError(f"{head} is nested too deeply to read") from None
+
+
+def read_text_file(path: Path | str, what: str = "file") -> str:
+    """A UTF-8 text file's content; every way reading it can fail is one line naming the file.
+    Only regular files are read (:func:`check_regular_file`)."""
+    path = check_regular_file(path, what)
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -98,11 +132,7 @@ def read_text_file(path: Path | str, what: str = "file") -> str:
 
 def read_json_file(path: Path | str, what: str = "JSON file"):
     """A JSON file's value, with :func:`read_text_file`'s errors and the place of a syntax error."""
-    text = read_text_file(path, what)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: {what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    return parse_json(read_text_file(path, what), str(path), what)
 
 
 def default_file_mode() -> int:

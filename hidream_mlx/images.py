@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from hidream_mlx.files import atomic_output
+from hidream_mlx.files import atomic_output, parse_json
 
 METADATA_KEY = "hidream-mlx"
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -90,10 +90,7 @@ def read_metadata(path: Path | str) -> dict:
         raise ValueError(f"{path}: not a readable image ({type(e).__name__})") from None
     if text is None:
         raise ValueError(f"{path}: no hidream-mlx metadata in this image")
-    try:
-        return json.loads(text)
-    except ValueError:
-        raise ValueError(f"{path}: its hidream-mlx metadata is not valid JSON") from None
+    return parse_json(text, str(path), "its hidream-mlx metadata")
 
 
 def _to_uint8(values: np.ndarray, full_scale: float) -> np.ndarray:

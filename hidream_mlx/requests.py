@@ -12,7 +12,6 @@ it cannot use is refused naming the flag (:data:`O1_ONLY`).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -27,7 +26,7 @@ from hidream_mlx.families.o1.references import (
     load_reference_images,
     resize_reference,
 )
-from hidream_mlx.files import read_text_file
+from hidream_mlx.files import parse_json, read_text_file
 from hidream_mlx.families.o1.engine import Request
 from hidream_mlx.family import I1, O1
 from hidream_mlx.families.i1.recipes import I1_RECIPES, apply_i1_preset, get_i1_recipe
@@ -243,10 +242,9 @@ def read_layout(layout: Optional[str]) -> Optional[str]:
     if layout.strip() and len(layout) < 4096 and os.path.lexists(path):
         text = read_text_file(path, "--layout file")
         try:
-            json.loads(text)
-        except json.JSONDecodeError as e:
-            raise RequestError(f"{path}: --layout file is not valid JSON ({e.msg} at line {e.lineno} "
-                               f"column {e.colno})") from None
+            parse_json(text, str(path), "--layout file")
+        except ValueError as e:
+            raise RequestError(str(e)) from None
         return text
     if layout.strip() and layout.strip()[:1] not in ("[", "{"):
         raise RequestError(f"--layout {layout!r}: neither a JSON list of boxes nor an existing file")

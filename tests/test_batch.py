@@ -132,5 +132,5 @@ def test_prompt_file_json_line_must_be_an_object_with_a_prompt(tmp_path):
     with pytest.raises(RequestError, match=r"p.jsonl:1: no \"prompt\" text"):
         read_prompt_file(path)
     path.write_text("{not json\n", encoding="utf-8")
-    with pytest.raises(RequestError, match="p.jsonl:1: not a JSON object"):
+    with pytest.raises(RequestError, match="p.jsonl:1: the line is not valid JSON"):
         read_prompt_file(path)

@@ -9,13 +9,12 @@ Every problem is reported with the file and line, or the variant, it comes from.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from hidream_mlx.files import read_text_file
+from hidream_mlx.files import parse_json, read_text_file
 from hidream_mlx.families.o1.config import PATCH_SIZE
 from hidream_mlx.weights.lora import checked_specs, specs_from_json
 from hidream_mlx.families.i1.recipes import I1_RECIPES
@@ -140,10 +139,9 @@ def read_battery(path: Path | str) -> list[BatteryItem]:
     for number, line in enumerate(read_text_file(path, "battery file").splitlines(), start=1):
         if not line.strip():
             continue
+        entry = parse_json(line, f"{path}:{number}", "the line")
         try:
-            item = _battery_item(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno})") from None
+            item = _battery_item(entry)
         except ValueError as e:
             raise ValueError(f"{path}:{number}: {e}") from None
         if item.id in seen:

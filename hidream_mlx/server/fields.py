@@ -22,6 +22,7 @@ from typing import Optional
 from PIL import Image, UnidentifiedImageError
 
 from hidream_mlx.families.o1.engine import Request
+from hidream_mlx.files import parse_json as parse_json_text
 from hidream_mlx.workflow.batch import make_request as build_one
 from hidream_mlx.weights.lora import LoRAError, parse_lora_options
 
@@ -79,9 +80,9 @@ class Spec:
 
 def parse_json(raw: bytes) -> dict:
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadRequest(f"the body is not valid JSON ({e})") from None
+        body = parse_json_text(raw, "", "the body")
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     return body
@@ -241,8 +242,8 @@ def check_bounds(options: dict, limits: Limits) -> None:
 def _check_layout_is_json(text: str) -> None:
     # The CLI reads --layout from a file when it names one; a request must never name a server path.
     try:
-        json.loads(text)
-    except json.JSONDecodeError:
+        parse_json_text(text, "", "layout")
+    except ValueError:
         raise BadRequest("layout must be JSON boxes (a file name is not accepted here)") from None
 
 

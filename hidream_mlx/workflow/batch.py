@@ -9,14 +9,13 @@ loads; two jobs that would write the same file are refused.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from hidream_mlx.files import check_output_path, read_text_file
+from hidream_mlx.files import check_output_path, parse_json, read_text_file
 from hidream_mlx.images import image_format
 from hidream_mlx.requests import SEED_MAX, RequestError, build_request, check_number
 from hidream_mlx.requests import SPECIAL_TOKEN
@@ -74,9 +73,9 @@ def read_prompt_file(path: Path | str) -> list[dict]:
             entries.append({"prompt": line, "line": where})
             continue
         try:
-            entry = json.loads(line)
+            entry = parse_json(line, where, "the line")
         except ValueError as e:
-            raise RequestError(f"{where}: not a JSON object ({e.msg})") from None
+            raise RequestError(str(e)) from None
         if not isinstance(entry, dict):
             raise RequestError(f"{where}: not a JSON object")
         unknown = sorted(set(entry) - set(LINE_KEYS))
@@ -100,7 +99,10 @@ def plan_jobs(prompt: Optional[str], prompt_file, seeds: tuple, count: Optional[
     jobs = []
     for entry in entries:
         settings = {k: v for k, v in entry.items() if k not in ("prompt", "seed", "line")}
-        line_seeds = expand_seeds((entry["seed"],), None) if "seed" in entry else expand_seeds(seeds, count)
+        try:
+            line_seeds = expand_seeds((entry["seed"],), None) if "seed" in entry else expand_seeds(seeds, count)
+        except RequestError as e:
+            raise RequestError(f"{entry['line']}: {e}" if "seed" in entry else str(e)) from None
         for seed in line_seeds:
             jobs.append(Job(len(jobs) + 1, entry["prompt"], seed, {**settings, "line": entry.get("line")}))
     return jobs

@@ -44,6 +44,8 @@ def _layout_items(spec: Any, note: Note = None) -> list:
             spec = json.loads(path.read_text(encoding="utf-8") if is_file else str(spec))
         except json.JSONDecodeError as e:
             raise ValueError(f"layout boxes are neither valid JSON nor a JSON file ({e.msg})") from None
+        except RecursionError:
+            raise ValueError("layout boxes are nested too deeply to read") from None
     if isinstance(spec, dict):
         spec = next((spec[k] for k in ("layout_bboxes", "bboxes", "boxes", "bbox_list") if k in spec), spec)
     if not isinstance(spec, list):
