@@ -22,6 +22,7 @@ from hidream_mlx.family import I1
 from hidream_mlx.families.i1.encoder_common import ENCODER_BITS
 from hidream_mlx.families.i1.engine import I1Engine, check_load_options
 from hidream_mlx.families.i1.recipes import I1_RECIPES
+from hidream_mlx.families.o1.lora_targets import check_loras as check_o1_loras
 from hidream_mlx.families.o1.recipes import PRESETS as PRESET_NAMES
 from hidream_mlx.families.o1.recipes import RECIPES as RECIPE_NAMES
 from hidream_mlx.requests import SEED_MAX, USED_BY, check_number, range_help
@@ -129,8 +130,9 @@ def generate(model_arg, prompt, output, seeds, width, height, no_snap, recipe, p
         return
     dtype = params["dtype"]
     bits = int(params["quantize_bits"]) if params["quantize_bits"] else None
-    lora_specs = checked_specs(parse_lora_options([*params["loras"], *params["lora_paths"]],
-                                                  [*params["lora_scales"], *params["lora_scales_mflux"]]))
+    # Read against the model's layer shapes now, so a LoRA that does not fit fails before loading.
+    lora_specs = check_o1_loras(source, parse_lora_options([*params["loras"], *params["lora_paths"]],
+                                                           [*params["lora_scales"], *params["lora_scales_mflux"]]))
     if not force:
         extra = lora_memory(lora_specs, quantized=bits is not None or source.quantization is not None)
         for w, h, cfg in sorted({(r.width, r.height, r.recipe.uses_cfg) for r in requests}):

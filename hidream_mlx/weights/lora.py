@@ -26,6 +26,7 @@ quantized matmul and never dequantizes. Several LoRAs stack.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -46,6 +47,9 @@ from hidream_mlx.weights.lora_keys import (  # noqa: F401 (LoRAKeys, I1_KEYS: pa
     underscore_map,
 )
 from hidream_mlx.weights.loading import SKIPPED_PREFIXES, is_vision, module_name
+
+
+MAX_LORA_SCALE = 100.0  # --lora-scale's range, as the other strengths (--guidance, --shift) have theirs
 
 
 @dataclass(frozen=True)
@@ -112,13 +116,24 @@ class LoRALinear(nn.Module):
         return y
 
 
+def check_scale(value, what: str = "--lora-scale") -> float:
+    """A LoRA strength checked like every other number: finite and within +-MAX_LORA_SCALE."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LoRAError(f"{what} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise LoRAError(f"{what} must be a finite number, got {value}")
+    if abs(value) > MAX_LORA_SCALE:
+        raise LoRAError(f"{what} must be >= {-MAX_LORA_SCALE:g} and <= {MAX_LORA_SCALE:g}, got {value:g}")
+    return float(value)
+
+
 def parse_lora_options(paths: Sequence, scales: Sequence[float] = ()) -> list[LoRASpec]:
     """Pair ``--lora`` paths with ``--lora-scale`` values in order; missing scales are 1.0."""
     if len(scales) > len(paths):
         raise LoRAError(f"{len(scales)} LoRA scales given for {len(paths)} LoRA files")
     specs = []
     for i, p in enumerate(paths):
-        scale = float(scales[i]) if i < len(scales) else 1.0
+        scale = check_scale(scales[i]) if i < len(scales) else 1.0
         specs.append(LoRASpec(Path(p), scale))
     return specs
 
@@ -131,10 +146,10 @@ def specs_from_json(items, where: str) -> list[LoRASpec]:
     for i, item in enumerate(items):
         if not isinstance(item, dict) or "path" not in item or set(item) - {"path", "scale"}:
             raise LoRAError(f"{where}.loras[{i}] must be an object with \"path\" and an optional \"scale\"")
-        scale = item.get("scale", 1.0)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise LoRAError(f"{where}.loras[{i}].scale must be a number")
-        specs.append(LoRASpec(Path(item["path"]), float(scale)))
+        if not isinstance(item["path"], str):
+            raise LoRAError(f"{where}.loras[{i}].path must be a file name, got {item['path']!r}")
+        scale = check_scale(item.get("scale", 1.0), f"{where}.loras[{i}].scale")
+        specs.append(LoRASpec(Path(item["path"]), scale))
     return specs
 
 
@@ -204,12 +219,18 @@ def read_lora(path: Path | str, targets: dict, keys: LoRAKeys = O1_KEYS) -> tupl
                 raise LoRAError(f"{path}: key {have} has no matching lora_{role} / "
                                 f"lora_{'down' if role == 'A' else 'up'} tensor")
         (key_a, A), (key_b, B) = entry["A"], entry["B"]
+        for key, tensor in ((key_a, A), (key_b, B)):
+            if not mx.issubdtype(tensor.dtype, mx.floating):
+                raise LoRAError(f"{path}: key {key} holds {dtype_name(tensor)} values; LoRA weights are floating point")
         if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
             raise LoRAError(f"{path}: key {key_a}: shapes {tuple(A.shape)} and {tuple(B.shape)} "
                             "are not a rank-r pair (out, r) @ (r, in)")
         rank = int(A.shape[0])
+        if rank == 0:
+            raise LoRAError(f"{path}: key {key_a} has rank 0 (shape {tuple(A.shape)}): an empty update; "
+                            "the file is broken")
         if "alpha" in entry:
-            alpha = float(entry["alpha"][1].astype(mx.float32).reshape(-1)[0])
+            alpha = scalar_alpha(path, *entry["alpha"])
         elif entry["layout"] == "peft":
             alpha = peft_alpha(config, entry["raw"], rank)
         else:
@@ -219,7 +240,38 @@ def read_lora(path: Path | str, targets: dict, keys: LoRAKeys = O1_KEYS) -> tupl
             raise LoRAError(f"{path}: key {key_a}: the update is {B.shape[0]}x{A.shape[1]} but "
                             f"{module} is {out_f}x{in_f}")
         layers[module] = LoRALayer(key_a, A, B, alpha)
+    check_finite(path)
     return layers, "+".join(sorted(layouts))
+
+
+def dtype_name(tensor: mx.array) -> str:
+    return str(tensor.dtype).rsplit(".", 1)[-1]  # "int32", not "mlx.core.int32"
+
+
+def scalar_alpha(path: Path, key: str, tensor: mx.array) -> float:
+    """A kohya ``.alpha``: exactly one finite number (never the first of several)."""
+    if tensor.size != 1:
+        raise LoRAError(f"{path}: key {key} must hold one number (alpha), got shape {tuple(tensor.shape)}")
+    if tensor.dtype == mx.bool_ or not (mx.issubdtype(tensor.dtype, mx.floating)
+                                        or mx.issubdtype(tensor.dtype, mx.integer)):
+        raise LoRAError(f"{path}: key {key} holds {dtype_name(tensor)} values; alpha is a number")
+    alpha = float(tensor.astype(mx.float32).reshape(-1)[0])
+    if not math.isfinite(alpha):
+        raise LoRAError(f"{path}: key {key} is {alpha}; alpha must be a finite number")
+    return alpha
+
+
+def check_finite(path: Path) -> None:
+    """Refuse NaN or inf in any tensor of the file (it would turn the whole image into NaN).
+
+    The check reads the file a second time, lazily and one tensor at a time, dropping each:
+    the arrays :func:`read_lora` returns stay unevaluated, so applying a LoRA still loads it
+    layer by layer, near its own size."""
+    tensors = mx.load(str(path))
+    for key in sorted(tensors):
+        tensor = tensors.pop(key)
+        if not bool(mx.isfinite(tensor).all()):
+            raise LoRAError(f"{path}: key {key} holds NaN or inf values")
 
 
 def layer_shape(module) -> tuple[int, int]:

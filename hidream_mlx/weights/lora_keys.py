@@ -4,13 +4,13 @@ applies the files with these rules."""
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from hidream_mlx.files import read_json_file
+from hidream_mlx.files import parse_json, read_json_file
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers: PEFT LoraConfig fields, "transformer."-prefixed
 PEFT_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B",
@@ -103,16 +103,46 @@ def adapter_config(path: Path, metadata: dict) -> Optional[dict]:
     cfg = path.parent / "adapter_config.json"
     if cfg.is_file():
         try:
-            return read_json_file(cfg, "adapter config")
+            return checked_config(read_json_file(cfg, "adapter config"), str(cfg))
         except ValueError as e:
             raise LoRAError(str(e)) from None
     raw = metadata.get(METADATA_KEY)
     if raw is None:
         return None
+    where = f"{path}: {METADATA_KEY} in the header"
     try:
-        fields = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise LoRAError(f"{path}: {METADATA_KEY} in the header is not valid JSON ({e.msg})") from None
+        fields = parse_json(raw, str(path), f"{METADATA_KEY} in the header")
+    except ValueError as e:
+        raise LoRAError(str(e)) from None
     if not isinstance(fields, dict):
-        raise LoRAError(f"{path}: {METADATA_KEY} in the header is not a JSON object")
-    return {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in fields.items()}
+        raise LoRAError(f"{where} is not a JSON object")
+    fields = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in fields.items()}
+    return checked_config(fields, where)
+
+
+def checked_config(config, where: str) -> dict:
+    """The LoraConfig fields alpha is read from, checked once: ``lora_alpha`` a finite number,
+    ``alpha_pattern`` regular expressions mapped to finite numbers, ``use_rslora`` true or false.
+    Errors name ``where`` (the file) and the key."""
+    if not isinstance(config, dict):
+        raise LoRAError(f"{where}: not a JSON object")
+
+    def number(key: str, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise LoRAError(f"{where}: {key} must be a finite number, got {value!r}")
+
+    if config.get("lora_alpha") is not None:
+        number("lora_alpha", config["lora_alpha"])
+    patterns = config.get("alpha_pattern")
+    if patterns is not None:
+        if not isinstance(patterns, dict):
+            raise LoRAError(f"{where}: alpha_pattern must be an object of pattern -> alpha")
+        for pattern, alpha in patterns.items():
+            number(f"alpha_pattern[{pattern!r}]", alpha)
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise LoRAError(f"{where}: alpha_pattern key {pattern!r} is not a regular expression ({e})") from None
+    if config.get("use_rslora") is not None and not isinstance(config["use_rslora"], bool):
+        raise LoRAError(f"{where}: use_rslora must be true or false, got {config['use_rslora']!r}")
+    return config
