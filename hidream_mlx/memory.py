@@ -243,9 +243,12 @@ def working_set(cfg: TextConfig, width: int, height: int, text_tokens: int = 128
     mlp = 3 * cfg.intermediate_size * dtype_bytes
     per_token = max(attention, mlp) + RESIDUAL_VECTORS * d * dtype_bytes
     scores = 0 if fused else cfg.num_attention_heads * n * (n + text_tokens) * dtype_bytes
+    # The prefix pass (once per prompt, before sampling) runs the text tokens causally: with a long
+    # prompt and a small image its temporaries and T x T scores are the larger moment.
+    prefix_scores = 0 if fused else cfg.num_attention_heads * text_tokens * text_tokens * dtype_bytes
     # z, the prediction, v and the next z in float32 (plus the first pass's v with CFG).
     latents = (4 + prompts - 1) * n * PATCH_DIM * 4
-    return WorkingSet(cache, batch * n * per_token, batch * scores, latents)
+    return WorkingSet(cache, max(batch * n, text_tokens) * per_token, max(batch * scores, prefix_scores), latents)
 
 
 def predict_peak_bytes(weight_bytes: int, cfg: TextConfig, width: int, height: int, cfg_pass: bool,
@@ -291,14 +294,15 @@ def machine_memory() -> int:
 
 
 def check_fits_folder(source, dtype_bytes: int, bits: Optional[int], width: int, height: int,
-                      cfg_pass: bool, extra_bytes: int = 0) -> None:
+                      cfg_pass: bool, extra_bytes: int = 0, text_tokens: int = 0) -> None:
     """Refuse a run the machine cannot hold, from the checkpoint's headers alone (a ModelSource
-    or a folder), before anything is loaded; ``extra_bytes``: what LoRAs add (see lora_memory)."""
+    or a folder), before anything is loaded; ``extra_bytes``: what LoRAs add (see lora_memory);
+    ``text_tokens``: the longest text prefix (``Request.text_tokens``; 0: a typical 128)."""
     source = ModelSource.resolve(source)
     loaded, _ = checkpoint_sizes(source, dtype_bytes, bits)
     weights = sum(size.nbytes for size in loaded.values()) + extra_bytes
     _refuse_beyond_machine(predict_peak_bytes(weights, source.config.text, width, height, cfg_pass,
-                                              dtype_bytes=dtype_bytes))
+                                              text_tokens=text_tokens or 128, dtype_bytes=dtype_bytes))
 
 
 def check_fits_i1(source, dtype_bytes: int, bits: Optional[int], encoder_bits: Optional[int], width: int,

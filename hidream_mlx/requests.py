@@ -12,9 +12,9 @@ it cannot use is refused naming the flag (:data:`O1_ONLY`).
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +44,14 @@ from hidream_mlx.families.o1.recipes import (
 from hidream_mlx.families.o1.sizes import MIN_SIDE, resolve_size, validate_free_size
 from hidream_mlx.families.o1.seam_smoothing import check_settings as check_seam_smoothing
 from hidream_mlx.families.o1.seams import PATCH_SIZE
-
-
-class RequestError(ValueError):
-    """An option value that cannot run; the message names the option as the CLI spells it."""
+from hidream_mlx.prompts import (  # noqa: F401 (RequestError, SPECIAL_TOKEN: part of this module's interface)
+    SPECIAL_TOKEN,
+    RequestError,
+    check_text,
+    negative_text,
+    note_i1_truncation,
+    o1_text_tokens,
+)
 
 
 @dataclass(frozen=True)
@@ -111,9 +115,36 @@ O1_ONLY: dict[str, tuple[object, str]] = {
     "seam_strength": (1.0, "it belongs to --seam-smoothing"),
 }
 
-# Qwen special tokens look like <|name|>; inside a prompt the tokenizer would turn them into
-# structure (end the user turn, open an image), which the official pipeline never intends.
-SPECIAL_TOKEN = re.compile(r"<\|[^<>|\s]*\|>")
+# Options that take true/false and options that take a name or text: a prompt file's
+# "no_snap": "false" must not turn snapping off, nor a recipe of 5 mean anything.
+FLAG_OPTIONS = ("no_snap", "keep_aspect")
+TEXT_OPTIONS = ("recipe", "preset", "noise", "seam_window", "layout", "editing_scheduler")
+# The JSON kind of each option a prompt-file line or a request body may carry.
+NUMBER = (int, float)
+OPTION_KINDS: dict[str, tuple] = {
+    "prompt": (str,), "negative_prompt": (str,), "seed": (int,), "width": (int,), "height": (int,),
+    "no_snap": (bool,), "keep_aspect": (bool,), "recipe": (str,), "preset": (str,), "steps": (int,),
+    "guidance": NUMBER, "shift": NUMBER, "noise_scale": NUMBER, "s_noise": NUMBER, "noise_clip": NUMBER,
+    "noise": (str,), "blend_seams": (int,), "seam_smoothing": NUMBER, "seam_window": (str,),
+    "seam_strength": NUMBER, "step_noise_seed": (int,),
+}
+KIND_NAMES = {(bool,): "true or false (a JSON boolean)", (int,): "a whole number", NUMBER: "a number",
+              (str,): "text"}
+
+
+def kind_error(name: str, value, kinds: Optional[tuple] = None) -> Optional[str]:
+    """Why ``value`` is not of the JSON kind ``name`` takes (``kinds``, default
+    :data:`OPTION_KINDS`), or None. A boolean is never a number, nor a number a boolean."""
+    kinds = kinds or OPTION_KINDS[name]
+    if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
+        return None
+    wanted = KIND_NAMES.get(kinds) or " or ".join(k.__name__ for k in kinds)
+    try:
+        shown = json.dumps(value)  # as the file or body spells it: "false", true, null
+    except (TypeError, ValueError):
+        shown = repr(value)
+    shown = shown if len(shown) <= 40 else f"{shown[:37]}..."
+    return f"{name} must be {wanted}, got {shown}"
 
 
 def option_flag(name: str) -> str:
@@ -156,14 +187,22 @@ def check_free_size(width, height, flag: str = "--width/--height") -> None:
         raise RequestError(f"{flag}: {e}") from None
 
 
-def check_prompt(prompt) -> str:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise RequestError("--prompt is empty")
-    found = SPECIAL_TOKEN.search(prompt)
-    if found:
-        raise RequestError(f"--prompt contains the special-token string {found.group(0)!r}, which would change "
-                           "the conversation the model sees; remove it")
-    return prompt
+def check_kinds(options: dict) -> None:
+    """Flags are true or false and names are text (None: the default), whoever gave them."""
+    for name in FLAG_OPTIONS:
+        if name in options and not isinstance(options[name], bool):
+            raise RequestError(f"{option_flag(name)} must be true or false, got {options[name]!r}")
+    for name in TEXT_OPTIONS:
+        if options.get(name) is not None and not isinstance(options[name], str):
+            raise RequestError(f"{option_flag(name)} must be a name or text, got {options[name]!r}")
+
+
+def check_negative(negative: Optional[str], recipe) -> None:
+    """A negative prompt replaces the unconditional pass, which only a recipe with CFG runs."""
+    if negative is not None and not recipe.uses_cfg:
+        raise RequestError(f"--negative-prompt needs CFG: the {recipe.name} recipe here runs guidance "
+                           f"{recipe.guidance:g} (<= 1, no unconditional pass to replace); use a recipe or "
+                           "--guidance above 1")
 
 
 def check_recipe_options(recipe: Recipe, options: dict) -> None:
@@ -211,7 +250,7 @@ def refuse_o1_options(options: dict) -> None:
 
 
 def build_i1_request(model, *, prompt, seed, width, height, no_snap, recipe, preset, steps, guidance, shift,
-                     step_noise_seed) -> Request:
+                     step_noise_seed, negative_prompt=None, note=lambda line: None) -> Request:
     """The HiDream-I1 side of :func:`build_request` (options already range-checked)."""
     source = getattr(model, "source", None) or model
     name = recipe or getattr(model, "default_recipe", None) or source.variant
@@ -230,8 +269,11 @@ def build_i1_request(model, *, prompt, seed, width, height, no_snap, recipe, pre
         w, h, size_note = source.render_size(width or I1_DEFAULT_SIZE, height or I1_DEFAULT_SIZE, not no_snap)
     except ValueError as e:
         raise RequestError(str(e)) from None
+    check_negative(negative_prompt, rec)
+    note_i1_truncation(model, prompt, negative_prompt, note)
     seed = secrets.randbelow(SEED_MAX + 1) if seed is None else seed
-    return Request(prompt, w, h, seed, rec, size_note=size_note, step_noise_seed=step_noise_seed)
+    return Request(prompt, w, h, seed, rec, size_note=size_note, step_noise_seed=step_noise_seed,
+                   negative_prompt=negative_prompt)
 
 
 def read_layout(layout: Optional[str]) -> Optional[str]:
@@ -296,7 +338,7 @@ def build_request(model, *, prompt, seed=None, width=None, height=None, no_snap=
                   steps=None, guidance=None, shift=None, noise_scale=None, s_noise=None, noise_clip=None,
                   noise="torch", blend_seams=0, seam_smoothing=0.0, seam_window="hann", seam_strength=1.0,
                   refs=(), layout=None, keep_aspect=False, editing_scheduler="flow_match",
-                  default_size: int = DEFAULT_SIZE, step_noise_seed=None,
+                  default_size: int = DEFAULT_SIZE, step_noise_seed=None, negative_prompt=None,
                   min_free_side: int = MIN_SIDE, note: Optional[Callable[[str], None]] = None) -> Request:
     """A checked :class:`Request` from option values (``model``: a ModelSource or an Engine,
     which gives the model's name and stored metadata for the default recipe; an I1Source or
@@ -305,10 +347,15 @@ def build_request(model, *, prompt, seed=None, width=None, height=None, no_snap=
     ``seed=None`` draws a random seed (in range, stored in the metadata). ``note`` receives
     warnings (default: dropped). ``min_free_side`` lets eval run free sizes below 256 px
     (``default_size`` and ``min_free_side`` are O1's; I1 has its own size rule).
-    ``step_noise_seed``: I1 Dev/Fast only. Raises :class:`RequestError` (a ValueError) naming the option.
+    ``step_noise_seed``: I1 Dev/Fast only. ``negative_prompt``: CFG recipes only; blank means none.
+    The prompt rules (length in characters and the family's tokens) are :mod:`hidream_mlx.prompts`'.
+    Raises :class:`RequestError` (a ValueError) naming the option.
     """
     note = note or (lambda line: None)
-    prompt = check_prompt(prompt)
+    prompt = check_text(prompt)
+    negative_prompt = negative_text(negative_prompt)
+    check_kinds({"no_snap": no_snap, "keep_aspect": keep_aspect, "recipe": recipe, "preset": preset, "noise": noise,
+                 "seam_window": seam_window, "layout": layout, "editing_scheduler": editing_scheduler})
     numbers = {"seed": seed, "width": width, "height": height, "steps": steps, "guidance": guidance,
                "shift": shift, "noise_scale": noise_scale, "s_noise": s_noise, "noise_clip": noise_clip,
                "blend_seams": blend_seams, "step_noise_seed": step_noise_seed}
@@ -323,7 +370,7 @@ def build_request(model, *, prompt, seed=None, width=None, height=None, no_snap=
                            "seam_strength": seam_strength})
         return build_i1_request(model, prompt=prompt, seed=seed, width=width, height=height, no_snap=no_snap,
                                 recipe=recipe, preset=preset, steps=steps, guidance=guidance, shift=shift,
-                                step_noise_seed=step_noise_seed)
+                                step_noise_seed=step_noise_seed, negative_prompt=negative_prompt, note=note)
     if step_noise_seed is not None:
         raise RequestError("--step-noise-seed is for HiDream-I1 Dev/Fast (their per-step noise); HiDream-O1 draws "
                            "all its noise from --seed")
@@ -347,6 +394,8 @@ def build_request(model, *, prompt, seed=None, width=None, height=None, no_snap=
         rec = rec.with_overrides(**overrides)
     except ValueError as e:
         raise RequestError(str(e)) from None
+    check_negative(negative_prompt, rec)
+    text_tokens = o1_text_tokens(model, prompt, negative_prompt)
 
     explicit = width is not None or height is not None
     snap = not no_snap
@@ -375,5 +424,5 @@ def build_request(model, *, prompt, seed=None, width=None, height=None, no_snap=
     seed = secrets.randbelow(SEED_MAX + 1) if seed is None else seed
     return Request(prompt, w, h, seed, rec, noise=noise, blend_seams=blend_seams, size_note=size_note,
                    references=refs, layout=layout_text, keep_aspect=keep_aspect and bool(refs),
-                   keep_aspect_budget=budget,
-                   seam_smoothing=seam_smoothing, seam_window=seam_window, seam_strength=seam_strength)
+                   keep_aspect_budget=budget, seam_smoothing=seam_smoothing, seam_window=seam_window,
+                   seam_strength=seam_strength, negative_prompt=negative_prompt, text_tokens=text_tokens)

@@ -134,3 +134,41 @@ def test_prompt_file_json_line_must_be_an_object_with_a_prompt(tmp_path):
     path.write_text("{not json\n", encoding="utf-8")
     with pytest.raises(RequestError, match="p.jsonl:1: the line is not valid JSON"):
         read_prompt_file(path)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "x", "no_snap": "false"}', 'no_snap must be true or false (a JSON boolean), got "false"'),
+    ('{"prompt": "x", "no_snap": 1}', "no_snap must be true or false (a JSON boolean), got 1"),
+    ('{"prompt": "x", "steps": true}', "steps must be a whole number, got true"),
+    ('{"prompt": "x", "guidance": "5"}', 'guidance must be a number, got "5"'),
+    ('{"prompt": "x", "recipe": ["full"]}', 'recipe must be text, got ["full"]'),
+    ('{"prompt": "x", "seed": "7"}', 'seed must be a whole number, got "7"'),
+    ('{"prompt": "x", "seed": -7}', "--seed must be >= 0"),
+    ('{"prompt": "x", "seed": 99999999999}', "--seed must be >= 0"),
+    ('{"prompt": "x", "width": ' + "[" * 50_000 + "]" * 50_000 + "}", "the line is nested too deeply to read"),
+])
+def test_prompt_file_values_have_their_json_kinds_and_errors_name_file_line_and_key(tmp_path, line, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "fine"}\n' + line + "\n", encoding="utf-8")
+    result = run("--prompt-file", str(path), "-o", str(tmp_path / "o.png"))
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {path}:2: ")
+    assert message in lines[0] and not list(tmp_path.glob("*.png"))
+
+
+def test_a_null_value_in_a_prompt_file_is_the_same_as_leaving_the_key_out(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "x", "seed": null, "no_snap": null, "steps": 2}\n', encoding="utf-8")
+    [entry] = read_prompt_file(path)
+    assert entry == {"prompt": "x", "steps": 2, "line": f"{path}:1"}
+
+
+def test_a_prompt_file_that_is_not_a_regular_file_is_refused_without_waiting(tmp_path):
+    import os  # lazy: only this test makes a FIFO
+
+    fifo = tmp_path / "prompts.fifo"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer came
+    with pytest.raises(RequestError, match="prompts.fifo: prompt file is not a regular file"):
+        read_prompt_file(fifo)
+    with pytest.raises(RequestError, match="is a folder"):
+        read_prompt_file(tmp_path)

@@ -136,7 +136,8 @@ def generate(model_arg, prompt, output, seeds, width, height, no_snap, recipe, p
     if not force:
         extra = lora_memory(lora_specs, quantized=bits is not None or source.quantization is not None)
         for w, h, cfg in sorted({(r.width, r.height, r.recipe.uses_cfg) for r in requests}):
-            check_fits_folder(source, parse_dtype(dtype).size, bits, w, h, cfg, extra_bytes=extra)
+            check_fits_folder(source, parse_dtype(dtype).size, bits, w, h, cfg, extra_bytes=extra,
+                              text_tokens=max(r.text_tokens for r in requests))
 
     engine = Engine.load(source, dtype=dtype, quantize_bits=bits, loras=lora_specs)
     for lora in engine.loras:

@@ -72,14 +72,14 @@ class Job:
         return {**merged, **self.item.settings(), **self.variant.overrides}
 
     def request(self, model):
-        """This job's Request through the shared builder (``model``: an Engine or ModelSource for
-        the default recipe, or a recipe name). Free sizes may go below 256 px (fast measurements)."""
+        """This job's Request through the shared builder (``model``: an engine, whose default
+        recipe and tokenizer apply, or a recipe name). Free sizes may go below 256 px (fast measurements)."""
         s = self.settings()
-        default = model if isinstance(model, str) else None
+        default = model if isinstance(model, str) else getattr(model, "default_recipe", None)
         width, height = s["size"]
         return build_request(
-            None if default else model, prompt=self.item.prompt, seed=self.seed, width=width, height=height,
-            no_snap=not s["snap"], recipe=s.get("recipe") or default, steps=s.get("steps"),
+            None if isinstance(model, str) else model, prompt=self.item.prompt, seed=self.seed, width=width,
+            height=height, no_snap=not s["snap"], recipe=s.get("recipe") or default, steps=s.get("steps"),
             guidance=s.get("guidance"), shift=s.get("shift"), noise=s["noise"], blend_seams=s["blend_seams"],
             seam_smoothing=s.get("seam_smoothing", 0.0), seam_window=s.get("seam_window", "hann"),
             seam_strength=s.get("seam_strength", 1.0), min_free_side=PATCH_SIZE)
@@ -332,9 +332,8 @@ class EvalRun:
     def pending(self, engine, jobs: list[Job]) -> list[tuple[Job, object]]:
         """The jobs with no finished result for their exact settings, with their requests."""
         finished = read_results(self.rundir)
-        # An I1 engine goes to the builder itself (it knows its family); O1 jobs take the recipe name.
-        target = engine if getattr(engine, "family", O1) == I1 else engine.default_recipe
-        requests = [(job, checked_request(job, target)) for job in jobs]  # bad settings fail here
+        # The engine itself: its family's rules, default recipe and tokenizer (prompt lengths).
+        requests = [(job, checked_request(job, engine)) for job in jobs]  # bad settings fail here
         return [(job, req) for job, req in requests if not is_done(finished.get(job.key), req, self.rundir)]
 
     def _store(self, job: Job, request, result, rss: PeakRss) -> dict:

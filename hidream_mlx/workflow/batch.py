@@ -8,7 +8,6 @@ loads; two jobs that would write the same file are refused.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -17,8 +16,7 @@ from typing import Optional
 
 from hidream_mlx.files import check_output_path, parse_json, read_text_file
 from hidream_mlx.images import image_format
-from hidream_mlx.requests import SEED_MAX, RequestError, build_request, check_number
-from hidream_mlx.requests import SPECIAL_TOKEN
+from hidream_mlx.requests import SEED_MAX, RequestError, build_request, check_number, kind_error
 
 # Per-line settings a JSONL prompt file may carry (build_request's options, plus the prompt).
 LINE_KEYS = ("prompt", "seed", "width", "height", "no_snap", "recipe", "preset", "steps", "guidance", "shift",
@@ -81,8 +79,12 @@ def read_prompt_file(path: Path | str) -> list[dict]:
         unknown = sorted(set(entry) - set(LINE_KEYS))
         if unknown:
             raise RequestError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(LINE_KEYS)})")
+        entry = {k: v for k, v in entry.items() if v is not None}  # null: as if the key were absent
         if not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
             raise RequestError(f"{where}: no \"prompt\" text")
+        wrong = next((e for e in (kind_error(k, v) for k, v in entry.items()) if e), None)
+        if wrong:
+            raise RequestError(f"{where}: {wrong}")
         entries.append({**entry, "line": where})
     if not entries:
         raise RequestError(f"{path}: no prompts in this file (it is empty)")
@@ -155,22 +157,8 @@ def check_outputs(paths: list[Path], overwrite: bool) -> None:
 
 
 def make_request(source, options: dict, note=None):
-    """``build_request`` plus the negative prompt, which only a recipe with CFG reads."""
-    options = dict(options)
-    negative = options.pop("negative_prompt", None)
-    request = build_request(source, note=note, **options)
-    if negative is None:
-        return request
-    if not isinstance(negative, str) or not negative.strip():
-        raise RequestError("--negative-prompt is empty")
-    found = SPECIAL_TOKEN.search(negative)
-    if found:
-        raise RequestError(f"--negative-prompt contains the special-token string {found.group(0)!r}; remove it")
-    rec = request.recipe
-    if not rec.uses_cfg:
-        raise RequestError(f"--negative-prompt needs CFG: the {rec.name} recipe here runs guidance {rec.guidance:g} "
-                           "(<= 1, no unconditional pass to replace); use a recipe or --guidance above 1")
-    return dataclasses.replace(request, negative_prompt=negative)
+    """``build_request`` with a job's (or a request body's) options, named as its parameters."""
+    return build_request(source, note=note, **options)
 
 
 def build_requests(source, jobs: list[Job], options: dict, note=None) -> list:

@@ -16,6 +16,7 @@ for the encoders once.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -194,6 +195,31 @@ class PromptCache:
             for i, text in enumerate(missing):
                 self._store[text] = batch.row(i)
         return [self._store[t] for t in texts]
+
+
+ENCODER_NAMES = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5": "T5", "llama": "Llama"}
+# Text encoders that only tokenize, one per I1Source that was asked (an I1Engine has its own).
+_COUNTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# A token is at least one UTF-8 byte, and each tokenizer adds at most two special tokens: a text
+# this short fits every window, so it needs no tokenizer at all.
+_FITS_ANY_WINDOW_BYTES = 62
+
+
+def truncating_encoders(model, text: str) -> list[str]:
+    """The encoders (by name, e.g. ``["T5", "Llama"]``) that read only the first part of ``text``.
+
+    As the official pipeline, every encoder truncates at ``max_sequence_length`` (128) tokens
+    (CLIP at min(128, 218)), keeping the cost of any prompt bounded; the pipeline warns and drops
+    the rest, and so do we (the caller says so). ``model``: an I1Engine (its own tokenizers) or an
+    I1Source (tokenizers read once per source, no weights)."""
+    if len(text.encode("utf-8")) <= _FITS_ANY_WINDOW_BYTES:
+        return []
+    encoders = getattr(model, "encoders", None)
+    if encoders is None:
+        encoders = _COUNTERS.get(model)
+        if encoders is None:
+            encoders = _COUNTERS[model] = TextEncoders(model.path, llama_dir=model.llama.folder)
+    return [ENCODER_NAMES[name] for name in COMPONENTS if encoders.tokenize(name, [text]).truncated[0]]
 
 
 def prompt_texts(prompt: str, negative_prompt: Optional[str], guidance_scale: float) -> list[str]:

@@ -34,7 +34,7 @@ from hidream_mlx.families.o1.sampling import (
 from hidream_mlx.family import I1, O1
 from hidream_mlx.families.i1.recipes import request_metadata as i1_request_metadata
 from hidream_mlx.weights.source import SINGLE_FILE, ModelSource
-from hidream_mlx.families.o1.prompt import UNCOND_PROMPT, Tokenizer
+from hidream_mlx.families.o1.prompt import UNCOND_PROMPT, Tokenizer, load_tokenizer
 from hidream_mlx.families.o1.recipes import Recipe, get_recipe, recipe_for_model
 from hidream_mlx.families.o1.seam_smoothing import SeamSmoothing, extra_passes
 from hidream_mlx.families.o1.seams import blend_seams
@@ -63,6 +63,9 @@ class Request:
     seam_strength: float = 1.0
     negative_prompt: Optional[str] = None  # replaces the unconditional prompt " " (CFG recipes only)
     step_noise_seed: Optional[int] = None  # HiDream-I1 Dev/Fast: seed of the per-step noise (None: seed)
+    # HiDream-O1: tokens of the longest text prefix (prompt or negative, chat template included)
+    # for the memory fit check; 0 when not counted. Not a setting: left out of equality and metadata.
+    text_tokens: int = field(default=0, compare=False)
 
     @property
     def family(self) -> str:
@@ -166,7 +169,7 @@ class Engine:
             model, plan = load_model_planned(path, dtype=parse_dtype(dtype), lazy=lazy, bits=quantize_bits,
                                              config=config, index=source.index)
             quantization = plan.description if plan is not None else None
-            engine = cls(model, Tokenizer(source.tokenizer_dir or path), source.arg, config.hidream, quantization,
+            engine = cls(model, load_tokenizer(source.tokenizer_dir or path), source.arg, config.hidream, quantization,
                          dtype, time.perf_counter() - start, path, source).with_loras(loras)
         # After the LoRAs: they merge into the float32 weights that mixed precision keeps.
         apply_precision(engine.model, dtype)
@@ -185,7 +188,7 @@ class Engine:
         model, plan = load_model_planned(source.path, dtype=parse_dtype(dtype), lazy=lazy, bits=quantize_bits,
                                          config=source.config, index=source.index)
         quantization = plan.description if plan is not None else None
-        return cls(model, Tokenizer(source.tokenizer_dir), source.arg, source.stored, quantization, dtype,
+        return cls(model, load_tokenizer(source.tokenizer_dir), source.arg, source.stored, quantization, dtype,
                    time.perf_counter() - start, source.path, source)
 
     @property

@@ -49,6 +49,50 @@ class Tokenizer:
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
 
+# The longest prompt HiDream-O1 takes, in its own tokens. The official pipeline sets no limit,
+# but HiDream's prompt refiner (prompt_agent_v2.py, which writes the long prompts the model was
+# tuned for) stops at max_tokens=2048; longer text only makes the prefix slower and larger.
+MAX_PROMPT_TOKENS = 2048
+_LOADED: dict[tuple, Tokenizer] = {}
+_KEEP_LOADED = 4  # tokenizers kept by folder (a process serves one or two models)
+SYNTHETIC_TEMPLATE_TOKENS = 14  # the chat template's share of a synthetic prompt (encode_synthetic)
+
+
+def load_tokenizer(folder: Path | str) -> Tokenizer:
+    """``Tokenizer(folder)``, read once per folder (again when its tokenizer.json changes):
+    counting a request's tokens before loading and the engine share it."""
+    path = Path(folder) / "tokenizer.json"
+    try:
+        st = path.stat()
+    except OSError:
+        return Tokenizer(folder)  # its own error names the missing file
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _LOADED:
+        while len(_LOADED) >= _KEEP_LOADED:
+            del _LOADED[next(iter(_LOADED))]
+        _LOADED[key] = Tokenizer(folder)
+    return _LOADED[key]
+
+
+def synthetic_prompt_tokens(prompt: str) -> int:
+    """What a tokenizer-less (random-weight) model counts for a prompt: about 4 tokens per 3 words."""
+    return len(prompt.split()) * 4 // 3
+
+
+def prompt_tokens(model, text: str) -> tuple[int, int]:
+    """(tokens of ``text`` alone, tokens of the whole text prefix it makes: chat template, the
+    text, boi and tms) with ``model``'s own tokenizer: an Engine's, or a ModelSource's folder.
+    A model with no tokenizer (random weights) counts as :func:`synthetic_prompt_tokens`."""
+    tokenizer = getattr(model, "tokenizer", None)
+    folder = getattr(model, "tokenizer_dir", None)
+    if tokenizer is None and folder is not None:
+        tokenizer = load_tokenizer(folder)
+    if tokenizer is None:
+        alone = synthetic_prompt_tokens(text)
+        return alone, alone + SYNTHETIC_TEMPLATE_TOKENS
+    return len(tokenizer.encode(text)), len(tokenizer.encode(chat_text(text)))
+
+
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> np.ndarray:
     """Token ids [T] of the text part, ending with boi and tms; the cached prefix is ids[:-1]."""
     ids = tokenizer.encode(chat_text(prompt))

@@ -19,7 +19,13 @@ import numpy as np
 
 from hidream_mlx.families.o1.patches import grid_size, patchify
 from hidream_mlx.families.o1.positions import t2i_positions
-from hidream_mlx.families.o1.prompt import UNCOND_PROMPT, Tokenizer, encode_prompt
+from hidream_mlx.families.o1.prompt import (
+    SYNTHETIC_TEMPLATE_TOKENS,
+    UNCOND_PROMPT,
+    Tokenizer,
+    encode_prompt,
+    synthetic_prompt_tokens,
+)
 from hidream_mlx.families.o1.recipes import Recipe, uses_cfg
 from hidream_mlx.families.o1.seam_smoothing import SeamSmoothing, ShiftedPass, shifted_grid_positions
 from hidream_mlx.schedulers import (
@@ -141,7 +147,7 @@ def encode_with_references(model: HiDreamO1, vision, tokenizer: Tokenizer, promp
 def encode_synthetic(model: HiDreamO1, prompt: str, height: int, width: int, guidance: float) -> Conditioning:
     """Like ``encode`` for tokenizer-less (random-weight) models: about one token per word."""
     grid = grid_size(height, width)
-    text_len = 14 + len(prompt.split()) * 4 // 3  # chat template overhead + words
+    text_len = SYNTHETIC_TEMPLATE_TOKENS + synthetic_prompt_tokens(prompt)  # chat template overhead + words
     cond = encode_prompt_state(model, synthetic_prompt_ids(text_len), grid)
     uncond = encode_prompt_state(model, synthetic_prompt_ids(13, seed=1), grid) if uses_cfg(guidance) else None
     return Conditioning(cond, uncond)
