@@ -142,7 +142,7 @@ def test_a_queued_job_sees_its_place_and_cancel_stops_running_and_queued_jobs(cl
     (json.dumps({"prompt": "x", "size": "big"}).encode(), 400, "size must look like"),
     (json.dumps({"prompt": "x", "n": 50}).encode(), 400, "n must be between"),
     (json.dumps({"prompt": "x", "steps": 100000}).encode(), 400, "steps must be between"),
-    (json.dumps({"prompt": "x", "seed": "seven"}).encode(), 400, "seed must be int"),
+    (json.dumps({"prompt": "x", "seed": "seven"}).encode(), 400, "seed must be a whole number"),
     (json.dumps({"prompt": "x", "layout": "/etc/passwd"}).encode(), 400, "file name is not accepted"),
     (json.dumps({"prompt": "x", "references": ["/etc/passwd"]}).encode(), 400, "server paths"),
     (json.dumps({"prompt": "x", "model": "/models/other"}).encode(), 404, "is not served here"),

@@ -6,6 +6,9 @@ The server stack is an optional extra (``pip install -e ".[serve]"``), imported 
 from __future__ import annotations
 
 import ipaddress
+import os
+import signal
+import sys
 from pathlib import Path
 
 import click
@@ -98,5 +101,23 @@ def serve(model_arg, dtype, quantize_bits, host, port, token, insecure, lora_dir
             super().handle_exit(sig, frame)
 
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10))
-    server.run()
-    studio.queue.close()
+    code = 0
+    try:
+        server.run()
+    except KeyboardInterrupt as e:  # uvicorn re-raises the stop signal once it has shut down
+        code = 128 + getattr(e, "signum", signal.SIGINT)
+        raise
+    finally:
+        # The app's shutdown already gave the render its grace (SHUTDOWN_GRACE_SECONDS); check once more.
+        if not studio.queue.close(1.0):
+            end_without_worker(studio.queue, code or 1)
+
+
+def end_without_worker(queue, code: int) -> None:
+    """The render thread is inside one long device call that no step boundary will interrupt soon:
+    end the process now (its memory goes with it) instead of waiting, once no file is mid-write."""
+    queue.quiesce()
+    click.echo(f"\nstopped{f' by {signal.Signals(code - 128).name}' if code > 128 else ''}: the running render "
+               "was cancelled inside the device; nothing of it was written", err=True)
+    sys.stderr.flush()
+    os._exit(code)

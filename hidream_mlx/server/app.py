@@ -5,7 +5,9 @@ Routes (all but ``/`` and ``/static`` need ``Authorization: Bearer TOKEN`` when 
 - ``POST /v1/images/generations`` and ``/v1/images/edits``: wait for the images (OpenAI shape).
 - ``POST /v1/jobs`` (same body): queue and return at once; ``GET /v1/jobs/{id}`` its state,
   ``GET /v1/jobs/{id}/events`` its progress as server-sent events, ``DELETE /v1/jobs/{id}`` cancels.
-- ``GET /v1/files/{name}``: an image this server saved; ``GET /v1/models``; ``GET /health``.
+- ``GET /v1/files/{name}``: an image this server saved; ``GET /v1/models``; ``GET /health``
+  (503 with ``status`` ``stopped`` or ``stuck`` when the render worker has ended or shows no
+  progress for ``ServerConfig.stuck_after`` seconds).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.png$")
 PUBLIC = ("/", "/static/")
 POLL_SECONDS = 0.05
 KEEPALIVE_SECONDS = 10.0
+SHUTDOWN_GRACE_SECONDS = 5.0
 
 
 @dataclass
@@ -51,6 +54,9 @@ class ServerConfig:
     quantize_bits: Optional[int] = None
     lora_dir: Optional[Path] = None
     limits: Limits = field(default_factory=Limits)
+    # A running job with no progress event for this long makes /health say "stuck": longer than
+    # any one step, or loading a HiDream-I1 phase, takes on a machine that can hold the model.
+    stuck_after: float = 900.0
 
 
 def error(message: str, status: int = 400, code: str = "invalid_request") -> JSONResponse:
@@ -121,8 +127,8 @@ class Studio:
             source, bits = self.engine.source, self.config.quantize_bits
             extra = lora_memory(spec.loras, bits is not None or source.quantization is not None) if spec.loras else 0
             try:
-                check_fits_folder(source, parse_dtype(self.engine.dtype).size, bits,
-                                  first.width, first.height, first.recipe.uses_cfg, extra_bytes=extra)
+                check_fits_folder(source, parse_dtype(self.engine.dtype).size, bits, first.width, first.height,
+                                  first.recipe.uses_cfg, extra_bytes=extra, text_tokens=first.text_tokens)
             except MemoryError as e:
                 raise BadRequest(str(e), 400, "insufficient_memory") from None
         return spec
@@ -142,7 +148,8 @@ class Studio:
             if hasattr(value, "read"):
                 if key not in ("image", "image[]"):
                     raise BadRequest(f"unexpected file field {key!r}; send references as image or image[]")
-                uploads.append(decode_reference(await value.read(), limits))
+                name = f" {value.filename!r}" if getattr(value, "filename", None) else ""
+                uploads.append(decode_reference(await value.read(), limits, f"{key} upload {len(uploads)}{name}"))
             else:
                 body[key] = form_value(key, value)
         return body, uploads
@@ -170,7 +177,7 @@ class Studio:
     async def _wait(self, request: HttpRequest, edits: bool):
         spec = await self.body_spec(request, edits)
         job = self.submit(spec)
-        while not job.finished:
+        while not job.finished:  # the worker ends every job it takes, even when it stops itself
             await asyncio.sleep(POLL_SECONDS)
         if job.state == "cancelled":
             return error("the job was cancelled", 409, "cancelled")
@@ -241,23 +248,26 @@ class Studio:
         return FileResponse(path, media_type="image/png")
 
     async def models(self, request: HttpRequest):
+        # One model is served; its other accepted names (served_names) are aliases, not models.
         return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": int(self.started), "owned_by": "hidream-mlx"}
-            for name in served_names(self.engine)]})
+            {"id": served_names(self.engine)[0], "object": "model", "created": int(self.started),
+             "owned_by": "hidream-mlx"}]})
 
     async def health(self, request: HttpRequest):
         described = self.engine.describe()
+        status, problem = self.queue.health(self.config.stuck_after)
         with self.queue.lock:
             waiting, running = len(self.queue.waiting), self.queue.running is not None
         return JSONResponse({
-            "status": "ok", "model": served_names(self.engine)[0], "dtype": described["dtype"],
+            "status": status, **({"error": problem} if problem else {}),
+            "model": served_names(self.engine)[0], "dtype": described["dtype"],
             "quantization": described["quantization"], "tool_version": described["tool_version"],
             "default_recipe": self.engine.default_recipe,
             "memory": {"mlx_active_bytes": int(mx.get_active_memory()), "mlx_peak_bytes": int(mx.get_peak_memory()),
                        "process_rss_bytes": int(psutil.Process().memory_info().rss)},
             "queue": {"running": running, "waiting": waiting},
             "limits": vars(self.config.limits),
-        })
+        }, status_code=200 if status == "ok" else 503)
 
 
 def form_value(key: str, text: str):
@@ -326,7 +336,9 @@ def create_app(engine, config: ServerConfig):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        await asyncio.to_thread(studio.queue.close)
+        # Jobs are cancelled at once; a render inside one device call gets a short grace only
+        # (``serve`` then ends the process, see JobQueue.quiesce).
+        await asyncio.to_thread(studio.queue.close, SHUTDOWN_GRACE_SECONDS)
 
     app = Starlette(routes=routes, exception_handlers={BadRequest: bad_request}, lifespan=lifespan)
     app.state.studio = studio

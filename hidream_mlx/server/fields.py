@@ -23,8 +23,11 @@ from PIL import Image, UnidentifiedImageError
 
 from hidream_mlx.families.o1.engine import Request
 from hidream_mlx.files import parse_json as parse_json_text
+from hidream_mlx.prompts import check_text, negative_text
+from hidream_mlx.requests import kind_error
 from hidream_mlx.workflow.batch import make_request as build_one
 from hidream_mlx.weights.lora import LoRAError, parse_lora_options
+from hidream_mlx.weights.source import is_repo_id
 
 
 class BadRequest(ValueError):
@@ -53,7 +56,6 @@ OPENAI_FIELDS: dict[str, tuple] = {
 ALLOWED = {**CLI_FIELDS, **OPENAI_FIELDS}
 SIZE = re.compile(r"^(\d{1,6})x(\d{1,6})$")
 LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-MAX_PROMPT_CHARS = 8000
 
 
 @dataclass(frozen=True)
@@ -94,13 +96,9 @@ def check_types(body: dict) -> None:
         raise BadRequest(f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(sorted(ALLOWED))}",
                          code="unknown_field")
     for name, value in body.items():
-        kinds = ALLOWED[name]
-        if value is None:
-            continue
-        if isinstance(value, bool) and bool not in kinds:
-            raise BadRequest(f"{name} must be {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
-        if not isinstance(value, kinds):
-            raise BadRequest(f"{name} must be {'/'.join(k.__name__ for k in kinds)}, got {type(value).__name__}")
+        wrong = None if value is None else kind_error(name, value, ALLOWED[name])
+        if wrong:
+            raise BadRequest(wrong)
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -110,26 +108,30 @@ def parse_size(size: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def decode_reference(data: bytes, limits: Limits) -> Image.Image:
-    """An uploaded reference decoded in memory (never opened from a path)."""
+def decode_reference(data: bytes, limits: Limits, field: str = "a reference") -> Image.Image:
+    """An uploaded reference decoded in memory (never opened from a path); errors name ``field``
+    (``references[1]``, ``image upload 'x.png'``), never the decoder's in-memory object."""
     try:
         image = Image.open(io.BytesIO(data))
         if image.width * image.height > limits.max_pixels:
-            raise BadRequest(f"a reference image is {image.width}x{image.height}, above the server's "
+            raise BadRequest(f"{field} is {image.width}x{image.height}, above the server's "
                              f"{limits.max_pixels} pixel limit")
         image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise BadRequest(f"a reference is not a readable image ({e})") from None
+    except UnidentifiedImageError:
+        raise BadRequest(f"{field} is not a readable image (PNG, JPEG, WebP or another format Pillow "
+                         "reads)") from None
+    except (OSError, Image.DecompressionBombError, ValueError) as e:
+        raise BadRequest(f"{field} is not a readable image ({type(e).__name__}: {e})") from None
     return image
 
 
-def decode_base64(text: str) -> bytes:
+def decode_base64(text: str, field: str = "a reference") -> bytes:
     if text.startswith("data:"):
         text = text.partition(",")[2]
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise BadRequest("a reference is neither base64 image data nor a data: URL "
+        raise BadRequest(f"{field} is neither base64 image data nor a data: URL "
                          "(server paths and remote URLs are not accepted)") from None
 
 
@@ -187,12 +189,15 @@ def build_spec(engine, body: dict, limits: Limits, reference_dir: Path, lora_dir
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
         raise BadRequest("prompt is required")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise BadRequest(f"prompt is {len(prompt)} characters; the server accepts at most {MAX_PROMPT_CHARS}")
+    try:  # the cheap checks first: nothing is decoded or tokenized for a prompt refused by its length
+        check_text(prompt)
+        negative_text(body.get("negative_prompt"))
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
     fmt = body.get("response_format") or "b64_json"
     if fmt not in ("b64_json", "url"):
         raise BadRequest(f"response_format must be b64_json or url, got {fmt!r}")
-    n = body.get("n") or 1
+    n = 1 if body.get("n") is None else body["n"]
     if not 1 <= n <= limits.max_n:
         raise BadRequest(f"n must be between 1 and {limits.max_n}, got {n}")
     if body.get("model") not in (None, *served_names(engine)):
@@ -209,8 +214,10 @@ def build_spec(engine, body: dict, limits: Limits, reference_dir: Path, lora_dir
         options["layout"] = json.dumps(options["layout"])
     elif "layout" in options:
         _check_layout_is_json(options["layout"])
-    images = list(uploads or []) + [decode_reference(decode_base64(r) if isinstance(r, str) else _not_text(), limits)
-                                    for r in body.get("references") or []]
+    images = list(uploads or []) + [
+        decode_reference(decode_base64(r, f"references[{i}]") if isinstance(r, str) else _not_text(), limits,
+                         f"references[{i}]")
+        for i, r in enumerate(body.get("references") or [])]
     if len(images) > limits.max_references:
         raise BadRequest(f"at most {limits.max_references} references per request, got {len(images)}")
     refs = [store_reference(image, reference_dir) for image in images]
@@ -252,7 +259,8 @@ def _not_text():
 
 
 def served_names(engine) -> list[str]:
-    """Model ids a body may name: the folder's or repo's name (never the server's full path)."""
-    name = str(engine.describe()["model"])
-    names = [Path(name).name, "hidream-mlx"]
-    return names if name.startswith(("/", ".", "~")) else [name, *names]
+    """Model ids a body may name, the first the one ``/v1/models`` lists: a repo id as such, a
+    local folder by its last component only (never a path of the server's, relative or not)."""
+    name = str(engine.describe()["model"]).rstrip("/")
+    names = [name, Path(name).name] if is_repo_id(name) else [Path(name).name]
+    return list(dict.fromkeys([*names, "hidream-mlx"]))

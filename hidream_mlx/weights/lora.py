@@ -389,14 +389,23 @@ def replace_loras(model: nn.Module, specs: Sequence[LoRASpec], keep: dict,
                   keys: LoRAKeys = O1_KEYS) -> tuple[list[LoRASummary], dict]:
     """Undo what ``keep`` holds (a previous :func:`apply_lora`'s originals, by path), then apply
     ``specs``; returns their summaries and the new ``keep``."""
+    restore(model, keep)
+    new_keep: dict = {}
+    try:
+        return [apply_lora(model, spec, new_keep, keys) for spec in specs], new_keep
+    except BaseException:
+        restore(model, new_keep)  # a failure half-way leaves the plain model, not part of the LoRAs
+        raise
+
+
+def restore(model: nn.Module, keep: dict) -> None:
+    """Put back what :func:`apply_lora` replaced (original weights and modules, by path)."""
     targets = linear_targets(model)
     for path, original in keep.items():
         if isinstance(original, mx.array):
             targets[path].weight = original
         else:
             _replace(model, path, original)
-    new_keep: dict = {}
-    return [apply_lora(model, spec, new_keep, keys) for spec in specs], new_keep
 
 
 def switch_loras(engine, specs: Sequence[LoRASpec]) -> None:
@@ -411,5 +420,9 @@ def switch_loras(engine, specs: Sequence[LoRASpec]) -> None:
     state = getattr(engine, "lora_state", None) or {"specs": (), "keep": {}}
     if specs == state["specs"]:
         return
-    engine.loras, keep = replace_loras(engine.model, specs, state["keep"])
+    try:
+        engine.loras, keep = replace_loras(engine.model, specs, state["keep"])
+    except BaseException:
+        engine.loras, engine.lora_state = [], {"specs": (), "keep": {}}  # replace_loras left the plain model
+        raise
     engine.lora_state = {"specs": specs, "keep": keep}

@@ -234,7 +234,11 @@ class I1Engine:
             self.transformer, self.loras = None, []
             mx.clear_cache()
         else:
-            self.loras, self._lora_keep = replace_loras(self.transformer, specs, self._lora_keep or {}, I1_KEYS)
+            try:
+                self.loras, self._lora_keep = replace_loras(self.transformer, specs, self._lora_keep or {}, I1_KEYS)
+            except BaseException:  # replace_loras left the plain transformer: say so
+                self.lora_specs, self.loras, self._lora_keep = (), [], {}
+                raise
 
     def _conditioning(self, request: Request) -> Conditioning:
         texts = request_texts(request)
