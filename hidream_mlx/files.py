@@ -39,7 +39,21 @@ def check_output_path(path: Path | str, overwrite: bool = False) -> Path:
         raise FileNotFoundError(f"{parent}: output folder does not exist")
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"{parent}: output folder is not writable")
+    check_name_length(path, parent)
     return path
+
+
+def check_name_length(path: Path, parent: Path) -> None:
+    """Refuse a name the file system cannot hold once the temporary suffix is added (the write
+    would fail only at the end, after all the work)."""
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no answer: the usual limit
+        limit = 255
+    needed = len(os.fsencode(partial_path(path, 2**22).name))  # the longest pid Linux gives
+    if needed > limit:
+        raise ValueError(f"{path}: the file name is too long for this file system ({needed} bytes with the "
+                         f"temporary suffix .NAME.PID{PARTIAL_MARK}; at most {limit}); choose a shorter name")
 
 
 def partial_path(path: Path, pid: int | None = None) -> Path:

@@ -32,6 +32,12 @@ MAX_PROMPT_CHARS = 16_000
 SPECIAL_TOKEN = re.compile(r"<\|[^<>|\s]*\|>")
 
 
+def limits_help() -> str:
+    """The prompt limits in one sentence, for --help texts (generate, eval, serve)."""
+    return (f"at most {MAX_PROMPT_CHARS:,} characters; HiDream-O1 at most {MAX_PROMPT_TOKENS:,} of its tokens, "
+            f"HiDream-I1's encoders read the first {DEFAULT_MAX_SEQUENCE_LENGTH} (the rest dropped, with a note)")
+
+
 class RequestError(ValueError):
     """An option value that cannot run (a prompt here, any option in ``requests``, which
     re-exports it); the message names the option as the CLI spells it."""

@@ -207,3 +207,19 @@ def test_sigterm_ends_the_server_within_seconds_while_a_render_never_reaches_a_s
     assert proc.returncode == 128 + signal.SIGTERM and took < 30, stderr
     assert "stopped by SIGTERM: the running render was cancelled" in stderr and "Traceback" not in stderr
     assert [p.name for p in out.iterdir()] == [] and not os.path.exists(out / "references")
+
+
+def test_a_rank_zero_lora_in_the_lora_folder_is_a_400_before_queueing_and_the_server_keeps_serving(
+        served, monkeypatch, tmp_path):
+    from test_lora_validation import rank_zero
+
+    client, studio = served
+    path, key = rank_zero(tmp_path)
+    path.rename(tmp_path / "empty.safetensors")
+    monkeypatch.setattr(studio.config, "lora_dir", tmp_path)
+    response = client.post("/v1/images/generations", json={"prompt": "x", "lora": "empty", **QUICK})
+    message = response.json()["error"]["message"]
+    assert response.status_code == 400 and f"{key}.lora_down.weight has rank 0" in message
+    assert str(tmp_path) not in message and message.startswith("--lora-dir/empty.safetensors")
+    assert client.post("/v1/images/generations", json={"prompt": "x", **QUICK}).status_code == 200
+    assert client.get("/health").json()["status"] == "ok"

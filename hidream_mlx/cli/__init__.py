@@ -1,7 +1,8 @@
 """The ``hidream-mlx`` command: a thin click layer over the library.
 
 Every expected failure (bad input, a broken model folder, an existing output) becomes one
-``error: ...`` line on stderr and exit code 1; Ctrl-C exits 130. No tracebacks for users.
+``error: ...`` line on stderr and exit code 1, and so does an unexpected one (``internal
+error (...)``, to report); Ctrl-C exits 130. No tracebacks for users.
 """
 
 from __future__ import annotations
@@ -62,20 +63,28 @@ class FriendlyGroup(click.Group):
             click.echo("\ninterrupted" if signum == signal.SIGINT else f"\nstopped by {signal.Signals(signum).name}",
                        err=True)
             sys.exit(128 + signum)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # click's own: --help, usage errors; click.main prints them
         except BrokenPipeError:
             # Results are written before anything late is printed, so a closed stdout loses nothing.
             _silence_stdout()
             sys.exit(0)
         except USER_ERRORS as e:
             message = e.args[0] if isinstance(e, KeyError) and e.args else e
-            click.echo(f"error: {message}", err=True)
-            sys.exit(1)
+            _fail(str(message))
         except RuntimeError as e:
             # Metal reports running out of memory as a RuntimeError from deep inside MLX.
-            if "memory" not in str(e).lower():
-                raise
-            click.echo(f"error: out of memory ({e}); try -q 6 or -q 4, or a smaller size", err=True)
-            sys.exit(1)
+            if "memory" in str(e).lower():
+                _fail(f"out of memory ({e}); try -q 6 or -q 4, or a smaller size")
+            _fail(f"internal error ({type(e).__name__}: {e}); please report it")
+        except Exception as e:  # a bug of ours: still one line for the user, never a traceback
+            _fail(f"internal error ({type(e).__name__}: {e}); please report it")
+
+
+def _fail(message: str) -> None:
+    """One ``error:`` line and exit 1: a message that spans lines (a library's) is joined."""
+    click.echo("error: " + " ".join(line.strip() for line in message.splitlines() if line.strip()), err=True)
+    sys.exit(1)
 
 
 @click.group(cls=FriendlyGroup)

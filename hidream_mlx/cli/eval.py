@@ -26,7 +26,8 @@ from hidream_mlx.families.o1.synthetic import TEXT_DIMS
 from hidream_mlx.quant.recipes import SUPPORTED_BITS
 from hidream_mlx.files import atomic_output, check_output_path
 from hidream_mlx.harness import distributed
-from hidream_mlx.harness.batteries import parse_seeds, parse_variants, read_battery, variant_lines
+from hidream_mlx.prompts import limits_help
+from hidream_mlx.harness.batteries import VARIANT_KEYS, parse_seeds, parse_variants, read_battery, variant_lines
 from hidream_mlx.harness.distributed import HostLost, agree, gather_json, launch_command, lost_line, run_ranks
 from hidream_mlx.harness.evaluation import EvalRun, load_engine, plan_jobs, read_results, run_lock
 from hidream_mlx.harness.reports import REPORT_FILE, compare_runs, render_comparison, write_reports
@@ -47,14 +48,14 @@ def _image_line(done: int, todo: int, record: dict) -> None:
 @click.group(name="eval", invoke_without_command=True)
 @click.option("--battery", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Battery file: JSONL, one prompt per line (id, prompt, optional genre/seed/size/steps/"
-                   "guidance/recipe).")
+                   f"guidance/recipe); prompts as generate's: {limits_help()}.")
 @click.option("--model", "model_arg", default=None, help="Hugging Face repo id or local model folder.")
 @click.option("--random-weights", type=click.Choice(sorted(TEXT_DIMS)), default=None,
               help="Measure a random-weight model of this size instead of --model (no download).")
 @click.option("--layers", type=int, default=None, help="With --random-weights: number of decoder layers.")
 @click.option("--variant", "variant_specs", multiple=True, metavar="NAME:key=value,...",
-              help="A setting variant (keys: steps, guidance, size, recipe, shift, blend_seams, noise, snap); "
-                   "repeatable. Default: one variant 'default'.")
+              help=f"A setting variant (keys: {', '.join(VARIANT_KEYS)}); repeatable. Default: one variant "
+                   "'default'.")
 @click.option("--variants-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Variant specs, one per line (# comments); added before any --variant.")
 @click.option("--seeds", default=None, metavar="42,43", help="Run every prompt at these seeds (replaces each line's seed).")

@@ -17,7 +17,7 @@ from hidream_mlx.cli.render import from_image_settings, given_on_command_line, p
 from hidream_mlx.families.o1.engine import Engine
 from hidream_mlx.memory import check_fits_folder, check_fits_i1, format_bytes
 from hidream_mlx.weights.precision import parse_dtype
-from hidream_mlx.weights.lora import checked_specs, lora_memory, parse_lora_options
+from hidream_mlx.weights.lora import MAX_LORA_SCALE, checked_specs, lora_memory, parse_lora_options
 from hidream_mlx.family import I1
 from hidream_mlx.families.i1.encoder_common import ENCODER_BITS
 from hidream_mlx.families.i1.engine import I1Engine, check_load_options
@@ -25,6 +25,7 @@ from hidream_mlx.families.i1.recipes import I1_RECIPES
 from hidream_mlx.families.o1.lora_targets import check_loras as check_o1_loras
 from hidream_mlx.families.o1.recipes import PRESETS as PRESET_NAMES
 from hidream_mlx.families.o1.recipes import RECIPES as RECIPE_NAMES
+from hidream_mlx.prompts import limits_help
 from hidream_mlx.requests import SEED_MAX, USED_BY, check_number, range_help
 
 DEFAULT_MODEL = "HiDream-ai/HiDream-O1-Image-Dev"
@@ -44,16 +45,19 @@ def _print_summary(result, engine, elapsed_note: str = "") -> None:
 @click.command("generate")
 @click.option("--model", "model_arg", default=DEFAULT_MODEL, show_default=True,
               help="Hugging Face repo id or local folder (official or quantized layout).")
-@click.option("--prompt", default=None, help="What to draw (required unless --prompt-file or --from-image).")
+@click.option("--prompt", default=None,
+              help=f"What to draw (required unless --prompt-file or --from-image); {limits_help()}.")
 @click.option("--prompt-file", type=click.Path(path_type=Path), default=None,
               help="One prompt per line, or JSONL objects with per-line settings named like these options "
                    "with underscores (\"prompt\", \"seed\", \"steps\", ...).")
-@click.option("--negative-prompt", default=None, help="Replaces the unconditional prompt (recipes with CFG only).")
+@click.option("--negative-prompt", default=None,
+              help="Replaces the unconditional prompt (recipes with CFG only); blank means the recipe's own.")
 @click.option("--from-image", type=click.Path(path_type=Path), default=None, metavar="IMAGE",
               help="Take every setting from an image we wrote; flags given here (and a --preset's) win.")
 @click.option("--output", "-o", default="image.png", show_default=True, type=click.Path(path_type=Path),
               help="Output .png/.jpg/.jpeg/.webp; {seed}, {n} (1-based) and {prompt} are filled in.")
-@click.option("--quality", type=int, default=None, help="1-100: JPEG quality (default 95); makes WebP lossy.")
+@click.option("--quality", type=int, default=None,
+              help="1-100: JPEG quality (default 95); makes WebP lossy; refused for .png (always lossless).")
 @click.option("--seed", "seeds", type=int, multiple=True,
               help=f"Random seed, 0 to {SEED_MAX}; repeatable (default: a random one, printed and stored).")
 @click.option("--count", type=int, default=None, metavar="N",
@@ -106,7 +110,8 @@ def _print_summary(result, engine, elapsed_note: str = "") -> None:
 @click.option("--lora", "loras", multiple=True, metavar="PATH",
               help="LoRA .safetensors file (repeatable; several stack, in order).")
 @click.option("--lora-scale", "lora_scales", multiple=True, type=float, metavar="S",
-              help="Strength of the matching --lora, in order (default 1.0 each).")
+              help=f"Strength of the matching --lora, in order (default 1.0 each; >= {-MAX_LORA_SCALE:g} and "
+                   f"<= {MAX_LORA_SCALE:g}).")
 @click.option("--lora-paths", "lora_paths", multiple=True, hidden=True, help="mflux's spelling of --lora.")
 @click.option("--lora-scales", "lora_scales_mflux", multiple=True, type=float, hidden=True,
               help="mflux's spelling of --lora-scale.")

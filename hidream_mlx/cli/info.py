@@ -48,6 +48,9 @@ def info(model_arg, dims, layers, bits, dtype, width, height, guidance, text_tok
     peak (encode, sampling, VAE decode) and the whole run's. With an IMAGE we wrote: the recipe
     it carries (``--json``: the stored object itself)."""
     if image is not None:
+        if image.is_dir():
+            raise ValueError(f"{image} is a folder; IMAGE is an image hidream-mlx wrote. To describe a model, "
+                             f"give it with --model: hidream-mlx info --model {image}")
         if not image.is_file():
             raise ValueError(f"{image}: image not found")
         click.echo(describe_image(image, as_json))

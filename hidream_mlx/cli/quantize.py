@@ -55,7 +55,8 @@ def size_table(conversion) -> list[str]:
               help="Source: Hugging Face repo id, a folder in the official layout (float32 or bf16 shards), an O1 "
                    "single-file .safetensors, or a HiDream-I1 diffusers pipeline folder.")
 @click.option("--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default=None,
-              help="Bits for the quantized layers: O1's decoder linears, I1's block linears (a recipe may fix them).")
+              help="Bits for the quantized layers: O1's decoder linears, I1's block linears. Required with the "
+                   "flat plan (the default); a plan or recipe file may fix them.")
 @click.option("--plan", "--recipe", "recipe_name", type=click.Choice(sorted(BUILTIN_RECIPES)), default=None,
               help="Built-in mixed-precision quantization plan (default: flat). --recipe is the old spelling, "
                    "kept as an alias for one release (on generate, --recipe is the sampling recipe).")
@@ -91,6 +92,11 @@ def quantize(model_arg, bits, recipe_name, recipe_file, group_size, no_vision, o
     """
     lora_specs = checked_specs(parse_lora_options(loras, lora_scales))
     recipe = choose_recipe(recipe_name, recipe_file)
+    if bits is None and recipe.bits is None:  # refused here, before anything is read or printed
+        default = " (the default)" if not recipe_name and not recipe_file else ""
+        raise ValueError(f"--bits is required with the {recipe.name} plan{default}: it quantizes every layer to "
+                         f"the width you give (--bits {'|'.join(map(str, SUPPORTED_BITS))}); "
+                         "q4-selective and q4-down8 set their own")
     if quantize_embeddings:
         recipe = replace(recipe, quantize_embeddings=True)
 

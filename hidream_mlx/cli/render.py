@@ -22,7 +22,7 @@ from hidream_mlx.requests import RequestError
 from hidream_mlx.weights.loading import is_vision, module_name
 from hidream_mlx.workflow.batch import (Job, build_requests, check_outputs, output_names, plan_jobs, preview_path,
                                preview_paths)
-from hidream_mlx.images import read_metadata, save_image
+from hidream_mlx.images import check_quality, image_format, read_metadata, save_image
 from hidream_mlx.weights.source import ModelSource
 from hidream_mlx.workflow.reproduce import (
     check_model,
@@ -110,6 +110,7 @@ def plan(params: dict, note: Callable[[str], None]):
     for job, name in zip(jobs, output_names(params["output"], jobs)):
         job.output = name
     check_outputs([job.output for job in jobs], params["overwrite"])
+    check_quality_for([job.output for job in jobs], params.get("quality"))
     options = {k: params[k] for k in REQUEST_OPTIONS}
     options["refs"] = params["refs"]
     requests = build_requests(source, jobs, options, note)
@@ -120,6 +121,18 @@ def plan(params: dict, note: Callable[[str], None]):
     check_outputs([path for job, request in zip(jobs, requests)
                    for path in preview_paths(job.output, request.recipe.steps, every)], params["overwrite"])
     return source, jobs, requests
+
+
+def check_quality_for(outputs: list[Path], quality: Optional[int]) -> None:
+    """``--quality`` in range and meaning something for every output (PNG is lossless: it would be
+    ignored), before anything loads."""
+    if quality is None:
+        return
+    check_quality(quality)
+    png = next((path for path in outputs if image_format(path) == "PNG"), None)
+    if png is not None:
+        raise RequestError(f"--quality applies to .jpg/.jpeg and .webp outputs; {png} is a PNG, which is always "
+                           "lossless: leave --quality out or choose another extension")
 
 
 def render(engine, jobs: list[Job], requests: list, params: dict, announce=None, on_image_done=None) -> list[Path]:

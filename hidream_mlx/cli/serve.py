@@ -20,6 +20,7 @@ from hidream_mlx.families.o1.engine import Engine
 from hidream_mlx.family import I1, family_of
 from hidream_mlx.families.i1.encoder_common import ENCODER_BITS
 from hidream_mlx.families.i1.engine import I1Engine
+from hidream_mlx.prompts import limits_help
 from hidream_mlx.weights.source import ModelSource
 
 LOOPBACK = ("localhost",)
@@ -52,7 +53,13 @@ def import_server():
     return uvicorn, ServerConfig, create_app
 
 
-@click.command("serve")
+SERVE_HELP = ("Load the model once and serve the OpenAI-shaped images API and a web studio.\n\n"
+              f"Requests get the CLI's checks (prompts: {limits_help()}) and the server's bounds. /health answers "
+              "503 when the render worker has stopped or is stuck; SIGTERM ends the process within seconds, "
+              "cancelling the running job.")
+
+
+@click.command("serve", help=SERVE_HELP)
 @click.option("--model", "model_arg", default=DEFAULT_MODEL, show_default=True,
               help="Hugging Face repo id or local folder (official or quantized layout).")
 @click.option("--dtype", type=click.Choice(list(PRECISIONS)), default="bfloat16", show_default=True)
@@ -75,7 +82,7 @@ def import_server():
                    "reload; the peak is then about their sum, not the largest phase).")
 def serve(model_arg, dtype, quantize_bits, host, port, token, insecure, lora_dir, output_dir, llama=None,
           encoder_bits=None, keep_loaded=False):
-    """Load the model once and serve the OpenAI-shaped images API and a web studio."""
+    """Load the model once and serve the OpenAI-shaped images API and a web studio (see SERVE_HELP)."""
     check_exposure(host, token, insecure)
     uvicorn, ServerConfig, create_app = import_server()
     bits = int(quantize_bits) if quantize_bits else None

@@ -49,7 +49,10 @@ def _hub_download(repo_id: str, patterns: list[str], allow_download: bool) -> Pa
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{repo_id}: could not download from Hugging Face ({type(e).__name__}: {e})") from None
+        # The hub's messages run over several lines; the first says what happened.
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "no detail")
+        raise ModelLoadError(f"{repo_id}: could not download from Hugging Face ({type(e).__name__}: {first})") \
+            from None
 
 
 def is_repo_id(arg: str) -> bool:
