@@ -52,6 +52,11 @@ def check_text(text, flag: str = "--prompt") -> str:
     if len(text) > MAX_PROMPT_CHARS:
         raise RequestError(f"{flag} is {len(text):,} characters; at most {MAX_PROMPT_CHARS:,} are accepted; "
                            "shorten it")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800": a lone surrogate, which no tokenizer or file takes
+        raise RequestError(f"{flag} is not valid text: a lone surrogate {text[e.start]!r} at character "
+                           f"{e.start + 1}") from None
     found = SPECIAL_TOKEN.search(text)
     if found:
         raise RequestError(f"{flag} contains the special-token string {found.group(0)!r}, which would change "

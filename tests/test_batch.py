@@ -146,6 +146,7 @@ def test_prompt_file_json_line_must_be_an_object_with_a_prompt(tmp_path):
     ('{"prompt": "x", "seed": -7}', "--seed must be >= 0"),
     ('{"prompt": "x", "seed": 99999999999}', "--seed must be >= 0"),
     ('{"prompt": "x", "width": ' + "[" * 50_000 + "]" * 50_000 + "}", "the line is nested too deeply to read"),
+    ('{"prompt": "a \\ud800 fox"}', "--prompt is not valid text: a lone surrogate"),
 ])
 def test_prompt_file_values_have_their_json_kinds_and_errors_name_file_line_and_key(tmp_path, line, message):
     path = tmp_path / "p.jsonl"

@@ -148,11 +148,17 @@ def test_n_zero_models_and_bad_references_are_answered_precisely(served):
         "image upload 0 'x.png' is not a readable image")
 
 
-def test_a_deeply_nested_body_is_a_400_not_a_crash(served):
+@pytest.mark.parametrize("body, needle", [
+    (b'{"prompt": "x", "layout": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    (b'{"prompt": "x", "\\ud800": 1}', "unknown field(s): \\ud800"),
+    (b'{"prompt": "a \\udfff fox"}', "--prompt is not valid text: a lone surrogate"),
+    (b'{"prompt": "x", "references": "abc"}', 'references must be list, got "abc"'),
+    (b'{"prompt": "x", "n": 1e400}', "n must be a whole number, got Infinity"),
+])
+def test_bodies_that_once_crashed_the_server_get_a_json_400(served, body, needle):
     client, _ = served
-    body = b'{"prompt": "x", "layout": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     response = client.post("/v1/images/generations", content=body, headers={"content-type": "application/json"})
-    assert response.status_code == 400 and "nested too deeply" in response.json()["error"]["message"]
+    assert response.status_code == 400 and needle in response.json()["error"]["message"]
     assert client.get("/health").json()["status"] == "ok"
 
 

@@ -61,6 +61,8 @@ class ServerConfig:
 
 def error(message: str, status: int = 400, code: str = "invalid_request") -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
+    # A message may quote what the client sent, lone surrogates ("\ud800") included: keep it encodable.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse({"error": {"message": message, "type": kind, "code": code}}, status_code=status)
 
 
@@ -317,6 +319,11 @@ async def bad_request(request: HttpRequest, exc: BadRequest) -> Response:
     return error(str(exc), exc.status, exc.code)
 
 
+async def internal_error(request: HttpRequest, exc: Exception) -> Response:
+    """A bug of ours in a route: still a JSON error (the server logs the traceback)."""
+    return error(f"internal error ({type(exc).__name__}: {exc})", 500, "internal_error")
+
+
 def create_app(engine, config: ServerConfig):
     """The ASGI app; ``app.state.studio.queue`` is the job queue (stop it with ``queue.close()``)."""
     studio = Studio(engine, config)
@@ -340,6 +347,7 @@ def create_app(engine, config: ServerConfig):
         # (``serve`` then ends the process, see JobQueue.quiesce).
         await asyncio.to_thread(studio.queue.close, SHUTDOWN_GRACE_SECONDS)
 
-    app = Starlette(routes=routes, exception_handlers={BadRequest: bad_request}, lifespan=lifespan)
+    app = Starlette(routes=routes, exception_handlers={BadRequest: bad_request, Exception: internal_error},
+                    lifespan=lifespan)
     app.state.studio = studio
     return Guard(app, config), studio
