@@ -148,3 +148,12 @@ def test_generate_refuses_a_non_finite_lora_scale_naming_it_before_loading(tmp_p
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: --lora-scale must be")
     assert "--guidance" not in result.output and not (tmp_path / "o.png").exists()
+
+
+def test_a_lora_path_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path):
+    import os  # lazy: only this test makes a FIFO
+
+    fifo = tmp_path / "style.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(LoRAError, match="style.safetensors: LoRA file is not a regular file"):
+        check_loras(ModelSource.resolve(FIXTURES), [LoRASpec(fifo)])

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from hidream_mlx.files import sha256_file
+from hidream_mlx.files import check_regular_file, sha256_file
 from hidream_mlx.weights.lora_keys import (  # noqa: F401 (LoRAKeys, I1_KEYS: part of this module's interface)
     I1_KEYS,
     O1_KEYS,
@@ -154,11 +154,12 @@ def specs_from_json(items, where: str) -> list[LoRASpec]:
 
 
 def check_path(path: Path | str) -> Path:
+    """A LoRA path that names a regular ``.safetensors`` file (never a FIFO or device to block on)."""
     path = Path(path)
-    if path.is_dir():
-        raise LoRAError(f"{path}: is a folder, expected a LoRA .safetensors file")
-    if not path.is_file():
-        raise LoRAError(f"{path}: no such LoRA file")
+    try:
+        check_regular_file(path, "LoRA file")
+    except (OSError, ValueError) as e:
+        raise LoRAError(str(e)) from None
     if path.suffix != ".safetensors":
         raise LoRAError(f"{path}: LoRAs are read from .safetensors files only")
     return path
