@@ -274,7 +274,8 @@ class I1Engine:
             finite = mx.isfinite(x).all()
             if not bool(finite):  # x is already evaluated: one tiny reduction per step
                 raise NonFiniteLatentError(f"the latent became non-finite (NaN or inf) at step {i + 1} of "
-                                           f"{len(schedule)}; no image written (check --guidance and the weights)")
+                                           f"{len(schedule)}; no image written (check --guidance, the weights "
+                                           "and any --lora and its scale)")
             now = time.perf_counter()
             step_times.append(now - last[0])
             last[0] = now

@@ -280,7 +280,8 @@ class Engine:
             if not bool(finite):
                 raise NonFiniteLatentError(
                     f"the latent became non-finite (NaN or inf) at step {step.index + 1} of {step.total}; "
-                    "no image written (check --guidance, --noise-scale and the model's weights)")
+                    "no image written (check --guidance, --noise-scale, the model's weights and any --lora "
+                    "and its scale)")
             latent = step.latent
             if on_step is not None:
                 on_step(step, step_times[-1])
