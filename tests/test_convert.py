@@ -244,7 +244,7 @@ def test_quantize_command_prints_sizes_and_writes_the_report(tmp_path):
     (["--bits", "7"], "'7' is not one of"),
     (["--bits", "4", "--group-size", "48"], "'48' is not one of"),
     (["--recipe", "q4-selective", "--bits", "8"], "q4-selective is 4-bit"),
-    (["--recipe", "flat"], "needs --bits"),
+    (["--recipe", "flat"], "--bits is required with the flat plan"),
 ])
 def test_quantize_command_bad_input(args, message, tmp_path):
     result = CliRunner().invoke(quantize, ["--model", str(FIXTURES), "--output", str(tmp_path / "o"), *args])
