@@ -257,7 +257,10 @@ class JobQueue:
             job.finish("failed", error=f"the render worker stopped ({why})")
 
     def _render(self, job: Job) -> None:
-        job.state = "running"
+        with job.changed:
+            if job.finished:  # cancelled (a shutdown) between being taken and starting
+                raise Cancelled()
+            job.state = "running"
         # Exactly this job's LoRAs: the previous job's are undone first (a no-op when they match).
         switch_loras(self.engine, job.spec.loras)
         requests = job.spec.requests
