@@ -44,8 +44,7 @@ from hidream_mlx.families.o1.recipes import (
 from hidream_mlx.families.o1.sizes import MIN_SIDE, resolve_size, validate_free_size
 from hidream_mlx.families.o1.seam_smoothing import check_settings as check_seam_smoothing
 from hidream_mlx.families.o1.seams import PATCH_SIZE
-from hidream_mlx.prompts import (  # noqa: F401 (RequestError, SPECIAL_TOKEN: part of this module's interface)
-    SPECIAL_TOKEN,
+from hidream_mlx.prompts import (  # noqa: F401 (RequestError: part of this module's interface)
     RequestError,
     check_text,
     negative_text,
@@ -348,7 +347,7 @@ def build_request(model, *, prompt, seed=None, width=None, height=None, no_snap=
     warnings (default: dropped). ``min_free_side`` lets eval run free sizes below 256 px
     (``default_size`` and ``min_free_side`` are O1's; I1 has its own size rule).
     ``step_noise_seed``: I1 Dev/Fast only. ``negative_prompt``: CFG recipes only; blank means none.
-    The prompt rules (length in characters and the family's tokens) are :mod:`hidream_mlx.prompts`'.
+    The prompt rules (length in characters and in the family's tokens) live in :mod:`hidream_mlx.prompts`.
     Raises :class:`RequestError` (a ValueError) naming the option.
     """
     note = note or (lambda line: None)
