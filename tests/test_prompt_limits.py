@@ -42,11 +42,23 @@ def test_a_prompt_over_the_character_bound_is_refused_without_counting_tokens(mo
             build_request(o1(), prompt=text)
 
 
+FOX = "\U0001F98A"  # an emoji: one character, one or more byte-level tokens
+
+
+def longest_fitting(tokenizer, unit: str = FOX) -> str:
+    """The most repeats of ``unit`` whose tokens still fit MAX_PROMPT_TOKENS (counted, not assumed:
+    a tokenizer may merge repeats)."""
+    low, high = 1, prompts.MAX_PROMPT_CHARS // len(unit)
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if len(tokenizer.encode(unit * mid)) <= MAX_PROMPT_TOKENS else (low, mid - 1)
+    return unit * low
+
+
 def test_an_o1_prompt_is_counted_in_the_models_own_tokens_and_refused_beyond_the_limit():
     tokenizer = load_tokenizer(FIXTURES)
-    unit = "\U0001F98A"  # a fox emoji: several byte-level tokens for one character
-    per_unit = len(tokenizer.encode(unit))
-    fitting = unit * (MAX_PROMPT_TOKENS // per_unit)
+    unit = FOX
+    fitting = longest_fitting(tokenizer)
     assert len(fitting) + 1 <= prompts.MAX_PROMPT_CHARS  # refused below for its tokens, not characters
     request = build_request(o1(), prompt=fitting, width=256, height=256, no_snap=True)
     alone, prefix = prompt_tokens(o1(), fitting)
@@ -85,10 +97,9 @@ def test_the_memory_fit_check_counts_the_prompts_length(tmp_path, monkeypatch):
     weights = sum(s.nbytes for s in memory.checkpoint_sizes(source, 4)[0].values())
     between = weights + (short + long) // 2 - (1 << 20)
     monkeypatch.setattr(memory, "machine_memory", lambda: between)
-    fox = "\U0001F98A" * (MAX_PROMPT_TOKENS // len(load_tokenizer(FIXTURES).encode("\U0001F98A")))
-    result, lines = generate(tmp_path, "--prompt", fox)
+    result, lines = generate(tmp_path, "--prompt", longest_fitting(load_tokenizer(FIXTURES)), "--recipe", "dev")
     assert result.exit_code == 1 and len(lines) == 1 and "this run needs about" in lines[0]
-    result, _ = generate(tmp_path, "--prompt", "a red fox")
+    result, _ = generate(tmp_path, "--prompt", "a red fox", "--recipe", "dev")  # no CFG, as predicted above
     assert result.exit_code == 0, result.output
 
 
@@ -125,7 +136,7 @@ def test_a_battery_prompt_gets_the_same_token_limit_naming_its_line(tmp_path):
     from hidream_mlx.harness.batteries import Variant, read_battery
     from hidream_mlx.harness.evaluation import checked_request, plan_jobs
 
-    fox = "\U0001F98A" * MAX_PROMPT_TOKENS
+    fox = FOX * (prompts.MAX_PROMPT_CHARS - 1)  # within the character bound, far beyond the token limit
     path = tmp_path / "b.jsonl"
     path.write_text(json.dumps({"id": "ok", "prompt": "a fox"}) + "\n" + json.dumps({"id": "long", "prompt": fox}),
                     encoding="utf-8")
