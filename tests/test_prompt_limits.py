@@ -3,6 +3,8 @@ in the model's own tokens (HiDream-O1 refuses beyond its limit and counts the pr
 fit check; HiDream-I1 truncates at its encoders' window, as the official pipeline, and says so).
 A blank negative prompt is the recipe's own unconditional prompt."""
 
+import json
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -14,6 +16,8 @@ from hidream_mlx import memory, prompts
 from hidream_mlx.cli import main
 from hidream_mlx.families.i1.source import I1Source
 from hidream_mlx.families.o1.prompt import MAX_PROMPT_TOKENS, load_tokenizer, prompt_tokens
+from hidream_mlx.harness.batteries import Variant, read_battery
+from hidream_mlx.harness.evaluation import checked_request, plan_jobs
 from hidream_mlx.images import read_metadata
 from hidream_mlx.requests import RequestError, build_request
 from hidream_mlx.weights.source import ModelSource
@@ -131,11 +135,6 @@ def test_a_blank_negative_prompt_is_the_recipes_own_unconditional_prompt(tmp_pat
 
 
 def test_a_battery_prompt_gets_the_same_token_limit_naming_its_line(tmp_path):
-    import json  # lazy: only this test writes a battery
-
-    from hidream_mlx.harness.batteries import Variant, read_battery
-    from hidream_mlx.harness.evaluation import checked_request, plan_jobs
-
     fox = FOX * (prompts.MAX_PROMPT_CHARS - 1)  # within the character bound, far beyond the token limit
     path = tmp_path / "b.jsonl"
     path.write_text(json.dumps({"id": "ok", "prompt": "a fox"}) + "\n" + json.dumps({"id": "long", "prompt": fox}),

@@ -3,6 +3,7 @@ in /health, long prompts are refused cheaply, bad references name their field, a
 the process within seconds even while a render sits inside one long device call."""
 
 import base64
+import io
 import json
 import os
 import signal
@@ -18,13 +19,14 @@ import pytest
 from conftest import FIXTURES
 from PIL import Image
 from server_helpers import QUICK, free_port, running_server
+from test_lora import fresh, lora_tensors, write_lora
+from test_lora_validation import rank_zero
 
 from hidream_mlx import prompts
+from hidream_mlx.weights import lora as lora_module
 
 
 def decode(b64: str) -> np.ndarray:
-    import io  # lazy: only the image comparisons decode
-
     return np.array(Image.open(io.BytesIO(base64.b64decode(b64))))
 
 
@@ -70,10 +72,6 @@ def test_an_exception_inside_a_job_fails_that_job_only_and_the_worker_goes_on(se
 
 
 def test_a_lora_failing_half_way_is_undone_so_later_jobs_run_on_the_plain_model(served, monkeypatch, tmp_path):
-    from test_lora import fresh, lora_tensors, write_lora
-
-    from hidream_mlx.weights import lora as lora_module
-
     client, studio = served
     for name, seed in (("one", 1), ("two", 2)):
         write_lora(tmp_path / name, lora_tensors(fresh(), seed), "kohya_unet").rename(tmp_path / f"{name}.safetensors")
@@ -217,8 +215,6 @@ def test_sigterm_ends_the_server_within_seconds_while_a_render_never_reaches_a_s
 
 def test_a_rank_zero_lora_in_the_lora_folder_is_a_400_before_queueing_and_the_server_keeps_serving(
         served, monkeypatch, tmp_path):
-    from test_lora_validation import rank_zero
-
     client, studio = served
     path, key = rank_zero(tmp_path)
     path.rename(tmp_path / "empty.safetensors")
