@@ -19,7 +19,7 @@ import time
 
 import mlx.core as mx
 
-from hidream_mlx.harness.peak_rss import ru_maxrss_bytes
+from hidream_mlx.memory import ru_maxrss_bytes
 from hidream_mlx.memory import GiB, RUNTIME_BYTES
 from hidream_mlx.families.i1 import memory as i1_memory
 from hidream_mlx.families.i1.text_encoding import COMPONENTS, TextEncoders
