@@ -150,7 +150,7 @@ def uses_fused_attention() -> bool:
 
 
 def predict_load_peak_bytes(weight_bytes: int) -> int:
-    """Peak RSS of loading: the loader streams tensor by tensor (``models.loading.stream_into``), so
+    """Peak RSS of loading: the loader streams tensor by tensor (``weights.loading.stream_into``), so
     beyond the weights only the runtime and MLX's capped buffer cache (``LOAD_CACHE_BYTES``)."""
     return weight_bytes + RUNTIME_BYTES + LOAD_CACHE_BYTES
 

@@ -5,7 +5,7 @@
 time, freed before the next), over a CFG pair of prompts; ``transformer``: the transformer's
 load (``load_transformer``, ``-q`` quantizing as it streams). Each phase runs in a fresh process
 so the kernel's high-water mark (``ru_maxrss``) is that phase's alone; the prediction is
-``models.i1.memory.phase_peaks`` for the same precision, from headers only. Build the pipeline
+``families.i1.memory.phase_peaks`` for the same precision, from headers only. Build the pipeline
 with ``make_sparse_i1_checkpoint.py`` then ``make_sparse_i1_encoders.py`` (zero weights).
 
 usage: measure_i1_phases.py PIPELINE_DIR PHASE {bf16,8,4} [--run]

@@ -1,6 +1,6 @@
 """HiDream-I1 memory: what each component weighs and what each phase of a run needs.
 
-A run has three phases (``models.i1.engine``), each alone in memory:
+A run has three phases (``engine``), each alone in memory:
 
 * encode: CLIP-L, CLIP-G, T5-XXL and Llama-3.1-8B load one at a time and are freed after use,
   so the phase peak is the largest encoder with its activations (and a load-time quantization's
@@ -330,7 +330,7 @@ def check_fits_i1(source, dtype_bytes: int, bits: Optional[int], encoder_bits: O
     renders (after the I1 size rule); ``cfg_pass``: guidance > 1 (batch 2); ``images``: how
     many the run makes (more than one: the engine decodes all but the last with the transformer
     resident); ``extra_bytes``: LoRAs. The need is the largest phase's predicted peak
-    (``models.i1.memory.phase_peaks``, from headers alone); the MemoryError names that phase
+    (``phase_peaks``, from headers alone); the MemoryError names that phase
     and the flags that shrink it.
     """
     peaks = phase_peaks(I1Memory.from_source(source), bits, encoder_bits, width, height, cfg_pass, dtype_bytes,

@@ -18,7 +18,7 @@ from hidream_mlx.weights.source import model_name
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    scheduler: str  # "flash", "flow_match" or "unipc" (see pipeline.sampler_for)
+    scheduler: str  # "flash", "flow_match" or "unipc" (see sampling.sampler_for)
     steps: int
     shift: float
     guidance: float  # classifier-free guidance on v; <= 1 runs no unconditional pass

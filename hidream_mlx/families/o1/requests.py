@@ -38,7 +38,7 @@ USED_BY = {"s_noise": FLASH_RECIPES, "noise_clip": FLASH_RECIPES, "shift": SHIFT
 def check_free_size(width, height, flag: str = "--width/--height") -> None:
     """A HiDream-O1 size taken as given (``bench --size``, ``info``): the ranges of ``--width`` and
     ``--height``, then the free-size rule (whole 32 px patches, at least 256 px, at most
-    ``resolution.MAX_PIXELS``), before any memory is estimated. The error names ``flag``."""
+    ``sizes.MAX_PIXELS``), before any memory is estimated. The error names ``flag``."""
     for name, value in (("width", width), ("height", height)):
         try:
             check_number(name, value)
