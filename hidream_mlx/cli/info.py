@@ -21,7 +21,7 @@ from hidream_mlx.workflow.reproduce import describe_image
 @click.option("--json", "as_json", is_flag=True, help="With IMAGE: print its stored hidream-mlx object as JSON.")
 @click.option("--model", "model_arg", default=None,
               help="Model folder or Hugging Face repo id, HiDream-O1 or a HiDream-I1 pipeline (only headers are read).")
-@click.option("--random-weights", "dims", type=click.Choice(["tiny", "mid", "real"]), default=None,
+@click.option("--random-weights", "dims", type=click.Choice(family_named("o1").random_dims), default=None,
               help="Describe a random-weight O1 model of these dims instead (as `bench` builds).")
 @click.option("--layers", type=int, default=None, help="With --random-weights: number of decoder layers.")
 @click.option("-q", "--quantize", "bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default=None,
