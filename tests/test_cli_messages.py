@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import FIXTURES
 
-from hidream_mlx import prompts
+from hidream_mlx import requests as prompts
 from hidream_mlx.cli import main
 from hidream_mlx.families.o1.prompt import MAX_PROMPT_TOKENS
 from hidream_mlx.harness.batteries import VARIANT_KEYS
@@ -95,7 +95,7 @@ def test_an_unexpected_failure_is_still_one_line_and_never_a_traceback(tmp_path,
         def broken(*args, error=error, **kwargs):
             raise error
 
-        monkeypatch.setattr(sys.modules["hidream_mlx.cli.generate"], "check_fits_folder", broken)
+        monkeypatch.setattr(sys.modules["hidream_mlx.cli.generate"], "lora_memory", broken)
         result, lines = invoke(*GENERATE, "-o", str(tmp_path / "o.png"))
         assert result.exit_code == 1 and lines == [f"error: internal error ({type(error).__name__}: {error}); "
                                                    "please report it"]

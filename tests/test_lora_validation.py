@@ -23,7 +23,7 @@ from hidream_mlx.weights.lora import (
     updates_for_checkpoint,
 )
 from hidream_mlx.weights.loading import checkpoint_index
-from hidream_mlx.weights.source import ModelSource
+from hidream_mlx.families.o1.source import ModelSource
 
 MODULE = TARGETS[0]
 

@@ -12,7 +12,10 @@ from conftest import FIXTURES
 from i1_support import FIXTURES as I1_FIXTURES
 from PIL import Image
 
-from hidream_mlx import memory, prompts
+from hidream_mlx import memory
+from hidream_mlx import requests as prompts
+from hidream_mlx.families.o1 import memory as o1_memory
+from hidream_mlx.families.o1 import requests as o1_requests
 from hidream_mlx.cli import main
 from hidream_mlx.families.i1.source import I1Source
 from hidream_mlx.families.o1.prompt import MAX_PROMPT_TOKENS, load_tokenizer, prompt_tokens
@@ -20,7 +23,7 @@ from hidream_mlx.harness.batteries import Variant, read_battery
 from hidream_mlx.harness.evaluation import checked_request, plan_jobs
 from hidream_mlx.images import read_metadata
 from hidream_mlx.requests import RequestError, build_request
-from hidream_mlx.weights.source import ModelSource
+from hidream_mlx.families.o1.source import ModelSource
 
 GENERATE = ["generate", "--model", str(FIXTURES), "--no-snap", "--width", "256", "--height", "256", "--seed", "3",
             "--steps", "2", "--dtype", "float32"]
@@ -39,7 +42,7 @@ def test_a_prompt_over_the_character_bound_is_refused_without_counting_tokens(mo
     def no_tokenizing(*args):
         raise AssertionError("a prompt refused by its length must not be tokenized")
 
-    monkeypatch.setattr(prompts, "prompt_tokens", no_tokenizing)
+    monkeypatch.setattr(o1_requests, "prompt_tokens", no_tokenizing)
     for text in ("word " * (prompts.MAX_PROMPT_CHARS // 5 + 1), "[" * (prompts.MAX_PROMPT_CHARS + 1)):
         with pytest.raises(RequestError, match=f"--prompt is {len(text):,} characters; at most "
                                                f"{prompts.MAX_PROMPT_CHARS:,} are accepted"):
@@ -93,12 +96,12 @@ def test_generate_refuses_an_overlong_prompt_in_one_line_before_loading(tmp_path
 
 def test_the_memory_fit_check_counts_the_prompts_length(tmp_path, monkeypatch):
     source = o1()
-    short = memory.predict_peak_bytes(1 << 20, source.config.text, 256, 256, False, text_tokens=20,
+    short = o1_memory.predict_peak_bytes(1 << 20, source.config.text, 256, 256, False, text_tokens=20,
                                       dtype_bytes=4, fused_attention=False)
-    long = memory.predict_peak_bytes(1 << 20, source.config.text, 256, 256, False, text_tokens=MAX_PROMPT_TOKENS,
+    long = o1_memory.predict_peak_bytes(1 << 20, source.config.text, 256, 256, False, text_tokens=MAX_PROMPT_TOKENS,
                                      dtype_bytes=4, fused_attention=False)
     assert long > short
-    weights = sum(s.nbytes for s in memory.checkpoint_sizes(source, 4)[0].values())
+    weights = sum(s.nbytes for s in o1_memory.checkpoint_sizes(source, 4)[0].values())
     between = weights + (short + long) // 2 - (1 << 20)
     monkeypatch.setattr(memory, "machine_memory", lambda: between)
     result, lines = generate(tmp_path, "--prompt", longest_fitting(load_tokenizer(FIXTURES)), "--recipe", "dev")

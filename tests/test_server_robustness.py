@@ -22,7 +22,7 @@ from server_helpers import QUICK, free_port, running_server
 from test_lora import fresh, lora_tensors, write_lora
 from test_lora_validation import rank_zero
 
-from hidream_mlx import prompts
+from hidream_mlx import requests as prompts
 from hidream_mlx.weights import lora as lora_module
 
 

@@ -1,4 +1,4 @@
-"""Request bodies -> checked :class:`Request` objects, with the server's own bounds.
+"""Request bodies -> checked requests of the served family, with the server's own bounds.
 
 Fields are named as the CLI's options with underscores (``noise_scale`` is ``--noise-scale``)
 plus the OpenAI images API's ``prompt``, ``n``, ``size``, ``response_format``, ``model`` and
@@ -21,10 +21,8 @@ from typing import Optional
 
 from PIL import Image, UnidentifiedImageError
 
-from hidream_mlx.families.o1.engine import Request
 from hidream_mlx.files import parse_json as parse_json_text
-from hidream_mlx.prompts import check_text, negative_text
-from hidream_mlx.requests import kind_error
+from hidream_mlx.requests import check_prompt, kind_error, negative_text
 from hidream_mlx.workflow.batch import make_request as build_one
 from hidream_mlx.weights.lora import LoRAError, parse_lora_options
 from hidream_mlx.weights.source import is_repo_id
@@ -74,7 +72,7 @@ class Limits:
 class Spec:
     """A parsed body: the requests to render (one per image) and how to answer."""
 
-    requests: list[Request]
+    requests: list  # checked requests of the served family
     response_format: str = "b64_json"
     loras: tuple = ()  # LoRASpec per LoRA, in order (they stack)
     settings: dict = field(default_factory=dict)
@@ -190,7 +188,7 @@ def build_spec(engine, body: dict, limits: Limits, reference_dir: Path, lora_dir
     if not isinstance(prompt, str):
         raise BadRequest("prompt is required")
     try:  # the cheap checks first: nothing is decoded or tokenized for a prompt refused by its length
-        check_text(prompt)
+        check_prompt(prompt)
         negative_text(body.get("negative_prompt"))
     except ValueError as e:
         raise BadRequest(str(e)) from None

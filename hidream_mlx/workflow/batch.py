@@ -16,7 +16,8 @@ from typing import Optional
 
 from hidream_mlx.files import check_output_path, parse_json, read_text_file
 from hidream_mlx.images import image_format
-from hidream_mlx.requests import SEED_MAX, RequestError, build_request, check_number, kind_error
+from hidream_mlx.family import SEED_MAX, RequestError, check_number
+from hidream_mlx.requests import build_request, kind_error
 
 # Per-line settings a JSONL prompt file may carry (build_request's options, plus the prompt).
 LINE_KEYS = ("prompt", "seed", "width", "height", "no_snap", "recipe", "preset", "steps", "guidance", "shift",

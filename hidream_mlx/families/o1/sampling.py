@@ -26,7 +26,8 @@ from hidream_mlx.families.o1.prompt import (
     encode_prompt,
     synthetic_prompt_tokens,
 )
-from hidream_mlx.families.o1.recipes import Recipe, uses_cfg
+from hidream_mlx.families.o1.recipes import Recipe
+from hidream_mlx.family import uses_cfg
 from hidream_mlx.families.o1.seam_smoothing import SeamSmoothing, ShiftedPass, shifted_grid_positions
 from hidream_mlx.schedulers import (
     FlashEulerSampler,
