@@ -9,7 +9,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from e1_support import e1_1_budget, user_layout
+from e1_support import e1_1_budget, e1_full_size, user_layout
 from hidream_mlx.families.i1.edit_engine import E1Engine
 from hidream_mlx.families.i1.edit_replay import edit_transformer
 from hidream_mlx.families.i1.edit_source import E1Source
@@ -72,3 +72,20 @@ def test_an_e1_1_edit_with_a_lora_differs_and_switching_it_off_restores_the_plai
     assert with_lora.metadata["loras"][0]["name"] == "u.safetensors"
     engine.use_loras([])
     np.testing.assert_array_equal(engine.run(request).image, plain)
+
+
+def test_e1_full_quantized_at_load_keeps_its_lora_switchable_over_the_quantized_layers(layout):
+    engine = E1Engine.load(layout["e1_full"], layout["base"], dtype="float32", quantize_bits=8)
+    engine.load_transformer()
+    adapters = [m for _, m in engine.transformer.named_modules() if isinstance(m, AdapterLinear)]
+    quantized = [m for m in adapters if isinstance(m.base, nn.QuantizedLinear)]
+    assert quantized and len(adapters) == len(engine.source.e1_full.lora)
+    layer = quantized[0]
+    x = mx.array(np.random.default_rng(2).normal(size=(2, layer.lora_A.shape[1])).astype(np.float32))
+    assert float(mx.abs(layer(x) - layer.base(x)).max()) > 0
+    set_adapters_enabled(engine.transformer, False)
+    np.testing.assert_array_equal(np.array(layer(x)), np.array(layer.base(x)))
+    request = Request("Editing Instruction: x. Target Image Description: y", *e1_full_size(), 1,
+                      engine.recipe().with_overrides(steps=2), references=(str(layout["source"]),))
+    result = engine.run(request)
+    assert result.image.shape == (*e1_full_size()[::-1], 3) and result.metadata["quantization"]["bits"] == 8

@@ -19,7 +19,7 @@ def layout(tmp_path_factory):
     return user_layout(tmp_path_factory.mktemp("e1"))
 
 
-@pytest.mark.parametrize("name", ["e1_1_sampling_swap_unaliased", "e1_1_sampling_refine0"])
+@pytest.mark.parametrize("name", ["e1_1_sampling_swap_unaliased"])
 def test_a_replayed_run_writes_its_keys_and_follows_the_official_run(name, layout):
     ref = golden(name)
     source = E1Source.resolve(layout["e1_1"], layout["base"])
