@@ -117,3 +117,14 @@ def test_an_edit_takes_exactly_one_source(engines, refs, message):
 def test_e1_runs_only_in_float32_or_bfloat16(layout):
     with pytest.raises(ValueError, match="--dtype float16"):
         E1Engine.load(layout["e1_1"], layout["base"], dtype="float16")
+
+
+def test_without_a_refine_stage_the_target_description_is_not_encoded(layout, monkeypatch):
+    encoded = []
+    real_encode = TextEncoders.encode
+    monkeypatch.setattr(TextEncoders, "encode", lambda self, texts: (encoded.extend(texts), real_encode(self, texts))[1])
+    engine = E1Engine.load(layout["e1_full"], layout["base"], dtype="float32")
+    recipe = engine.recipe().with_overrides(steps=2, refine_strength=0.0)
+    prompt = "Editing Instruction: x. Target Image Description: y"
+    engine.run(Request(prompt, *e1_full_size(), 1, recipe, references=(str(layout["source"]),)))
+    assert encoded == [prompt, recipe.negative_prompt]

@@ -34,8 +34,8 @@ from hidream_mlx import __version__
 from hidream_mlx.families.i1.edit_metadata import request_metadata
 from hidream_mlx.families.i1.edit_recipes import E1Recipe, effective_negative, get_e1_recipe
 from hidream_mlx.families.i1.edit_sampling import EDIT, EditConditioning, EditStep, edit_texts, sample_edit
-from hidream_mlx.families.i1.edit_sizes import ResizePlan, edit_max_seq, resize_plan, resize_source, \
-    restore_source_size
+from hidream_mlx.families.i1.edit_sizes import (ResizePlan, edit_max_seq, resize_plan, resize_source,
+                                                restore_source_size)
 from hidream_mlx.families.i1.edit_source import E1Source
 from hidream_mlx.families.i1.engine import EMBEDDING_BUDGET, I1_DTYPES, I1Step
 from hidream_mlx.families.i1.lora_targets import check_loras
@@ -205,7 +205,7 @@ class E1Engine:
             e = PromptEmbedding.concatenate(self.prompts.lookup(self.encoders, texts))
             return Conditioning(e.t5_embeds, e.llama_hidden_states, e.pooled_embeds)
 
-        return EditConditioning(batch(edit), batch(refine))
+        return EditConditioning(batch(edit), batch(refine) if rec.refine_steps else None)
 
     def _vae(self):
         if self.vae is None:

@@ -40,10 +40,11 @@ def edit_texts(prompt: str, negative: str, recipe: E1Recipe) -> tuple[list[str],
 
 @dataclass
 class EditConditioning:
-    """The transformer's text inputs of both stages, batched as :func:`edit_texts` orders them."""
+    """The transformer's text inputs of both stages, batched as :func:`edit_texts` orders them
+    (``refine`` None when the run has no refine stage)."""
 
     edit: Conditioning
-    refine: Conditioning
+    refine: Optional[Conditioning]
 
 
 def image_rows(image_latents: mx.array, uses_cfg: bool) -> mx.array:
@@ -111,6 +112,8 @@ def sample_edit(model: Callable, cond: EditConditioning, image_latents: mx.array
     edit_rows = images.shape[0]
     refine_rows = 2 if recipe.uses_cfg else 1
     start_refine = min(recipe.refine_start, len(schedule))
+    if start_refine < len(schedule) and cond.refine is None:
+        raise ValueError("a run with a refine stage needs its text batch (EditConditioning.refine)")
     x = latents.astype(mx.float32)
     width = x.shape[-1]
     if on_stage is not None:

@@ -348,7 +348,7 @@ def _resolve(arg: str, base_arg: str, llama: Optional[str], allow_download: bool
         e1_full = read_e1_full(model.path, base_index, tcfg, folder)
     index = model.index if e1_full is None else {**base_index, **e1_full.partial}
     config_bytes = json.dumps(raw, sort_keys=True).encode() + (base / "model_index.json").read_bytes()
-    fingerprint = _fingerprint(model.path if model.path.is_dir() else model.path.parent, config_bytes,
-                               {**index, **model.index})
+    # the folder the model came in (a hub snapshot is fingerprinted by its revision)
+    fingerprint = _fingerprint(model.path.parent, config_bytes, {**index, **model.index})
     return E1Source(model, base_arg, base, tcfg, vae, llama_source, scheduler, base_index, e1_full, fingerprint,
                     raw.get("quantization"), (f"note: {llama_source.describe()}",))
