@@ -37,9 +37,20 @@ def e1_1_budget() -> tuple[int, int]:
 
 
 def e1_full_size() -> tuple[int, int]:
-    """The E1-Full runs' --width/--height: the exact resize of its script."""
-    w, h = params()["e1_full"]["resize_to"]
+    """The E1-Full runs' --width/--height: the exact resize of its script (the manifest's
+    ``resize_to``, else the size of the recorded resized source)."""
+    resize = params().get("e1_full", {}).get("resize_to")
+    if resize:
+        return int(resize[0]), int(resize[1])
+    h, w = golden("image_latents")["e1_full.resized_image"].shape[:2]
     return int(w), int(h)
+
+
+def pixels_per_token() -> int:
+    """Pixels per transformer token side: the VAE's scale times the patch size."""
+    vae = json.loads((FIXTURES / "vae" / "config.json").read_text())
+    transformer = json.loads((FIXTURES / "transformer" / "config.json").read_text())
+    return 2 ** (len(vae["block_out_channels"]) - 1) * transformer["patch_size"]
 
 
 def user_layout(root: Path) -> dict[str, Path]:

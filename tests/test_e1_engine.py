@@ -14,6 +14,7 @@ from PIL import Image
 from e1_support import assert_image_close, e1_1_budget, e1_full_size, golden, max_abs, user_layout
 from hidream_mlx.families.i1 import edit_engine as engine_module
 from hidream_mlx.families.i1.edit_engine import E1Engine, request_texts
+from hidream_mlx.families.i1.edit_sizes import resize_plan
 from hidream_mlx.families.i1.text_encoding import TextEncoders
 from hidream_mlx.families.o1.engine import Request
 
@@ -69,9 +70,11 @@ def test_keep_source_size_returns_the_edit_at_the_source_s_size(engines, tmp_pat
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (100, 250, 3), dtype=np.uint8)).save(source)
     engine = engines["e1_1"]
     recipe = engine.recipe().with_overrides(steps=1)
-    edited = engine.run(Request("x", 128, 128, 1, recipe, references=(str(source),)))
-    assert edited.image.shape == (80, 192, 3)  # the budget rule's size for 250x100
-    kept = engine.run(Request("x", 128, 128, 1, dataclasses.replace(recipe, keep_source_size=True),
+    budget = e1_1_budget()
+    edited = engine.run(Request("x", *budget, 1, recipe, references=(str(source),)))
+    w, h = resize_plan(recipe.size_rule, (250, 100), *budget).size
+    assert edited.image.shape == (h, w, 3) and (w, h) != (250, 100)
+    kept = engine.run(Request("x", *budget, 1, dataclasses.replace(recipe, keep_source_size=True),
                               references=(str(source),)))
     assert kept.image.shape == (100, 250, 3)
     np.testing.assert_array_equal(kept.image, np.asarray(Image.fromarray(edited.image).resize((250, 100),

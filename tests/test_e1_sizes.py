@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from e1_support import e1_1_budget, e1_full_size, golden
+from e1_support import e1_1_budget, e1_full_size, golden, pixels_per_token
 from hidream_mlx.families.i1.edit_sizes import (BUDGET, EXACT, EditSizeError, budget_image_size, edit_max_seq,
                                                 resize_plan, resize_source, restore_source_size)
 
@@ -65,8 +65,8 @@ def test_e1_full_resizes_to_exactly_the_request_whatever_the_aspect():
 
 def test_max_seq_is_twice_the_patch_tokens_of_the_request_area():
     assert edit_max_seq(1024, 1024) == 8192 and edit_max_seq(768, 768) == 4608
-    assert edit_max_seq(*e1_1_budget()) == int(golden("e1_1_sampling")["max_seq"])
-    assert edit_max_seq(*e1_full_size()) == int(golden("e1_full_sampling")["max_seq"])
+    assert edit_max_seq(*e1_1_budget(), pixels_per_token()) == int(golden("e1_1_sampling")["max_seq"])
+    assert edit_max_seq(*e1_full_size(), pixels_per_token()) == int(golden("e1_full_sampling")["max_seq"])
 
 
 @pytest.mark.parametrize("source", [(700, 300), (90, 200), (250, 100), (3000, 2000), (160, 160)])
