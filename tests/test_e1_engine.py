@@ -5,6 +5,7 @@ no CFG norm clip) within one level on 99% identical values; E1-Full, whose stron
 amplifies float noise, within two levels on 97%."""
 
 import dataclasses
+import json
 
 import mlx.core as mx
 import numpy as np
@@ -14,9 +15,11 @@ from PIL import Image
 from e1_support import assert_image_close, e1_1_budget, e1_full_size, golden, max_abs, user_layout
 from hidream_mlx.families.i1 import edit_engine as engine_module
 from hidream_mlx.families.i1.edit_engine import E1Engine, request_texts
+from hidream_mlx.families.i1.edit_metadata import recorded_edit_settings
 from hidream_mlx.families.i1.edit_sizes import resize_plan
 from hidream_mlx.families.i1.text_encoding import TextEncoders
 from hidream_mlx.families.o1.engine import Request
+from hidream_mlx.files import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +29,7 @@ def layout(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engines(layout):
-    return {kind: E1Engine.load(layout[kind], layout["base"], dtype="float32") for kind in ("e1_1", "e1_full")}
+    return {kind: E1Engine.load(layout[kind], base=layout["base"], dtype="float32") for kind in ("e1_1", "e1_full")}
 
 
 def recorded_request(engine: E1Engine, case: dict, source, size) -> Request:
@@ -54,15 +57,22 @@ def test_e1_full_edit_equals_the_official_image(engines, layout):
     assert result.metadata["negative_prompt"] == str(case["negative_prompt"])
 
 
-def test_the_metadata_records_the_source_by_name_and_sha256_not_its_path(engines, layout):
+def test_the_metadata_records_the_source_by_name_and_sha256_and_gives_the_settings_back(engines, layout):
     engine = engines["e1_1"]
-    request = Request("Make it blue.", *e1_1_budget(), 5, engine.recipe().with_overrides(steps=1),
-                      references=(str(layout["source"]),))
+    recipe = engine.recipe().with_overrides(steps=1, image_guidance=2.0, clip_cfg_norm=False)
+    request = Request("Make it blue.", *e1_1_budget(), 5, recipe, references=(str(layout["source"]),),
+                      negative_prompt="grey")
     meta = engine.run(request).metadata
-    assert meta["source_image"]["name"] == "source.png" and len(meta["source_image"]["sha256"]) == 64
-    assert str(layout["source"].parent) not in str(meta["source_image"])
+    assert meta["reference_files"] == [{"name": "source.png", "sha256": sha256_file(layout["source"])}]
+    assert str(layout["source"].parent) not in json.dumps(meta)
     assert (meta["family"], meta["recipe"], meta["e1_model"]) == ("e1", "e1.1", "e1.1")
-    assert meta["steps"] == 1 and not meta["official_recipe"]
+    assert not meta["official_recipe"]
+    settings = recorded_edit_settings(meta)
+    again = engine.recipe(settings["recipe"]).with_overrides(
+        **{k: settings[k] for k in ("steps", "guidance", "image_guidance", "refine_strength", "clip_cfg_norm")})
+    assert again == recipe
+    assert (settings["prompt"], settings["seed"], settings["negative_prompt"]) == ("Make it blue.", 5, "grey")
+    assert (settings["width"], settings["height"], settings["base"]) == (*e1_1_budget(), str(layout["base"]))
 
 
 def test_keep_source_size_returns_the_edit_at_the_source_s_size(engines, tmp_path):
@@ -90,7 +100,7 @@ def test_several_seeds_encode_the_texts_and_the_source_once(layout, monkeypatch)
         return real_encode(self, texts)
 
     monkeypatch.setattr(TextEncoders, "encode", encode)
-    engine = E1Engine.load(layout["e1_full"], layout["base"], dtype="float32")
+    engine = E1Engine.load(layout["e1_full"], base=layout["base"], dtype="float32")
     recipe = engine.recipe().with_overrides(steps=2)
     prompt = "Editing Instruction: x. Target Image Description: y"
     jobs = [Request(prompt, *e1_full_size(), seed, recipe, references=(str(layout["source"]),)) for seed in (1, 2, 3)]
@@ -119,14 +129,14 @@ def test_an_edit_takes_exactly_one_source(engines, refs, message):
 
 def test_e1_runs_only_in_float32_or_bfloat16(layout):
     with pytest.raises(ValueError, match="--dtype float16"):
-        E1Engine.load(layout["e1_1"], layout["base"], dtype="float16")
+        E1Engine.load(layout["e1_1"], base=layout["base"], dtype="float16")
 
 
 def test_without_a_refine_stage_the_target_description_is_not_encoded(layout, monkeypatch):
     encoded = []
     real_encode = TextEncoders.encode
     monkeypatch.setattr(TextEncoders, "encode", lambda self, texts: (encoded.extend(texts), real_encode(self, texts))[1])
-    engine = E1Engine.load(layout["e1_full"], layout["base"], dtype="float32")
+    engine = E1Engine.load(layout["e1_full"], base=layout["base"], dtype="float32")
     recipe = engine.recipe().with_overrides(steps=2, refine_strength=0.0)
     prompt = "Editing Instruction: x. Target Image Description: y"
     engine.run(Request(prompt, *e1_full_size(), 1, recipe, references=(str(layout["source"]),)))

@@ -60,7 +60,7 @@ def test_a_user_lora_changes_the_layer_under_e1_full_s_adapter_and_is_undone_exa
 
 
 def test_an_e1_1_edit_with_a_lora_differs_and_switching_it_off_restores_the_plain_edit(layout, tmp_path):
-    engine = E1Engine.load(layout["e1_1"], layout["base"], dtype="float32")
+    engine = E1Engine.load(layout["e1_1"], base=layout["base"], dtype="float32")
     request = Request("Make it blue.", *e1_1_budget(), 2, engine.recipe().with_overrides(steps=2),
                       references=(str(layout["source"]),))
     plain = engine.run(request).image
@@ -75,7 +75,7 @@ def test_an_e1_1_edit_with_a_lora_differs_and_switching_it_off_restores_the_plai
 
 
 def test_e1_full_quantized_at_load_keeps_its_lora_switchable_over_the_quantized_layers(layout):
-    engine = E1Engine.load(layout["e1_full"], layout["base"], dtype="float32", quantize_bits=8)
+    engine = E1Engine.load(layout["e1_full"], base=layout["base"], dtype="float32", quantize_bits=8)
     engine.load_transformer()
     adapters = [m for _, m in engine.transformer.named_modules() if isinstance(m, AdapterLinear)]
     quantized = [m for m in adapters if isinstance(m.base, nn.QuantizedLinear)]

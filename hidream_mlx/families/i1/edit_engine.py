@@ -114,11 +114,11 @@ class E1Engine:
         self._unreported_encode = 0.0
 
     @classmethod
-    def load(cls, model, base: Optional[str] = None, dtype: str = "bfloat16", quantize_bits: Optional[int] = None,
-             lazy: bool = False, loras: Sequence = (), encoder_bits: Optional[int] = None,
-             llama: Optional[str] = None) -> "E1Engine":
-        """An engine for ``model`` on ``base`` (an :class:`E1Source` or what resolves to one);
-        nothing heavy loads here."""
+    def load(cls, model, dtype: str = "bfloat16", quantize_bits: Optional[int] = None, lazy: bool = False,
+             loras: Sequence = (), encoder_bits: Optional[int] = None, llama: Optional[str] = None, *,
+             base: Optional[str] = None) -> "E1Engine":
+        """An engine for ``model`` on ``base`` (default HiDream-I1-Full; an :class:`E1Source` or
+        what resolves to one), with ``I1Engine.load``'s other arguments; nothing heavy loads here."""
         return cls(E1Source.resolve(model, base, llama=llama), dtype, quantize_bits, encoder_bits, loras)
 
     @property

@@ -2,8 +2,8 @@
 
 The historical top-level keys every output has (``prompt``, ``seed``, ``width``, ``height``,
 ``recipe``, ``steps``, ``guidance``, ...) plus the editing settings, the size that was edited
-and the source: its file name, sha256 and size (never a local path), as O1 references are
-recorded. ``width``/``height`` are the request's (the budget for E1.1, the exact size for
+and the source: its file name and sha256 (never a local path) under ``reference_files`` as O1
+references are recorded, and its size. ``width``/``height`` are the request's (the budget for E1.1, the exact size for
 E1-Full); ``edited_size`` is what the rule made of the source.
 """
 
@@ -16,10 +16,10 @@ from hidream_mlx.families.i1.edit_sizes import ResizePlan, edit_max_seq
 from hidream_mlx.files import sha256_file
 
 
-def source_record(path: Path | str, plan: ResizePlan) -> dict:
-    """The source image as an output records it."""
+def source_record(path: Path | str) -> dict:
+    """The source image as an output records it: the ``reference_files`` entry O1 references have."""
     path = Path(path)
-    return {"name": path.name, "sha256": sha256_file(path), "size": list(plan.source)}
+    return {"name": path.name, "sha256": sha256_file(path)}
 
 
 def request_metadata(request, plan: ResizePlan, source) -> dict:
@@ -44,9 +44,26 @@ def request_metadata(request, plan: ResizePlan, source) -> dict:
         "negative_prompt": negative,
         "max_seq": edit_max_seq(request.width, request.height, source.pixels_per_token),
         "recipe_settings": rec.settings(),
-        "source_image": source_record(request.references[0], plan),
+        "reference_files": [source_record(request.references[0])],
+        "source_size": list(plan.source),
     }
     target = target_prompt(request.prompt)
     if target != request.prompt:
         meta["target_prompt"] = target
     return meta
+
+
+def recorded_edit_settings(meta: dict) -> dict:
+    """Option values (underscored CLI names) that re-create the edit ``meta`` records; the source
+    comes back through ``reference_files`` (name and sha256) like an O1 reference."""
+    recipe = dict(meta.get("recipe_settings") or {})
+    settings = {"prompt": meta["prompt"], "seed": meta["seed"], "recipe": meta.get("recipe"),
+                "width": meta.get("width"), "height": meta.get("height"), "noise": meta.get("noise"),
+                "negative_prompt": meta.get("negative_prompt"), "dtype": meta.get("dtype"),
+                "base": meta.get("base"), "llama": meta.get("llama"),
+                "encoder_bits": str(meta["encoder_bits"]) if meta.get("encoder_bits") else None}
+    for key in ("steps", "guidance", "image_guidance", "refine_strength", "clip_cfg_norm", "keep_source_size"):
+        settings[key] = recipe.get(key, meta.get(key))
+    bits = meta.get("quantize_bits")
+    settings["quantize_bits"] = str(bits) if bits else None
+    return {k: v for k, v in settings.items() if v is not None}

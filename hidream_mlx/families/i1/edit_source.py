@@ -309,7 +309,7 @@ class E1Source:
                 allow_download: bool = True) -> "E1Source":
         if isinstance(model, E1Source):
             return model
-        return _resolve(str(model), base or DEFAULT_BASE, llama, allow_download)
+        return _resolve(str(model), str(base or DEFAULT_BASE), llama, allow_download)
 
 
 def resolve_base(arg: str, kind: str, allow_download: bool) -> Path:
