@@ -141,3 +141,14 @@ def test_without_a_refine_stage_the_target_description_is_not_encoded(layout, mo
     prompt = "Editing Instruction: x. Target Image Description: y"
     engine.run(Request(prompt, *e1_full_size(), 1, recipe, references=(str(layout["source"]),)))
     assert encoded == [prompt, recipe.negative_prompt]
+
+
+def test_a_source_that_cannot_be_edited_fails_before_the_encoders_load(engines, tmp_path, monkeypatch):
+    monkeypatch.setattr(TextEncoders, "encode", lambda self, texts: pytest.fail("the encoders ran"))
+    engine = engines["e1_1"]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="not a readable image"):
+        engine.encode_prompts([Request("x", *e1_1_budget(), 1, engine.recipe(), references=(str(broken),))])
+    with pytest.raises(ValueError, match="exactly one source image"):
+        engine.run(Request("x", *e1_1_budget(), 1, engine.recipe()))

@@ -168,7 +168,10 @@ class E1Engine:
             mx.clear_cache()
 
     def encode_prompts(self, requests: Sequence[Request]) -> float:
-        """Plan ``requests`` (run in this order) and encode their texts before the transformer loads."""
+        """Plan ``requests`` (run in this order) and encode their texts before the transformer loads.
+        Every request's source is checked first (one image, readable, a size its rule can make)."""
+        for request in requests:
+            self.edit_plan(request)
         self._plan, self._planned = list(requests), True
         return self._encode_group(self._plan) if self._plan else 0.0
 
@@ -312,6 +315,7 @@ class E1Engine:
         start = time.perf_counter()
         if request.noise not in NOISE_KINDS:
             raise ValueError(f"unknown noise kind {request.noise!r}; choose one of {', '.join(NOISE_KINDS)}")
+        source_of(request)  # before anything loads
         cond = self._conditioning(request)
         encode_time, self._unreported_encode = self._unreported_encode, 0.0
         if self._plan and self._plan[0] == request:
