@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hidream_mlx.memory import GiB, plan_weight_sizes, predict_peak_bytes, skeleton_shapes
+from hidream_mlx.memory import GiB, plan_weight_sizes
+from hidream_mlx.families.o1.memory import predict_peak_bytes, skeleton_shapes
 from hidream_mlx.families.o1.synthetic import synthetic_config
 from hidream_mlx.quant.plans import is_decoder_linear, resolve_plan
 from hidream_mlx.quant.recipes import BUILTIN_RECIPES, QuantRecipe

@@ -25,7 +25,7 @@ from hidream_mlx.families.o1.config import PATCH_SIZE
 from hidream_mlx.families.o1.patches import patchify, unpatchify
 from hidream_mlx.families.o1.recipes import get_recipe
 from hidream_mlx.families.o1.seam_smoothing import ShiftedPass
-from hidream_mlx.families.o1.seams import grid_energy_axes, seam_energy
+from hidream_mlx.harness.grid import grid_energy_axes, seam_energy
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "o1-tiny"
 SETTINGS = [(0, "hann", "pad"), (0.25, "hann", "pad"), (0.5, "mean", "pad"), (0.5, "hann", "pad"),

@@ -1,62 +1,227 @@
-"""Which model family a ``--model`` argument holds: HiDream-O1 (one transformer folder) or
-HiDream-I1 (a diffusers pipeline folder with four text encoders, a transformer and a VAE).
+"""The contract between the application and the model families.
 
-A folder is I1 when its ``model_index.json`` names ``HiDreamImagePipeline`` (the diffusers
-class; our quantized I1 folders keep that file). A repo id is I1 when its name says
-``HiDream-I1``. Everything else is O1, whose own checks then say what is missing.
+The application (``cli``, ``server``, ``harness``, ``workflow``, ``requests``) reaches a model
+family only through :class:`Family`: every family package (``hidream_mlx/families/<name>/``)
+implements it once, and ``hidream_mlx/families/__init__.py`` registers it with one line. Beside
+the interface this module holds the vocabulary both sides share: the errors a family raises for
+a user, the ranges of the options a user sets, the one CFG rule, and what a finished image is.
+It imports nothing from the families or the application.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from pathlib import Path
+import math
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Optional
 
-O1 = "o1"
-I1 = "i1"
-I1_PIPELINE_CLASSES = ("HiDreamImagePipeline",)
-I1_REPOS = {"full": "HiDream-ai/HiDream-I1-Full", "dev": "HiDream-ai/HiDream-I1-Dev",
-            "fast": "HiDream-ai/HiDream-I1-Fast"}
-# The official inference.py loads Llama from this gated repository (the I1 repos do not ship it).
-LLAMA_REPO = "meta-llama/Meta-Llama-3.1-8B-Instruct"
-I1_VARIANTS = ("full", "dev", "fast")
+import numpy as np
+
+Note = Callable[[str], None]
 
 
-class FamilyError(ValueError):
-    """A folder whose family cannot be read (a broken model_index.json)."""
+class RequestError(ValueError):
+    """An option value that cannot run; the message names the option as the CLI spells it."""
 
 
-def pipeline_class(folder: Path) -> str | None:
-    """``_class_name`` of a folder's ``model_index.json``, or None when there is none."""
-    index = Path(folder) / "model_index.json"
-    if not index.is_file():
+class ReplayError(ValueError):
+    """A recorded case file that cannot be replayed."""
+
+
+class NonFiniteLatentError(ValueError):
+    """The latent held NaN or inf after a step: the image would be black or garbage."""
+
+
+# --- options: what a user may set, checked the same way for every family ----------------------
+
+@dataclass(frozen=True)
+class Range:
+    low: float
+    high: float
+    low_open: bool = False  # the low end itself is excluded (a positive number)
+
+    def text(self) -> str:
+        def show(v):
+            return str(v) if isinstance(v, int) else f"{v:g}"
+        return f"{'>' if self.low_open else '>='} {show(self.low)} and <= {show(self.high)}"
+
+    def contains(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        return above and value <= self.high
+
+
+SEED_MAX = 2**32 - 1  # the official (torch) generators keep 32 bits of a seed; no silent wrap
+MAX_SIDE = 16384  # a requested side before a family's size rule; each family bounds the area itself
+PATCH_SIDE = 32  # the widest seam band --blend-seams may ask for is half of O1's 32 px patch
+
+# Stated in each option's --help and checked before loading.
+RANGES: dict[str, Range] = {
+    "seed": Range(0, SEED_MAX),
+    "width": Range(1, MAX_SIDE),
+    "height": Range(1, MAX_SIDE),
+    "steps": Range(1, 1000),
+    "guidance": Range(0, 100),
+    "shift": Range(0, 100, low_open=True),
+    "noise_scale": Range(0, 100, low_open=True),
+    "s_noise": Range(0, 100),
+    "noise_clip": Range(0, 100),
+    "blend_seams": Range(0, PATCH_SIDE // 2),
+    "seam_smoothing": Range(0, 1),
+    "seam_strength": Range(0, 1),
+    "preview_every": Range(0, 1000),
+    "step_noise_seed": Range(0, SEED_MAX),
+}
+INTEGER_OPTIONS = ("seed", "width", "height", "steps", "blend_seams", "preview_every", "step_noise_seed")
+
+
+def option_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def range_help(name: str) -> str:
+    """The range of ``name`` for its --help text."""
+    return RANGES[name].text()
+
+
+def check_number(name: str, value) -> None:
+    """Refuse a non-number, NaN/inf, a float for an integer option, or a value outside RANGES."""
+    flag = option_flag(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"{flag} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise RequestError(f"{flag} must be a finite number, got {value}")
+    if name in INTEGER_OPTIONS and not isinstance(value, int):
+        raise RequestError(f"{flag} must be a whole number, got {value}")
+    valid = RANGES[name]
+    if not valid.contains(value):
+        raise RequestError(f"{flag} must be {valid.text()}, got {value}")
+
+
+def uses_cfg(guidance: float) -> bool:
+    """The one rule for CFG: a scale above 1 runs the unconditional pass; 1 or less runs none
+    (the official pipelines' ``guidance_scale > 1`` test)."""
+    return guidance > 1.0
+
+
+# The recipe numbers a user may override (what an image records under ``recipe_settings``).
+RECIPE_NUMBERS = ("steps", "guidance", "shift", "noise_scale", "s_noise", "noise_clip")
+
+# The explore -> re-render stages a user picks by name; each family says what a stage means for it.
+PRESET_NAMES = ("quick", "standard", "high", "official")
+
+
+# --- what a run gives back ----------------------------------------------------------------------
+
+@dataclass
+class Result:
+    image: np.ndarray  # uint8 HWC
+    request: object
+    step_times: list[float]
+    encode_time: float
+    total_time: float
+    peak_memory: int  # bytes, MLX's peak during this image
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def seconds_per_step(self) -> float:
+        return float(np.median(self.step_times)) if self.step_times else 0.0
+
+
+# --- the interface ------------------------------------------------------------------------------
+
+class Family:
+    """One model family as the application sees it.
+
+    A *source* (what :meth:`resolve` returns) is everything known about a model before any weight
+    loads: its folder, name, fingerprint, stored quantization and notes; it carries ``family``
+    (this family's :attr:`name`). A *request* (what :meth:`build_request` returns) is one checked
+    image to make: ``prompt``, ``seed``, ``width``, ``height``, ``size_note``, ``recipe`` (with
+    ``name``, ``steps``, ``guidance``, ``official``, ``uses_cfg``) and ``metadata()``. An *engine*
+    (what :meth:`load_engine` returns) makes images:
+
+    * ``prepare(requests, note)``: everything before the first image (a family that loads its
+      weights phase by phase encodes every prompt here); ``note`` gets one line per event;
+    * ``run(request, on_step) -> Result``: one image; ``on_step(step, seconds)`` after each step,
+      where ``step.index``, ``step.total`` and ``preview_image(step)`` give progress and x0 previews;
+    * ``announce(request) -> list[str]`` and ``summary(result) -> str``: what the CLI prints;
+    * ``describe()``: the model part of an image's metadata; ``resident_bytes()``: the weights
+      resident while sampling (0 before they load); ``load_time``, ``loras``,
+      ``use_loras(specs)`` (switch LoRAs between jobs), ``default_recipe``, ``family``.
+    """
+
+    name: ClassVar[str]  # stored as "family" in every image's metadata
+    title: ClassVar[str]  # how messages name it: "HiDream-O1"
+    recipes: ClassVar[tuple[str, ...]]  # the --recipe names it accepts
+    # Options only this family reads, with the value that leaves each unset and why it is theirs
+    # (the request builder refuses them for another family with that reason).
+    own_options: ClassVar[dict[str, tuple[object, str]]] = {}
+    # generate/serve load options this family reads beyond dtype, -q and LoRAs.
+    load_options: ClassVar[tuple[str, ...]] = ()
+    # Named sizes of random-weight models it can build (nothing downloaded), e.g. tiny, mid, real.
+    random_dims: ClassVar[tuple[str, ...]] = ()
+    # The values of its own options that take a fixed set (the CLI's choices).
+    option_choices: ClassVar[dict[str, tuple]] = {}
+    # Options only some of its recipes read: option -> the recipes that read it.
+    recipe_options: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def recognises(self, arg: str) -> bool:
+        """True when ``arg`` (a folder, a file or a repo id) is one of this family's models."""
+        raise NotImplementedError
+
+    def resolve(self, arg, options: Optional[dict] = None, allow_download: bool = True):
+        """The source of ``arg``; ``options`` holds the load options (``llama``, ``base`` ...)."""
+        raise NotImplementedError
+
+    def build_request(self, model, options: dict, note: Note):
+        """A checked request from option values (numbers already range-checked, prompt checked);
+        ``model`` is a source, an engine, or None (eval jobs with a recipe name)."""
+        raise NotImplementedError
+
+    def check_load(self, source, load: dict) -> None:
+        """Refuse load options this family cannot honour for ``source`` (a dtype, ``-q`` on a
+        converted folder), before anything loads; ``load`` as :meth:`load_engine` takes it."""
+
+    def check_fits(self, source, requests: list, load: dict, extra_bytes: int = 0) -> None:
+        """Refuse (MemoryError naming what to change) a run that cannot fit, before any weight loads."""
+        raise NotImplementedError
+
+    def load_engine(self, source, load: dict):
+        """An engine for ``source``; ``load``: ``dtype``, ``bits``, ``loras`` and :attr:`load_options`."""
+        raise NotImplementedError
+
+    def random_engine(self, dims: str, layers: Optional[int], dtype: str, bits: Optional[int]):
+        """An engine over random weights of named dims (:attr:`random_dims`; eval, info, bench)."""
+        raise RequestError(f"--random-weights: not available for {self.title}")
+
+    def bench(self, options: dict, log: Note) -> list[str]:
+        """``bench``: time denoising steps on random weights of :attr:`random_dims`; the report's lines
+        (stdout; ``log`` gets the progress)."""
+        raise RequestError(f"bench: no random-weight benchmark for {self.title}")
+
+    def resident_weights(self, source, load: dict) -> tuple[int, Optional[dict]]:
+        """Load what stays resident while sampling, every weight evaluated (``bench --load-only``):
+        its bytes and the quantization it runs with."""
+        raise NotImplementedError
+
+    def info_lines(self, arg, options: dict, note: Note) -> list[str]:
+        """What ``info --model`` prints: weights per component and the predicted peak of a request."""
+        raise NotImplementedError
+
+    def recorded_settings(self, meta: dict) -> dict:
+        """Option values that re-create the image whose metadata is ``meta`` (``--from-image``)."""
+        raise NotImplementedError
+
+    def describe_image(self, meta: dict) -> list[str]:
+        """The family's line(s) of ``info IMAGE``."""
+        raise NotImplementedError
+
+    def convert(self, arg, output, recipe, options: dict, on_notice: Note, on_progress):
+        """``quantize``: write a converted folder of ``arg``; returns the conversion's summary."""
+        raise RequestError(f"quantize: not available for {self.title} models")
+
+    def case_format(self, case) -> Optional[str]:
+        """The format of a recorded case (an open npz file), or None when it is not this family's."""
         return None
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FamilyError(f"{index}: not a readable model_index.json ({e})") from None
-    if not isinstance(data, dict):
-        raise FamilyError(f"{index}: not a JSON object")
-    name = data.get("_class_name")
-    return name if isinstance(name, str) else None
 
-
-def family_of(arg) -> str:
-    """``I1`` or ``O1`` for a folder, a file or a repo id (see the module docstring)."""
-    text = str(arg)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return I1 if pipeline_class(path) in I1_PIPELINE_CLASSES else O1
-    if path.exists():
-        return O1
-    return I1 if re.search(r"hidream[-_]?i1", text, re.IGNORECASE) else O1
-
-
-def i1_variant(name: str) -> str:
-    """``full``, ``dev`` or ``fast`` from a model's name words (default ``full``), as the
-    official ``inference.py`` names its three configurations."""
-    words = [w for w in re.split(r"[-_. /]+", str(name).rstrip("/").rsplit("/", 1)[-1].lower()) if w]
-    for variant in ("fast", "dev"):
-        if variant in words:
-            return variant
-    return "full"
+    def replay(self, arg, case_path, options: dict) -> dict:
+        """Replay a recorded case through this family's code: our outputs under the recorded keys."""
+        raise ReplayError(f"replay: not available for {self.title} models")

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 PARTIAL_MARK = ".partial"
 
 
@@ -79,6 +81,12 @@ def sha256_file(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+def file_record(path: Path | str) -> dict:
+    """How an image records an input file (a reference, a LoRA, an init image): its name and
+    content hash, never the folder it was in."""
+    return {"name": Path(path).name, "sha256": sha256_file(path)}
+
+
 def read_text_file(path: Path | str, what: str = "file") -> str:
     """A UTF-8 text file's content; every way reading it can fail is one line naming the file."""
     path = Path(path)
@@ -128,3 +136,11 @@ def atomic_output(path: Path | str, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def open_case(case: Path | str):
+    """A recorded case file's arrays (an ``NpzFile``, no pickled objects), or one error naming it."""
+    try:
+        return np.load(case, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{case}: not a readable .npz file ({e})") from None

@@ -1,21 +1,21 @@
-"""Memory: what the weights take, what a request will need, and what this machine can give.
+"""Memory, the machine side: what weights take from their shapes alone, and what this machine can give.
 
 All sizes are bytes; printed sizes use GiB/MiB (powers of two) and say so. The size rule
-(``component_sizes``), the machine and the fit checks serve both families; HiDream-I1's phases
-are modelled in ``models.i1.memory`` (``check_fits_i1`` uses it).
-
-The prediction is weights + working set + the runtime's own footprint. The working set was
-calibrated by measurement on the CPU path (``hidream-mlx bench``, float32, real layer widths),
-where attention falls back to materializing its score matrix; on Metal the fused kernel never
-does, which is most of the difference between the two at large sizes.
+(``component_sizes``) serves every family; each family models its own working set and phases
+(``families/<name>/memory.py``) and refuses a run through :func:`refuse_beyond_machine`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import resource
+import sys
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import mlx.core as mx
@@ -23,11 +23,7 @@ import mlx.nn as nn
 import psutil
 from mlx.utils import tree_flatten
 
-from hidream_mlx.weights.loading import LOAD_CACHE_BYTES, SKIPPED_PREFIXES, is_vision, module_name
-from hidream_mlx.families.o1.config import PATCH_DIM, PATCH_SIZE, TextConfig
-from hidream_mlx.families.o1.transformer import HiDreamO1
-from hidream_mlx.weights.source import ModelSource
-from hidream_mlx.quant.plans import is_decoder_linear
+from hidream_mlx.weights.loading import LOAD_CACHE_BYTES
 from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE, LayerSetting
 
 GiB = 1 << 30
@@ -35,13 +31,6 @@ MiB = 1 << 20
 # Python, MLX and numpy themselves, measured as RSS before any array exists (~40 MiB on Linux),
 # plus MLX's buffer-cache slack that RSS shows beyond its own active-memory peak.
 RUNTIME_BYTES = 64 * MiB
-# Hidden-size vectors per generation token live at once inside one decoder layer (measured on
-# CPU): ~12 in attention besides the scores (normed input, q/k/v, their rotate-half rope
-# temporaries, the scaled q, the attention output and its transposed copy) and ~6 carried
-# around it (the residual stream, its norm, the layer's output). The MLP's gate, up and gated
-# product (3 intermediate-size vectors) peak below the attention at every size we measured.
-ATTENTION_VECTORS = 12
-RESIDUAL_VECTORS = 6
 
 
 def format_bytes(n: float) -> str:
@@ -113,21 +102,6 @@ def component_sizes(shapes: Iterable[tuple[str, tuple[int, ...]]], dtype_bytes: 
     return out
 
 
-def flat_setting(bits: Optional[int], group_size: int = DEFAULT_GROUP_SIZE) -> SettingOf:
-    """``-q BITS`` on O1: the decoder linears (``quant.quantization.is_decoder_linear``) whose input
-    width the group size divides, as the flat plan quantizes them at load."""
-    if not bits:
-        return lambda name, shape: None
-    setting = LayerSetting(bits, group_size)
-
-    def setting_of(name: str, shape: tuple) -> Optional[LayerSetting]:
-        if not name.endswith(".weight") or len(shape) != 2 or shape[1] % group_size:
-            return None
-        return setting if is_decoder_linear(name[: -len(".weight")]) else None
-
-    return setting_of
-
-
 def plan_weight_sizes(shapes: Iterable[tuple[str, tuple[int, ...]]], layers: dict, dtype_bytes: int = 2
                       ) -> dict[str, ComponentSize]:
     """``component_sizes`` under a quantization plan (module path -> setting with ``bits`` and
@@ -136,12 +110,6 @@ def plan_weight_sizes(shapes: Iterable[tuple[str, tuple[int, ...]]], layers: dic
         return layers.get(name[: -len(".weight")]) if name.endswith(".weight") else None
 
     return component_sizes(shapes, dtype_bytes, setting_of)
-
-
-def weight_sizes(shapes: Iterable[tuple[str, tuple[int, ...]]], dtype_bytes: int,
-                 bits: Optional[int] = None) -> dict[str, ComponentSize]:
-    """``component_sizes`` of O1 tensors, with ``-q bits`` quantizing the decoder linears."""
-    return component_sizes(shapes, dtype_bytes, flat_setting(bits))
 
 
 def stored_sizes(index: dict, dtype_bytes: int, setting_of: SettingOf, group_of: Callable[[str], str],
@@ -172,34 +140,8 @@ def stored_sizes(index: dict, dtype_bytes: int, setting_of: SettingOf, group_of:
     return out
 
 
-def checkpoint_sizes(source, dtype_bytes: int, bits: Optional[int] = None
-                     ) -> tuple[dict[str, ComponentSize], dict[str, ComponentSize]]:
-    """(loaded, skipped) component sizes of an O1 checkpoint (a ModelSource, or a folder), from
-    its safetensors headers.
-
-    Skipped are the tensors text-to-image never loads (``lm_head``, the vision tower), shown
-    at their stored size. A folder quantized by our tools keeps its packed weights as stored.
-    """
-    source = ModelSource.resolve(source)
-    config, index = source.config, source.index
-    kept, skipped = {}, {}
-    for ckpt_name, info in index.items():
-        name = module_name(ckpt_name)
-        if name.startswith(SKIPPED_PREFIXES) or is_vision(name):
-            skipped.setdefault(component_of(name), ComponentSize()).add(math.prod(info.shape), info.nbytes)
-        else:
-            kept[ckpt_name] = info
-    loaded = stored_sizes(kept, dtype_bytes, flat_setting(bits), component_of, config.quantization, module_name)
-    return loaded, skipped
-
-
-def skeleton_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
-    """Parameter shapes of an unevaluated model: MLX builds the graph but allocates nothing."""
-    return [(name, tuple(a.shape)) for name, a in tree_flatten(HiDreamO1(config).parameters())]
-
-
 # ---------------------------------------------------------------------------------------------
-# The working set of a denoising step.
+# This machine.
 
 
 def uses_fused_attention() -> bool:
@@ -207,67 +149,10 @@ def uses_fused_attention() -> bool:
     return mx.metal.is_available()
 
 
-@dataclass(frozen=True)
-class WorkingSet:
-    prefix_cache: int
-    activations: int
-    attention_scores: int
-    latents: int
-
-    @property
-    def total(self) -> int:
-        return self.prefix_cache + self.activations + self.attention_scores + self.latents
-
-
-def working_set(cfg: TextConfig, width: int, height: int, text_tokens: int = 128, cfg_pass: bool = False,
-                dtype_bytes: int = 2, fused_attention: Optional[bool] = None) -> WorkingSet:
-    """Memory beyond the weights while one denoising step runs at a given size.
-
-    Layers run one after another and MLX frees each temporary once consumed, so only the
-    busiest moment of one layer counts: attention, with its scores (materialized once on CPU:
-    the softmax reuses their buffer) and the temporaries of ATTENTION_VECTORS/RESIDUAL_VECTORS.
-    With CFG both passes' layer temporaries count, batched or not: the two passes are
-    independent branches of one step's graph, and MLX's ``eval`` interleaves them (measured:
-    sequential CFG adds as much as a second pass, ~136 MiB on mid dims at 1024²).
-    """
-    fused = uses_fused_attention() if fused_attention is None else fused_attention
-    n = (width // PATCH_SIZE) * (height // PATCH_SIZE) + 1
-    prompts = 2 if cfg_pass else 1
-    batch = 2 if cfg_pass else 1
-    kv_width = 2 * cfg.num_key_value_heads * cfg.head_dim
-    cache = prompts * cfg.num_hidden_layers * text_tokens * kv_width * dtype_bytes
-    d = cfg.hidden_size
-    # Rotary embedding runs in float32 whatever the weights: q and k get float32 copies.
-    rope_extra = 2 * (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim * max(0, 4 - dtype_bytes)
-    attention = ATTENTION_VECTORS * d * dtype_bytes + rope_extra
-    mlp = 3 * cfg.intermediate_size * dtype_bytes
-    per_token = max(attention, mlp) + RESIDUAL_VECTORS * d * dtype_bytes
-    scores = 0 if fused else cfg.num_attention_heads * n * (n + text_tokens) * dtype_bytes
-    # z, the prediction, v and the next z in float32 (plus the first pass's v with CFG).
-    latents = (4 + prompts - 1) * n * PATCH_DIM * 4
-    return WorkingSet(cache, batch * n * per_token, batch * scores, latents)
-
-
-def predict_peak_bytes(weight_bytes: int, cfg: TextConfig, width: int, height: int, cfg_pass: bool,
-                       text_tokens: int = 128, dtype_bytes: int = 2, fused_attention: Optional[bool] = None) -> int:
-    ws = working_set(cfg, width, height, text_tokens, cfg_pass, dtype_bytes, fused_attention)
-    return weight_bytes + ws.total + RUNTIME_BYTES
-
-
 def predict_load_peak_bytes(weight_bytes: int) -> int:
-    """Peak RSS of loading: the loader streams tensor by tensor (``models.loading.stream_into``), so
+    """Peak RSS of loading: the loader streams tensor by tensor (``weights.loading.stream_into``), so
     beyond the weights only the runtime and MLX's capped buffer cache (``LOAD_CACHE_BYTES``)."""
     return weight_bytes + RUNTIME_BYTES + LOAD_CACHE_BYTES
-
-
-def activation_bytes(model: nn.Module) -> int:
-    """Bytes per activation element: the dtype of the unquantized norms."""
-    return model.language_model.norm.weight.dtype.size
-
-
-def predicted_peak(model: nn.Module, width: int, height: int, cfg_pass: bool) -> int:
-    return predict_peak_bytes(parameter_bytes(model), model.config.text, width, height, cfg_pass,
-                              dtype_bytes=activation_bytes(model))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,40 +175,7 @@ def machine_memory() -> int:
     return int(psutil.virtual_memory().total)
 
 
-def check_fits_folder(source, dtype_bytes: int, bits: Optional[int], width: int, height: int,
-                      cfg_pass: bool, extra_bytes: int = 0) -> None:
-    """Refuse a run the machine cannot hold, from the checkpoint's headers alone (a ModelSource
-    or a folder), before anything is loaded; ``extra_bytes``: what LoRAs add (see lora_memory)."""
-    source = ModelSource.resolve(source)
-    loaded, _ = checkpoint_sizes(source, dtype_bytes, bits)
-    weights = sum(size.nbytes for size in loaded.values()) + extra_bytes
-    _refuse_beyond_machine(predict_peak_bytes(weights, source.config.text, width, height, cfg_pass,
-                                              dtype_bytes=dtype_bytes))
-
-
-def check_fits_i1(source, dtype_bytes: int, bits: Optional[int], encoder_bits: Optional[int], width: int,
-                  height: int, cfg_pass: bool, images: int = 1, extra_bytes: int = 0) -> None:
-    """Refuse a HiDream-I1 run the machine cannot hold, before any weight loads.
-
-    ``source``: an ``I1Source`` (or a pipeline folder); ``bits``: the transformer's ``-q``;
-    ``encoder_bits``: T5 and Llama's ``--encoder-bits``; ``width`` x ``height``: the size that
-    renders (after the I1 size rule); ``cfg_pass``: guidance > 1 (batch 2); ``images``: how
-    many the run makes (more than one: the engine decodes all but the last with the transformer
-    resident); ``extra_bytes``: LoRAs. The need is the largest phase's predicted peak
-    (``models.i1.memory.phase_peaks``, from headers alone); the MemoryError names that phase
-    and the flags that shrink it.
-    """
-    from hidream_mlx.families.i1.memory import I1Memory, phase_peaks  # lazy: models.i1.memory builds on this module
-
-    peaks = phase_peaks(I1Memory.from_source(source), bits, encoder_bits, width, height, cfg_pass, dtype_bytes,
-                        images=images, extra_bytes=extra_bytes)
-    advice = {"encode": "--encoder-bits 8 or 4 (quantizes T5 and Llama)",
-              "sample": "a lower-bit transformer (-q 8 or -q 4) or a smaller size",
-              "decode": "a smaller size"}[peaks.largest]
-    _refuse_beyond_machine(peaks.whole, f"try {advice}, or --force", f" (its {peaks.largest} phase)")
-
-
-def _refuse_beyond_machine(need: int, advice: str = "try a lower-bit model (-q 6 or -q 4), a smaller size "
+def refuse_beyond_machine(need: int, advice: str = "try a lower-bit model (-q 6 or -q 4), a smaller size "
                                                    "(--preset quick), or --force", what: str = "") -> None:
     have = machine_memory()
     if need > have:
@@ -357,3 +209,79 @@ def wired_limit(model: nn.Module) -> Iterator[None]:
     finally:
         mx.synchronize()
         mx.set_wired_limit(previous)
+
+
+def size_table(sizes: dict[str, ComponentSize], order: list[str] = ()) -> list[str]:
+    """One line per component (``order`` first, the rest by name): parameters and bytes."""
+    rank = {name: i for i, name in enumerate(order)}
+    items = sorted(sizes.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0]))
+    width = max(len(name) for name in sizes)
+    return [f"  {name:<{width}}  {size.parameters:>15,} params  {format_bytes(size.nbytes):>10}"
+            for name, size in items]
+
+
+def verdict_line(need: int) -> str:
+    have = machine_memory()
+    where = "Metal recommended working set" if uses_fused_attention() else "physical RAM"
+    verdict = "fits" if need <= have else "does NOT fit (try -q 6 or -q 4, or a smaller size)"
+    return f"machine: {format_bytes(have)} ({where}); this request {verdict}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak resident memory of this process while one image is made. Two sources, because each misses
+# something: a thread samples psutil's RSS every few milliseconds (portable, but can miss a short
+# spike), and the kernel's high-water mark from getrusage (exact, but process-wide). On Linux the
+# high-water mark can be reset per image (/proc/self/clear_refs), which makes it exact per image;
+# on macOS it cannot, so there the per-image figure is the sampled one and ``process_max`` is the
+# high-water mark since start.
+
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_RESET_HIGH_WATER = "5"  # Linux: "reset the peak resident set size" (proc(5))
+
+
+def ru_maxrss_bytes() -> int:
+    """The process high-water mark; ``ru_maxrss`` is KiB on Linux and bytes on macOS."""
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(maxrss if sys.platform == "darwin" else maxrss * 1024)
+
+
+def reset_high_water() -> bool:
+    """Reset the kernel's peak RSS if this system allows it; say whether it did."""
+    try:
+        _CLEAR_REFS.write_text(_RESET_HIGH_WATER)
+    except OSError:  # not Linux, or a sandbox that forbids it: fall back to sampling
+        return False
+    return True
+
+
+class PeakRss:
+    """``with rss.measure(): ...`` then read ``rss.peak`` (bytes, this block) and ``rss.process_max``."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.process = psutil.Process()
+        self.peak = 0
+        self.process_max = 0
+        self.exact = False  # True when the kernel high-water mark was reset for this block
+
+    def _sample(self, stop: threading.Event) -> None:
+        while not stop.wait(self.interval):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    @contextmanager
+    def measure(self) -> Iterator["PeakRss"]:
+        self.exact = reset_high_water()
+        self.peak = self.process.memory_info().rss
+        stop = threading.Event()
+        sampler = threading.Thread(target=self._sample, args=(stop,), daemon=True)
+        sampler.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            sampler.join()
+            self.process_max = ru_maxrss_bytes()
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            if self.exact:
+                self.peak = max(self.peak, self.process_max)

@@ -1,7 +1,7 @@
 """Rotate-half rotary embeddings, shared by the O1 decoder, the O1 vision tower and the I1 Llama.
 
 These models pair dimension ``j`` with ``j + head_dim/2`` (the "rotate half" layout); the I1
-transformer pairs adjacent dimensions instead and has its own (``models/i1/blocks.apply_rope``).
+transformer pairs adjacent dimensions instead and has its own (``families/i1/blocks.apply_rope``).
 """
 
 from __future__ import annotations

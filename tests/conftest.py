@@ -31,6 +31,6 @@ def fixtures_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from hidream_mlx.weights.loading import load_model
+    from hidream_mlx.families.o1.loading import load_model
 
     return load_model(FIXTURES, dtype=mx.float32)

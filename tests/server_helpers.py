@@ -13,7 +13,8 @@ import pytest
 import uvicorn
 
 from hidream_mlx.families.o1.engine import Engine
-from hidream_mlx.family import I1, family_of
+from hidream_mlx.families import family_of
+from hidream_mlx.families.i1.source import I1
 from hidream_mlx.families.i1.engine import I1Engine
 from hidream_mlx.server.app import ServerConfig, create_app
 
@@ -39,7 +40,7 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(model_dir: Path, output_dir: Path, **config):
-    engine = (I1Engine if family_of(model_dir) == I1 else Engine).load(model_dir, dtype="float32")
+    engine = (I1Engine if family_of(model_dir).name == I1 else Engine).load(model_dir, dtype="float32")
     app, studio = create_app(engine, ServerConfig(output_dir=output_dir, **config))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

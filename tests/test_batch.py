@@ -12,7 +12,7 @@ from hidream_mlx.workflow.batch import Job, expand_seeds, output_names, read_pro
 from hidream_mlx.cli import main
 from hidream_mlx.families.o1.engine import Engine
 from hidream_mlx.images import read_metadata
-from hidream_mlx.requests import RequestError
+from hidream_mlx.family import RequestError
 
 BASE = ["generate", "--model", str(FIXTURES), "--no-snap", "--width", "256", "--height", "256",
         "--steps", "2", "--dtype", "float32"]

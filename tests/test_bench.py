@@ -7,11 +7,11 @@ import numpy as np
 from click.testing import CliRunner
 from conftest import FIXTURES
 
-from hidream_mlx.harness.bench import BenchConfig, run_bench
+from hidream_mlx.families.o1.bench import BenchConfig, run_bench
 from hidream_mlx.cli.bench import bench
-from hidream_mlx.harness.peak_rss import ru_maxrss_bytes
+from hidream_mlx.memory import ru_maxrss_bytes
 from hidream_mlx.memory import parameter_bytes
-from hidream_mlx.weights.loading import load_model
+from hidream_mlx.families.o1.loading import load_model
 from hidream_mlx.families.o1.patches import grid_size
 from hidream_mlx.families.o1.sampling import Conditioning, encode_prompt_state, velocity
 from hidream_mlx.families.o1.synthetic import synthetic_prompt_ids

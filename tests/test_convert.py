@@ -15,10 +15,12 @@ from click.testing import CliRunner
 from conftest import FIXTURES, forward_cases, load_case
 
 from hidream_mlx.cli.quantize import REPORT_FILE, quantize
-from hidream_mlx.families.o1.convert import ShardWriter, convert
+from hidream_mlx.families.o1.convert import convert
+from hidream_mlx.quant.writer import ShardWriter
 from hidream_mlx.quant.output import TOKENIZER_FILES
 from hidream_mlx.families.o1.engine import Engine, Request
-from hidream_mlx.weights.loading import ModelLoadError, checkpoint_index, load_model
+from hidream_mlx.weights.loading import ModelLoadError, checkpoint_index
+from hidream_mlx.families.o1.loading import load_model
 from hidream_mlx.quant.recipes import SUPPORTED_BITS, QuantRecipe, get_quant_recipe
 from hidream_mlx.families.o1.recipes import get_recipe
 from hidream_mlx.families.o1.replay import predict_recorded

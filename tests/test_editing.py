@@ -73,7 +73,7 @@ def test_keep_aspect_takes_the_reference_shape():
     from hidream_mlx.families.o1.recipes import get_recipe
 
     engine = Engine.load(str(FIXTURES), dtype="float32")
-    refs, request = engine.prepare(Request("x", 256, 256, 0, get_recipe("dev-edit"), references=(REF,), keep_aspect=True))
+    refs, request = engine.prepare_references(Request("x", 256, 256, 0, get_recipe("dev-edit"), references=(REF,), keep_aspect=True))
     w, h = request.width, request.height
     assert (refs.width, refs.height) == (w, h) and "aspect" in request.size_note
     ref_w, ref_h = Image.open(REF).size
@@ -132,10 +132,10 @@ def test_references_on_a_folder_converted_without_the_vision_tower_fail_before_l
 
 
 def test_keep_aspect_size_is_printed_fit_checked_rendered_and_recorded_as_one(tmp_path, monkeypatch):
-    generate_cli = sys.modules["hidream_mlx.cli.generate"]  # the package's `generate` is the command
+    o1_family = sys.modules["hidream_mlx.families.o1.family"]  # where generate's fit check runs for O1
     checked = []
-    real_check = generate_cli.check_fits_folder
-    monkeypatch.setattr(generate_cli, "check_fits_folder",
+    real_check = o1_family.check_fits_folder
+    monkeypatch.setattr(o1_family, "check_fits_folder",
                         lambda source, dtype_bytes, bits, w, h, *a, **k: (checked.append((w, h)),
                                                                           real_check(source, dtype_bytes, bits, w, h,
                                                                                      *a, **k))[1])

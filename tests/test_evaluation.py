@@ -21,7 +21,7 @@ from hidream_mlx.harness.batteries import (
 from hidream_mlx.cli import eval as eval_cli
 from hidream_mlx.cli.eval import eval_group
 from hidream_mlx.harness.evaluation import EvalRun, load_engine, plan_jobs, read_results
-from hidream_mlx.harness.peak_rss import ru_maxrss_bytes
+from hidream_mlx.memory import ru_maxrss_bytes
 
 BATTERIES = Path(__file__).parent.parent / "evals" / "batteries"
 STEPS = 3

@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from hidream_mlx.quant.fidelity import CAVEAT, family_errors, family_of, score_plans
+from hidream_mlx.families.o1.fidelity import CAVEAT, family_errors, family_of, score_plans
 from hidream_mlx.quant.plans import is_decoder_linear, resolve_plan, weight_matrices
 from hidream_mlx.quant.recipes import get_quant_recipe
 

@@ -13,7 +13,7 @@ from hidream_mlx.cli import main
 from hidream_mlx.images import read_metadata
 from hidream_mlx.files import sha256_file
 from hidream_mlx.workflow.reproduce import check_model, find_references, merge_settings, recorded_settings
-from hidream_mlx.requests import RequestError
+from hidream_mlx.family import RequestError
 
 BASE = ["generate", "--model", str(FIXTURES), "--no-snap", "--width", "256", "--height", "256",
         "--steps", "3", "--dtype", "float32", "--prompt", "a red fox"]

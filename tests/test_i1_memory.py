@@ -122,9 +122,9 @@ def test_cfg_size_and_resident_transformer_raise_the_peaks(model_memory):
 def test_fit_check_refuses_naming_the_phase_and_its_flags(monkeypatch):
     monkeypatch.setattr(memory, "machine_memory", lambda: 1 << 20)
     with pytest.raises(MemoryError, match=r"needs about .*\(its (encode|sample|decode) phase\).* offers .*--force"):
-        memory.check_fits_i1(FIXTURES, 4, None, None, 128, 128, cfg_pass=True)
+        i1_memory.check_fits_i1(FIXTURES, 4, None, None, 128, 128, cfg_pass=True)
     monkeypatch.setattr(memory, "machine_memory", lambda: 64 << 30)
-    memory.check_fits_i1(FIXTURES, 4, 8, 8, 128, 128, cfg_pass=True)
+    i1_memory.check_fits_i1(FIXTURES, 4, 8, 8, 128, 128, cfg_pass=True)
 
 
 def test_info_on_an_i1_pipeline_prints_sizes_and_phase_peaks():

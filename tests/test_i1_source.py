@@ -12,12 +12,14 @@ from PIL import Image
 
 from hidream_mlx.cli import main
 from hidream_mlx.images import read_metadata
-from hidream_mlx.family import I1, LLAMA_REPO, O1, family_of
+from hidream_mlx.families import family_of
+from hidream_mlx.families.i1.source import I1, LLAMA_REPO
 from hidream_mlx.families.i1.config import TransformerConfig
 from hidream_mlx.families.i1.sizes import snap_size
 from hidream_mlx.families.i1.source import I1Source
 from hidream_mlx.weights.loading import ModelLoadError
-from hidream_mlx.requests import RequestError, build_request
+from hidream_mlx.requests import build_request
+from hidream_mlx.family import RequestError
 from i1_support import FIXTURES, golden
 
 PARTS = [p.name for p in FIXTURES.iterdir() if p.is_dir()] + ["model_index.json"]
@@ -51,9 +53,9 @@ def tcfg():
 
 
 def test_family_comes_from_model_index_or_the_repo_name():
-    assert family_of(FIXTURES) == I1
-    assert family_of("HiDream-ai/HiDream-I1-Dev") == I1
-    assert family_of("HiDream-ai/HiDream-O1-Image-Dev") == O1
+    assert family_of(FIXTURES).name == I1
+    assert family_of("HiDream-ai/HiDream-I1-Dev").name == I1
+    assert family_of("HiDream-ai/HiDream-O1-Image-Dev").name == "o1"
 
 
 @pytest.mark.parametrize("name,recipe,mu_shift", [("HiDream-I1-Full", "full", True), ("HiDream-I1-Dev", "dev", False),

@@ -15,7 +15,8 @@ from conftest import FIXTURES
 from mlx.utils import tree_flatten
 
 from hidream_mlx.families.i1.weights import component_index
-from hidream_mlx.weights.loading import LOAD_CACHE_BYTES, checkpoint_index, load_model
+from hidream_mlx.weights.loading import LOAD_CACHE_BYTES, checkpoint_index
+from hidream_mlx.families.o1.loading import load_model
 from hidream_mlx.families.o1.transformer import HiDreamO1
 from hidream_mlx.families.o1.config import ModelConfig
 from hidream_mlx.families.o1.convert import convert
@@ -26,9 +27,9 @@ MiB = 2**20
 
 MEASURE = """
 import json, sys
-from hidream_mlx.harness.peak_rss import ru_maxrss_bytes
+from hidream_mlx.memory import ru_maxrss_bytes
 from hidream_mlx.memory import parameter_bytes
-from hidream_mlx.weights.loading import load_model
+from hidream_mlx.families.o1.loading import load_model
 from hidream_mlx.weights.precision import parse_dtype
 import mlx.core as mx
 before = ru_maxrss_bytes()
@@ -124,7 +125,7 @@ def test_lazy_load_defers_reading_but_gives_the_same_weights():
 
 MEASURE_I1 = """
 import json, sys
-from hidream_mlx.harness.peak_rss import ru_maxrss_bytes
+from hidream_mlx.memory import ru_maxrss_bytes
 from hidream_mlx.memory import parameter_bytes
 from hidream_mlx.families.i1.weights import load_transformer
 import mlx.core as mx

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import FIXTURES
 
-from hidream_mlx.weights.loading import ModelLoadError, load_model
+from hidream_mlx.weights.loading import ModelLoadError
+from hidream_mlx.families.o1.loading import load_model
 from hidream_mlx.weights.source import resolve_model_path
 
 WEIGHTS = mx.load(str(FIXTURES / "model.safetensors"))

@@ -9,7 +9,7 @@ import pytest
 from conftest import FIXTURES
 
 from hidream_mlx.families.o1.engine import Engine, Request
-from hidream_mlx.weights.loading import load_model
+from hidream_mlx.families.o1.loading import load_model
 from hidream_mlx.weights.lora import (
     LoRAError,
     LoRALinear,

@@ -7,7 +7,7 @@ import pytest
 from conftest import FIXTURES, forward_cases, load_case
 
 from hidream_mlx.families.o1.replay import predict_recorded
-from hidream_mlx.weights.loading import load_model
+from hidream_mlx.families.o1.loading import load_model
 from hidream_mlx.weights.precision import AutocastLinear, apply_precision, parse_dtype
 
 

@@ -16,7 +16,8 @@ from test_quantization import LAYERS, MLP, real_matrices
 from hidream_mlx.cli.quantize import quantize
 from hidream_mlx.families.o1.replay import predict_recorded
 from hidream_mlx.memory import quantized_bytes
-from hidream_mlx.weights.loading import checkpoint_index, load_model
+from hidream_mlx.weights.loading import checkpoint_index
+from hidream_mlx.families.o1.loading import load_model
 from hidream_mlx.families.o1.convert import convert
 from hidream_mlx.quant.plans import load_plan, resolve_plan
 from hidream_mlx.quant.recipes import SUPPORTED_BITS, LayerSetting, QuantRecipe, bits_warning, get_quant_recipe
@@ -122,8 +123,9 @@ def test_quantize_command_warns_for_low_bits(tmp_path):
 def test_plan_sizes_from_dims_equal_the_bytes_on_disk(name, bits, embeddings, tmp_path):
     from dataclasses import replace
 
-    from hidream_mlx.memory import plan_weight_sizes, skeleton_shapes
-    from hidream_mlx.weights.loading import read_config
+    from hidream_mlx.memory import plan_weight_sizes
+    from hidream_mlx.families.o1.memory import skeleton_shapes
+    from hidream_mlx.families.o1.loading import read_config
 
     recipe = replace(get_quant_recipe(name), quantize_embeddings=embeddings)
     conversion = convert(str(FIXTURES), tmp_path / "q", recipe, bits=bits, include_vision=False)

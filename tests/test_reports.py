@@ -22,7 +22,7 @@ from hidream_mlx.harness.reports import (
     variant_summary,
     write_reports,
 )
-from hidream_mlx.families.o1.seams import grid_energy
+from hidream_mlx.harness.grid import grid_energy
 
 BATTERY = [
     {"id": "cat", "prompt": "a ginger cat asleep on a windowsill", "size": "64x64"},

@@ -9,9 +9,11 @@ from conftest import FIXTURES
 from PIL import Image
 
 from hidream_mlx.families.o1.references import resize_reference
-from hidream_mlx.families.o1.engine import Engine, NonFiniteLatentError, Request
+from hidream_mlx.families.o1.engine import Engine, Request
+from hidream_mlx.family import NonFiniteLatentError
 from hidream_mlx.families.o1.recipes import get_recipe, recipe_for_model
-from hidream_mlx.requests import RANGES, SEED_MAX, RequestError, build_request
+from hidream_mlx.requests import build_request
+from hidream_mlx.family import RANGES, SEED_MAX, RequestError
 
 DEV = SimpleNamespace(name="HiDream-ai/HiDream-O1-Image-Dev", stored={})
 FULL = SimpleNamespace(name="HiDream-ai/HiDream-O1-Image", stored={})

@@ -22,7 +22,7 @@ from PIL import Image
 from hidream_mlx.families.o1 import engine as generation
 from hidream_mlx.cli import main
 from hidream_mlx.families.o1.engine import Engine, Request
-from hidream_mlx.harness import peak_rss
+from hidream_mlx import memory as peak_rss
 from hidream_mlx.families.o1.config import BOI_TOKEN_ID, TMS_TOKEN_ID
 from hidream_mlx.families.o1.synthetic import random_model, synthetic_config, synthetic_prompt_ids
 from hidream_mlx.families.o1.transformer import HiDreamO1
@@ -30,7 +30,8 @@ from hidream_mlx.noise import MlxNoise
 from hidream_mlx.families.o1.sampling import encode_synthetic
 from hidream_mlx.families.o1.prompt import UNCOND_PROMPT, Tokenizer, encode_prompt
 from hidream_mlx.families.o1.recipes import PRESETS, apply_preset, get_preset, get_recipe
-from hidream_mlx.requests import build_request, check_references
+from hidream_mlx.requests import build_request
+from hidream_mlx.families.o1.requests import check_references
 from hidream_mlx.families.o1.seams import blend_seams
 
 

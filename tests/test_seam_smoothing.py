@@ -17,7 +17,7 @@ from hidream_mlx.images import read_metadata
 from hidream_mlx.families.o1.positions import t2i_positions
 from hidream_mlx.families.o1.recipes import get_recipe
 from hidream_mlx.families.o1.seam_smoothing import SeamSmoothing, SeamSmoothingError, extra_passes, shifted_weight
-from hidream_mlx.families.o1.seams import grid_energy, grid_energy_axes, seam_energy
+from hidream_mlx.harness.grid import grid_energy, grid_energy_axes, seam_energy
 
 REF = str(FIXTURES / "edit_ref.png")
 WIDTH, HEIGHT = 10 * PATCH_SIZE, 8 * PATCH_SIZE  # not square, so a swapped axis shows

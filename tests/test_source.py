@@ -9,7 +9,7 @@ from conftest import FIXTURES
 
 from hidream_mlx.weights.loading import ModelLoadError
 from hidream_mlx.families.o1.config import ModelConfig
-from hidream_mlx.weights.source import CONVERTED, OFFICIAL, SINGLE_FILE, ModelSource
+from hidream_mlx.families.o1.source import CONVERTED, OFFICIAL, SINGLE_FILE, ModelSource
 
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json",
               "preprocessor_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")

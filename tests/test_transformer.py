@@ -71,7 +71,7 @@ def test_prefix_cache_is_reused_across_timesteps(tiny_model):
 
 
 def test_bfloat16_weights_stay_close_to_float32(fixtures_dir):
-    from hidream_mlx.weights.loading import load_model
+    from hidream_mlx.families.o1.loading import load_model
 
     model = load_model(fixtures_dir, dtype=mx.bfloat16)
     assert model.language_model.layers[0].mlp.up_proj.weight.dtype == mx.bfloat16

@@ -13,7 +13,6 @@ import sys
 import click
 
 from hidream_mlx import __version__
-from hidream_mlx.families.o1.config import ConfigError
 from hidream_mlx.weights.loading import ModelLoadError
 from hidream_mlx.cli.bench import bench
 from hidream_mlx.cli.eval import eval_group
@@ -23,7 +22,7 @@ from hidream_mlx.cli.quantize import quantize
 from hidream_mlx.cli.replay import replay
 from hidream_mlx.cli.serve import serve
 
-USER_ERRORS = (ConfigError, ModelLoadError, ValueError, FileExistsError, FileNotFoundError,
+USER_ERRORS = (ModelLoadError, ValueError, FileExistsError, FileNotFoundError,
                IsADirectoryError, PermissionError, KeyError, OSError, MemoryError)
 
 
@@ -81,7 +80,7 @@ class FriendlyGroup(click.Group):
 @click.group(cls=FriendlyGroup)
 @click.version_option(__version__, prog_name="hidream-mlx")
 def main():
-    """HiDream-O1-Image in native MLX: generate, quantize, evaluate."""
+    """HiDream image models (O1, I1) in native MLX: generate, quantize, evaluate."""
 
 
 def _register_commands() -> None:

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import click
 
-from hidream_mlx.weights.precision import PRECISIONS
+from hidream_mlx.families import family_named
+from hidream_mlx.harness.bench import load_line, run_load
 from hidream_mlx.quant.recipes import SUPPORTED_BITS
-from hidream_mlx.harness.bench import BenchConfig, load_line, report_lines, run_bench, run_load
+from hidream_mlx.weights.precision import PRECISIONS
 
 DTYPE_CHOICES = list(PRECISIONS)
 
 
 @click.command("bench")
-@click.option("--dims", type=click.Choice(["tiny", "mid", "real"]), default="mid", show_default=True,
+@click.option("--dims", type=click.Choice(family_named("o1").random_dims), default="mid", show_default=True,
               help="Architecture of the random-weight model (real = HiDream-O1's decoder).")
 @click.option("--layers", type=int, default=None, help="Decoder layers (default: the dims' own).")
 @click.option("-q", "--quantize", "bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default=None,
@@ -49,9 +50,7 @@ def bench(dims, layers, bits, size, steps, guidance, compare_naive, compare_cfg,
                        f"{result.quantization.get('group_size')}", err=True)
         click.echo(load_line(result))
         return
-    dtype = dtype or "float32"
-    config = BenchConfig(dims=dims, layers=layers, quantize=int(bits) if bits else None, size=size, steps=steps,
-                         guidance=guidance, prompt_tokens=prompt_tokens, repeats=repeats, dtype=dtype,
-                         compare_naive=compare_naive, compare_cfg=compare_cfg)
-    result = run_bench(config, log=lambda line: click.echo(line, err=True))
-    click.echo("\n".join(report_lines(result)))
+    options = {"dims": dims, "layers": layers, "bits": int(bits) if bits else None, "size": size, "steps": steps,
+               "guidance": guidance, "prompt_tokens": prompt_tokens, "repeats": repeats, "dtype": dtype or "float32",
+               "compare_naive": compare_naive, "compare_cfg": compare_cfg}
+    click.echo("\n".join(family_named("o1").bench(options, log=lambda line: click.echo(line, err=True))))

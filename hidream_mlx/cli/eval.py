@@ -19,16 +19,14 @@ from typing import Optional
 
 import click
 
-from hidream_mlx.family import O1, family_of
-from hidream_mlx.weights.precision import PRECISIONS
-
-from hidream_mlx.families.o1.synthetic import TEXT_DIMS
+from hidream_mlx.families import family_named
 from hidream_mlx.quant.recipes import SUPPORTED_BITS
+from hidream_mlx.weights.precision import PRECISIONS
 from hidream_mlx.files import atomic_output, check_output_path
 from hidream_mlx.harness import distributed
 from hidream_mlx.harness.batteries import parse_seeds, parse_variants, read_battery, variant_lines
 from hidream_mlx.harness.distributed import HostLost, agree, gather_json, launch_command, lost_line, run_ranks
-from hidream_mlx.harness.evaluation import EvalRun, load_engine, plan_jobs, read_results, run_lock
+from hidream_mlx.harness.evaluation import EvalRun, check_jobs, load_engine, plan_jobs, read_results, run_lock
 from hidream_mlx.harness.reports import REPORT_FILE, compare_runs, render_comparison, write_reports
 from hidream_mlx.memory import format_bytes
 
@@ -49,7 +47,7 @@ def _image_line(done: int, todo: int, record: dict) -> None:
               help="Battery file: JSONL, one prompt per line (id, prompt, optional genre/seed/size/steps/"
                    "guidance/recipe).")
 @click.option("--model", "model_arg", default=None, help="Hugging Face repo id or local model folder.")
-@click.option("--random-weights", type=click.Choice(sorted(TEXT_DIMS)), default=None,
+@click.option("--random-weights", type=click.Choice(sorted(family_named("o1").random_dims)), default=None,
               help="Measure a random-weight model of this size instead of --model (no download).")
 @click.option("--layers", type=int, default=None, help="With --random-weights: number of decoder layers.")
 @click.option("--variant", "variant_specs", multiple=True, metavar="NAME:key=value,...",
@@ -118,13 +116,14 @@ def run_battery(battery: Optional[Path], model_arg: Optional[str], random_weight
     if baseline is not None and baseline not in {v.name for v in variants}:
         raise ValueError(f"--baseline {baseline!r} is not one of the variants: {', '.join(v.name for v in variants)}")
     items = read_battery(battery)
-    jobs = plan_jobs(items, variants, parse_seeds(seeds), family_of(model_arg) if model_arg else O1)
+    jobs = plan_jobs(items, variants, parse_seeds(seeds))
+    source = check_jobs(jobs, model_arg)  # every job's settings, before anything loads
     model_name = _model_name(model_arg, random_weights, layers)
     if group is not None:
         distributed.check_same_jobs(group, jobs)
         return _rank_battery(group, jobs, lambda: _open_run(rundir, model_name, dtype, quantize_bits, battery,
                                                             variants, baseline),
-                             lambda: load_engine(model_arg, random_weights, layers, dtype, quantize_bits),
+                             lambda: load_engine(source, random_weights, layers, dtype, quantize_bits),
                              rundir, baseline)
     if hosts is not None:
         return _launch(hosts, _eval_args(battery, model_arg, random_weights, layers, variant_specs, variants_file,
@@ -133,13 +132,13 @@ def run_battery(battery: Optional[Path], model_arg: Optional[str], random_weight
         run = _open_run(rundir, model_name, dtype, quantize_bits, battery, variants, baseline)
         _echo(f"{len(items)} prompts x {len(jobs) // len(items)} variant/seed combinations = {len(jobs)} images; "
               f"loading {model_name} ({dtype}{f', Q{quantize_bits}' if quantize_bits else ''})")
-        engine = load_engine(model_arg, random_weights, layers, dtype, quantize_bits)
+        engine = load_engine(source, random_weights, layers, dtype, quantize_bits)
         run.start_session(engine)
-        if hasattr(engine, "encode_prompts"):  # HiDream-I1: nothing heavy has loaded yet
-            _echo("HiDream-I1: every prompt is encoded first, then the transformer loads once (its load time "
-                  "is recorded in run.json, not in image times)")
-        else:
+        if engine.load_time:
             _echo(f"model loaded in {engine.load_time:.2f} s (reported separately, not in image times)")
+        else:  # a phase-by-phase family (HiDream-I1): nothing heavy has loaded yet
+            _echo(f"{family_named(source.family).title}: every prompt is encoded first, then the transformer loads "
+                  "once (its load time is recorded in run.json, not in image times)")
         try:
             records = run.run(engine, jobs, warmup=warmup, on_image=_image_line)
         finally:

@@ -1,8 +1,8 @@
-"""``hidream-mlx generate``: one image from a prompt (the CLI face of :class:`Engine`).
+"""``hidream-mlx generate``: images from prompts, one model load for the whole batch.
 
-A HiDream-I1 ``--model`` (a diffusers pipeline folder or an ``HiDream-I1`` repo id) runs on
-:class:`~hidream_mlx.families.i1.engine.I1Engine` through the same plan and render loop: every
-prompt is encoded first, the encoders are freed, then the transformer loads once.
+The model's family (``hidream_mlx.families``) resolves the source, checks the requests, predicts
+the memory and loads an engine; this module only parses, prints and writes. A family that loads
+phase by phase (HiDream-I1) encodes every prompt in ``engine.prepare`` before its transformer loads.
 """
 
 from __future__ import annotations
@@ -11,31 +11,24 @@ from pathlib import Path
 
 import click
 
+from hidream_mlx.cli.render import from_image_settings, given_on_command_line, plan, render, summary
+from hidream_mlx.families import family_named, option_choices, recipe_names
+from hidream_mlx.family import PRESET_NAMES, SEED_MAX, check_number, range_help
+from hidream_mlx.memory import format_bytes
+from hidream_mlx.weights.lora import checked_specs, lora_memory, parse_lora_options
 from hidream_mlx.weights.precision import PRECISIONS
 
-from hidream_mlx.cli.render import from_image_settings, given_on_command_line, plan, render, summary
-from hidream_mlx.families.o1.engine import Engine
-from hidream_mlx.memory import check_fits_folder, check_fits_i1, format_bytes
-from hidream_mlx.weights.precision import parse_dtype
-from hidream_mlx.weights.lora import checked_specs, lora_memory, parse_lora_options
-from hidream_mlx.family import I1
-from hidream_mlx.families.i1.encoder_common import ENCODER_BITS
-from hidream_mlx.families.i1.engine import I1Engine, check_load_options
-from hidream_mlx.families.i1.recipes import I1_RECIPES
-from hidream_mlx.families.o1.recipes import PRESETS as PRESET_NAMES
-from hidream_mlx.families.o1.recipes import RECIPES as RECIPE_NAMES
-from hidream_mlx.requests import SEED_MAX, USED_BY, check_number, range_help
+USED_BY = family_named("o1").recipe_options  # the O1 options that only some of its recipes read
 
 DEFAULT_MODEL = "HiDream-ai/HiDream-O1-Image-Dev"
 
 
-def _print_summary(result, engine, elapsed_note: str = "") -> None:
+def _print_summary(result, engine) -> None:
     r = result.request
     click.echo(
         f"{r.width}x{r.height} | recipe {r.recipe.name}{'' if r.recipe.official else ' (modified)'} | "
         f"{r.recipe.steps} steps | guidance {r.recipe.guidance:g} | total {result.total_time:.2f} s | "
-        f"{result.seconds_per_step:.3f} s/step | peak {format_bytes(result.peak_memory)}"
-        f"{f' | seam smoothing +{r.seam_passes} passes' if r.seam_passes else ''}{elapsed_note}",
+        f"{result.seconds_per_step:.3f} s/step | peak {format_bytes(result.peak_memory)}{engine.summary(result)}",
         err=True,
     )
 
@@ -60,9 +53,9 @@ def _print_summary(result, engine, elapsed_note: str = "") -> None:
 @click.option("--width", type=int, default=None, help=f"Width in pixels, {range_help('width')} (default 2048, or the preset's; with --keep-aspect the pixel budget; HiDream-I1: 1024).")
 @click.option("--height", type=int, default=None, help=f"Height in pixels, {range_help('height')} (default 2048, or the preset's; with --keep-aspect the pixel budget; HiDream-I1: 1024).")
 @click.option("--no-snap", is_flag=True, help="Render the exact size instead of the closest official bucket (HiDream-I1: instead of the rescale to the 1024x1024 area; multiples of 16).")
-@click.option("--recipe", type=click.Choice(sorted(set(RECIPE_NAMES) | set(I1_RECIPES))), default=None,
+@click.option("--recipe", type=click.Choice(recipe_names()), default=None,
               help="Sampling recipe (default: from the model's name or stored metadata; HiDream-I1: full, dev, fast).")
-@click.option("--preset", type=click.Choice(sorted(PRESET_NAMES)), default=None,
+@click.option("--preset", type=click.Choice(PRESET_NAMES), default=None,
               help="quick / standard / high / official: size and effort for explore -> re-render.")
 @click.option("--steps", type=int, default=None, help=f"Override the recipe's step count ({range_help('steps')}; distilled recipes: at most 28).")
 @click.option("--guidance", type=float, default=None, help=f"Override CFG scale ({range_help('guidance')}; <= 1 turns CFG off).")
@@ -95,7 +88,7 @@ def _print_summary(result, engine, elapsed_note: str = "") -> None:
 @click.option("--llama", default=None, metavar="PATH_OR_ID",
               help="HiDream-I1: the Llama-3.1-8B-Instruct folder or repo id (an mlx-lm quantized folder too) "
                    "when the model folder has no text_encoder_4/ (default: meta-llama/Meta-Llama-3.1-8B-Instruct, gated).")
-@click.option("--encoder-bits", type=click.Choice([str(b) for b in ENCODER_BITS]), default=None,
+@click.option("--encoder-bits", type=click.Choice([str(b) for b in option_choices("encoder_bits")]), default=None,
               help="HiDream-I1: quantize the T5 and Llama text encoders in memory (CLIP stays in floats).")
 @click.option("--step-noise-seed", type=int, default=None, metavar="N",
               help="HiDream-I1 dev/fast: seed of the per-step noise, as torch.manual_seed(N) before the reference "
@@ -123,78 +116,26 @@ def generate(model_arg, prompt, output, seeds, width, height, no_snap, recipe, p
     if from_image is not None:
         params = from_image_settings(from_image, params, given_on_command_line(ctx, params), note)
     # Everything that can be refused (every job and output name) is refused before the weights load.
-    source, jobs, requests = plan(params, note)
-    if source.family == I1:
-        _generate_i1(source, jobs, requests, params, force, note)
-        return
-    dtype = params["dtype"]
+    family, source, jobs, requests = plan(params, note)
     bits = int(params["quantize_bits"]) if params["quantize_bits"] else None
     lora_specs = checked_specs(parse_lora_options([*params["loras"], *params["lora_paths"]],
                                                   [*params["lora_scales"], *params["lora_scales_mflux"]]))
-    if not force:
-        extra = lora_memory(lora_specs, quantized=bits is not None or source.quantization is not None)
-        for w, h, cfg in sorted({(r.width, r.height, r.recipe.uses_cfg) for r in requests}):
-            check_fits_folder(source, parse_dtype(dtype).size, bits, w, h, cfg, extra_bytes=extra)
-
-    engine = Engine.load(source, dtype=dtype, quantize_bits=bits, loras=lora_specs)
-    for lora in engine.loras:
-        click.echo(lora.line(), err=True)
-    engine.keep_vision = len(jobs) > 1 and any(r.references for r in requests)
-    click.echo(f"model loaded once in {engine.load_time:.1f} s"
-               f"{f' for {len(jobs)} images' if len(jobs) > 1 else ''}", err=True)
-
-    def announce(request):
-        rec = request.recipe
-        click.echo(f"size {request.size_note}; recipe {rec.name}, {rec.steps} steps, guidance {rec.guidance:g}, "
-                   f"seed {request.seed}", err=True)
-        if not rec.official:
-            subset = f" ({rec.steps} of the 28 distilled timesteps)" if rec.distilled and rec.steps < 28 else ""
-            click.echo(f"note: settings differ from the released {rec.name} recipe{subset}", err=True)
-
-    written = render(engine, jobs, requests, params, announce, lambda result: _print_summary(result, engine))
-    if summary(written):
-        click.echo(summary(written), err=True)
-    for path in written:
-        click.echo(str(path))
-
-
-def _generate_i1(source, jobs, requests, params, force, note) -> None:
-    """The HiDream-I1 run: prompts first (encoders freed), then the transformer once, then each image."""
-    bits = int(params["quantize_bits"]) if params["quantize_bits"] else None
-    encoder_bits = int(params["encoder_bits"]) if params["encoder_bits"] else None
-    check_load_options(params["dtype"])
+    load = {"dtype": params["dtype"], "bits": bits, "loras": lora_specs,
+            **{name: params[name] for name in family.load_options if name in params}}
+    family.check_load(source, load)
     for line in source.notes:
         note(line)
-    lora_specs = checked_specs(parse_lora_options([*params["loras"], *params["lora_paths"]],
-                                                  [*params["lora_scales"], *params["lora_scales_mflux"]]))
     if not force:
         extra = lora_memory(lora_specs, quantized=bits is not None or source.quantization is not None)
-        for w, h, cfg in sorted({(r.width, r.height, r.recipe.uses_cfg) for r in requests}):
-            check_fits_i1(source, parse_dtype(params["dtype"]).size, bits, encoder_bits, w, h, cfg,
-                          images=len(requests), extra_bytes=extra)
-    engine = I1Engine(source, params["dtype"], bits, encoder_bits, lora_specs)  # LoRA files checked here
-    seconds = engine.encode_prompts(requests)
-    note(f"prompts encoded in {seconds:.1f} s ({len(engine.prompts)} distinct texts); text encoders freed")
-    engine.load_transformer()
-    for lora in engine.loras:
-        note(lora.line())
-    note(f"model loaded once in {engine.load_time:.1f} s{f' for {len(jobs)} images' if len(jobs) > 1 else ''}")
+        family.check_fits(source, requests, load, extra_bytes=extra)
+    engine = family.load_engine(source, load)
+    engine.prepare(requests, note)
 
     def announce(request):
-        rec = request.recipe
-        second = rec.second_shift(source.transformer.max_seq)
-        shift = f"shift {rec.shift:g}" + (f" (UniPC second shift exp(mu) = {second:.3f})" if rec.mu_shift else "")
-        note(f"size {request.size_note}; recipe {rec.name}, {rec.steps} steps, guidance {rec.guidance:g}, {shift}, "
-             f"seed {request.seed}")
-        if not rec.official:
-            why = (f" (--shift: UniPC shifts twice by {rec.shift:g}, as diffusers' pipeline, not by exp(mu))"
-                   if rec.scheduler == "unipc" and not rec.mu_shift else "")
-            note(f"note: settings differ from the released {rec.name} recipe{why}")
+        for line in engine.announce(request):
+            note(line)
 
-    def done(result):
-        _print_summary(result, engine, f" | phases: {engine.phase_summary()}")
-
-    written = render(engine, jobs, requests, params, announce, done)
+    written = render(engine, jobs, requests, params, announce, lambda result: _print_summary(result, engine))
     if summary(written):
         note(summary(written))
     for path in written:

@@ -1,7 +1,7 @@
 """``hidream-mlx info``: what a model needs, before loading it (or the recipe an image carries).
 
-A thin click layer over ``harness.info``; user errors are ValueErrors, which the CLI group
-turns into one line.
+A thin click layer: the model's family writes the report (``Family.info_lines``); user errors are
+ValueErrors, which the CLI group turns into one line.
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ from pathlib import Path
 
 import click
 
-from hidream_mlx.harness.info import i1_info_lines, o1_info_lines
-from hidream_mlx.family import I1, family_of
-from hidream_mlx.weights.precision import PRECISIONS, parse_dtype
+from hidream_mlx.families import family_named, family_of
+from hidream_mlx.weights.precision import PRECISIONS
 from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE, SUPPORTED_BITS
 from hidream_mlx.workflow.reproduce import describe_image
 
@@ -22,7 +21,7 @@ from hidream_mlx.workflow.reproduce import describe_image
 @click.option("--json", "as_json", is_flag=True, help="With IMAGE: print its stored hidream-mlx object as JSON.")
 @click.option("--model", "model_arg", default=None,
               help="Model folder or Hugging Face repo id, HiDream-O1 or a HiDream-I1 pipeline (only headers are read).")
-@click.option("--random-weights", "dims", type=click.Choice(["tiny", "mid", "real"]), default=None,
+@click.option("--random-weights", "dims", type=click.Choice(family_named("o1").random_dims), default=None,
               help="Describe a random-weight O1 model of these dims instead (as `bench` builds).")
 @click.option("--layers", type=int, default=None, help="With --random-weights: number of decoder layers.")
 @click.option("-q", "--quantize", "bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default=None,
@@ -56,15 +55,8 @@ def info(model_arg, dims, layers, bits, dtype, width, height, guidance, text_tok
         raise ValueError("give exactly one of --model or --random-weights")
     if layers is not None and dims is None:
         raise ValueError("--layers goes with --random-weights")
-    dtype_bytes = parse_dtype(dtype).size
-    if model_arg is not None and family_of(model_arg) == I1:
-        if bits:
-            raise ValueError("-q applies to HiDream-O1; for a HiDream-I1 pipeline info shows bf16, Q8 and Q4")
-        lines = i1_info_lines(model_arg, llama_arg, dtype, dtype_bytes, width, height, guidance, no_snap)
-    else:
-        if llama_arg is not None or no_snap:
-            raise ValueError(f"{'--llama' if llama_arg is not None else '--no-snap'} applies to HiDream-I1 "
-                             "pipelines only (O1 sizes are taken as given)")
-        lines = o1_info_lines(model_arg, dims, layers, int(bits) if bits else None, dtype, dtype_bytes,
-                              width, height, guidance, text_tokens, note=lambda line: click.echo(line, err=True))
-    click.echo("\n".join(lines))
+    family = family_of(model_arg) if model_arg is not None else family_named("o1")
+    options = {"dims": dims, "layers": layers, "bits": int(bits) if bits else None, "dtype": dtype, "width": width,
+               "height": height, "guidance": guidance, "text_tokens": text_tokens, "no_snap": no_snap,
+               "llama": None if llama_arg is None else str(llama_arg)}
+    click.echo("\n".join(family.info_lines(model_arg, options, note=lambda line: click.echo(line, err=True))))

@@ -1,8 +1,7 @@
 """``hidream-mlx quantize``: convert an official checkpoint into a quantized folder.
 
-The click layer only parses and prints; :mod:`hidream_mlx.families.o1.convert` (O1) and
-:mod:`hidream_mlx.families.i1.convert` (I1 pipelines) do the work and :mod:`hidream_mlx.quant.fidelity`
-the optional O1 report. User errors are raised as ValueError /
+The click layer only parses and prints; the model's family converts (``Family.convert``: O1
+checkpoints with their optional fidelity report, I1 pipelines). User errors are raised as ValueError /
 FileExistsError / ModelLoadError for the command group to print as one ``error:`` line.
 """
 
@@ -23,15 +22,10 @@ from hidream_mlx.quant.recipes import (
     get_quant_recipe,
 )
 
+from hidream_mlx.families import family_of
 from hidream_mlx.memory import format_bytes
-from hidream_mlx.family import I1, family_of
-from hidream_mlx.weights.lora import checked_specs, parse_lora_options
-from hidream_mlx.weights.precision import parse_dtype
-from hidream_mlx.weights.source import SINGLE_FILE, ModelSource
-from hidream_mlx.families.o1.convert import convert, source_matrices
-from hidream_mlx.families.i1.convert import convert_i1
-from hidream_mlx.quant.fidelity import comparison_plans, fidelity_report
 from hidream_mlx.quant.output import REPORT_FILE
+from hidream_mlx.weights.lora import checked_specs, parse_lora_options
 
 
 def choose_recipe(name: str | None, recipe_file: Path | None) -> QuantRecipe:
@@ -102,24 +96,10 @@ def quantize(model_arg, bits, recipe_name, recipe_file, group_size, no_vision, o
 
     click.echo(f"converting {model_arg} with recipe {recipe.name} -> {output}", err=True)
     bits, group_size = int(bits) if bits else None, int(group_size) if group_size else None
-    if family_of(model_arg) == I1:
-        refused = [flag for flag, given in (("--no-vision", no_vision), ("--quantize-embeddings", quantize_embeddings),
-                                            ("--report", report), ("--lora", loras), ("--tokenizer", tokenizer))
-                   if given]
-        if refused:
-            raise ValueError(f"{refused[0]}: not available for HiDream-I1 pipelines (O1 only)")
-        conversion = convert_i1(model_arg, output, recipe, bits=bits, group_size=group_size, overwrite=overwrite,
-                                on_notice=notice, on_progress=progress)
-    else:
-        source = ModelSource.resolve(model_arg, tokenizer=None if tokenizer is None else str(tokenizer))
-        if report and source.layout == SINGLE_FILE:
-            raise ValueError("--report: needs a model folder (a single-file checkpoint has no config.json to rebuild "
-                             "the float model from); convert first, or pass the official folder")
-        for line in source.notes:
-            click.echo(line, err=True)
-        conversion = convert(source, output, recipe, bits=bits, group_size=group_size,
-                             include_vision=not no_vision, overwrite=overwrite, on_notice=notice,
-                             on_progress=progress, loras=lora_specs)
+    options = {"bits": bits, "group_size": group_size, "overwrite": overwrite, "no_vision": no_vision,
+               "quantize_embeddings": quantize_embeddings, "report": report, "report_dtype": report_dtype,
+               "loras": lora_specs, "tokenizer": tokenizer}
+    conversion = family_of(model_arg).convert(model_arg, output, recipe, options, notice, progress)
     for lora in conversion.loras:
         click.echo(f"baked in: {lora.line()}", err=True)
     q = conversion.config["quantization"]
@@ -131,12 +111,8 @@ def quantize(model_arg, bits, recipe_name, recipe_file, group_size, no_vision, o
                f"{overrides} layer override(s); sizes in MiB/GiB (powers of two)")
     for line in size_table(conversion):
         click.echo(line)
-    if report:
-        layers = conversion.config["text_config"]["num_hidden_layers"]
-        others = comparison_plans(conversion.plan, source_matrices(source.index), layers)
-        result = fidelity_report(source.path, conversion.plan, recipe.name, dtype=parse_dtype(report_dtype),
-                                 others=others)
-        (output / REPORT_FILE).write_text(result.markdown())
+    if conversion.report is not None:
+        result = conversion.report
         click.echo(f"fidelity ({output / REPORT_FILE}), per layer family:")
         for line in result.family_table()[2:]:
             click.echo(f"  {line}")

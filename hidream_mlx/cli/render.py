@@ -2,8 +2,8 @@
 
 Everything that can be refused (prompt file, seeds, output names, every request) is refused
 before the weights load; then the model loads once and each distinct prompt is encoded once.
-The model's family (HiDream-O1 or HiDream-I1, see ``models/family.py``) picks its source;
-the shared request builder applies that family's rules.
+The model's family (``hidream_mlx.families``) resolves its source; the shared request builder
+applies that family's rules.
 """
 
 from __future__ import annotations
@@ -16,14 +16,11 @@ from typing import Callable, Optional
 import click
 from click.core import ParameterSource
 
-from hidream_mlx.family import I1, family_of
-from hidream_mlx.families.i1.source import I1Source
-from hidream_mlx.requests import RequestError
-from hidream_mlx.weights.loading import is_vision, module_name
+from hidream_mlx.families import family_of, registered
+from hidream_mlx.family import RequestError
 from hidream_mlx.workflow.batch import (Job, build_requests, check_outputs, output_names, plan_jobs, preview_path,
                                preview_paths)
 from hidream_mlx.images import read_metadata, save_image
-from hidream_mlx.weights.source import ModelSource
 from hidream_mlx.workflow.reproduce import (
     check_model,
     find_loras,
@@ -31,16 +28,17 @@ from hidream_mlx.workflow.reproduce import (
     merge_settings,
     recorded_model,
     recorded_settings,
-    reproduction_fields,
 )
-from hidream_mlx.families.o1.engine import preview_image
 
 # build_request's options, as generate's parameters are named.
 REQUEST_OPTIONS = ("width", "height", "no_snap", "recipe", "preset", "steps", "guidance", "shift", "noise_scale",
                    "s_noise", "noise_clip", "noise", "blend_seams", "seam_smoothing", "seam_window", "seam_strength",
                    "layout", "keep_aspect", "editing_scheduler", "negative_prompt", "step_noise_seed")
-# generate's options that only a HiDream-I1 model reads (load options, not request options).
-I1_LOAD_OPTIONS = ("llama", "encoder_bits")
+
+
+def load_option_names() -> tuple[str, ...]:
+    """generate's load options that only some family reads (``--llama``, ...), not request options."""
+    return tuple(name for family in registered() for name in family.load_options)
 
 
 def given_on_command_line(ctx: click.Context, names) -> set:
@@ -58,7 +56,7 @@ def from_image_settings(image: Path, params: dict, explicit: set, note: Callable
         recorded.pop("step_noise_seed", None)  # a new seed draws new per-step noise too
     recorded_dtype = recorded.pop("dtype", None)
     recorded_bits = recorded.pop("quantize_bits", None)
-    recorded_load = {k: recorded.pop(k) for k in I1_LOAD_OPTIONS if k in recorded}
+    recorded_load = {k: recorded.pop(k) for k in load_option_names() if k in recorded}
     mine = {k: params[k] for k in REQUEST_OPTIONS if k in explicit}
     target = params["recipe"] if "recipe" in explicit else recorded.get("recipe")
     merged = merge_settings(recorded, mine, target, meta.get("family", "o1"))
@@ -85,25 +83,21 @@ def from_image_settings(image: Path, params: dict, explicit: set, note: Callable
     return out
 
 
-def has_vision_tower(source) -> bool:
-    return any(is_vision(module_name(name)) for name in source.index)
-
-
 def resolve_source(params: dict):
-    """The ModelSource (HiDream-O1) or I1Source (HiDream-I1) of ``--model``; the other
-    family's load options are refused here, naming the flag."""
+    """(family, source) of ``--model``; another family's load options are refused here, naming the flag."""
     arg = params["model_arg"]
-    if family_of(arg) == I1:
-        return I1Source.resolve(arg, llama=params.get("llama"))
-    for name in I1_LOAD_OPTIONS:
-        if params.get(name) is not None:
-            raise RequestError(f"--{name.replace('_', '-')} is for HiDream-I1 models; {arg} is a HiDream-O1 model")
-    return ModelSource.resolve(arg)
+    family = family_of(arg)
+    for other in registered():
+        for name in other.load_options:
+            if name not in family.load_options and params.get(name) not in (None, False):
+                raise RequestError(f"--{name.replace('_', '-')} is for {other.title} models; {arg} is a "
+                                   f"{family.title} model")
+    return family, family.resolve(arg, {name: params.get(name) for name in family.load_options})
 
 
 def plan(params: dict, note: Callable[[str], None]):
-    """(source, jobs, requests) with every output checked; nothing loads here."""
-    source = resolve_source(params)
+    """(family, source, jobs, requests) with every output checked; nothing loads here."""
+    family, source = resolve_source(params)
     if params.get("_meta"):
         check_model(params["_meta"], source, note)
     jobs = plan_jobs(params["prompt"], params["prompt_file"], tuple(params["seeds"]), params["count"])
@@ -113,13 +107,10 @@ def plan(params: dict, note: Callable[[str], None]):
     options = {k: params[k] for k in REQUEST_OPTIONS}
     options["refs"] = params["refs"]
     requests = build_requests(source, jobs, options, note)
-    if source.family != I1 and any(r.references for r in requests) and not has_vision_tower(source):
-        raise RequestError(f"{source.path}: this model has no vision tower (converted with --no-vision), so --ref "
-                           "cannot be used; convert again without --no-vision or use the original checkpoint")
     every = params["preview_every"]
     check_outputs([path for job, request in zip(jobs, requests)
                    for path in preview_paths(job.output, request.recipe.steps, every)], params["overwrite"])
-    return source, jobs, requests
+    return family, source, jobs, requests
 
 
 def render(engine, jobs: list[Job], requests: list, params: dict, announce=None, on_image_done=None) -> list[Path]:
@@ -135,8 +126,8 @@ def render(engine, jobs: list[Job], requests: list, params: dict, announce=None,
                        err=True)
         if announce is not None:
             announce(request)
-        result = _run_one(engine, request, job.output, params, preview_image)
-        meta = {**result.metadata, **reproduction_fields(result.request, engine, bits)}
+        result = _run_one(engine, request, job.output, params)
+        meta = {**result.metadata, **({"quantize_bits": bits} if bits is not None else {})}
         save_image(result.image, job.output, meta, overwrite=params["overwrite"], quality=params["quality"])
         written.append(job.output)
         if on_image_done is not None:
@@ -145,14 +136,14 @@ def render(engine, jobs: list[Job], requests: list, params: dict, announce=None,
     return written
 
 
-def _run_one(engine, request, output: Path, params: dict, preview_image):
+def _run_one(engine, request, output: Path, params: dict):
     rec, every = request.recipe, params["preview_every"]
     with click.progressbar(length=rec.steps, label="sampling", file=sys.stderr,
                            show_eta=True, item_show_func=lambda s: s) as bar:
         def on_step(step, seconds):
             bar.update(1, f"{seconds:.2f} s/step")
             if every and (step.index + 1) % every == 0 and step.index + 1 < step.total:
-                save_image(preview_image(step, request), preview_path(output, step.index + 1),
+                save_image(engine.preview_image(step, request), preview_path(output, step.index + 1),
                            overwrite=params["overwrite"], quality=params["quality"])
 
         return engine.run(request, on_step)

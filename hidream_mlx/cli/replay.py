@@ -1,9 +1,8 @@
 """``hidream-mlx replay``: run a recorded reference case through the generation code.
 
-The model's family (``models.family``) picks the replayer: HiDream-O1 cases go through
-``harness.replay`` (the checkpoint reached through ``ModelSource``), HiDream-I1 cases through
-``harness.replay_i1`` (the pipeline and its Llama through ``I1Source``, as ``generate`` does).
-A case of the other family is refused in one line before any weight loads.
+Each family recognises its own case formats and replays them (``Family.case_format``,
+``Family.replay``); a case of another family than the model's is refused in one line before any
+weight loads.
 """
 
 from __future__ import annotations
@@ -11,30 +10,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import mlx.core as mx
 import numpy as np
 
-from hidream_mlx.files import atomic_output, check_output_path
-from hidream_mlx.families.o1.replay import ReplayError, detect_format, open_case, replay_case
-from hidream_mlx.families.i1.replay import i1_case_kind, replay_i1_case
-from hidream_mlx.family import I1, LLAMA_REPO, family_of
-from hidream_mlx.families.i1.source import I1Source
-from hidream_mlx.weights.loading import load_model
-from hidream_mlx.weights.source import ModelSource
-
-FAMILY_NAMES = {I1: "HiDream-I1", "o1": "HiDream-O1"}
+from hidream_mlx.families import family_of, registered
+from hidream_mlx.family import ReplayError
+from hidream_mlx.files import atomic_output, check_output_path, open_case
 
 
 def case_family(case_path: Path):
-    """``(family, format)`` of a case file by its keys; ``(None, None)`` when neither family's."""
-    with open_case(case_path) as data:
-        kind = i1_case_kind(data.files)
-        if kind is not None:
-            return I1, kind
-        try:
-            return "o1", detect_format(data)
-        except ReplayError:
-            return None, None
+    """``(family, format)`` of a case file by its keys; ``(None, None)`` when no family's."""
+    try:
+        data = open_case(case_path)
+    except ValueError as e:
+        raise ReplayError(str(e)) from None
+    with data:
+        for family in registered():
+            kind = family.case_format(data)
+            if kind is not None:
+                return family, kind
+    return None, None
 
 
 @click.command("replay")
@@ -46,7 +40,7 @@ def case_family(case_path: Path):
               help="Where to write the replayed outputs (.npz).")
 @click.option("--llama", "llama", metavar="PATH_OR_ID",
               help="I1 only: the Llama text encoder (a folder with its tokenizer, transformers or mlx-lm "
-                   f"layout, or a repo id) for pipelines without text_encoder_4/ [default: {LLAMA_REPO}].")
+                   "layout, or a repo id) for pipelines without text_encoder_4/ [default: meta-llama/Meta-Llama-3.1-8B-Instruct].")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 def replay(model_path, case_path, out_path, llama, overwrite):
     """Replay a recorded reference case in float32 and write our outputs under the same keys."""
@@ -59,17 +53,12 @@ def replay(model_path, case_path, out_path, llama, overwrite):
         raise ReplayError(f"{case_path}: unrecognised case file: expected the keys of an O1 case (forward_t2i, "
                           "dev_sampling, full_sampling, edit_forward, flow_match_sampling) or an I1 case "
                           "(text_encoding, transformer_forward, vae_decode, {full,dev,fast}_sampling)")
-    if case_fam != model_family:
-        raise ReplayError(f"{case_path}: a {FAMILY_NAMES[case_fam]} case ({kind}), but --model {model_path} "
-                          f"is a {FAMILY_NAMES[model_family]} model")
-    if llama is not None and model_family != I1:
+    if case_fam.name != model_family.name:
+        raise ReplayError(f"{case_path}: a {case_fam.title} case ({kind}), but --model {model_path} "
+                          f"is a {model_family.title} model")
+    if llama is not None and "llama" not in model_family.load_options:
         raise ReplayError("--llama: only HiDream-I1 pipelines take a separate Llama")
-    if model_family == I1:
-        source = I1Source.resolve(model_path, llama=llama)
-        outputs = replay_i1_case(source.path, case_path, source.llama.folder)
-    else:
-        model_dir = ModelSource.resolve(model_path).path
-        outputs = replay_case(load_model(model_dir, dtype=mx.float32), case_path, model_dir)
+    outputs = model_family.replay(model_path, case_path, {"llama": llama})
     with atomic_output(out_path, overwrite) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **outputs)

@@ -10,14 +10,10 @@ from pathlib import Path
 
 import click
 
-from hidream_mlx.weights.precision import PRECISIONS
-
 from hidream_mlx.cli.generate import DEFAULT_MODEL
-from hidream_mlx.families.o1.engine import Engine
-from hidream_mlx.family import I1, family_of
-from hidream_mlx.families.i1.encoder_common import ENCODER_BITS
-from hidream_mlx.families.i1.engine import I1Engine
-from hidream_mlx.weights.source import ModelSource
+from hidream_mlx.cli.render import resolve_source
+from hidream_mlx.families import option_choices
+from hidream_mlx.weights.precision import PRECISIONS
 
 LOOPBACK = ("localhost",)
 
@@ -65,7 +61,7 @@ def import_server():
               show_default=True, help="Where every image is saved, with its metadata.")
 @click.option("--llama", default=None, metavar="PATH_OR_ID",
               help="HiDream-I1: the Llama folder or repo id when the model folder has no text_encoder_4/.")
-@click.option("--encoder-bits", type=click.Choice([str(b) for b in ENCODER_BITS]), default=None,
+@click.option("--encoder-bits", type=click.Choice([str(b) for b in option_choices("encoder_bits")]), default=None,
               help="HiDream-I1: quantize the T5 and Llama text encoders in memory.")
 @click.option("--keep-loaded", is_flag=True,
               help="HiDream-I1: keep the text encoders and the transformer resident (a new prompt needs no "
@@ -76,17 +72,13 @@ def serve(model_arg, dtype, quantize_bits, host, port, token, insecure, lora_dir
     check_exposure(host, token, insecure)
     uvicorn, ServerConfig, create_app = import_server()
     bits = int(quantize_bits) if quantize_bits else None
-    if family_of(model_arg) == I1:
-        # Phase by phase: each new prompt is encoded with the transformer dropped, then it loads again.
-        engine = I1Engine.load(model_arg, dtype=dtype, quantize_bits=bits, llama=llama,
-                               encoder_bits=int(encoder_bits) if encoder_bits else None)
-        engine.keep_loaded = keep_loaded
-        loaded = "HiDream-I1 ready (weights load phase by phase on the first request)"
-    else:
-        if llama is not None or encoder_bits is not None or keep_loaded:
-            raise click.UsageError("--llama, --encoder-bits and --keep-loaded are for HiDream-I1 models")
-        engine = Engine.load(ModelSource.resolve(model_arg), dtype=dtype, quantize_bits=bits)
-        loaded = f"model loaded in {engine.load_time:.1f} s"
+    params = {"model_arg": model_arg, "llama": llama, "encoder_bits": encoder_bits, "keep_loaded": keep_loaded}
+    family, source = resolve_source(params)
+    engine = family.load_engine(source, {"dtype": dtype, "bits": bits,
+                                         **{name: params[name] for name in family.load_options if name in params}})
+    # A family that loads phase by phase (HiDream-I1) has loaded nothing yet: its first request does.
+    loaded = (f"model loaded in {engine.load_time:.1f} s" if engine.load_time else
+              f"{family.title} ready (weights load phase by phase on the first request)")
     config = ServerConfig(output_dir=output_dir, token=token, quantize_bits=bits, lora_dir=lora_dir)
     app, studio = create_app(engine, config)
     click.echo(f"{loaded}; serving http://{host}:{port}/ (images saved to {output_dir})", err=True)

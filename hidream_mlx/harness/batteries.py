@@ -15,13 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from hidream_mlx.families import option_choices, recipe_names
+from hidream_mlx.family import RANGES
 from hidream_mlx.files import read_text_file
-from hidream_mlx.families.o1.config import PATCH_SIZE
 from hidream_mlx.weights.lora import checked_specs, specs_from_json
-from hidream_mlx.families.i1.recipes import I1_RECIPES
-from hidream_mlx.families.o1.recipes import get_recipe
-from hidream_mlx.families.o1.sizes import FREE_SIZE_MULTIPLE, MAX_PIXELS, resolve_size
-from hidream_mlx.families.o1.seam_smoothing import check_setting
 
 VARIANT_KEYS = ("steps", "guidance", "size", "recipe", "shift", "blend_seams", "noise", "snap",
                 "seam_smoothing", "seam_window", "seam_strength")
@@ -42,19 +39,6 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def eval_size(width: int, height: int, snap: bool) -> tuple[int, int, str]:
-    """The size that runs. Free sizes only need whole patches and the area cap: unlike
-    ``generate``, eval accepts sides below 256 px, which makes fast measurements and tests."""
-    if snap:
-        return resolve_size(width, height, snap=True)
-    for name, side in (("width", width), ("height", height)):
-        if side <= 0 or side % FREE_SIZE_MULTIPLE:
-            raise ValueError(f"{name} {side} is not a positive multiple of {FREE_SIZE_MULTIPLE}")
-    if width * height > MAX_PIXELS:
-        raise ValueError(f"size {width}x{height} is above the maximum of {MAX_PIXELS:,} px")
-    return width, height, f"{width}x{height} (free size, not snapped)"
-
-
 def _positive_int(key: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{key} must be a positive integer, got {value!r}")
@@ -70,10 +54,10 @@ def _number(key: str, value, minimum: float, inclusive: bool = True) -> float:
 
 
 def _recipe_name(value) -> str:
-    """A recipe of either family (HiDream-I1 has fast); the request builder checks it against the model."""
+    """A recipe of any family; the request builder checks it against the model."""
     name = str(value)
-    if name not in I1_RECIPES:
-        get_recipe(name)
+    if name not in recipe_names():
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(recipe_names())}")
     return name
 
 
@@ -193,20 +177,25 @@ def _variant_value(key: str, text: str):
         return _number(key, _parse_number(key, text, float), 0.0, inclusive=(key == "guidance"))
     if key == "blend_seams":
         radius = _parse_number(key, text, int)
-        if not 0 <= radius <= PATCH_SIZE // 2:
-            raise ValueError(f"blend_seams must be between 0 and {PATCH_SIZE // 2}, got {radius}")
+        if not RANGES[key].contains(radius):
+            raise ValueError(f"blend_seams must be between {RANGES[key].low} and {RANGES[key].high}, got {radius}")
         return radius
+    if key == "seam_window":
+        if text not in option_choices(key):
+            raise ValueError(f"--seam-window must be one of {', '.join(option_choices(key))}, got {text!r}")
+        return text
     if key.startswith("seam_"):
-        value = text if key == "seam_window" else _parse_number(key, text, float)
-        check_setting(key, value)
+        value = _parse_number(key, text, float)
+        if not RANGES[key].contains(value):
+            raise ValueError(f"--{key.replace('_', '-')} must be between 0 and 1, got {value}")
         return value
     if key == "size":
         return parse_size(text)
     if key == "recipe":
         return _recipe_name(text)
     if key == "noise":
-        if text not in ("torch", "mlx"):
-            raise ValueError(f"noise must be torch or mlx, got {text!r}")
+        if text not in option_choices(key):
+            raise ValueError(f"noise must be {' or '.join(option_choices(key))}, got {text!r}")
         return text
     if text.lower() in _TRUE + _FALSE:  # snap
         return text.lower() in _TRUE

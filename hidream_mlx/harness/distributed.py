@@ -40,7 +40,7 @@ import numpy as np
 from hidream_mlx.files import read_json_file
 from hidream_mlx.harness.evaluation import Job, image_metadata, make_record
 from hidream_mlx.images import save_image
-from hidream_mlx.harness.peak_rss import PeakRss
+from hidream_mlx.memory import PeakRss
 
 ROUND_JOBS = 2  # the slowest rank's share of a round, in jobs: small rounds lose little to a failure
 
@@ -242,7 +242,7 @@ def run_ranks(group, engine, jobs: list[Job], run=None, on_image: Optional[Calla
     rank, size, host = group.rank(), group.size(), socket.gethostname()
     in_flight = [] if in_flight is None else in_flight
     by_key = {job.key: job for job in jobs}
-    requests = {job.key: job.request(engine.default_recipe) for job in jobs}
+    requests = {job.key: job.request(engine) for job in jobs}
     queue = [(job.key, job_cost(req)) for job, req in run.pending(engine, jobs)] if rank == 0 else []
     todo = len(queue)
     speeds: list[Optional[float]] = [None] * size

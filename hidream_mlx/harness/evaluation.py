@@ -31,20 +31,14 @@ from typing import Callable, Iterator, Optional
 import mlx.core as mx
 import psutil
 
-from hidream_mlx.harness.batteries import DEFAULT_SEED, DEFAULT_SIZE, BatteryItem, Variant, eval_size
-from hidream_mlx.harness.peak_rss import PeakRss, reset_high_water, ru_maxrss_bytes
+from hidream_mlx.families import family_named, family_of
 from hidream_mlx.files import atomic_output, read_json_file, read_text_file, sha256_file
+from hidream_mlx.harness.batteries import DEFAULT_SEED, DEFAULT_SIZE, BatteryItem, Variant
+from hidream_mlx.harness.grid import grid_energy_axes
 from hidream_mlx.images import save_image
-from hidream_mlx.family import I1, O1, family_of
-from hidream_mlx.weights.lora import switch_loras
-from hidream_mlx.families.o1.config import PATCH_SIZE
+from hidream_mlx.memory import PeakRss, reset_high_water, ru_maxrss_bytes
 from hidream_mlx.requests import build_request
-from hidream_mlx.families.o1.seams import grid_energy_axes
-from hidream_mlx.families.o1.engine import Engine
-from hidream_mlx.memory import parameter_bytes
-from hidream_mlx.families.o1.synthetic import random_model
-from hidream_mlx.weights.precision import parse_dtype
-from hidream_mlx.quant.quantization import quantize_in_memory
+from hidream_mlx.weights.lora import switch_loras
 
 RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
@@ -72,8 +66,9 @@ class Job:
         return {**merged, **self.item.settings(), **self.variant.overrides}
 
     def request(self, model):
-        """This job's Request through the shared builder (``model``: an Engine or ModelSource for
-        the default recipe, or a recipe name). Free sizes may go below 256 px (fast measurements)."""
+        """This job's request through the shared builder (``model``: a source or an engine of any
+        family, None for random weights, or a HiDream-O1 recipe name as the default). Free sizes may
+        go below 256 px (fast measurements)."""
         s = self.settings()
         default = model if isinstance(model, str) else None
         width, height = s["size"]
@@ -82,30 +77,31 @@ class Job:
             no_snap=not s["snap"], recipe=s.get("recipe") or default, steps=s.get("steps"),
             guidance=s.get("guidance"), shift=s.get("shift"), noise=s["noise"], blend_seams=s["blend_seams"],
             seam_smoothing=s.get("seam_smoothing", 0.0), seam_window=s.get("seam_window", "hann"),
-            seam_strength=s.get("seam_strength", 1.0), min_free_side=PATCH_SIZE)
+            seam_strength=s.get("seam_strength", 1.0), small_sizes=True)
 
 
 def job_key(variant: str, item_id: str, seed: int) -> str:
     return f"{variant}/{item_id}/{seed}"
 
 
-def plan_jobs(items: list[BatteryItem], variants: list[Variant], seeds: Optional[list[int]] = None,
-              family: str = O1) -> list[Job]:
+def plan_jobs(items: list[BatteryItem], variants: list[Variant], seeds: Optional[list[int]] = None) -> list[Job]:
     """Prompt-major order: a prompt's variants run back to back, so slow drift of the machine
     (heat, other load) hits every variant alike. ``seeds`` replaces each line's own seed.
-    HiDream-O1 sizes are checked here; a HiDream-I1 size follows its pipeline's config, so the
-    request builder checks it (:meth:`EvalRun.pending`, before any weight loads)."""
+    :func:`check_jobs` then builds every job's request before any weight loads."""
     jobs = []
     for item in items:
         for seed in seeds or [item.seed if item.seed is not None else DEFAULT_SEED]:
             jobs.extend(Job(item, v, seed) for v in variants)
-    for job in jobs if family == O1 else ():  # sizes are checked before any model is loaded
-        settings = job.settings()
-        try:
-            eval_size(*settings["size"], snap=settings["snap"])
-        except ValueError as e:
-            raise ValueError(f"{origin(job, 'size' in job.variant.overrides)}: {e}") from None
     return jobs
+
+
+def check_jobs(jobs: list[Job], model: Optional[str], llama: Optional[str] = None):
+    """The source of ``model`` (None: random weights), after every job's request is built against it:
+    a setting that cannot run is refused naming its battery line or variant, before anything loads."""
+    source = None if model is None else family_of(model).resolve(model, {"llama": llama})
+    for job in jobs:
+        checked_request(job, source)
+    return source
 
 
 def origin(job: Job, from_variant: bool) -> str:
@@ -223,28 +219,16 @@ def machine_description() -> str:
             f"Python {platform.python_version()}")
 
 
-def load_engine(model: Optional[str], random_weights: Optional[str] = None, layers: Optional[int] = None,
+def load_engine(source, random_weights: Optional[str] = None, layers: Optional[int] = None,
                 dtype: str = "bfloat16", quantize_bits: Optional[int] = None):
-    """A loaded checkpoint, or random weights of a named size (no download; for speed and memory).
-
-    Random weights with ``quantize_bits`` get the same flat recipe as ``generate -q``. A
-    HiDream-I1 pipeline gets an I1Engine (its weights load phase by phase in :meth:`EvalRun.run`).
-    """
-    if random_weights is None and family_of(model) == I1:
-        from hidream_mlx.families.i1.engine import I1Engine  # lazy: the I1 stack only for I1 runs
-
-        return I1Engine.load(model, dtype=dtype, quantize_bits=quantize_bits)
-    if random_weights is None:
-        return Engine.load(model, dtype=dtype, quantize_bits=quantize_bits)
-
-    start = time.perf_counter()
-    net = random_model(random_weights, layers, dtype=parse_dtype(dtype))
-    quantization = None
-    if quantize_bits:
-        quantization = quantize_in_memory(net, quantize_bits)
-        mx.eval(net.parameters())
-    return Engine(net, name=f"random-{random_weights}", quantization=quantization, dtype=dtype,
-                  load_time=time.perf_counter() - start)
+    """An engine for ``source`` (a family's source), or random weights of a named HiDream-O1 size
+    (no download; for speed and memory; ``quantize_bits`` gets the same flat recipe as ``generate -q``).
+    A family that loads phase by phase (HiDream-I1) loads its weights in :meth:`EvalRun.run`."""
+    if random_weights is not None:
+        return family_named("o1").random_engine(random_weights, layers, dtype, quantize_bits)
+    if isinstance(source, (str, Path)):
+        source = family_of(source).resolve(str(source))
+    return family_named(source.family).load_engine(source, {"dtype": dtype, "bits": quantize_bits})
 
 
 class EvalRun:
@@ -287,8 +271,8 @@ class EvalRun:
                         "images": 0, "warmup_time": None}
         self.data["sessions"].append(self.session)
         self.data["machine"] = machine_description()
-        # An I1Engine loads its transformer after the prompts (see run); its bytes are recorded then.
-        self.data["weight_bytes"] = parameter_bytes(engine.model) if getattr(engine, "model", None) else None
+        # A phase-by-phase engine loads its weights after the prompts (see run); their bytes are recorded then.
+        self.data["weight_bytes"] = engine.resident_bytes() or None
         self.data["rss_method"] = ("kernel high-water mark reset per image (/proc/self/clear_refs), "
                                    "with 5 ms psutil sampling" if reset_high_water()
                                    else "psutil RSS sampled every 5 ms, and ru_maxrss")
@@ -302,8 +286,8 @@ class EvalRun:
         exception raised there (KeyboardInterrupt, say) stops the run with that image kept.
         """
         todo = self.pending(engine, jobs)
-        if todo and hasattr(engine, "encode_prompts"):
-            self._prepare_phases(engine, [request for _, request in todo])
+        if todo:
+            self._prepare(engine, [request for _, request in todo])
         if todo and warmup:
             self.session["warmup_time"] = warm_up(engine, todo[0][1])
             self.save()
@@ -320,21 +304,18 @@ class EvalRun:
                 on_image(done, len(todo), record)
         return records
 
-    def _prepare_phases(self, engine, requests: list) -> None:
-        """HiDream-I1: every prompt encoded (encoders freed) before the transformer loads once;
-        the load's time and the weights' bytes go into the session as O1's do at load."""
-        engine.encode_prompts(requests)
-        engine.load_transformer()
+    def _prepare(self, engine, requests: list) -> None:
+        """The engine's work before the first image (HiDream-I1: every prompt encoded, encoders freed,
+        then the transformer loaded once); its load time and weight bytes go into the session."""
+        engine.prepare(requests, lambda line: None)
         self.session["load_time"] = engine.load_time
-        self.data["weight_bytes"] = parameter_bytes(engine.transformer)
+        self.data["weight_bytes"] = engine.resident_bytes() or None
         self.save()
 
     def pending(self, engine, jobs: list[Job]) -> list[tuple[Job, object]]:
         """The jobs with no finished result for their exact settings, with their requests."""
         finished = read_results(self.rundir)
-        # An I1 engine goes to the builder itself (it knows its family); O1 jobs take the recipe name.
-        target = engine if getattr(engine, "family", O1) == I1 else engine.default_recipe
-        requests = [(job, checked_request(job, target)) for job in jobs]  # bad settings fail here
+        requests = [(job, checked_request(job, engine)) for job in jobs]  # bad settings fail here
         return [(job, req) for job, req in requests if not is_done(finished.get(job.key), req, self.rundir)]
 
     def _store(self, job: Job, request, result, rss: PeakRss) -> dict:

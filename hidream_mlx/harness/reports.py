@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from hidream_mlx.harness.evaluation import RUN_FILE, read_results
 from hidream_mlx.files import atomic_output, read_json_file
 from hidream_mlx.memory import format_bytes
-from hidream_mlx.families.o1.seams import grid_energy
+from hidream_mlx.harness.grid import grid_energy
 
 REPORT_FILE = "report.md"
 THUMB = 256  # contact-sheet thumbnails fit in THUMB x THUMB

@@ -29,13 +29,11 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from hidream_mlx.memory import check_fits_folder, check_fits_i1
-from hidream_mlx.family import I1, O1
-from hidream_mlx.weights.precision import parse_dtype
+from hidream_mlx.families import family_named
 from hidream_mlx.server.fields import CLI_FIELDS, BadRequest, Limits, build_spec, decode_reference, parse_json, \
     served_names
 from hidream_mlx.server.jobs import Job, JobQueue
-from hidream_mlx.weights.lora import LoRAError, linear_targets, lora_memory as estimate, read_lora
+from hidream_mlx.weights.lora import LoRAError, lora_memory as estimate
 
 STATIC = Path(__file__).parent / "static"
 FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.png$")
@@ -104,25 +102,20 @@ class Studio:
     def spec(self, body: dict, uploads=None):
         spec = build_spec(self.engine, body, self.config.limits, self.config.output_dir / "references",
                           self.config.lora_dir, uploads)
-        i1 = getattr(self.engine, "family", O1) == I1
         if spec.loras:
-            check_loras(self.engine, spec.loras, self.config.lora_dir)
-        first = spec.requests[0]
-        if i1:
-            extra = lora_memory(spec.loras, self.engine.quantize_bits is not None or
-                                self.engine.source.quantization is not None) if spec.loras else 0
-            try:  # the largest phase's predicted peak (the engine runs one phase at a time)
-                check_fits_i1(self.engine.source, parse_dtype(self.engine.dtype).size, self.engine.quantize_bits,
-                              self.engine.encoder_bits, first.width, first.height, first.recipe.uses_cfg,
-                              extra_bytes=extra)
-            except MemoryError as e:
-                raise BadRequest(str(e), 400, "insufficient_memory") from None
-        elif self.engine.source is not None:
-            source, bits = self.engine.source, self.config.quantize_bits
-            extra = lora_memory(spec.loras, bits is not None or source.quantization is not None) if spec.loras else 0
             try:
-                check_fits_folder(source, parse_dtype(self.engine.dtype).size, bits,
-                                  first.width, first.height, first.recipe.uses_cfg, extra_bytes=extra)
+                self.engine.check_loras(spec.loras)
+            except LoRAError as e:
+                raise BadRequest(str(e).replace(str(self.config.lora_dir), "--lora-dir")) from None
+        source = getattr(self.engine, "source", None)
+        if source is not None:  # an engine built in memory has no checkpoint to size
+            family = family_named(self.engine.family)
+            bits = self.config.quantize_bits
+            load = {"dtype": self.engine.dtype, "bits": bits,
+                    **{name: getattr(self.engine, name, None) for name in family.load_options}}
+            extra = lora_memory(spec.loras, bits is not None or source.quantization is not None) if spec.loras else 0
+            try:  # a phase-by-phase family predicts its largest phase
+                family.check_fits(source, spec.requests[:1], load, extra_bytes=extra)
             except MemoryError as e:
                 raise BadRequest(str(e), 400, "insufficient_memory") from None
         return spec
@@ -157,7 +150,7 @@ class Studio:
 
     async def index(self, request: HttpRequest):
         # The page hides what the served family cannot use (HiDream-I1: references); the API refuses it anyway.
-        family = getattr(self.engine, "family", O1)
+        family = self.engine.family
         page = (STATIC / "index.html").read_text(encoding="utf-8")
         return HTMLResponse(page.replace("<body>", f'<body data-family="{family}">', 1))
 
@@ -282,25 +275,6 @@ def form_value(key: str, text: str):
 
 def lora_memory(specs, quantized: bool) -> int:
     return estimate(specs, quantized)
-
-
-def check_loras(engine, specs, lora_dir: Path) -> None:
-    """Read each LoRA against the model now, so a file that does not fit is a 400 before queueing
-    (applying one in the worker then cannot fail half-way)."""
-    if getattr(engine, "family", O1) == I1:
-        from hidream_mlx.families.i1.lora_targets import check_loras as check_i1_loras  # lazy: I1 servers only
-
-        try:  # against the transformer's module tree (it may not be resident between prompts)
-            check_i1_loras(engine.source, specs)
-        except LoRAError as e:
-            raise BadRequest(str(e).replace(str(lora_dir), "--lora-dir")) from None
-        return
-    targets = linear_targets(engine.model)
-    for spec in specs:
-        try:
-            read_lora(spec.path, targets)
-        except LoRAError as e:
-            raise BadRequest(str(e).replace(str(lora_dir), "--lora-dir")) from None
 
 
 async def bad_request(request: HttpRequest, exc: BadRequest) -> Response:

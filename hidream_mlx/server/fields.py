@@ -1,4 +1,4 @@
-"""Request bodies -> checked :class:`Request` objects, with the server's own bounds.
+"""Request bodies -> checked requests of the served family, with the server's own bounds.
 
 Fields are named as the CLI's options with underscores (``noise_scale`` is ``--noise-scale``)
 plus the OpenAI images API's ``prompt``, ``n``, ``size``, ``response_format``, ``model`` and
@@ -21,7 +21,6 @@ from typing import Optional
 
 from PIL import Image, UnidentifiedImageError
 
-from hidream_mlx.families.o1.engine import Request
 from hidream_mlx.workflow.batch import make_request as build_one
 from hidream_mlx.weights.lora import LoRAError, parse_lora_options
 
@@ -71,7 +70,7 @@ class Limits:
 class Spec:
     """A parsed body: the requests to render (one per image) and how to answer."""
 
-    requests: list[Request]
+    requests: list  # checked requests of the served family
     response_format: str = "b64_json"
     loras: tuple = ()  # LoRASpec per LoRA, in order (they stack)
     settings: dict = field(default_factory=dict)

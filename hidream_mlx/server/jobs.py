@@ -20,9 +20,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from hidream_mlx.families.o1.engine import preview_image
 from hidream_mlx.images import save_image
-from hidream_mlx.workflow.reproduce import reproduction_fields
 from hidream_mlx.server.fields import Spec
 from hidream_mlx.weights.lora import switch_loras
 
@@ -211,14 +209,14 @@ class JobQueue:
                         "eta_seconds": round(remaining, 2)}
                 # The flash sampler's last HiDream-I1 step calls no model, so it has no x0 preview.
                 if done % every == 0 and done < step.total and step.preview is not None:
-                    data["preview"] = jpeg_data_url(preview_image(step, request))
+                    data["preview"] = jpeg_data_url(self.engine.preview_image(step, request))
                 job.emit("progress", **data)
 
             if job.cancel_requested.is_set():
                 raise Cancelled()
             result = self.engine.run(request, on_step)
             # The same record the CLI writes, so an image from either re-runs the same way.
-            metadata = {**result.metadata, **reproduction_fields(result.request, self.engine, self.quantize_bits)}
+            metadata = {**result.metadata, **({"quantize_bits": self.quantize_bits} if self.quantize_bits else {})}
             path = self._save(result.image, metadata)
             job.images.append({"file": path.name, "metadata": metadata})
             job.emit("image", image=number, file=path.name, metadata=metadata,

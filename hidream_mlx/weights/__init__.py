@@ -1,1 +1,1 @@
-"""Model families on the shared engine: ``o1`` (HiDream-O1-Image) and ``i1`` (HiDream-I1)."""
+"""Model files and weights for every family: where they are, loading, precision, LoRA."""

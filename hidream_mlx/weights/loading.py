@@ -1,8 +1,8 @@
-"""Loading a model folder's safetensors into our modules, strictly (``ModelSource`` finds the folder).
+"""Loading safetensors into our modules, strictly and one tensor at a time (every family's loader).
 
 Only safetensors are read (never pickle) and nothing from the folder is executed. Each shard's
 header is checked before any tensor is touched, so a truncated download names its file rather
-than failing deep inside a matmul. ``lm_head`` is never loaded; the vision tower only on request.
+than failing deep inside a matmul.
 """
 
 from __future__ import annotations
@@ -18,11 +18,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from hidream_mlx.files import read_json_file
-from hidream_mlx.families.o1.config import ModelConfig
-from hidream_mlx.families.o1.transformer import HiDreamO1
-from hidream_mlx.quant.plans import LoadPlan, load_plan
-from hidream_mlx.quant.quantization import apply_plan, quantize_tensor
-from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
+from hidream_mlx.quant.plans import LoadPlan
+from hidream_mlx.quant.quantization import quantize_tensor
 
 # Never loaded: image generation has no use for the language-model head.
 SKIPPED_PREFIXES = ("lm_head.",)
@@ -176,12 +173,6 @@ def assign(module: nn.Module, weights: dict[str, mx.array], lazy: bool = False) 
         mx.eval(module.parameters())
 
 
-def read_config(model_dir: Path) -> ModelConfig:
-    if not (model_dir / "config.json").is_file():
-        raise ModelLoadError(f"{model_dir}: no config.json (not a HiDream-O1 model folder)")
-    return ModelConfig.from_file(model_dir / "config.json")
-
-
 def iter_checkpoint(infos: dict[str, TensorInfo]) -> Iterable[tuple[Path, list[str]]]:
     """The keys of ``infos`` grouped by file, in file order: one shard open at a time."""
     by_file: dict[Path, list[str]] = {}
@@ -225,36 +216,3 @@ def stream_into(module: nn.Module, tensors: dict[str, TensorInfo], dtype: mx.Dty
     finally:
         mx.set_cache_limit(previous_limit)
         mx.clear_cache()
-
-
-def load_model_planned(model_dir: Path | str, dtype: mx.Dtype = mx.bfloat16, lazy: bool = False,
-                       bits: Optional[int] = None, group_size: int = DEFAULT_GROUP_SIZE, *,
-                       config: Optional[ModelConfig] = None, index: Optional[dict[str, TensorInfo]] = None):
-    """``load_model`` that also returns the quantization plan the model runs with (or None).
-
-    ``config`` and ``index`` are a ``ModelSource``'s, when it has them: a single-file release has
-    no config.json to read, and a resolved source need not parse or scan anything twice."""
-    model_dir = Path(model_dir)
-    config = config if config is not None else read_config(model_dir)
-    model = HiDreamO1(config)
-    plan = load_plan(model, config.quantization, bits, group_size)
-    index = index if index is not None else checkpoint_index(model_dir)
-    tensors = select_tensors(index, lambda n: not is_vision(n))
-    if plan is not None and not plan.stored:
-        check_against(model, tensors, model_dir)  # the float names and shapes the folder holds
-    if plan is not None:
-        apply_plan(model, plan.layers)  # quantized layers in the skeleton, before any weight is read
-    if plan is None or plan.stored:
-        check_against(model, tensors, model_dir)
-    stream_into(model, tensors, dtype, plan, lazy)
-    return model, plan
-
-
-def load_model(model_dir: Path | str, dtype: mx.Dtype = mx.bfloat16, lazy: bool = False,
-               bits: Optional[int] = None, group_size: int = DEFAULT_GROUP_SIZE):
-    """Build the transformer from a folder and load its weights (vision tower left out).
-
-    A folder whose config.json carries a quantization block loads quantized without asking;
-    ``bits`` quantizes a float folder's decoder linears as they are read (``-q BITS``).
-    """
-    return load_model_planned(model_dir, dtype, lazy, bits, group_size)[0]

@@ -18,7 +18,8 @@ from typing import Optional
 
 from hidream_mlx.files import check_output_path, read_text_file
 from hidream_mlx.images import image_format
-from hidream_mlx.requests import SEED_MAX, RequestError, build_request, check_number
+from hidream_mlx.requests import build_request
+from hidream_mlx.family import SEED_MAX, RequestError, check_number
 from hidream_mlx.requests import SPECIAL_TOKEN
 
 # Per-line settings a JSONL prompt file may carry (build_request's options, plus the prompt).

@@ -22,94 +22,30 @@ from typing import Callable, Optional
 
 from hidream_mlx.files import sha256_file
 from hidream_mlx.images import read_metadata
-from hidream_mlx.family import I1, O1
+from hidream_mlx.families import family_named
+from hidream_mlx.family import RECIPE_NUMBERS, RequestError
 from hidream_mlx.weights.source import is_repo_id
-from hidream_mlx.families.o1.recipes import RECIPES
-from hidream_mlx.requests import USED_BY, RequestError
 
-RECIPE_NUMBERS = ("steps", "guidance", "shift", "noise_scale", "s_noise", "noise_clip")
 # What a --preset decides: the image's values for these give way to it.
 PRESET_DECIDES = ("width", "height", "steps", "guidance")
-
-
-
-def reproduction_fields(request, engine, quantize_bits: Optional[int] = None) -> dict:
-    """The keys an output adds beside ``Request.metadata()`` and ``Engine.describe()``
-    (``quantize_bits``: the ``-q`` given at load, which the CLI knows and records)."""
-    fields = {"reference_files": [{"name": Path(r).name, "sha256": sha256_file(r)} for r in request.references]}
-    if quantize_bits is not None:
-        fields["quantize_bits"] = quantize_bits
-    negative = getattr(request, "negative_prompt", None)
-    if negative is not None:
-        fields["negative_prompt"] = negative
-    source = getattr(engine, "source", None)
-    if source is not None:
-        fields["model_name"] = source.name
-        fields["model_fingerprint"] = source.fingerprint
-        if source.fingerprint.startswith("hub:"):
-            fields["model_revision"] = source.fingerprint[len("hub:"):]
-    return fields
-
-
-def recorded_i1_settings(meta: dict) -> dict:
-    """:func:`recorded_settings` for a HiDream-I1 image."""
-    recipe = dict(meta.get("recipe_settings") or {})
-    settings = {"prompt": meta["prompt"], "seed": meta["seed"], "recipe": meta.get("recipe"),
-                "width": meta.get("width"), "height": meta.get("height"), "no_snap": True}
-    for key in ("steps", "guidance", "shift"):
-        settings[key] = recipe.get(key, meta.get(key))
-    if recipe.get("mu_shift", meta.get("mu_shift")):
-        settings.pop("shift")  # the official exp(mu) second shift is what leaving --shift out gives
-    if meta.get("step_noise_seed") not in (None, meta["seed"]):
-        settings["step_noise_seed"] = meta["step_noise_seed"]
-    settings["negative_prompt"] = meta.get("negative_prompt")
-    settings["dtype"] = meta.get("dtype")
-    bits = meta.get("quantize_bits")
-    settings["quantize_bits"] = str(bits) if bits else None
-    settings["llama"] = meta.get("llama")
-    settings["encoder_bits"] = str(meta["encoder_bits"]) if meta.get("encoder_bits") else None
-    return {k: v for k, v in settings.items() if v is not None}
 
 
 def recorded_settings(meta: dict) -> dict:
     """Option values (named like the CLI's, underscores) that re-create the image in ``meta``."""
     if "prompt" not in meta or "seed" not in meta:
         raise RequestError("the image's hidream-mlx metadata has no prompt or seed to re-run")
-    if meta.get("family") == I1:
-        return recorded_i1_settings(meta)
-    settings = {"prompt": meta["prompt"], "seed": meta["seed"], "recipe": meta.get("recipe"),
-                "noise": meta.get("noise", "torch"), "blend_seams": meta.get("blend_seams", 0)}
-    recipe = dict(meta.get("recipe_settings") or {})
-    for key in RECIPE_NUMBERS:
-        if key in recipe:
-            settings[key] = recipe[key]
-        elif key in meta:
-            settings[key] = meta[key]
-    if meta.get("keep_aspect"):
-        budget = meta.get("keep_aspect_budget", 2048)
-        settings.update(width=budget, height=budget, keep_aspect=True)
-    else:
-        settings.update(width=meta.get("width"), height=meta.get("height"))
-    settings["no_snap"] = True  # the recorded size is the one that ran
-    if meta.get("layout") is not None:
-        settings["layout"] = meta["layout"]
-    if len(meta.get("references") or []) == 1 and meta.get("recipe") in ("dev", "dev-2604"):
-        # One reference under a Dev recipe ran the flash sampler only with --editing-scheduler flash
-        # (flow-match editing records the recipe dev-edit), so the re-render asks for flash again.
-        settings["editing_scheduler"] = "flash"
-    seams = meta.get("seam_smoothing")
-    if isinstance(seams, dict):
-        settings.update(seam_smoothing=seams.get("fraction", 0.0), seam_window=seams.get("window", "hann"),
-                        seam_strength=seams.get("strength", 1.0))
-    if meta.get("negative_prompt") is not None:
-        settings["negative_prompt"] = meta["negative_prompt"]
-    settings["dtype"] = meta.get("dtype")
-    bits = meta.get("quantize_bits")
-    settings["quantize_bits"] = str(bits) if bits else None
-    return {k: v for k, v in settings.items() if v is not None}
+    return image_family(meta).recorded_settings(meta)
 
 
-def merge_settings(recorded: dict, explicit: dict, target_recipe: Optional[str], family: str = O1) -> dict:
+def image_family(meta: dict):
+    """The family that made an image (images from before families were recorded are HiDream-O1)."""
+    try:
+        return family_named(meta.get("family") or "o1")
+    except ValueError as e:
+        raise RequestError(f"the image's metadata names {e}") from None
+
+
+def merge_settings(recorded: dict, explicit: dict, target_recipe: Optional[str], family: str = "o1") -> dict:
     """``explicit`` (the command line's own values) over ``recorded`` (the image's).
 
     ``target_recipe``: the recipe that will run (the command line's, else the recorded one).
@@ -124,8 +60,9 @@ def merge_settings(recorded: dict, explicit: dict, target_recipe: Optional[str],
     if target_recipe and target_recipe != recorded.get("recipe"):
         for key in RECIPE_NUMBERS:
             merged.pop(key, None)
-    for name, users in USED_BY.items():
-        if family == O1 and target_recipe in RECIPES and target_recipe not in users:
+    owner = family_named(family)
+    for name, users in owner.recipe_options.items():
+        if target_recipe in owner.recipes and target_recipe not in users:
             merged.pop(name, None)
     if explicit.get("width") is not None or explicit.get("height") is not None:
         merged.pop("no_snap", None)
@@ -200,12 +137,7 @@ def describe_image(path: Path | str, as_json: bool = False) -> str:
              f"  prompt: {meta.get('prompt')!r}"]
     if meta.get("negative_prompt") is not None:
         lines.append(f"  negative prompt: {meta['negative_prompt']!r}")
-    if meta.get("family") == I1:
-        lines.append(f"  HiDream-I1 | seed {meta.get('seed')} (step noise {meta.get('step_noise_seed')}) | "
-                     f"{meta.get('width')}x{meta.get('height')} | second shift {meta.get('second_shift')}")
-    else:
-        lines.append(f"  seed {meta.get('seed')} | {meta.get('width')}x{meta.get('height')} | "
-                     f"noise {meta.get('noise')}")
+    lines += image_family(meta).describe_image(meta)
     official = "" if meta.get("official_recipe", True) else " (modified)"
     numbers = ", ".join(f"{k} {rec.get(k, meta.get(k))}" for k in RECIPE_NUMBERS if k in rec or k in meta)
     lines.append(f"  recipe {meta.get('recipe')}{official}: {numbers}")

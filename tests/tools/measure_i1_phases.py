@@ -5,7 +5,7 @@
 time, freed before the next), over a CFG pair of prompts; ``transformer``: the transformer's
 load (``load_transformer``, ``-q`` quantizing as it streams). Each phase runs in a fresh process
 so the kernel's high-water mark (``ru_maxrss``) is that phase's alone; the prediction is
-``models.i1.memory.phase_peaks`` for the same precision, from headers only. Build the pipeline
+``families.i1.memory.phase_peaks`` for the same precision, from headers only. Build the pipeline
 with ``make_sparse_i1_checkpoint.py`` then ``make_sparse_i1_encoders.py`` (zero weights).
 
 usage: measure_i1_phases.py PIPELINE_DIR PHASE {bf16,8,4} [--run]
@@ -19,7 +19,7 @@ import time
 
 import mlx.core as mx
 
-from hidream_mlx.harness.peak_rss import ru_maxrss_bytes
+from hidream_mlx.memory import ru_maxrss_bytes
 from hidream_mlx.memory import GiB, RUNTIME_BYTES
 from hidream_mlx.families.i1 import memory as i1_memory
 from hidream_mlx.families.i1.text_encoding import COMPONENTS, TextEncoders

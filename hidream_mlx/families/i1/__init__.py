@@ -1,1 +1,1 @@
-"""HiDream-I1: the sparse-MoE transformer, the FLUX-style VAE and the four text encoders."""
+"""HiDream-I1: four text encoders, a sparse-MoE transformer over VAE latents, from prompt to image (``family.py``)."""

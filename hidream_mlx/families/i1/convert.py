@@ -24,13 +24,14 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from hidream_mlx import __version__
-from hidream_mlx.family import I1, family_of, i1_variant
+
+from hidream_mlx.families.i1.source import I1, i1_variant, is_i1_pipeline
 from hidream_mlx.families.i1.source import PIPELINE_PATTERNS
 from hidream_mlx.families.i1.weights import INDEX_NAME, component_index
 from hidream_mlx.weights.loading import ModelLoadError, TensorInfo, iter_checkpoint, open_shard
 from hidream_mlx.weights.source import is_repo_id, resolve_model_path
 from hidream_mlx.memory import ComponentSize
-from hidream_mlx.families.o1.convert import DEFAULT_SHARD_BYTES, Conversion, ShardWriter, converted_tensor
+from hidream_mlx.quant.writer import DEFAULT_SHARD_BYTES, Conversion, ShardWriter, converted_tensor
 from hidream_mlx.quant.output import PIPELINE_INDEX, check_output, clean_leftovers, make_temp, move_into_place
 from hidream_mlx.quant.plans import I1_LAYERS, QuantPlan, index_matrices, resolve_plan
 from hidream_mlx.quant.recipes import QuantRecipe
@@ -44,7 +45,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 COMPONENTS = ("double blocks", "single blocks", "caption projections", "embedders and final layer")
 _BLOCK = re.compile(r"(double|single)_stream_blocks\.")
 
-
 def component_of(name: str) -> str:
     """Reporting group of an I1 transformer tensor, for the size summary."""
     m = _BLOCK.match(name)
@@ -54,12 +54,10 @@ def component_of(name: str) -> str:
         return "caption projections"
     return "embedders and final layer"
 
-
 def transformer_plan(infos: dict[str, TensorInfo], recipe: QuantRecipe, bits: Optional[int],
                      group_size: Optional[int]) -> QuantPlan:
     """The plan for an I1 transformer's header index (the layers ``quant.plans.I1_LAYERS`` names)."""
     return resolve_plan(recipe, index_matrices(infos), None, bits, group_size, I1_LAYERS)
-
 
 def _carry(src: Path, dst: Path) -> None:
     """``dst`` as a hard link to ``src``'s content (a hub symlink is followed), else a copy."""
@@ -69,7 +67,6 @@ def _carry(src: Path, dst: Path) -> None:
         os.link(real, dst)
     except OSError:  # another filesystem, or links not allowed: copy instead
         shutil.copyfile(real, dst)
-
 
 def carry_components(source_dir: Path, tmp: Path, on_notice: Callable[[str], None]) -> list[str]:
     """Copy ``model_index.json`` and every component but the transformer; returns relative paths."""
@@ -95,7 +92,6 @@ def carry_components(source_dir: Path, tmp: Path, on_notice: Callable[[str], Non
                 written.append(rel)
     return written
 
-
 def _convert_transformer(infos: dict[str, TensorInfo], plan: QuantPlan, out: Path, shard_bytes: int,
                          sizes: dict[str, ComponentSize], on_progress: Callable[[int, int, str], None]):
     writer = ShardWriter(out, shard_bytes, stem=SHARD_STEM)
@@ -119,7 +115,6 @@ def _convert_transformer(infos: dict[str, TensorInfo], plan: QuantPlan, out: Pat
     on_progress(len(files), len(files), "")
     return writer.finish()
 
-
 def convert_i1(source: str, output: Path | str, recipe: QuantRecipe, bits: Optional[int] = None,
                group_size: Optional[int] = None, overwrite: bool = False,
                shard_bytes: int = DEFAULT_SHARD_BYTES, on_notice: Callable[[str], None] = lambda _: None,
@@ -134,7 +129,7 @@ def convert_i1(source: str, output: Path | str, recipe: QuantRecipe, bits: Optio
     if shard_bytes <= 0:
         raise ValueError(f"shard size must be positive, got {shard_bytes}")
     source_dir = resolve_model_path(source, patterns=PIPELINE_PATTERNS)
-    if family_of(source_dir) != I1:
+    if not is_i1_pipeline(source_dir):
         raise ModelLoadError(f"{source_dir}: not a HiDream-I1 pipeline folder (its {PIPELINE_INDEX} "
                              f"does not name HiDreamImagePipeline)")
     transformer_dir = source_dir / TRANSFORMER

@@ -27,10 +27,10 @@ import mlx.core as mx
 import numpy as np
 
 from hidream_mlx import __version__
-from hidream_mlx.families.o1.engine import NonFiniteLatentError, Request, Result
-from hidream_mlx.memory import format_bytes
-from hidream_mlx.family import I1
-from hidream_mlx.families.i1.recipes import I1Recipe, get_i1_recipe
+from hidream_mlx.family import NonFiniteLatentError, Result
+from hidream_mlx.memory import format_bytes, parameter_bytes
+from hidream_mlx.families.i1.recipes import FAMILY, I1Recipe, get_i1_recipe
+from hidream_mlx.families.i1.requests import I1Request as Request
 from hidream_mlx.families.i1.sampling import (Conditioning, GlobalTorchNoise, guided_prediction, i1_schedule,
                                             initial_latents, sample)
 from hidream_mlx.families.i1.source import I1Source
@@ -40,8 +40,8 @@ from hidream_mlx.families.i1.lora_targets import check_loras
 from hidream_mlx.families.i1.weights import load_transformer_planned, load_vae
 from hidream_mlx.weights.lora import I1_KEYS, LoRASpec, replace_loras
 from hidream_mlx.weights.precision import parse_dtype
+from hidream_mlx.weights.source import model_identity
 from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
-from hidream_mlx.workflow.reproduce import reproduction_fields
 
 I1_DTYPES = ("bfloat16", "float32")
 EMBEDDING_BUDGET = 2 * 1024**3  # prompt embeddings kept at once (about 60 texts for the released model)
@@ -79,7 +79,7 @@ class I1Step:
 class I1Engine:
     """A HiDream-I1 pipeline ready to run requests (weights load on first need, phase by phase)."""
 
-    family = I1
+    family = FAMILY
 
     def __init__(self, source: I1Source, dtype: str = "bfloat16", quantize_bits: Optional[int] = None,
                  encoder_bits: Optional[int] = None, loras: Sequence[LoRASpec] = ()):
@@ -144,13 +144,14 @@ class I1Engine:
             # The folder or repo that ran (a --from-image re-render loads it again), and what it was converted from.
             "model": self.model_arg,
             **({"converted_from": self.stored["source"]} if self.stored.get("source") else {}),
-            "family": I1,
+            "family": FAMILY,
             "dtype": self.dtype,
             "quantization": self.quantization,
             "llama": self.source.llama.given,
             "encoder_bits": self.encoder_bits,
             **({"loras": [s.to_dict() for s in self.loras]} if self.loras else {}),
             "tool_version": __version__,
+            **model_identity(self.source),
         }
 
     def recipe(self, name: Optional[str] = None) -> I1Recipe:
@@ -312,9 +313,48 @@ class I1Engine:
         image = self._decode(latent)
         total = time.perf_counter() - start
         meta = {**request.metadata(), **self.describe(),
-                "second_shift": request.recipe.second_shift(self.source.transformer.max_seq),
-                **reproduction_fields(request, self)}
+                "second_shift": request.recipe.second_shift(self.source.transformer.max_seq)}
         return Result(image, request, step_times, encode_time, total, max(self.phase_peaks.values()), meta)
+
+    # --- what the application drives (hidream_mlx.family.Family's engine protocol) ---
+
+    def prepare(self, requests: Sequence[Request], note: Callable[[str], None]) -> None:
+        """Every prompt encoded first (the encoders freed), then the transformer loaded once."""
+        seconds = self.encode_prompts(requests)
+        note(f"prompts encoded in {seconds:.1f} s ({len(self.prompts)} distinct texts); text encoders freed")
+        self.load_transformer()
+        for lora in self.loras:
+            note(lora.line())
+        note(f"model loaded once in {self.load_time:.1f} s"
+             f"{f' for {len(requests)} images' if len(requests) > 1 else ''}")
+
+    def announce(self, request: Request) -> list[str]:
+        rec = request.recipe
+        second = rec.second_shift(self.source.transformer.max_seq)
+        shift = f"shift {rec.shift:g}" + (f" (UniPC second shift exp(mu) = {second:.3f})" if rec.mu_shift else "")
+        lines = [f"size {request.size_note}; recipe {rec.name}, {rec.steps} steps, guidance {rec.guidance:g}, "
+                 f"{shift}, seed {request.seed}"]
+        if not rec.official:
+            why = (f" (--shift: UniPC shifts twice by {rec.shift:g}, as diffusers' pipeline, not by exp(mu))"
+                   if rec.scheduler == "unipc" and not rec.mu_shift else "")
+            lines.append(f"note: settings differ from the released {rec.name} recipe{why}")
+        return lines
+
+    def check_loras(self, specs: Sequence[LoRASpec]) -> None:
+        """Read each LoRA against the transformer's module tree (built from its config: the weights
+        may not be resident between prompts); LoRAError naming the file."""
+        check_loras(self.source, specs)
+
+    def resident_bytes(self) -> int:
+        """The transformer's bytes once loaded (0 before: it loads after the prompts)."""
+        return parameter_bytes(self.transformer) if self.transformer is not None else 0
+
+    def preview_image(self, step: "I1Step", request: Request) -> np.ndarray:
+        """The step's x0 prediction decoded by the VAE."""
+        return step.image()
+
+    def summary(self, result: Result) -> str:
+        return f" | phases: {self.phase_summary()}"
 
     def phase_summary(self) -> str:
         """``encoders 1.2 GB, transformer 9.8 GB, vae 2.1 GB``: each phase's measured peak."""

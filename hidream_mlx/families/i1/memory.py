@@ -1,6 +1,6 @@
 """HiDream-I1 memory: what each component weighs and what each phase of a run needs.
 
-A run has three phases (``models.i1.engine``), each alone in memory:
+A run has three phases (``engine``), each alone in memory:
 
 * encode: CLIP-L, CLIP-G, T5-XXL and Llama-3.1-8B load one at a time and are freed after use,
   so the phase peak is the largest encoder with its activations (and a load-time quantization's
@@ -29,7 +29,8 @@ from typing import Optional
 
 import mlx.nn as nn
 
-from hidream_mlx.memory import RUNTIME_BYTES, ComponentSize, predict_load_peak_bytes, stored_sizes, uses_fused_attention
+from hidream_mlx.memory import (RUNTIME_BYTES, ComponentSize, predict_load_peak_bytes, refuse_beyond_machine,
+                                stored_sizes, uses_fused_attention)
 from hidream_mlx.families.i1.clip import CLIPTextConfig, clip_tensors
 from hidream_mlx.families.i1.config import TransformerConfig, VAEConfig
 from hidream_mlx.families.i1.encoder_common import read_json_config
@@ -354,3 +355,22 @@ def phase_peaks(memory: I1Memory, transformer_bits: Optional[int], encoder_bits:
     return PhasePeaks(encode + embeddings + RUNTIME_BYTES, encode_by, load, max(load, sampling + RUNTIME_BYTES),
                       decode + RUNTIME_BYTES)
 
+
+def check_fits_i1(source, dtype_bytes: int, bits: Optional[int], encoder_bits: Optional[int], width: int,
+                  height: int, cfg_pass: bool, images: int = 1, extra_bytes: int = 0) -> None:
+    """Refuse a HiDream-I1 run the machine cannot hold, before any weight loads.
+
+    ``source``: an ``I1Source`` (or a pipeline folder); ``bits``: the transformer's ``-q``;
+    ``encoder_bits``: T5 and Llama's ``--encoder-bits``; ``width`` x ``height``: the size that
+    renders (after the I1 size rule); ``cfg_pass``: guidance > 1 (batch 2); ``images``: how
+    many the run makes (more than one: the engine decodes all but the last with the transformer
+    resident); ``extra_bytes``: LoRAs. The need is the largest phase's predicted peak
+    (``phase_peaks``, from headers alone); the MemoryError names that phase
+    and the flags that shrink it.
+    """
+    peaks = phase_peaks(I1Memory.from_source(source), bits, encoder_bits, width, height, cfg_pass, dtype_bytes,
+                        images=images, extra_bytes=extra_bytes)
+    advice = {"encode": "--encoder-bits 8 or 4 (quantizes T5 and Llama)",
+              "sample": "a lower-bit transformer (-q 8 or -q 4) or a smaller size",
+              "decode": "a smaller size"}[peaks.largest]
+    refuse_beyond_machine(peaks.whole, f"try {advice}, or --force", f" (its {peaks.largest} phase)")

@@ -20,7 +20,7 @@ from typing import ClassVar, Optional
 from hidream_mlx.families.i1.sampling import RECIPES as SAMPLER_RECIPES
 from hidream_mlx.families.i1.sampling import Recipe as SamplerRecipe
 from hidream_mlx.families.i1.sampling import calculate_shift
-from hidream_mlx.families.o1.recipes import Preset, uses_cfg
+from hidream_mlx.family import uses_cfg
 
 FAMILY = "i1"
 
@@ -98,30 +98,9 @@ def get_i1_recipe(name: str) -> I1Recipe:
             from None
 
 
-def apply_i1_preset(recipe: I1Recipe, preset: Preset) -> I1Recipe:
-    steps, guidance = PRESET_EFFORT[preset.name].get(recipe.name, (None, None))
+def apply_i1_preset(recipe: I1Recipe, preset: str) -> I1Recipe:
+    """``recipe`` at the effort of the named explore -> re-render stage (``PRESET_EFFORT``)."""
+    if preset not in PRESET_EFFORT:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_EFFORT)}")
+    steps, guidance = PRESET_EFFORT[preset].get(recipe.name, (None, None))
     return recipe.with_overrides(steps=steps, guidance=guidance)
-
-
-def request_metadata(request) -> dict:
-    """What an I1 image records about its request (``Request.metadata`` for the I1 family): the
-    historical top-level keys O1 images have, plus the family, the shift rule and both seeds."""
-    rec = request.recipe
-    meta = {
-        "family": FAMILY,
-        "prompt": request.prompt,
-        "seed": request.seed,
-        "step_noise_seed": request.seed if request.step_noise_seed is None else request.step_noise_seed,
-        "width": request.width,
-        "height": request.height,
-        "recipe": rec.name,
-        "official_recipe": rec.official,
-        "steps": rec.steps,
-        "guidance": rec.guidance,
-        "shift": rec.shift,
-        "mu_shift": rec.mu_shift,
-        "recipe_settings": rec.settings(),
-    }
-    if request.negative_prompt is not None:
-        meta["negative_prompt"] = request.negative_prompt
-    return meta

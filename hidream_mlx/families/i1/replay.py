@@ -23,7 +23,8 @@ from typing import Callable, Optional
 import mlx.core as mx
 import numpy as np
 
-from hidream_mlx.families.o1.replay import ReplayError, open_case
+from hidream_mlx.files import open_case
+from hidream_mlx.family import ReplayError
 from hidream_mlx.families.i1.sampling import (Conditioning, GlobalTorchNoise, Recipe, RecordedNoise,
                                             i1_schedule, sample)
 from hidream_mlx.families.i1.text_encoding import (COMPONENTS, DEFAULT_MAX_SEQUENCE_LENGTH, TextEncoders,

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 from hidream_mlx.noise import TorchRandn
-from hidream_mlx.families.o1.recipes import uses_cfg
+from hidream_mlx.family import uses_cfg
 from hidream_mlx.schedulers import (NUM_TRAIN_TIMESTEPS, FlashEulerSampler, Schedule, UniPCSampler,
                                     flow_match_schedule)
 

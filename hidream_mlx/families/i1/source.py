@@ -13,11 +13,11 @@ transformer's here, so a mismatched component fails in one line naming it.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Optional
 
-from hidream_mlx.family import I1, I1_VARIANTS, LLAMA_REPO, i1_variant
 from hidream_mlx.families.i1.clip import CLIPTextConfig
 from hidream_mlx.families.i1.config import TransformerConfig, VAEConfig, read_json
 from hidream_mlx.families.i1.encoder_common import read_json_config
@@ -26,8 +26,58 @@ from hidream_mlx.families.i1.sizes import resolve_i1_size
 from hidream_mlx.families.i1.t5 import T5Config
 from hidream_mlx.families.i1.weights import component_index
 from hidream_mlx.weights.loading import ModelLoadError, TensorInfo
-from hidream_mlx.weights.source import _fingerprint, is_repo_id, resolve_model_path
-from hidream_mlx.families.o1.recipes import model_name
+from hidream_mlx.weights.source import fingerprint, is_repo_id, model_name, resolve_model_path
+
+I1 = "i1"  # the family name images record
+I1_PIPELINE_CLASSES = ("HiDreamImagePipeline",)
+I1_REPOS = {"full": "HiDream-ai/HiDream-I1-Full", "dev": "HiDream-ai/HiDream-I1-Dev",
+            "fast": "HiDream-ai/HiDream-I1-Fast"}
+# The official inference.py loads Llama from this gated repository (the I1 repos do not ship it).
+LLAMA_REPO = "meta-llama/Meta-Llama-3.1-8B-Instruct"
+I1_VARIANTS = ("full", "dev", "fast")
+
+
+class FamilyError(ValueError):
+    """A folder whose family cannot be read (a broken model_index.json)."""
+
+
+def pipeline_class(folder: Path) -> str | None:
+    """``_class_name`` of a folder's ``model_index.json``, or None when there is none."""
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FamilyError(f"{index}: not a readable model_index.json ({e})") from None
+    if not isinstance(data, dict):
+        raise FamilyError(f"{index}: not a JSON object")
+    name = data.get("_class_name")
+    return name if isinstance(name, str) else None
+
+
+def is_i1_pipeline(arg) -> bool:
+    """A folder is an I1 pipeline when its ``model_index.json`` names ``HiDreamImagePipeline`` (the
+    diffusers class; our quantized I1 folders keep that file); a repo id when its name says
+    ``HiDream-I1``. Files and other folders are not."""
+    text = str(arg)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return pipeline_class(path) in I1_PIPELINE_CLASSES
+    if path.exists():
+        return False
+    return is_repo_id(text) and re.search(r"hidream[-_]?i1", text, re.IGNORECASE) is not None
+
+
+def i1_variant(name: str) -> str:
+    """``full``, ``dev`` or ``fast`` from a model's name words (default ``full``), as the
+    official ``inference.py`` names its three configurations."""
+    words = [w for w in re.split(r"[-_. /]+", str(name).rstrip("/").rsplit("/", 1)[-1].lower()) if w]
+    for variant in ("fast", "dev"):
+        if variant in words:
+            return variant
+    return "full"
+
 
 # What a pipeline repo needs (tokenizer_3's spiece.model included); the Llama repo's weights,
 # tokenizer and configs (its original/ folder holds .pth files, never fetched).
@@ -169,5 +219,5 @@ def _resolve(arg: str, llama: Optional[str], allow_download: bool) -> I1Source:
     stored = {**(pipeline_meta.get("hidream") or {}), **(raw.get("hidream") or {})}
     config_bytes = (index_file.read_bytes() if index_file.is_file() else b"") + json.dumps(raw, sort_keys=True).encode()
     name = arg if is_repo_id(arg) else model_name(str(path))
-    return I1Source(arg, path, name, tcfg, vae, llama_source, index, _fingerprint(path, config_bytes, index),
+    return I1Source(arg, path, name, tcfg, vae, llama_source, index, fingerprint(path, config_bytes, index),
                     stored, raw.get("quantization"), (f"note: {llama_source.describe()}",))

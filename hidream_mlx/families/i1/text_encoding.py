@@ -30,7 +30,7 @@ from hidream_mlx.families.i1.t5 import load_t5
 from hidream_mlx.families.i1.tokenization import PromptTokenizer, Tokenized, load_tokenizer
 from hidream_mlx.weights.loading import ModelLoadError
 from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
-from hidream_mlx.families.o1.recipes import uses_cfg
+from hidream_mlx.family import uses_cfg
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 128
 # pipeline component -> (encoder folder, tokenizer folder, tokenizer kind)

@@ -1,1 +1,1 @@
-"""HiDream-O1-Image: config, the Qwen3-VL transformer with the pixel heads, the vision tower, synthetic weights."""
+"""HiDream-O1-Image: a Qwen3-VL transformer predicting 32 px pixel patches, from prompt to image (``family.py``)."""

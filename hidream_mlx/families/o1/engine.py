@@ -11,15 +11,17 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, ClassVar, Iterator, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from hidream_mlx import __version__
-from hidream_mlx.weights.loading import load_model_planned
+from hidream_mlx.family import NonFiniteLatentError, Result
+from hidream_mlx.files import file_record
+from hidream_mlx.families.o1.loading import load_model_planned
 from hidream_mlx.weights.precision import apply_precision, check_with_quantization, parse_dtype
-from hidream_mlx.memory import wired_limit
+from hidream_mlx.memory import parameter_bytes, wired_limit
 from hidream_mlx.noise import make_noise_source
 from hidream_mlx.families.o1.patches import patches_to_image
 from hidream_mlx.families.o1.sampling import (
@@ -31,17 +33,18 @@ from hidream_mlx.families.o1.sampling import (
     initial_latent,
     sample,
 )
-from hidream_mlx.family import I1, O1
-from hidream_mlx.families.i1.recipes import request_metadata as i1_request_metadata
-from hidream_mlx.weights.source import SINGLE_FILE, ModelSource
+from hidream_mlx.families.o1.source import SINGLE_FILE, ModelSource
 from hidream_mlx.families.o1.prompt import UNCOND_PROMPT, Tokenizer
 from hidream_mlx.families.o1.recipes import Recipe, get_recipe, recipe_for_model
 from hidream_mlx.families.o1.seam_smoothing import SeamSmoothing, extra_passes
 from hidream_mlx.families.o1.seams import blend_seams
 from hidream_mlx.families.o1.transformer import HiDreamO1
 from hidream_mlx.families.o1.references import ImageProcessorConfig, prepare_references
-from hidream_mlx.weights.lora import apply_loras
+from hidream_mlx.weights.lora import apply_loras, linear_targets, read_lora
+from hidream_mlx.weights.source import model_identity
 from hidream_mlx.families.o1.vision import load_vision_tower
+
+FAMILY = "o1"
 
 
 @dataclass(frozen=True)
@@ -62,12 +65,7 @@ class Request:
     seam_window: str = "hann"
     seam_strength: float = 1.0
     negative_prompt: Optional[str] = None  # replaces the unconditional prompt " " (CFG recipes only)
-    step_noise_seed: Optional[int] = None  # HiDream-I1 Dev/Fast: seed of the per-step noise (None: seed)
-
-    @property
-    def family(self) -> str:
-        """``"o1"`` or ``"i1"``: the family whose recipe this request carries."""
-        return getattr(self.recipe, "family", O1)
+    family: ClassVar[str] = FAMILY
 
     @property
     def seams(self) -> SeamSmoothing:
@@ -79,9 +77,8 @@ class Request:
         return extra_passes(self.seams, self.recipe.steps, self.recipe.uses_cfg)
 
     def metadata(self) -> dict:
-        if self.family == I1:
-            return i1_request_metadata(self)
         return {
+            "family": FAMILY,
             "prompt": self.prompt,
             "seed": self.seed,
             "width": self.width,
@@ -94,6 +91,7 @@ class Request:
             "noise": self.noise,
             "blend_seams": self.blend_seams,
             "references": list(self.references),
+            "reference_files": [file_record(r) for r in self.references],
             "layout": self.layout,
             "keep_aspect": self.keep_aspect,
             **({"keep_aspect_budget": self.keep_aspect_budget} if self.keep_aspect else {}),
@@ -103,25 +101,6 @@ class Request:
         }
 
 
-class NonFiniteLatentError(ValueError):
-    """The latent held NaN or inf after a step: the image would be black or garbage."""
-
-
-@dataclass
-class Result:
-    image: np.ndarray  # uint8 HWC
-    request: Request
-    step_times: list[float]
-    encode_time: float
-    total_time: float
-    peak_memory: int  # bytes, MLX's peak during this image
-    metadata: dict = field(default_factory=dict)
-
-    @property
-    def seconds_per_step(self) -> float:
-        return float(np.median(self.step_times)) if self.step_times else 0.0
-
-
 class Engine:
     """A loaded model with its tokenizer and what it says about itself.
 
@@ -129,7 +108,7 @@ class Engine:
     (random weights for benchmarks), in which case prompts become synthetic token ids.
     """
 
-    family = O1  # the I1 pipeline's engine is models/i1/engine.py's I1Engine
+    family = FAMILY
 
     def __init__(self, model: HiDreamO1, tokenizer: Optional[Tokenizer] = None, name: str = "in-memory",
                  stored: Optional[dict] = None, quantization: Optional[dict] = None, dtype: str = "float32",
@@ -197,7 +176,7 @@ class Engine:
             self._vision = load_vision_tower(self.path, self.model.config, parse_dtype(self.dtype))
         return self._vision
 
-    def prepare(self, request: Request):
+    def prepare_references(self, request: Request):
         """Reference inputs for ``request`` (None for text-to-image) and the request at the size
         that will run (``keep_aspect`` takes the reference's)."""
         if not request.references:
@@ -222,10 +201,50 @@ class Engine:
             "quantization": self.quantization,
             "tool_version": __version__,
             **({"loras": [s.to_dict() for s in self.loras]} if self.loras else {}),
+            **(model_identity(self.source) if self.source is not None else {}),
         }
 
     def recipe(self, name: Optional[str] = None) -> Recipe:
         return get_recipe(name or self.default_recipe)
+
+    # --- what the application drives (hidream_mlx.family.Family's engine protocol) ---
+
+    def prepare(self, requests: Sequence[Request], note: Callable[[str], None]) -> None:
+        """Before the first image: the weights are loaded already; a batch with references keeps
+        the vision tower between images (a single image frees it once the references are encoded)."""
+        self.keep_vision = len(requests) > 1 and any(r.references for r in requests)
+        for lora in self.loras:
+            note(lora.line())
+        note(f"model loaded once in {self.load_time:.1f} s"
+             f"{f' for {len(requests)} images' if len(requests) > 1 else ''}")
+
+    def announce(self, request: Request) -> list[str]:
+        rec = request.recipe
+        lines = [f"size {request.size_note}; recipe {rec.name}, {rec.steps} steps, guidance {rec.guidance:g}, "
+                 f"seed {request.seed}"]
+        if not rec.official:
+            subset = f" ({rec.steps} of the 28 distilled timesteps)" if rec.distilled and rec.steps < 28 else ""
+            lines.append(f"note: settings differ from the released {rec.name} recipe{subset}")
+        return lines
+
+    def check_loras(self, specs: Sequence) -> None:
+        """Read each LoRA against the model now (LoRAError naming the file), so one that does not fit
+        is refused before a job is queued."""
+        targets = linear_targets(self.model)
+        for spec in specs:
+            read_lora(spec.path, targets)
+
+    def resident_bytes(self) -> int:
+        return parameter_bytes(self.model)
+
+    def preview_image(self, step: Step, request: Request) -> np.ndarray:
+        """The model's x0 prediction at ``step`` as an image (it predicts the clean image every step)."""
+        return patches_to_image(np.array(step.preview), request.height, request.width)
+
+    def summary(self, result: Result) -> str:
+        """The tail of the one-line summary after an image: the seam-smoothing passes it cost."""
+        passes = result.request.seam_passes
+        return f" | seam smoothing +{passes} passes" if passes else ""
 
     def encode(self, request: Request, refs=None) -> Conditioning:
         uncond = UNCOND_PROMPT if request.negative_prompt is None else request.negative_prompt
@@ -251,7 +270,7 @@ class Engine:
     def _run(self, request: Request, on_step: Optional[Callable[[Step, float], None]]) -> Result:
         mx.reset_peak_memory()
         start = time.perf_counter()
-        refs, request = self.prepare(request)
+        refs, request = self.prepare_references(request)
         key = (request.prompt, request.negative_prompt, request.height, request.width, request.recipe.uses_cfg)
         cache = self.conditioning_cache if refs is None else None
         cond = cache.get(key) if cache is not None else None
@@ -288,15 +307,5 @@ class Engine:
         total = time.perf_counter() - start
         peak = mx.get_peak_memory()
         mx.clear_cache()
-        from hidream_mlx.workflow.reproduce import reproduction_fields  # lazy: reproduce -> requests -> this module
-
-        meta = {**request.metadata(), **self.describe(), **reproduction_fields(request, self)}
+        meta = {**request.metadata(), **self.describe()}
         return Result(image, request, step_times, encode_time, total, peak, meta)
-
-
-def preview_image(step: Step, request: Request) -> np.ndarray:
-    """The model's x0 prediction at ``step`` as an image (it predicts the clean image every step;
-    a HiDream-I1 step decodes its x0 latent with the VAE)."""
-    if hasattr(step, "image"):
-        return step.image()
-    return patches_to_image(np.array(step.preview), request.height, request.width)

@@ -12,16 +12,13 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-def uses_cfg(guidance: float) -> bool:
-    """The one rule for CFG: a scale above 1 runs the unconditional pass; 1 or less runs none
-    (the official pipeline's ``guidance_scale > 1`` test)."""
-    return guidance > 1.0
-
+from hidream_mlx.family import uses_cfg
+from hidream_mlx.weights.source import model_name
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    scheduler: str  # "flash", "flow_match" or "unipc" (see pipeline.sampler_for)
+    scheduler: str  # "flash", "flow_match" or "unipc" (see sampling.sampler_for)
     steps: int
     shift: float
     guidance: float  # classifier-free guidance on v; <= 1 runs no unconditional pass
@@ -87,11 +84,6 @@ def recipe_for_references(name: str, num_refs: int, editing_scheduler: str = "fl
     if editing_scheduler == "flash" and not editing:
         raise ValueError("--editing-scheduler flash only applies to a Dev recipe (dev, dev-2604) with exactly one --ref")
     return "dev-edit" if editing and editing_scheduler == "flow_match" else name
-
-
-def model_name(name_or_path: str) -> str:
-    """The model's own name: a repo id's or a folder's last component (never its parents)."""
-    return str(name_or_path).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
 
 
 def recipe_for_name(name: str) -> str:

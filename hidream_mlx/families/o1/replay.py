@@ -14,15 +14,13 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
+from hidream_mlx.family import ReplayError
+from hidream_mlx.files import open_case
 from hidream_mlx.families.o1.patches import patches_to_image
 from hidream_mlx.families.o1.sampling import Conditioning, PromptState, prompt_state, sample, schedule_for
 from hidream_mlx.families.o1.recipes import Recipe, get_recipe
 from hidream_mlx.families.o1.transformer import HiDreamO1
 from hidream_mlx.families.o1.vision import load_vision_tower
-
-
-class ReplayError(ValueError):
-    """A case file we cannot replay."""
 
 
 def prefix_length(token_types: np.ndarray) -> int:
@@ -186,14 +184,6 @@ REPLAYERS: dict[str, Callable] = {
     "dev_sampling": replay_dev,
     "full_sampling": replay_full,
 }
-
-
-def open_case(case: Path):
-    """A case file's arrays (an ``NpzFile``; no pickled objects), or a ReplayError naming it."""
-    try:
-        return np.load(case, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ReplayError(f"{case}: not a readable .npz file ({e})") from None
 
 
 def replay_case(model: HiDreamO1, case: Path, model_dir: Path) -> dict[str, np.ndarray]:

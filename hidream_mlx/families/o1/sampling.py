@@ -20,7 +20,8 @@ import numpy as np
 from hidream_mlx.families.o1.patches import grid_size, patchify
 from hidream_mlx.families.o1.positions import t2i_positions
 from hidream_mlx.families.o1.prompt import UNCOND_PROMPT, Tokenizer, encode_prompt
-from hidream_mlx.families.o1.recipes import Recipe, uses_cfg
+from hidream_mlx.families.o1.recipes import Recipe
+from hidream_mlx.family import uses_cfg
 from hidream_mlx.families.o1.seam_smoothing import SeamSmoothing, ShiftedPass, shifted_grid_positions
 from hidream_mlx.schedulers import (
     FlashEulerSampler,

@@ -1,111 +1,20 @@
-"""What ``hidream-mlx info`` prints: a model's weights per component and the memory a request
-needs, for both families, from safetensors headers alone (nothing is loaded, nothing downloaded).
-
-The numbers come from ``memory`` (O1) and ``models.i1.memory`` (I1); this module only checks
-the request and lays the lines out. Size limits are checked first: a request that cannot run
-gets one error, never memory advice.
+"""What ``info`` says about HiDream-I1: the transformer's size at each precision and every phase's
+predicted peak (from safetensors headers alone), and the settings an I1 image carries.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-from hidream_mlx.memory import (
-    ComponentSize,
-    checkpoint_sizes,
-    format_bytes,
-    machine_memory,
-    predict_load_peak_bytes,
-    predict_peak_bytes,
-    skeleton_shapes,
-    uses_fused_attention,
-    weight_sizes,
-    working_set,
-)
+from hidream_mlx.family import check_number, uses_cfg
+from hidream_mlx.memory import format_bytes, machine_memory, uses_fused_attention
 from hidream_mlx.families.i1.memory import ENCODERS, LEVELS, QUANTIZABLE_ENCODERS, I1Memory, phase_peaks
 from hidream_mlx.families.i1.recipes import get_i1_recipe
 from hidream_mlx.families.i1.sizes import DEFAULT_SIZE as I1_DEFAULT_SIZE
 from hidream_mlx.families.i1.source import I1Source
 from hidream_mlx.families.i1.text_encoding import DEFAULT_MAX_SEQUENCE_LENGTH
 from hidream_mlx.families.i1.weights import expert_widths
-from hidream_mlx.families.o1.synthetic import synthetic_config
-from hidream_mlx.weights.source import ModelSource
-from hidream_mlx.quant.plans import check_requested_bits
 from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
-from hidream_mlx.families.o1.recipes import get_recipe, recipe_for_model, uses_cfg
-from hidream_mlx.requests import RequestError, check_free_size, check_number
-
-O1_DEFAULT_SIDE = 2048
-COMPONENT_ORDER = ["language_model.embed_tokens", "language_model.layers", "language_model.norm",
-                   "x_embedder", "t_embedder1", "final_layer2"]
-
-
-def size_table(sizes: dict[str, ComponentSize], order: list[str] = COMPONENT_ORDER) -> list[str]:
-    rank = {name: i for i, name in enumerate(order)}
-    items = sorted(sizes.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0]))
-    width = max(len(name) for name in sizes)
-    return [f"  {name:<{width}}  {size.parameters:>15,} params  {format_bytes(size.nbytes):>10}"
-            for name, size in items]
-
-
-def verdict_line(need: int) -> str:
-    have = machine_memory()
-    where = "Metal recommended working set" if uses_fused_attention() else "physical RAM"
-    verdict = "fits" if need <= have else "does NOT fit (try -q 6 or -q 4, or a smaller size)"
-    return f"machine: {format_bytes(have)} ({where}); this request {verdict}"
-
-
-def o1_info_lines(model_arg: Optional[str], dims: Optional[str], layers: Optional[int], bits: Optional[int],
-                  dtype: str, dtype_bytes: int, width: Optional[int], height: Optional[int],
-                  guidance: Optional[float], text_tokens: int, note=lambda line: None) -> list[str]:
-    """The O1 report: a checkpoint folder (``model_arg``) or random weights of ``dims``."""
-    width, height = width or O1_DEFAULT_SIDE, height or O1_DEFAULT_SIDE
-    check_free_size(width, height)
-    if text_tokens < 3:
-        raise RequestError(f"--text-tokens must be at least 3, got {text_tokens}")
-    if dims is not None:
-        config = synthetic_config(dims, layers)
-        loaded, skipped = weight_sizes(skeleton_shapes(config), dtype_bytes, bits), {}
-        title, recipe_guidance = f"random {dims} ({config.text.num_hidden_layers} layers)", 1.0
-    else:
-        source = ModelSource.resolve(model_arg, allow_download=False)  # info never downloads 33 GB
-        config = source.config
-        if config.quantization and bits:
-            check_requested_bits(config.quantization, bits)  # as generate: another width is refused
-            bits = None
-        loaded, skipped = checkpoint_sizes(source, dtype_bytes, bits)
-        title = str(source.path)
-        recipe_guidance = get_recipe(recipe_for_model(source.name, config.hidream)).guidance
-    guidance = recipe_guidance if guidance is None else guidance
-    check_number("guidance", guidance)
-    cfg_pass = uses_cfg(guidance)
-    weights = sum(s.nbytes for s in loaded.values())
-    t = config.text
-    quant = f", decoder linears Q{bits} (group {DEFAULT_GROUP_SIZE}, scales/biases in {dtype})" if bits else ""
-    if config.quantization:
-        quant = f", stored quantization {config.quantization}"
-
-    lines = [f"model: {title}",
-             f"architecture: {t.num_hidden_layers} layers, hidden {t.hidden_size}, heads {t.num_attention_heads}/"
-             f"{t.num_key_value_heads} x {t.head_dim}, MLP {t.intermediate_size}, vocab {t.vocab_size}",
-             f"weights loaded for text-to-image ({dtype}{quant}):"]
-    lines += size_table(loaded)
-    lines.append(f"  total: {sum(s.parameters for s in loaded.values()):,} params, {format_bytes(weights)}")
-    if skipped:
-        lines.append("never loaded for text-to-image (stored size):")
-        lines += size_table(skipped)
-    lines.append(f"predicted peak while loading: {format_bytes(predict_load_peak_bytes(weights))}")
-    lines.append(f"request: {width}x{height}, guidance {guidance:g} ({'2 passes' if cfg_pass else '1 pass'}), "
-                 f"{text_tokens} text tokens assumed")
-    for fused, where in ((False, "CPU (attention scores materialized)"), (True, "Metal (fused attention)")):
-        ws = working_set(t, width, height, text_tokens, cfg_pass, dtype_bytes, fused_attention=fused)
-        peak = predict_peak_bytes(weights, t, width, height, cfg_pass, text_tokens, dtype_bytes, fused)
-        here = " <- this machine" if fused == uses_fused_attention() else ""
-        lines.append(f"predicted peak on {where}: {format_bytes(peak)} (working set {format_bytes(ws.total)}: "
-                     f"prefix cache {format_bytes(ws.prefix_cache)}, activations {format_bytes(ws.activations)}, "
-                     f"scores {format_bytes(ws.attention_scores)}, latents {format_bytes(ws.latents)}){here}")
-    lines.append(verdict_line(predict_peak_bytes(weights, t, width, height, cfg_pass, text_tokens, dtype_bytes)))
-    return lines
 
 
 def check_i1_size(source: I1Source, width: int, height: int, no_snap: bool) -> tuple[int, int, str]:
@@ -179,3 +88,28 @@ def i1_info_lines(model_arg: str, llama_arg, dtype: str, dtype_bytes: int, width
     where = "Metal recommended working set" if here else "physical RAM"
     lines.append(f"machine: {format_bytes(have)} ({where}); this request: {fits}")
     return lines
+
+
+def recorded_i1_settings(meta: dict) -> dict:
+    """Option values (named like the CLI's, underscores) that re-create the I1 image in ``meta``."""
+    recipe = dict(meta.get("recipe_settings") or {})
+    settings = {"prompt": meta["prompt"], "seed": meta["seed"], "recipe": meta.get("recipe"),
+                "width": meta.get("width"), "height": meta.get("height"), "no_snap": True}
+    for key in ("steps", "guidance", "shift"):
+        settings[key] = recipe.get(key, meta.get(key))
+    if recipe.get("mu_shift", meta.get("mu_shift")):
+        settings.pop("shift")  # the official exp(mu) second shift is what leaving --shift out gives
+    if meta.get("step_noise_seed") not in (None, meta["seed"]):
+        settings["step_noise_seed"] = meta["step_noise_seed"]
+    settings["negative_prompt"] = meta.get("negative_prompt")
+    settings["dtype"] = meta.get("dtype")
+    bits = meta.get("quantize_bits")
+    settings["quantize_bits"] = str(bits) if bits else None
+    settings["llama"] = meta.get("llama")
+    settings["encoder_bits"] = str(meta["encoder_bits"]) if meta.get("encoder_bits") else None
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def describe_i1_image(meta: dict) -> list[str]:
+    return [f"  HiDream-I1 | seed {meta.get('seed')} (step noise {meta.get('step_noise_seed')}) | "
+            f"{meta.get('width')}x{meta.get('height')} | second shift {meta.get('second_shift')}"]

@@ -29,7 +29,7 @@ from hidream_mlx.quant.plans import EMBEDDINGS, QuantPlan, resolve_plan
 from hidream_mlx.quant.quantization import quantize_weight
 from hidream_mlx.quant.recipes import BUILTIN_RECIPES, KEEP, MODE, LayerSetting
 from hidream_mlx.families.o1.engine import Engine, Request
-from hidream_mlx.weights.loading import load_model
+from hidream_mlx.families.o1.loading import load_model
 from hidream_mlx.families.o1.prompt import Tokenizer
 
 DEFAULT_PROMPT = "a lighthouse on a rocky coast at sunset, waves, warm light"

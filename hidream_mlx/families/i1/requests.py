@@ -1,0 +1,83 @@
+"""HiDream-I1's requests: what one image needs besides the loaded pipeline, and the rules that
+check it (recipe, presets, the area size rule, the per-step noise seed).
+
+The shared request builder (``hidream_mlx.requests``) has checked the prompt and every number's
+range before it calls :func:`build_i1_request`; nothing here loads a weight.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Optional
+
+from hidream_mlx.family import SEED_MAX, RequestError
+from hidream_mlx.families.i1.recipes import FAMILY, I1_RECIPES, I1Recipe, apply_i1_preset, get_i1_recipe
+from hidream_mlx.families.i1.sizes import DEFAULT_SIZE
+
+
+@dataclass(frozen=True)
+class I1Request:
+    prompt: str
+    width: int
+    height: int
+    seed: int  # torch.Generator("cpu").manual_seed(seed) draws the initial latents
+    recipe: I1Recipe
+    size_note: str = ""
+    negative_prompt: Optional[str] = None  # replaces the empty negative prompt (CFG recipes only)
+    step_noise_seed: Optional[int] = None  # Dev/Fast: seed of the per-step noise (None: seed)
+    family: ClassVar[str] = FAMILY
+    # What O1 requests have and I1 ones never use, so the application reads every request alike.
+    references: ClassVar[tuple] = ()
+    seam_passes: ClassVar[int] = 0
+    blend_seams: ClassVar[int] = 0
+
+    def metadata(self) -> dict:
+        """What an I1 image records about its request: the historical top-level keys O1 images
+        have, plus the family, the shift rule and both seeds."""
+        rec = self.recipe
+        meta = {
+            "family": FAMILY,
+            "prompt": self.prompt,
+            "seed": self.seed,
+            "step_noise_seed": self.seed if self.step_noise_seed is None else self.step_noise_seed,
+            "width": self.width,
+            "height": self.height,
+            "recipe": rec.name,
+            "official_recipe": rec.official,
+            "steps": rec.steps,
+            "guidance": rec.guidance,
+            "shift": rec.shift,
+            "mu_shift": rec.mu_shift,
+            "recipe_settings": rec.settings(),
+        }
+        if self.negative_prompt is not None:
+            meta["negative_prompt"] = self.negative_prompt
+        return meta
+
+
+def build_i1_request(model, options: dict, note: Callable[[str], None]) -> I1Request:
+    """A checked :class:`I1Request` (``model``: an I1Source or an I1Engine)."""
+    source = getattr(model, "source", None) or model
+    name = options.get("recipe") or getattr(model, "default_recipe", None) or source.variant
+    try:
+        rec = get_i1_recipe(name)
+        if options.get("preset"):
+            rec = apply_i1_preset(rec, options["preset"])
+        rec = rec.with_overrides(steps=options.get("steps"), guidance=options.get("guidance"),
+                                 shift=options.get("shift"))
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    step_noise_seed = options.get("step_noise_seed")
+    if step_noise_seed is not None and rec.scheduler != "flash":
+        users = ", ".join(n for n, r in I1_RECIPES.items() if r.scheduler == "flash")
+        raise RequestError(f"--step-noise-seed has no effect with the {rec.name} recipe (UniPC draws no per-step "
+                           f"noise); it applies to: {users}")
+    try:
+        w, h, size_note = source.render_size(options.get("width") or DEFAULT_SIZE,
+                                             options.get("height") or DEFAULT_SIZE, not options.get("no_snap"))
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    seed = options.get("seed")
+    seed = secrets.randbelow(SEED_MAX + 1) if seed is None else seed
+    return I1Request(options["prompt"], w, h, seed, rec, size_note=size_note, step_noise_seed=step_noise_seed)
