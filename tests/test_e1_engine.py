@@ -18,7 +18,7 @@ from hidream_mlx.families.i1.edit_engine import E1Engine, request_texts
 from hidream_mlx.families.i1.edit_metadata import recorded_edit_settings
 from hidream_mlx.families.i1.edit_sizes import resize_plan
 from hidream_mlx.families.i1.text_encoding import TextEncoders
-from hidream_mlx.families.o1.engine import Request
+from hidream_mlx.families.i1.edit_requests import E1Request as Request
 from hidream_mlx.files import sha256_file
 
 
@@ -152,3 +152,18 @@ def test_a_source_that_cannot_be_edited_fails_before_the_encoders_load(engines, 
         engine.encode_prompts([Request("x", *e1_1_budget(), 1, engine.recipe(), references=(str(broken),))])
     with pytest.raises(ValueError, match="exactly one source image"):
         engine.run(Request("x", *e1_1_budget(), 1, engine.recipe()))
+
+
+def test_prepare_encodes_then_loads_once_and_announce_names_the_sizes(layout):
+    engine = E1Engine.load(layout["e1_1"], base=layout["base"], dtype="float32")
+    recipe = engine.recipe().with_overrides(steps=1, refine_strength=0.0)
+    jobs = [Request("Make it blue.", *e1_1_budget(), seed, recipe, references=(str(layout["source"]),))
+            for seed in (1, 2)]
+    notes = []
+    engine.prepare(jobs, notes.append)
+    assert notes[0].startswith("prompts encoded") and "for 2 edits" in notes[-1]
+    assert engine.resident_bytes() > 0
+    plan = engine.edit_plan(jobs[0])
+    line = engine.announce(jobs[0])
+    assert f"at {plan.size[0]}x{plan.size[1]}" in line[0] and "no refine stage" in line[0]
+    assert line[1].startswith("note: settings differ")

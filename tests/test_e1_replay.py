@@ -11,7 +11,7 @@ import pytest
 from e1_support import FIXTURES, assert_image_close, golden, max_abs, user_layout
 from hidream_mlx.families.i1.edit_replay import replay_e1_case
 from hidream_mlx.families.i1.edit_source import E1Source
-from hidream_mlx.families.o1.replay import ReplayError
+from hidream_mlx.family import ReplayError
 
 
 @pytest.fixture(scope="module")

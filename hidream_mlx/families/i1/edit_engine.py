@@ -31,8 +31,9 @@ import numpy as np
 from PIL import Image
 
 from hidream_mlx import __version__
-from hidream_mlx.families.i1.edit_metadata import request_metadata
-from hidream_mlx.families.i1.edit_recipes import E1Recipe, effective_negative, get_e1_recipe
+from hidream_mlx.families.i1.edit_metadata import run_metadata
+from hidream_mlx.families.i1.edit_recipes import FAMILY, E1Recipe, get_e1_recipe
+from hidream_mlx.families.i1.edit_requests import E1Request as Request
 from hidream_mlx.families.i1.edit_sampling import EDIT, EditConditioning, EditStep, edit_texts, sample_edit
 from hidream_mlx.families.i1.edit_sizes import (ResizePlan, edit_max_seq, resize_plan, resize_source,
                                                 restore_source_size)
@@ -43,29 +44,22 @@ from hidream_mlx.families.i1.sampling import Conditioning
 from hidream_mlx.families.i1.text_encoding import PromptCache, PromptEmbedding, TextEncoders
 from hidream_mlx.families.i1.vae import to_uint8
 from hidream_mlx.families.i1.weights import load_transformer_planned, load_vae
-from hidream_mlx.families.o1.engine import NonFiniteLatentError, Request, Result
+from hidream_mlx.family import NonFiniteLatentError, Result
 from hidream_mlx.images import open_rgb
-from hidream_mlx.memory import format_bytes
+from hidream_mlx.memory import format_bytes, parameter_bytes
 from hidream_mlx.noise import TorchRandn
 from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
 from hidream_mlx.weights.lora import I1_KEYS, LoRASpec, attach_adapter, replace_loras, set_adapters_enabled
 from hidream_mlx.weights.precision import parse_dtype
+from hidream_mlx.weights.source import model_identity
 
-FAMILY = "e1"
 NOISE_KINDS = ("torch", "mlx")
-
-
-def source_of(request: Request) -> Path:
-    """The one source image an edit request carries."""
-    if len(request.references) != 1:
-        raise ValueError(f"an edit takes exactly one source image (--ref), got {len(request.references)}")
-    return Path(request.references[0])
 
 
 def request_texts(request: Request) -> list[str]:
     """The distinct texts a request encodes, in first-use order."""
     rec: E1Recipe = request.recipe
-    edit, refine = edit_texts(request.prompt, effective_negative(rec, request.negative_prompt), rec)
+    edit, refine = edit_texts(request.prompt, request.negative, rec)
     return list(dict.fromkeys(edit + (refine if rec.refine_steps else [])))
 
 
@@ -143,7 +137,8 @@ class E1Engine:
         return {"model": self.model_arg, "family": FAMILY, "e1_model": self.source.kind, "base": self.source.base_arg,
                 "dtype": self.dtype, "quantization": self.quantization, "llama": self.source.llama.given,
                 "encoder_bits": self.encoder_bits,
-                **({"loras": [s.to_dict() for s in self.loras]} if self.loras else {}), "tool_version": __version__}
+                **({"loras": [s.to_dict() for s in self.loras]} if self.loras else {}), "tool_version": __version__,
+                **model_identity(self.source)}
 
     def recipe(self, name: Optional[str] = None) -> E1Recipe:
         return get_e1_recipe(name or self.default_recipe)
@@ -202,7 +197,7 @@ class E1Engine:
             planned = self._plan if self._plan and self._plan[0] == request else [request]
             self._encode_group(planned)
         rec: E1Recipe = request.recipe
-        edit, refine = edit_texts(request.prompt, effective_negative(rec, request.negative_prompt), rec)
+        edit, refine = edit_texts(request.prompt, request.negative, rec)
 
         def batch(texts):
             e = PromptEmbedding.concatenate(self.prompts.lookup(self.encoders, texts))
@@ -218,11 +213,11 @@ class E1Engine:
     def edit_plan(self, request: Request) -> ResizePlan:
         """How the request's source is resized (reads the image's size, not its weights)."""
         rec: E1Recipe = request.recipe
-        return resize_plan(rec.size_rule, open_rgb(source_of(request)).size, request.width, request.height)
+        return resize_plan(rec.size_rule, open_rgb(request.source).size, request.width, request.height)
 
     def source_latents(self, request: Request) -> tuple[mx.array, ResizePlan]:
         """The resized source's latents [1, C, h, w] (encoded once per file, size and rule)."""
-        path, rec = source_of(request), request.recipe
+        path, rec = request.source, request.recipe
         stat = os.stat(path)
         key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, rec.size_rule, request.width, request.height)
         if key not in self._sources:
@@ -315,7 +310,7 @@ class E1Engine:
         start = time.perf_counter()
         if request.noise not in NOISE_KINDS:
             raise ValueError(f"unknown noise kind {request.noise!r}; choose one of {', '.join(NOISE_KINDS)}")
-        source_of(request)  # before anything loads
+        self.edit_plan(request)  # one readable source at a size its rule can make, before anything loads
         cond = self._conditioning(request)
         encode_time, self._unreported_encode = self._unreported_encode, 0.0
         if self._plan and self._plan[0] == request:
@@ -331,8 +326,46 @@ class E1Engine:
         if request.recipe.keep_source_size:
             image = np.asarray(restore_source_size(Image.fromarray(image), plan.source))
         total = time.perf_counter() - start
-        meta = {**request_metadata(request, plan, self.source), **self.describe()}
+        meta = {**request.metadata(), **run_metadata(request, plan, self.source), **self.describe()}
         return Result(image, request, step_times, encode_time, total, max(self.phase_peaks.values()), meta)
+
+    # --- what the application drives (hidream_mlx.family.Family's engine protocol) ---
+
+    def prepare(self, requests: Sequence[Request], note: Callable[[str], None]) -> None:
+        """Every source checked and every prompt encoded first (encoders freed), then the
+        transformer loaded once."""
+        seconds = self.encode_prompts(requests)
+        note(f"prompts encoded in {seconds:.1f} s ({len(self.prompts)} distinct texts); text encoders freed")
+        self.load_transformer()
+        for lora in self.loras:
+            note(lora.line())
+        note(f"model loaded once in {self.load_time:.1f} s"
+             f"{f' for {len(requests)} edits' if len(requests) > 1 else ''}")
+
+    def announce(self, request: Request) -> list[str]:
+        rec: E1Recipe = request.recipe
+        plan = self.edit_plan(request)
+        refine = f"refine from step {rec.refine_start + 1}" if rec.refine_steps else "no refine stage"
+        lines = [f"edit {request.source.name} {plan.source[0]}x{plan.source[1]} at {plan.size[0]}x{plan.size[1]}; "
+                 f"recipe {rec.name}, {rec.steps} steps, guidance {rec.guidance:g}, image guidance "
+                 f"{rec.image_guidance:g}, {refine}, seed {request.seed}"]
+        if not rec.official:
+            lines.append(f"note: settings differ from the released {rec.name} recipe")
+        return lines
+
+    def check_loras(self, specs: Sequence[LoRASpec]) -> None:
+        check_loras(self.source, specs)
+
+    def resident_bytes(self) -> int:
+        """The edit transformer's bytes once loaded (0 before: it loads after the prompts)."""
+        return parameter_bytes(self.transformer) if self.transformer is not None else 0
+
+    def preview_image(self, step: I1Step, request: Request) -> np.ndarray:
+        """The step's x0 prediction decoded by the VAE."""
+        return step.image()
+
+    def summary(self, result: Result) -> str:
+        return f" | phases: {self.phase_summary()}"
 
     def phase_summary(self) -> str:
         return ", ".join(f"{name} {format_bytes(peak)}" for name, peak in self.phase_peaks.items())

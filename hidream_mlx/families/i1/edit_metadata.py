@@ -1,17 +1,15 @@
-"""What an edited image records about its request: enough to run the edit again.
+"""What an edited image records beyond its request's own ``metadata()``: enough to run it again.
 
-The historical top-level keys every output has (``prompt``, ``seed``, ``width``, ``height``,
-``recipe``, ``steps``, ``guidance``, ...) plus the editing settings, the size that was edited
-and the source: its file name and sha256 (never a local path) under ``reference_files`` as O1
-references are recorded, and its size. ``width``/``height`` are the request's (the budget for E1.1, the exact size for
-E1-Full); ``edited_size`` is what the rule made of the source.
+The engine adds what only the run knows: the size the rule made of the source (``edited_size``),
+the transformer's ``max_seq``, and the source: its file name and sha256 (never a local path)
+under ``reference_files``, as O1 references are recorded, with its size. ``width``/``height``
+stay the request's (E1.1's budget, E1-Full's exact size).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from hidream_mlx.families.i1.edit_recipes import FAMILY, E1Recipe, effective_negative, target_prompt
 from hidream_mlx.families.i1.edit_sizes import ResizePlan, edit_max_seq
 from hidream_mlx.files import sha256_file
 
@@ -22,35 +20,11 @@ def source_record(path: Path | str) -> dict:
     return {"name": path.name, "sha256": sha256_file(path)}
 
 
-def request_metadata(request, plan: ResizePlan, source) -> dict:
-    """``Request.metadata`` for an edit (``source``: the :class:`~.edit_source.E1Source` that ran)."""
-    rec: E1Recipe = request.recipe
-    negative = effective_negative(rec, request.negative_prompt)
-    meta = {
-        "family": FAMILY,
-        "prompt": request.prompt,
-        "seed": request.seed,
-        "noise": request.noise,
-        "width": request.width,
-        "height": request.height,
-        "edited_size": list(plan.size),
-        "recipe": rec.name,
-        "official_recipe": rec.official and negative == rec.negative_prompt,
-        "steps": rec.steps,
-        "guidance": rec.guidance,
-        "image_guidance": rec.image_guidance,
-        "refine_strength": rec.refine_strength,
-        "clip_cfg_norm": rec.clip_cfg_norm,
-        "negative_prompt": negative,
-        "max_seq": edit_max_seq(request.width, request.height, source.pixels_per_token),
-        "recipe_settings": rec.settings(),
-        "reference_files": [source_record(request.references[0])],
-        "source_size": list(plan.source),
-    }
-    target = target_prompt(request.prompt)
-    if target != request.prompt:
-        meta["target_prompt"] = target
-    return meta
+def run_metadata(request, plan: ResizePlan, source) -> dict:
+    """The run's part of an edited image's metadata (``source``: the ``E1Source`` that ran)."""
+    return {"edited_size": list(plan.size),
+            "max_seq": edit_max_seq(request.width, request.height, source.pixels_per_token),
+            "reference_files": [source_record(request.source)], "source_size": list(plan.source)}
 
 
 def recorded_edit_settings(meta: dict) -> dict:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 from hidream_mlx.families.i1.edit_sizes import BUDGET, EXACT
-from hidream_mlx.families.o1.recipes import uses_cfg
+from hidream_mlx.family import uses_cfg
 
 FAMILY = "e1"
 E1_1, E1_FULL = "e1.1", "e1-full"

@@ -40,7 +40,8 @@ from hidream_mlx.families.i1.text_encoding import PromptEmbedding
 from hidream_mlx.families.i1.transformer import patchify
 from hidream_mlx.families.i1.vae import preprocess_uint8
 from hidream_mlx.families.i1.weights import load_transformer_planned, load_vae
-from hidream_mlx.families.o1.replay import ReplayError, open_case
+from hidream_mlx.family import ReplayError
+from hidream_mlx.files import open_case
 from hidream_mlx.noise import TorchRandn
 from hidream_mlx.weights.loading import stream_into
 from hidream_mlx.weights.lora import attach_adapter, set_adapters_enabled

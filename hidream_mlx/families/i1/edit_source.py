@@ -29,17 +29,16 @@ from typing import ClassVar, Optional
 
 import mlx.core as mx
 
-from hidream_mlx.family import I1_PIPELINE_CLASSES, I1_REPOS, FamilyError, pipeline_class
 from hidream_mlx.families.i1.config import TransformerConfig, VAEConfig, read_json
 from hidream_mlx.families.i1.edit_recipes import E1_1, E1_FULL
 from hidream_mlx.families.i1.transformer import HiDreamImageTransformer
-from hidream_mlx.families.i1.source import LlamaSource, check_dims, resolve_llama
+from hidream_mlx.families.i1.source import (I1_PIPELINE_CLASSES, I1_REPOS, FamilyError, LlamaSource, check_dims,
+                                            pipeline_class, resolve_llama)
 from hidream_mlx.families.i1.weights import component_index, expert_widths
 from hidream_mlx.schedulers import Schedule, unipc_flow_sigmas_schedule, unipc_schedule, unipc_settings_problem
 from hidream_mlx.weights.loading import ModelLoadError, TensorInfo, read_safetensors_header
 from hidream_mlx.weights.lora import I1_KEYS, LoRAError, LoRALayer, layer_shape, linear_targets, lora_layers, split_key
-from hidream_mlx.weights.source import _fingerprint, is_repo_id, resolve_model_path
-from hidream_mlx.families.o1.recipes import model_name
+from hidream_mlx.weights.source import fingerprint, is_repo_id, model_name, resolve_model_path
 
 FAMILY = "e1"
 E1_1_REPO = "HiDream-ai/HiDream-E1-1"
@@ -349,6 +348,6 @@ def _resolve(arg: str, base_arg: str, llama: Optional[str], allow_download: bool
     index = model.index if e1_full is None else {**base_index, **e1_full.partial}
     config_bytes = json.dumps(raw, sort_keys=True).encode() + (base / "model_index.json").read_bytes()
     # the folder the model came in (a hub snapshot is fingerprinted by its revision)
-    fingerprint = _fingerprint(model.path.parent, config_bytes, {**index, **model.index})
-    return E1Source(model, base_arg, base, tcfg, vae, llama_source, scheduler, base_index, e1_full, fingerprint,
+    identity = fingerprint(model.path.parent, config_bytes, {**index, **model.index})
+    return E1Source(model, base_arg, base, tcfg, vae, llama_source, scheduler, base_index, e1_full, identity,
                     raw.get("quantization"), (f"note: {llama_source.describe()}",))
