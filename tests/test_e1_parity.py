@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from e1_support import FIXTURES, TOL, golden, max_abs, user_layout
-from hidream_mlx.families.i1.edit_replay import e1_case_kind, edit_transformer, replay_e1_case
+from hidream_mlx.families.i1.edit_replay import e1_case_kind, edit_transformer, replay_e1, replay_e1_case
 from hidream_mlx.families.i1.edit_sampling import edit_model_input, image_rows
 from hidream_mlx.families.i1.edit_source import E1Source
 from hidream_mlx.families.i1.sampling import Conditioning
@@ -110,3 +110,12 @@ def test_every_recorded_step_teacher_forced_within_1e_4(name, tag, sources):
         out = model(batch, mx.full((batch.shape[0],), float(t)), c.t5, c.llama_stack, c.pooled, int(case["max_seq"]))
         ref = case["refine.model_output"][i - start] if refining else case["edit.model_output_left"][i]
         assert max_abs(out[..., :width], ref) < TOL, i
+
+
+def test_the_replay_command_s_entry_takes_the_base_alone_or_an_e1_model_on_it(layout):
+    encoded = replay_e1(str(layout["base"]), FIXTURES / "edit_encoding.npz")
+    assert compare(encoded, golden("edit_encoding"))
+    forward = replay_e1(str(layout["e1_1"]), FIXTURES / "edit_forward.npz", base=str(layout["base"]))
+    assert max_abs(forward["call1.output"], golden("edit_forward")["call1.output"]) < TOL
+    with pytest.raises(ValueError, match="give it with --model"):
+        replay_e1(str(layout["base"]), FIXTURES / "edit_forward.npz")

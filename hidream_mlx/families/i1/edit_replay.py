@@ -14,8 +14,9 @@ own key names, so every array compares one to one:
   ``reload_keys_unaliased`` (the non-official swap) edits with the base's transformer and loads
   the E1.1 weights into it for the refine stage, through the same stage hook E1-Full uses.
 
-``base`` is the I1 pipeline folder; ``source`` the :class:`~.edit_source.E1Source` of the E1
-model when a case needs the edit transformer.
+``replay_e1`` is what the ``replay`` command runs (``--model`` an E1 model with ``--base``, or the
+base pipeline alone for the cases that need no E1 weights); ``replay_e1_case`` takes the base
+folder and, when a case needs the edit transformer, the :class:`~.edit_source.E1Source`.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from hidream_mlx.families.i1.edit_recipes import E1_1, E1_FULL, E1_RECIPES, TARG
 from hidream_mlx.families.i1.edit_sampling import (EDIT, REFINE, EditConditioning, edit_model_input, edit_texts,
                                                    image_rows, sample_edit)
 from hidream_mlx.families.i1.edit_sizes import resize_source
-from hidream_mlx.families.i1.edit_source import E1Source, EditScheduler
+from hidream_mlx.families.i1.edit_source import E1Source, EditScheduler, e1_model_kind, resolve_base
 from hidream_mlx.families.i1.replay import TRANSFORMER_INPUTS, _encoders, _max_sequence_length, decode_outputs, \
     replay_text_encoding
 from hidream_mlx.families.i1.sampling import Conditioning
+from hidream_mlx.families.i1.source import resolve_llama
 from hidream_mlx.families.i1.text_encoding import PromptEmbedding
 from hidream_mlx.families.i1.transformer import patchify
 from hidream_mlx.families.i1.vae import preprocess_uint8
@@ -274,6 +276,18 @@ REPLAYERS: dict[str, Callable] = {
     "sampling": replay_sampling,
 }
 NEEDS_MODEL = ("edit_forward", "sampling")
+
+
+def replay_e1(model: str, case: Path, base: Optional[str] = None, llama: Optional[str] = None,
+              allow_download: bool = True) -> dict[str, np.ndarray]:
+    """What ``hidream-mlx replay`` runs for an E1 case: ``model`` is an E1 model (on ``base``,
+    default HiDream-I1-Full) or the base pipeline itself, which is enough for the cases that need
+    no E1 weights (``edit_encoding``, ``image_latents``)."""
+    if e1_model_kind(model) is not None:
+        source = E1Source.resolve(model, base, llama=llama, allow_download=allow_download)
+        return replay_e1_case(case, source.path, source, source.llama.folder)
+    pipeline = resolve_base(str(model), E1_1, allow_download)
+    return replay_e1_case(case, pipeline, None, resolve_llama(pipeline, llama, allow_download).folder)
 
 
 def replay_e1_case(case: Path, base: Path, source: Optional[E1Source] = None,
