@@ -1,4 +1,5 @@
-"""HiDream-E1's request: one edit of one source image, and what it records about itself.
+"""HiDream-E1's request: one edit of one source image, what it records about itself, and the
+rules that check it (:func:`build_e1_request`) before any weight loads.
 
 ``width`` and ``height`` are what the user asked for: E1.1's pixel budget (the source keeps its
 aspect within it) or E1-Full's exact size; the edited size follows from the source
@@ -7,11 +8,18 @@ aspect within it) or E1-Full's exact size; the edited size follows from the sour
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
-from hidream_mlx.families.i1.edit_recipes import FAMILY, E1Recipe, effective_negative, target_prompt
+from hidream_mlx.families.i1.edit_recipes import (E1_FULL, FAMILY, TARGET_MARKER, E1Recipe, effective_negative,
+                                                  get_e1_recipe, target_prompt)
+from hidream_mlx.families.i1.edit_sizes import BUDGET, resize_plan
+from hidream_mlx.family import SEED_MAX, RequestError
+from hidream_mlx.images import open_rgb
+
+NOISE_KINDS = ("torch", "mlx")
 
 
 @dataclass(frozen=True)
@@ -67,3 +75,45 @@ class E1Request:
         if target != self.prompt:
             meta["target_prompt"] = target
         return meta
+
+
+def recipe_from_options(name: str, options: dict) -> E1Recipe:
+    """The recipe ``name`` with the user's overrides (option names as the CLI's, underscored)."""
+    clip = False if options.get("no_clip_cfg_norm") else None
+    try:
+        return get_e1_recipe(name).with_overrides(
+            steps=options.get("steps"), guidance=options.get("guidance"), image_guidance=options.get("image_guidance"),
+            refine_strength=options.get("refine_strength"), clip_cfg_norm=clip,
+            keep_source_size=options.get("keep_source_size"))
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+
+
+def build_e1_request(model, options: dict, note: Callable[[str], None]) -> E1Request:
+    """A checked :class:`E1Request` (``model``: an ``E1Source`` or an ``E1Engine``): one readable
+    source (``refs``) at a size its recipe's rule can make, the recipe and its overrides."""
+    source = getattr(model, "source", None) or model
+    rec = recipe_from_options(options.get("recipe") or getattr(model, "default_recipe", None) or source.variant,
+                              options)
+    refs = tuple(str(r) for r in options.get("refs") or ())
+    if not refs:
+        raise RequestError("a HiDream-E1 model edits a source image: give it with --ref SOURCE")
+    if len(refs) > 1:
+        raise RequestError(f"a HiDream-E1 edit takes one --ref (the source image), got {len(refs)}")
+    noise = options.get("noise") or "torch"
+    if noise not in NOISE_KINDS:
+        raise RequestError(f"--noise {noise}: choose {' or '.join(NOISE_KINDS)}")
+    width, height = options.get("width") or rec.width, options.get("height") or rec.height
+    try:
+        plan = resize_plan(rec.size_rule, open_rgb(refs[0]).size, width, height)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    how = f"aspect kept within {width}x{height} pixels" if rec.size_rule == BUDGET else "resized to exactly this size"
+    size_note = f"{plan.size[0]}x{plan.size[1]} from the {plan.source[0]}x{plan.source[1]} source ({how})"
+    if rec.name == E1_FULL and TARGET_MARKER not in options["prompt"]:
+        note(f"note: E1-Full was trained on 'Editing Instruction: <instruction>. {TARGET_MARKER} <description>'; "
+             "without the description its refine stage uses the whole prompt")
+    seed = options.get("seed")
+    seed = secrets.randbelow(SEED_MAX + 1) if seed is None else seed
+    return E1Request(options["prompt"], width, height, seed, rec, refs, options.get("negative_prompt"), noise,
+                     size_note)
