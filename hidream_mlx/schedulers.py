@@ -9,10 +9,16 @@ passes to ``scheduler.step``: ``-(x_pred - z) / sigma`` (see ``Schedule.velocity
 Schedules are computed with the same float32/float64 mix as the reference (diffusers and the
 official ``fm_solvers_unipc``), because the sampling loop feeds ``timesteps`` to the model and
 tiny sigma differences would otherwise show up in the images.
+
+The UniPC update is the same in the official ``FlowUniPCMultistepScheduler`` and in diffusers'
+``UniPCMultistepScheduler`` with flow sigmas (bh2, order 2, x0 prediction); only their schedules
+differ (:func:`unipc_schedule` shifts twice, :func:`unipc_flow_sigmas_schedule` once), so both
+run through :class:`UniPCSampler`.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -89,6 +95,49 @@ def unipc_schedule(num_steps: int, shift: float = 1.0) -> Schedule:
     sigmas = _shift(np.linspace(sigma_max, sigma_min, num_steps + 1)[:-1], shift)
     timesteps = (sigmas * NUM_TRAIN_TIMESTEPS).astype(np.int64)
     return Schedule(timesteps, np.append(sigmas, 0.0).astype(_F32))
+
+
+def unipc_flow_sigmas_schedule(num_steps: int, flow_shift: float) -> Schedule:
+    """diffusers' ``UniPCMultistepScheduler.set_timesteps(num_steps)`` with ``use_flow_sigmas``
+    and no ``mu``: one shift only (unlike :func:`unipc_schedule`).
+
+    ``s = linspace(1, 1/1000, N + 1)[:-1]`` shifted by ``flow_shift``; a first sigma of exactly 1
+    is lowered by 1e-6 (the log-SNR of sigma 1 would be -inf); timesteps ``int64(s * 1000)``
+    (truncated), sigmas float32 with a final 0. Computed in float64 as diffusers does.
+    """
+    sigmas = np.linspace(1.0, 1.0 / NUM_TRAIN_TIMESTEPS, num_steps + 1)[:-1]
+    sigmas = _shift(sigmas, float(flow_shift))
+    if sigmas[0] == 1.0:
+        sigmas[0] -= 1e-6
+    timesteps = (sigmas * NUM_TRAIN_TIMESTEPS).astype(np.int64)
+    return Schedule(timesteps, np.append(sigmas, 0.0).astype(_F32))
+
+
+# What UniPCSampler implements, as diffusers' UniPCMultistepScheduler config keys; other values
+# of these keys change the update rule or the schedule and are refused.
+UNIPC_FIXED_SETTINGS = {
+    "solver_order": 2, "solver_type": "bh2", "predict_x0": True, "lower_order_final": True,
+    "prediction_type": "flow_prediction", "use_flow_sigmas": True, "final_sigmas_type": "zero",
+    "thresholding": False, "disable_corrector": [], "solver_p": None, "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
+    "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+    "sigma_min": None, "sigma_max": None, "shift_terminal": None,
+}
+
+
+def unipc_settings_problem(config: dict) -> Optional[str]:
+    """None when a diffusers ``UniPCMultistepScheduler`` config is what :class:`UniPCSampler`
+    with :func:`unipc_flow_sigmas_schedule` runs; else the first setting that differs, as
+    ``key = value (expected ...)``. Keys the config leaves out take diffusers' defaults, which
+    are the expected values except ``use_flow_sigmas`` (off by default, so it must be given)."""
+    defaults = {"use_flow_sigmas": False, "prediction_type": "epsilon"}
+    for key, expected in UNIPC_FIXED_SETTINGS.items():
+        value = config.get(key, defaults.get(key, expected))
+        if value != expected:
+            return f"{key} = {json.dumps(value)} (expected {json.dumps(expected)})"
+    shift = config.get("flow_shift", 1.0)
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or shift <= 0:
+        return f"flow_shift = {json.dumps(shift)} (expected a positive number)"
+    return None
 
 
 def fixed_schedule(timesteps) -> Schedule:

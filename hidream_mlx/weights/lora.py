@@ -22,6 +22,10 @@ Applying: a float ``nn.Linear`` gets ``W + scale * (alpha / rank) * B @ A`` merg
 in float32, cast back, evaluated layer by layer so only one layer's temporaries exist); an
 ``nn.QuantizedLinear`` is wrapped in :class:`LoRALinear`, which adds the low-rank path beside the
 quantized matmul and never dequantizes. Several LoRAs stack.
+
+A model's own adapter that must be switched off mid-run (HiDream-E1-Full's LoRA) is not merged:
+:func:`attach_adapter` puts it beside the layer as an :class:`AdapterLinear` and
+:func:`set_adapters_enabled` switches it; user LoRAs then apply to the layer underneath.
 """
 
 from __future__ import annotations
@@ -127,6 +131,49 @@ def check_scale(value, what: str = "--lora-scale") -> float:
     return float(value)
 
 
+class AdapterLinear(nn.Module):
+    """A linear layer with a model's own low-rank adapter beside it, which can be switched off:
+    ``base(x) + factor * (x @ A.T) @ B.T`` while ``enabled``, else ``base(x)`` exactly (PEFT's
+    ``enable_adapters`` / ``disable_adapters``). HiDream-E1-Full's LoRA is one: its refine stage
+    runs without it. ``base`` is float, quantized or a :class:`LoRALinear`; user LoRAs apply to it."""
+
+    def __init__(self, base: nn.Module, A: mx.array, B: mx.array, factor: float):
+        super().__init__()
+        self.base = base
+        self.lora_A = A
+        self.lora_B = B
+        self.factor = factor
+        self.enabled = True
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        return y + self.factor * ((x @ self.lora_A.T.astype(x.dtype)) @ self.lora_B.T.astype(x.dtype))
+
+
+def attach_adapter(model: nn.Module, layers: dict[str, LoRALayer], dtype: mx.Dtype) -> int:
+    """Put each layer (module path -> :class:`LoRALayer`, factor ``alpha / rank``) beside its
+    module as an enabled :class:`AdapterLinear`; returns how many."""
+    targets = linear_targets(model)
+    for path, layer in layers.items():
+        module = targets[path]
+        if isinstance(module, AdapterLinear):
+            raise LoRAError(f"{path}: already carries an adapter")
+        A, B = layer.A.astype(dtype), layer.B.astype(dtype)
+        mx.eval(A, B)
+        _replace(model, path, AdapterLinear(module, A, B, layer.alpha / layer.rank))
+    return len(layers)
+
+
+def set_adapters_enabled(model: nn.Module, enabled: bool) -> int:
+    """Switch every :class:`AdapterLinear` of ``model`` on or off; returns how many there are."""
+    adapters = [m for _, m in model.named_modules() if isinstance(m, AdapterLinear)]
+    for module in adapters:
+        module.enabled = bool(enabled)
+    return len(adapters)
+
+
 def parse_lora_options(paths: Sequence, scales: Sequence[float] = ()) -> list[LoRASpec]:
     """Pair ``--lora`` paths with ``--lora-scale`` values in order; missing scales are 1.0."""
     if len(scales) > len(paths):
@@ -175,7 +222,7 @@ def checked_specs(specs: Sequence[LoRASpec]) -> list[LoRASpec]:
 def linear_targets(model: nn.Module) -> dict[str, nn.Module]:
     """Every module a LoRA may change, by our module path."""
     return {path: m for path, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.QuantizedLinear, LoRALinear))
+            if isinstance(m, (nn.Linear, nn.QuantizedLinear, LoRALinear, AdapterLinear))
             and not path.endswith(".base")}
 
 
@@ -190,7 +237,13 @@ def read_lora(path: Path | str, targets: dict, keys: LoRAKeys = O1_KEYS) -> tupl
         tensors, metadata = mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError, OSError) as e:  # what mlx raises for a broken header
         raise LoRAError(f"{path}: not a readable safetensors file ({e})") from None
-    config = adapter_config(path, metadata)
+    return lora_layers(tensors, adapter_config(path, metadata), targets, keys, path)
+
+
+def lora_layers(tensors: dict[str, mx.array], config: Optional[dict], targets: dict, keys: LoRAKeys,
+                path: Path | str) -> tuple[dict[str, LoRALayer], str]:
+    """:func:`read_lora` on tensors already read; ``config`` holds PEFT's ``lora_alpha`` (and
+    ``alpha_pattern``) or is None; ``path`` names the file in messages."""
     flat = underscore_map(targets)
     parts: dict[str, dict] = {}
     layouts, unrecognised = set(), []
@@ -279,7 +332,7 @@ def layer_shape(module) -> tuple[int, int]:
     """(out, in) of a linear layer, quantized or not (a shape tuple passes through)."""
     if isinstance(module, tuple):
         return module
-    if isinstance(module, LoRALinear):
+    while isinstance(module, (AdapterLinear, LoRALinear)):
         module = module.base
     if isinstance(module, nn.QuantizedLinear):
         return int(module.weight.shape[0]), int(module.weight.shape[1]) * 32 // module.bits
@@ -294,11 +347,16 @@ def merge_into(module: nn.Linear, layer: LoRALayer, factor: float) -> None:
     mx.eval(module.weight)
 
 
+def _module_at(model: nn.Module, path: str):
+    module = model
+    for name in path.split(".") if path else []:
+        module = module[int(name)] if isinstance(module, list) else getattr(module, name)
+    return module
+
+
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    *parents, last = path.split(".")
-    parent = model
-    for name in parents:
-        parent = parent[int(name)] if isinstance(parent, list) else getattr(parent, name)
+    parents, _, last = path.rpartition(".")
+    parent = _module_at(model, parents)
     if isinstance(parent, list):
         parent[int(last)] = new
     else:
@@ -318,6 +376,8 @@ def apply_lora(model: nn.Module, spec: LoRASpec, keep: Optional[dict] = None,
     for module_path, layer in layers.items():
         factor = spec.scale * layer.alpha / layer.rank
         module = targets[module_path]
+        if isinstance(module, AdapterLinear):  # the user's LoRA changes the layer under the adapter
+            module_path, module = module_path + ".base", module.base
         if isinstance(module, nn.Linear):
             if keep is not None:
                 keep.setdefault(module_path, module.weight)
@@ -401,10 +461,9 @@ def replace_loras(model: nn.Module, specs: Sequence[LoRASpec], keep: dict,
 
 def restore(model: nn.Module, keep: dict) -> None:
     """Put back what :func:`apply_lora` replaced (original weights and modules, by path)."""
-    targets = linear_targets(model)
     for path, original in keep.items():
         if isinstance(original, mx.array):
-            targets[path].weight = original
+            _module_at(model, path).weight = original
         else:
             _replace(model, path, original)
 

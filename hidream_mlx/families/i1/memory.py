@@ -140,8 +140,15 @@ class I1Memory:
     def from_source(cls, source) -> "I1Memory":
         """From an ``I1Source`` (or a pipeline folder: its own Llama)."""
         source = I1Source.resolve(source, allow_download=False)
-        path = Path(source.path)
-        llama_dir = source.llama.folder or path / COMPONENTS["llama"][0]
+        return cls.from_parts(Path(source.path), source.llama.folder, source.transformer, source.vae,
+                              dict(source.index), source.quantization)
+
+    @classmethod
+    def from_parts(cls, path: Path, llama_folder: Optional[Path], transformer_cfg: TransformerConfig,
+                   vae_cfg: VAEConfig, transformer_index: dict, quantization: Optional[dict]) -> "I1Memory":
+        """The encoders and VAE of the pipeline folder ``path`` (Llama from ``llama_folder``, else
+        its own) with a transformer given by its config, tensors and stored quantization."""
+        llama_dir = llama_folder or path / COMPONENTS["llama"][0]
         folders = {name: path / COMPONENTS[name][0] for name in ENCODERS}
         folders["llama"] = llama_dir
         cfgs = {
@@ -156,10 +163,10 @@ class I1Memory:
             "t5": Weights("t5", t5_tensors(folders["t5"]), linears=linear_paths(T5EncoderModel(cfgs["t5"]))),
             "llama": Weights("llama", llama_tensors(llama_dir), cfgs["llama"].quantization,
                              linear_paths(LlamaModel(cfgs["llama"]))),
-            "transformer": Weights("transformer", dict(source.index), source.quantization),
+            "transformer": Weights("transformer", transformer_index, quantization),
             "vae": Weights("vae", component_index(path / "vae")),
         }
-        return cls(source.transformer, source.vae, cfgs, weights)
+        return cls(transformer_cfg, vae_cfg, cfgs, weights)
 
     def component_bytes(self, name: str, bits: Optional[int], dtype_bytes: int) -> int:
         bits = bits if name in QUANTIZABLE_ENCODERS + ("transformer",) else None
@@ -194,18 +201,20 @@ def encoder_activations(name: str, cfg, batch: int, tokens: int, dtype_bytes: in
     return batch * tokens * (layer + scores + out * dtype_bytes)
 
 
-def sequence_tokens(cfg: TransformerConfig, width: int, height: int, vae_scale: int, text_tokens: int) -> int:
-    """Tokens of the joint attention: image patches (non-square: padded to ``max_seq``) and
-    T5 + the persistent Llama + one per-block Llama sequence."""
+def sequence_tokens(cfg: TransformerConfig, width: int, height: int, vae_scale: int, text_tokens: int,
+                    max_seq: Optional[int] = None) -> int:
+    """Tokens of the joint attention: image patches (non-square: padded to ``max_seq``, the
+    config's unless given) and T5 + the persistent Llama + one per-block Llama sequence."""
     ph, pw = height // vae_scale // cfg.patch_size, width // vae_scale // cfg.patch_size
-    image = ph * pw if ph == pw else max(cfg.max_seq, ph * pw)
+    image = ph * pw if ph == pw else max(cfg.max_seq if max_seq is None else max_seq, ph * pw)
     return image + 3 * text_tokens
 
 
 def sampling_activations(cfg: TransformerConfig, expert_width: int, width: int, height: int, vae_scale: int,
-                         batch: int, dtype_bytes: int, fused: bool, text_tokens: int) -> int:
+                         batch: int, dtype_bytes: int, fused: bool, text_tokens: int,
+                         max_seq: Optional[int] = None) -> int:
     """One denoising step beyond the weights: the busier of one block's attention and MoE."""
-    s = sequence_tokens(cfg, width, height, vae_scale, text_tokens)
+    s = sequence_tokens(cfg, width, height, vae_scale, text_tokens, max_seq)
     d = cfg.inner_dim
     attention = s * d * (ATTENTION_VECTORS * dtype_bytes + ROPE_F32_VECTORS * F32)
     scores = 0 if fused else cfg.num_attention_heads * s * s * dtype_bytes
@@ -232,6 +241,25 @@ def conv_scratch(c_in: int, c_out: int, pixels: int, kernel: int, dtype_bytes: i
     return 0
 
 
+def _conv(c_in: int, c_out: int, pixels: int, dt: int, fused: bool, held: int = 0, kernel: int = 3) -> int:
+    """A convolution's input, output and scratch, plus what its block still ``held``."""
+    return held + (c_in + c_out) * pixels * dt + conv_scratch(c_in, c_out, pixels, kernel, dt, fused)
+
+
+def _resnet(c_in: int, c_out: int, pixels: int, dt: int, fused: bool) -> int:
+    """A VAE resnet block's busiest convolution, its input kept for the residual sum."""
+    x = c_in * pixels * dt
+    shortcut = _conv(c_in, c_out, pixels, dt, fused, held=x + c_out * pixels * dt, kernel=1) if c_in != c_out else 0
+    return max(_conv(c_in, c_out, pixels, dt, fused, held=x), _conv(c_out, c_out, pixels, dt, fused, held=x), shortcut)
+
+
+def _mid(c: int, pixels: int, dt: int, fused: bool, attention: bool) -> int:
+    peak = _resnet(c, c, pixels, dt, fused)
+    if attention:
+        peak = max(peak, 6 * c * pixels * dt + (0 if fused else pixels * pixels * dt))
+    return peak
+
+
 def decode_activations(vcfg: VAEConfig, width: int, height: int, dtype_bytes: int, fused: bool) -> int:
     """The decoder's busiest moment at the size: a convolution with its input, output, scratch
     and whatever its block still holds (the residual input, or the upsampled copy)."""
@@ -239,30 +267,37 @@ def decode_activations(vcfg: VAEConfig, width: int, height: int, dtype_bytes: in
     pixels = (height // scale) * (width // scale)
     rev = list(reversed(vcfg.block_out_channels))
     dt = dtype_bytes
-
-    def conv(c_in, c_out, px, held=0, kernel=3):
-        return held + (c_in + c_out) * px * dt + conv_scratch(c_in, c_out, px, kernel, dt, fused)
-
-    def resnet(c_in, c_out, px):
-        x = c_in * px * dt  # kept for the residual sum
-        shortcut = conv(c_in, c_out, px, held=x + c_out * px * dt, kernel=1) if c_in != c_out else 0
-        return max(conv(c_in, c_out, px, held=x), conv(c_out, c_out, px, held=x), shortcut)
-
-    peak = conv(vcfg.latent_channels, rev[0], pixels)
+    peak = max(_conv(vcfg.latent_channels, rev[0], pixels, dt, fused),
+               _mid(rev[0], pixels, dt, fused, vcfg.mid_block_add_attention))
     c = rev[0]
-    peak = max(peak, resnet(c, c, pixels))
-    if vcfg.mid_block_add_attention:
-        scores = 0 if fused else pixels * pixels * dt
-        peak = max(peak, 6 * c * pixels * dt + scores)
     for i, c_out in enumerate(rev):
         for j in range(vcfg.layers_per_block + 1):
-            peak = max(peak, resnet(c if j == 0 else c_out, c_out, pixels))
+            peak = max(peak, _resnet(c if j == 0 else c_out, c_out, pixels, dt, fused))
         c = c_out
         if i < len(rev) - 1:
-            peak = max(peak, conv(c, c, 4 * pixels, held=c * pixels * dt))
+            peak = max(peak, _conv(c, c, 4 * pixels, dt, fused, held=c * pixels * dt))
             pixels *= 4
     image = vcfg.out_channels * pixels * (dt + 3 * F32)  # decoded, then scaled, clipped, rounded
-    return max(peak, conv(rev[-1], vcfg.out_channels, pixels) + image)
+    return max(peak, _conv(rev[-1], vcfg.out_channels, pixels, dt, fused) + image)
+
+
+def encode_activations(vcfg: VAEConfig, width: int, height: int, dtype_bytes: int, fused: bool) -> int:
+    """The encoder's busiest moment for a ``width x height`` image (the decoder's path run the
+    other way: full-resolution convolutions first, then a stride-2 one per block), plus the
+    float32 image it starts from."""
+    pixels, dt = width * height, dtype_bytes
+    chans = list(vcfg.block_out_channels)
+    peak = _conv(vcfg.in_channels, chans[0], pixels, dt, fused) + vcfg.in_channels * pixels * F32
+    c = chans[0]
+    for i, c_out in enumerate(chans):
+        for j in range(vcfg.layers_per_block):
+            peak = max(peak, _resnet(c if j == 0 else c_out, c_out, pixels, dt, fused))
+        c = c_out
+        if i < len(chans) - 1:
+            peak = max(peak, _conv(c, c, pixels // 4, dt, fused, held=c * pixels * dt))
+            pixels //= 4
+    peak = max(peak, _mid(c, pixels, dt, fused, vcfg.mid_block_add_attention))
+    return max(peak, _conv(c, 2 * vcfg.latent_channels, pixels, dt, fused))
 
 
 # ---------------------------------------------------------------------------------------------

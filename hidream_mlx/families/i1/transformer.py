@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
 import mlx.core as mx
@@ -16,10 +17,18 @@ from hidream_mlx.families.i1.moe import swiglu_hidden
 TIME_CHANNELS = 256
 
 
+@lru_cache(maxsize=None)
+def _frequencies(half: int) -> np.ndarray:
+    """``exp(-ln(1e4) i / half)``: the exponent in float32 as the reference computes it, the exp
+    correctly rounded. At t near 1000 one ulp of a frequency moves its sinusoid by ~1e-4, which
+    MLX's float32 exp would cost."""
+    exponent = np.float32(-math.log(10000.0)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    return np.exp(exponent.astype(np.float64)).astype(np.float32)
+
+
 def timestep_features(t: mx.array, channels: int = TIME_CHANNELS) -> mx.array:
     """Sinusoid of raw t in [0, 1000], ``[cos, sin]``, frequencies ``exp(-ln(1e4) i / half)``."""
-    half = channels // 2
-    freqs = mx.exp(-math.log(10000.0) * mx.arange(half, dtype=mx.float32) / half)
+    freqs = mx.array(_frequencies(channels // 2))
     arg = t.astype(mx.float32)[:, None] * freqs[None]
     return mx.concatenate([mx.cos(arg), mx.sin(arg)], axis=-1)
 
@@ -149,13 +158,14 @@ class HiDreamImageTransformer(nn.Module):
         out = [(f"double.{i}", b.block.ff_i) for i, b in enumerate(self.double_stream_blocks)]
         return out + [(f"single.{i}", b.block.ff_i) for i, b in enumerate(self.single_stream_blocks)]
 
-    def __call__(self, latents, timesteps, t5, llama_stack, pooled) -> mx.array:
+    def __call__(self, latents, timesteps, t5, llama_stack, pooled, max_seq: Optional[int] = None) -> mx.array:
         """Raw model output [B, C, h, w] (the pipeline negates it). ``timesteps`` [B] are raw
         t in [0, 1000]; ``t5`` [B, T, t5_width]; ``llama_stack`` [L, B, T, llama_width];
-        ``pooled`` [B, text_emb_dim]."""
+        ``pooled`` [B, text_emb_dim]. ``max_seq`` replaces the config's padded length for a
+        non-square input (the editing pipeline sets its own; padding changes the attention)."""
         cfg = self.cfg
         b = latents.shape[0]
-        patches = patchify(latents, cfg.patch_size, cfg.max_seq)
+        patches = patchify(latents, cfg.patch_size, cfg.max_seq if max_seq is None else max_seq)
         t_emb = self.t_embedder.timestep_embedder(timestep_features(mx.broadcast_to(timesteps, (b,))))
         p_emb = self.p_embedder.pooled_embedder(pooled)
         temb = t_emb + p_emb

@@ -84,12 +84,15 @@ def _assign(module, infos: dict[str, TensorInfo], dtype, convert=None, lazy: boo
 
 
 def load_transformer_planned(folder: Path | str, dtype: mx.Dtype = mx.float32, lazy: bool = True,
-                             bits: Optional[int] = None, group_size: int = DEFAULT_GROUP_SIZE):
-    """``load_transformer`` that also returns the quantization plan it runs with (or None)."""
+                             bits: Optional[int] = None, group_size: int = DEFAULT_GROUP_SIZE,
+                             infos: Optional[dict[str, TensorInfo]] = None):
+    """``load_transformer`` that also returns the quantization plan it runs with (or None).
+    ``infos`` (name -> where the tensor is) replaces the folder's own tensors, e.g. the base's
+    with some taken from another file (HiDream-E1-Full's partial tensors)."""
     folder = Path(folder)
     raw = read_json(folder / "config.json")
     cfg = TransformerConfig.from_dict(raw, folder / "config.json")
-    infos = component_index(folder)
+    infos = component_index(folder) if infos is None else infos
     model = HiDreamImageTransformer(cfg, expert_widths(infos, folder))
     try:
         plan = load_plan(model, raw.get("quantization"), bits, group_size, scheme=I1_LAYERS)

@@ -1,0 +1,371 @@
+"""HiDream-E1 editing behind the same engine interface as ``I1Engine`` (``run(request) -> Result``).
+
+A request edits one source image (``request.references``, exactly one) with an instruction
+(``request.prompt``) under an :class:`~.edit_recipes.E1Recipe`; ``request.width/height`` are
+the budget (E1.1) or the exact size (E1-Full). Phases, each alone in memory as I1's:
+
+1. prompts: the four encoders over every distinct text of the planned requests (prompt,
+   negative prompt, E1-Full's target description), then freed;
+2. the source: resized by the recipe's rule and encoded by the VAE (posterior mode); the
+   latents are kept per source and size, the VAE stays (it is small);
+3. the edit transformer (E1.1's own; or I1-Full's with E1-Full's partial tensors and its LoRA
+   as a switchable side path), loaded once; the refine stage switches E1-Full's LoRA off as the
+   official run does (E1.1's official weight swap changes nothing, so nothing is done);
+4. the decode (and, with ``keep_source_size``, the resize back to the source's size).
+
+Seeds: ``request.seed`` is ``torch.Generator("cpu").manual_seed(seed)``'s ``randn`` for the
+initial latents (``noise="torch"``), as the fixtures record; the official scripts draw on a CUDA
+generator, which is not reproduced. ``noise="mlx"`` draws from ``mx.random`` instead.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+from hidream_mlx import __version__
+from hidream_mlx.families.i1.edit_metadata import run_metadata
+from hidream_mlx.families.i1.edit_recipes import FAMILY, E1Recipe, get_e1_recipe
+from hidream_mlx.families.i1.edit_requests import E1Request as Request
+from hidream_mlx.families.i1.edit_sampling import EDIT, EditConditioning, EditStep, edit_texts, sample_edit
+from hidream_mlx.families.i1.edit_sizes import (ResizePlan, edit_max_seq, resize_plan, resize_source,
+                                                restore_source_size)
+from hidream_mlx.families.i1.edit_source import E1Source
+from hidream_mlx.families.i1.engine import EMBEDDING_BUDGET, I1_DTYPES, I1Step
+from hidream_mlx.families.i1.lora_targets import check_loras
+from hidream_mlx.families.i1.sampling import Conditioning
+from hidream_mlx.families.i1.text_encoding import PromptCache, PromptEmbedding, TextEncoders
+from hidream_mlx.families.i1.vae import to_uint8
+from hidream_mlx.families.i1.weights import load_transformer_planned, load_vae
+from hidream_mlx.family import NonFiniteLatentError, Result
+from hidream_mlx.images import open_rgb
+from hidream_mlx.memory import format_bytes, parameter_bytes
+from hidream_mlx.noise import TorchRandn
+from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
+from hidream_mlx.weights.lora import I1_KEYS, LoRASpec, attach_adapter, replace_loras, set_adapters_enabled
+from hidream_mlx.weights.precision import parse_dtype
+from hidream_mlx.weights.source import model_identity
+
+NOISE_KINDS = ("torch", "mlx")
+
+
+def request_texts(request: Request) -> list[str]:
+    """The distinct texts a request encodes, in first-use order."""
+    rec: E1Recipe = request.recipe
+    edit, refine = edit_texts(request.prompt, request.negative, rec)
+    return list(dict.fromkeys(edit + (refine if rec.refine_steps else [])))
+
+
+def initial_noise(kind: str, seed: int, shape: tuple) -> mx.array:
+    """``torch.randn(shape)`` of a CPU generator seeded ``seed`` (the pipeline's draw), or MLX's."""
+    if kind == "torch":
+        return mx.array(TorchRandn(seed).randn(tuple(shape)))
+    if kind == "mlx":
+        return mx.random.normal(tuple(shape), dtype=mx.float32, key=mx.random.key(seed))
+    raise ValueError(f"unknown noise kind {kind!r}; choose one of {', '.join(NOISE_KINDS)}")
+
+
+class E1Engine:
+    """A HiDream-E1 model on its I1-Full base, ready to edit (weights load on first need)."""
+
+    family = FAMILY
+
+    def __init__(self, source: E1Source, dtype: str = "bfloat16", quantize_bits: Optional[int] = None,
+                 encoder_bits: Optional[int] = None, loras: Sequence[LoRASpec] = ()):
+        if dtype not in I1_DTYPES:
+            raise ValueError(f"--dtype {dtype} is not available for HiDream-E1; choose {' or '.join(I1_DTYPES)}")
+        self.source = source
+        self.path = source.path
+        self.model_arg = source.arg
+        self.dtype = dtype
+        self.quantize_bits = quantize_bits
+        self.encoder_bits = encoder_bits
+        asked = {"bits": quantize_bits, "group_size": DEFAULT_GROUP_SIZE} if quantize_bits else None
+        self.quantization = source.quantization or asked
+        self.loras: list = []
+        self.lora_specs: tuple = tuple(check_loras(source, loras))
+        self._lora_keep: Optional[dict] = None  # originals the LoRAs replaced, kept only to switch in place
+        self._switching = False
+        self.keep_vision = False
+        self.default_recipe = source.variant
+        self.encoders = TextEncoders(source.path, dtype=parse_dtype(dtype), llama_dir=source.llama.folder,
+                                     quantize_bits=encoder_bits)
+        self.prompts = PromptCache()
+        self.transformer = None
+        self.vae = None
+        self.load_time = 0.0
+        self.phase_peaks: dict[str, int] = {}
+        self._sources: dict[tuple, tuple[mx.array, ResizePlan]] = {}  # encoded sources by file and size
+        self._plan: list[Request] = []
+        self._planned = False
+        self._unreported_encode = 0.0
+
+    @classmethod
+    def load(cls, model, dtype: str = "bfloat16", quantize_bits: Optional[int] = None, lazy: bool = False,
+             loras: Sequence = (), encoder_bits: Optional[int] = None, llama: Optional[str] = None, *,
+             base: Optional[str] = None) -> "E1Engine":
+        """An engine for ``model`` on ``base`` (default HiDream-I1-Full; an :class:`E1Source` or
+        what resolves to one), with ``I1Engine.load``'s other arguments; nothing heavy loads here."""
+        return cls(E1Source.resolve(model, base, llama=llama), dtype, quantize_bits, encoder_bits, loras)
+
+    @property
+    def keep_loaded(self) -> bool:
+        return self.encoders.keep_loaded
+
+    @keep_loaded.setter
+    def keep_loaded(self, value: bool) -> None:
+        self.encoders.keep_loaded = bool(value)
+
+    @property
+    def conditioning_cache(self) -> PromptCache:
+        return self.prompts
+
+    @conditioning_cache.setter
+    def conditioning_cache(self, value) -> None:
+        if value is None:
+            self.prompts, self._sources = PromptCache(), {}
+            self._plan, self._planned = [], False
+
+    def describe(self) -> dict:
+        return {"model": self.model_arg, "family": FAMILY, "e1_model": self.source.kind, "base": self.source.base_arg,
+                "dtype": self.dtype, "quantization": self.quantization, "llama": self.source.llama.given,
+                "encoder_bits": self.encoder_bits,
+                **({"loras": [s.to_dict() for s in self.loras]} if self.loras else {}), "tool_version": __version__,
+                **model_identity(self.source)}
+
+    def recipe(self, name: Optional[str] = None) -> E1Recipe:
+        return get_e1_recipe(name or self.default_recipe)
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        mx.reset_peak_memory()
+        try:
+            yield
+        finally:
+            self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), mx.get_peak_memory())
+
+    def _text_bytes(self) -> int:
+        t5_width, llama_width = self.source.transformer.caption_channels
+        tokens = self.encoders.max_sequence_length
+        values = self.source.llama.num_layers * tokens * llama_width + tokens * t5_width
+        return (values + self.source.transformer.text_emb_dim) * parse_dtype(self.dtype).size
+
+    def _drop_transformer(self) -> None:
+        if self.transformer is not None and not self.keep_loaded:
+            self.transformer = None
+            mx.clear_cache()
+
+    def encode_prompts(self, requests: Sequence[Request]) -> float:
+        """Plan ``requests`` (run in this order) and encode their texts before the transformer loads.
+        Every request's source is checked first (one image, readable, a size its rule can make)."""
+        for request in requests:
+            self.edit_plan(request)
+        self._plan, self._planned = list(requests), True
+        return self._encode_group(self._plan) if self._plan else 0.0
+
+    def _encode_group(self, upcoming: Sequence[Request]) -> float:
+        group: list[str] = []
+        for request in upcoming:
+            texts = [t for t in request_texts(request) if t not in group]
+            if group and (len(group) + len(texts)) * self._text_bytes() > EMBEDDING_BUDGET:
+                break
+            group += texts
+        if all(t in self.prompts for t in group):
+            return 0.0
+        start = time.perf_counter()
+        self._drop_transformer()
+        self.prompts.keep_only(group)
+        with self._phase("encoders"):
+            embeddings = self.prompts.lookup(self.encoders, group)
+            mx.eval([(e.pooled_embeds, e.t5_embeds, e.llama_hidden_states) for e in embeddings])
+        if not self.keep_loaded:
+            self.encoders.free()
+        mx.clear_cache()
+        seconds = time.perf_counter() - start
+        self._unreported_encode += seconds
+        return seconds
+
+    def _conditioning(self, request: Request) -> EditConditioning:
+        if any(t not in self.prompts for t in request_texts(request)):
+            planned = self._plan if self._plan and self._plan[0] == request else [request]
+            self._encode_group(planned)
+        rec: E1Recipe = request.recipe
+        edit, refine = edit_texts(request.prompt, request.negative, rec)
+
+        def batch(texts):
+            e = PromptEmbedding.concatenate(self.prompts.lookup(self.encoders, texts))
+            return Conditioning(e.t5_embeds, e.llama_hidden_states, e.pooled_embeds)
+
+        return EditConditioning(batch(edit), batch(refine) if rec.refine_steps else None)
+
+    def _vae(self):
+        if self.vae is None:
+            self.vae = load_vae(self.path / "vae", parse_dtype(self.dtype), lazy=False)
+        return self.vae
+
+    def edit_plan(self, request: Request) -> ResizePlan:
+        """How the request's source is resized (reads the image's size, not its weights)."""
+        rec: E1Recipe = request.recipe
+        return resize_plan(rec.size_rule, open_rgb(request.source).size, request.width, request.height)
+
+    def source_latents(self, request: Request) -> tuple[mx.array, ResizePlan]:
+        """The resized source's latents [1, C, h, w] (encoded once per file, size and rule)."""
+        path, rec = request.source, request.recipe
+        stat = os.stat(path)
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, rec.size_rule, request.width, request.height)
+        if key not in self._sources:
+            image = open_rgb(path)
+            plan = resize_plan(rec.size_rule, image.size, request.width, request.height)
+            pixels = np.asarray(resize_source(image, rec.size_rule, request.width, request.height))
+            with self._phase("vae"):
+                latents = self._vae().encode_uint8(pixels).astype(mx.float32)
+                mx.eval(latents)
+            self._sources[key] = (latents, plan)
+        return self._sources[key]
+
+    def load_transformer(self) -> None:
+        """Load the edit transformer if it is not resident (``load_time`` adds the seconds)."""
+        if self.transformer is not None:
+            return
+        start = time.perf_counter()
+        dtype = parse_dtype(self.dtype)
+        with self._phase("transformer"):
+            self.transformer, plan = load_transformer_planned(self.source.transformer_folder, dtype, lazy=False,
+                                                              bits=self.quantize_bits, group_size=DEFAULT_GROUP_SIZE,
+                                                              infos=self.source.index)
+            if self.source.e1_full is not None:
+                attach_adapter(self.transformer, self.source.e1_full.lora, dtype)
+        self.quantization = plan.description if plan is not None else None
+        if self.lora_specs:
+            self.loras, keep = replace_loras(self.transformer, self.lora_specs, {}, I1_KEYS)
+            self._lora_keep = keep if self._switching else None  # unkept originals are freed now
+        self.load_time += time.perf_counter() - start
+
+    def use_loras(self, specs: Sequence[LoRASpec]) -> None:
+        """Run with exactly ``specs`` (user LoRAs, on top of E1-Full's own adapter) from now on."""
+        specs = tuple(check_loras(self.source, specs))
+        self._switching = True
+        if specs == self.lora_specs:
+            return
+        self.lora_specs = specs
+        if self.transformer is None:
+            self.loras = []
+        elif self._lora_keep is None and self.loras:  # the originals were not kept: load afresh
+            self.transformer, self.loras = None, []
+            mx.clear_cache()
+        else:
+            self.loras, self._lora_keep = replace_loras(self.transformer, specs, self._lora_keep or {}, I1_KEYS)
+
+    def _on_stage(self, stage: str) -> None:
+        """The official refine swap: E1-Full's LoRA off for the refine stage (on for editing)."""
+        if self.source.e1_full is not None:
+            set_adapters_enabled(self.transformer, stage == EDIT)
+
+    def _sample(self, request: Request, cond: EditConditioning, image_latents: mx.array,
+                on_step: Optional[Callable]) -> tuple[mx.array, list]:
+        rec: E1Recipe = request.recipe
+        schedule = self.source.scheduler.schedule(rec.steps)
+        max_seq = edit_max_seq(request.width, request.height, self.source.pixels_per_token)
+        compute, transformer = parse_dtype(self.dtype), self.transformer
+
+        def model(x, t, t5, llama, pooled, seq):
+            return transformer(x.astype(compute), t, t5, llama, pooled, seq)
+
+        step_times: list[float] = []
+        last = [time.perf_counter()]
+        latents = initial_noise(request.noise, request.seed, tuple(image_latents.shape))
+        before = [latents]
+
+        def each_step(step: EditStep):
+            if not bool(mx.isfinite(step.latent).all()):  # already evaluated: one tiny reduction per step
+                raise NonFiniteLatentError(f"the latent became non-finite (NaN or inf) at step {step.index + 1} of "
+                                           f"{len(schedule)}; no image written (check --guidance and the weights)")
+            now = time.perf_counter()
+            step_times.append(now - last[0])
+            last[0] = now
+            x0 = before[0] - float(schedule.sigmas[step.index]) * step.guided
+            before[0] = step.latent
+            if on_step is not None:
+                on_step(I1Step(step.index, len(schedule), float(schedule.timesteps[step.index]), step.latent, x0,
+                               self._vae_image), step_times[-1])
+
+        with self._phase("transformer"):
+            final = sample_edit(model, cond, image_latents, latents, rec, schedule, max_seq, self._on_stage, each_step)
+        return final, step_times
+
+    def _vae_image(self, latent: mx.array) -> np.ndarray:
+        image = to_uint8(self._vae().decode_latents(latent.astype(parse_dtype(self.dtype))))[0]
+        mx.eval(image)
+        return np.array(image)
+
+    def run(self, request: Request, on_step: Optional[Callable] = None) -> Result:
+        """One edit: embeddings (encoded once), the source's latents, the steps, the decode."""
+        start = time.perf_counter()
+        if request.noise not in NOISE_KINDS:
+            raise ValueError(f"unknown noise kind {request.noise!r}; choose one of {', '.join(NOISE_KINDS)}")
+        self.edit_plan(request)  # one readable source at a size its rule can make, before anything loads
+        cond = self._conditioning(request)
+        encode_time, self._unreported_encode = self._unreported_encode, 0.0
+        if self._plan and self._plan[0] == request:
+            self._plan.pop(0)
+        image_latents, plan = self.source_latents(request)
+        self.load_transformer()
+        latent, step_times = self._sample(request, cond, image_latents, on_step)
+        del cond
+        if self._planned and not self._plan:
+            self._drop_transformer()  # no planned edit needs it again: the decode runs alone
+        with self._phase("vae"):
+            image = self._vae_image(latent)
+        if request.recipe.keep_source_size:
+            image = np.asarray(restore_source_size(Image.fromarray(image), plan.source))
+        total = time.perf_counter() - start
+        meta = {**request.metadata(), **run_metadata(request, plan, self.source), **self.describe()}
+        return Result(image, request, step_times, encode_time, total, max(self.phase_peaks.values()), meta)
+
+    # --- what the application drives (hidream_mlx.family.Family's engine protocol) ---
+
+    def prepare(self, requests: Sequence[Request], note: Callable[[str], None]) -> None:
+        """Every source checked and every prompt encoded first (encoders freed), then the
+        transformer loaded once."""
+        seconds = self.encode_prompts(requests)
+        note(f"prompts encoded in {seconds:.1f} s ({len(self.prompts)} distinct texts); text encoders freed")
+        self.load_transformer()
+        for lora in self.loras:
+            note(lora.line())
+        note(f"model loaded once in {self.load_time:.1f} s"
+             f"{f' for {len(requests)} edits' if len(requests) > 1 else ''}")
+
+    def announce(self, request: Request) -> list[str]:
+        rec: E1Recipe = request.recipe
+        plan = self.edit_plan(request)
+        refine = f"refine from step {rec.refine_start + 1}" if rec.refine_steps else "no refine stage"
+        lines = [f"edit {request.source.name} {plan.source[0]}x{plan.source[1]} at {plan.size[0]}x{plan.size[1]}; "
+                 f"recipe {rec.name}, {rec.steps} steps, guidance {rec.guidance:g}, image guidance "
+                 f"{rec.image_guidance:g}, {refine}, seed {request.seed}"]
+        if not rec.official:
+            lines.append(f"note: settings differ from the released {rec.name} recipe")
+        return lines
+
+    def check_loras(self, specs: Sequence[LoRASpec]) -> None:
+        check_loras(self.source, specs)
+
+    def resident_bytes(self) -> int:
+        """The edit transformer's bytes once loaded (0 before: it loads after the prompts)."""
+        return parameter_bytes(self.transformer) if self.transformer is not None else 0
+
+    def preview_image(self, step: I1Step, request: Request) -> np.ndarray:
+        """The step's x0 prediction decoded by the VAE."""
+        return step.image()
+
+    def summary(self, result: Result) -> str:
+        return f" | phases: {self.phase_summary()}"
+
+    def phase_summary(self) -> str:
+        return ", ".join(f"{name} {format_bytes(peak)}" for name, peak in self.phase_peaks.items())
