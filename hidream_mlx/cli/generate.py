@@ -16,7 +16,8 @@ from hidream_mlx.families import family_named, option_choices, recipe_names
 from hidream_mlx.family import PRESET_NAMES, SEED_MAX, check_number, range_help
 from hidream_mlx.memory import format_bytes
 from hidream_mlx.requests import limits_help
-from hidream_mlx.weights.lora import MAX_LORA_SCALE, checked_specs, lora_memory, parse_lora_options
+from hidream_mlx.weights.lora import lora_memory
+from hidream_mlx.weights.lora_specs import MAX_LORA_SCALE, checked_specs, parse_lora_options
 from hidream_mlx.weights.precision import PRECISIONS
 
 USED_BY = family_named("o1").recipe_options  # the O1 options that only some of its recipes read

@@ -17,7 +17,7 @@ from typing import Optional
 from hidream_mlx.families import option_choices, recipe_names
 from hidream_mlx.family import RANGES
 from hidream_mlx.files import parse_json, read_text_file
-from hidream_mlx.weights.lora import checked_specs, specs_from_json
+from hidream_mlx.weights.lora_specs import checked_specs, specs_from_json
 
 VARIANT_KEYS = ("steps", "guidance", "size", "recipe", "shift", "blend_seams", "noise", "snap",
                 "seam_smoothing", "seam_window", "seam_strength")

@@ -24,7 +24,8 @@ from PIL import Image, UnidentifiedImageError
 from hidream_mlx.files import parse_json as parse_json_text
 from hidream_mlx.requests import check_prompt, kind_error, negative_text
 from hidream_mlx.workflow.batch import make_request as build_one
-from hidream_mlx.weights.lora import LoRAError, parse_lora_options
+from hidream_mlx.weights.lora import LoRAError
+from hidream_mlx.weights.lora_specs import parse_lora_options
 from hidream_mlx.weights.source import is_repo_id
 
 

@@ -38,7 +38,8 @@ from hidream_mlx.families.i1.text_encoding import PromptCache, PromptEmbedding, 
 from hidream_mlx.families.i1.vae import to_uint8
 from hidream_mlx.families.i1.lora_targets import check_loras
 from hidream_mlx.families.i1.weights import load_transformer_planned, load_vae
-from hidream_mlx.weights.lora import I1_KEYS, LoRASpec, replace_loras
+from hidream_mlx.weights.lora import I1_KEYS, replace_loras
+from hidream_mlx.weights.lora_specs import LoRASpec
 from hidream_mlx.weights.precision import parse_dtype
 from hidream_mlx.weights.source import model_identity
 from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
