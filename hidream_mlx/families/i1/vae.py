@@ -1,7 +1,9 @@
 """FLUX-style ``AutoencoderKL`` (HiDream-I1's VAE) in MLX: encoder and decoder.
 
-Internally channels-last (NHWC); the public ``decode``/``encode`` take and return NCHW like
-the reference. Module names match diffusers; conv weights are stored [O, kh, kw, I].
+Images in: ``encode_uint8`` (uint8 RGB -> transformer-space latents, what editing and
+image-to-image start from); latents out: ``decode_latents``. Internally channels-last (NHWC);
+the public ``decode``/``encode_*`` take and return NCHW like the reference. Module names match
+diffusers; conv weights are stored [O, kh, kw, I].
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from hidream_mlx.families.i1.config import VAEConfig
 
@@ -202,6 +205,35 @@ class AutoencoderKL(nn.Module):
     def encode_image(self, images: mx.array) -> mx.array:
         """Images [B, 3, H, W] in [-1, 1] -> transformer-space latents (the posterior mean)."""
         return self.to_model_space(self.encode_moments(images)[0])
+
+    @property
+    def scale(self) -> int:
+        """Pixels per latent cell."""
+        return 2 ** (len(self.cfg.block_out_channels) - 1)
+
+    def encode_uint8(self, image) -> mx.array:
+        """uint8 RGB [H, W, 3] (or [B, H, W, 3]) -> transformer-space latents [B, C, H/s, W/s]:
+        the posterior's mode (its mean, no sampling), shifted and scaled, the inverse of
+        :meth:`decode_latents`' normalisation. Sides must be multiples of :attr:`scale`."""
+        pixels = preprocess_uint8(image)
+        height, width = pixels.shape[-2:]
+        if height % self.scale or width % self.scale:
+            raise ValueError(f"a {width}x{height} image cannot be encoded: the VAE takes sides that are "
+                             f"multiples of {self.scale}")
+        dtype = self.encoder.conv_in.weight.dtype
+        return self.encode_image(mx.array(pixels).astype(dtype))
+
+
+def preprocess_uint8(image) -> np.ndarray:
+    """uint8 RGB HWC or BHWC -> float32 NCHW in [-1, 1]: ``2 * (x / 255) - 1`` in float32, as
+    diffusers' ``VaeImageProcessor.preprocess`` computes it."""
+    pixels = np.asarray(image)
+    if pixels.dtype != np.uint8 or pixels.ndim not in (3, 4) or pixels.shape[-1] != 3:
+        raise ValueError(f"expected a uint8 RGB image [H, W, 3] or [B, H, W, 3], got {pixels.dtype} "
+                         f"{list(pixels.shape)}")
+    scaled = pixels.astype(np.float32) / np.float32(255.0)
+    scaled = np.float32(2.0) * scaled - np.float32(1.0)
+    return np.ascontiguousarray((scaled if scaled.ndim == 4 else scaled[None]).transpose(0, 3, 1, 2))
 
 
 def to_uint8(image_float: mx.array) -> mx.array:
