@@ -20,7 +20,7 @@ from hidream_mlx.family import RequestError, check_number, option_flag
 SPECIAL_TOKEN = re.compile(r"<\|[^<>|\s]*\|>")
 # Numbers checked here for every family (the seam options have their own check in O1's rules).
 NUMBER_OPTIONS = ("seed", "width", "height", "steps", "guidance", "shift", "noise_scale", "s_noise", "noise_clip",
-                  "blend_seams", "step_noise_seed")
+                  "blend_seams", "step_noise_seed", "strength", "mask_blur")
 
 
 def check_prompt(prompt, flag: str = "--prompt") -> str:
