@@ -19,9 +19,8 @@ from hidream_mlx.families.i1.family import I1Family
 from hidream_mlx.families.o1.family import O1Family
 from hidream_mlx.families.o1.sizes import find_closest_resolution
 from hidream_mlx.files import sha256_file
-from hidream_mlx.harness.batteries import read_battery
+from hidream_mlx.harness.batteries import DEFAULT_VARIANT, read_battery
 from hidream_mlx.harness.evaluation import Job, check_jobs
-from hidream_mlx.harness.batteries import DEFAULT_VARIANT
 from hidream_mlx.images import read_metadata
 from hidream_mlx.requests import build_request
 
@@ -153,12 +152,12 @@ def test_o1_renders_the_source_s_own_size_with_no_snap_and_its_closest_bucket_wi
 
 def test_i1_renders_the_source_through_its_area_rule(tmp_path):
     w, h = size_of("i1")
-    src = write_picture(tmp_path / "s.png", 2 * w, 2 * h)
     source = family_of(I1_FIXTURES).resolve(str(I1_FIXTURES))
-    request, _ = resolve("i1", init_image=str(src))
-    assert (request.width, request.height) == source.render_size(2 * w, 2 * h, True)[:2]
-    exact, _ = resolve("i1", init_image=str(src), no_snap=True)
-    assert (exact.width, exact.height) == (2 * w, 2 * h)
+    square = write_picture(tmp_path / "square.png", 2 * w, 2 * w)  # square: any set's transformer takes it
+    request, _ = resolve("i1", init_image=str(square))
+    assert (request.width, request.height) == source.render_size(2 * w, 2 * w, True)[:2]
+    exact, _ = resolve("i1", init_image=str(write_picture(tmp_path / "own.png", w, h)), no_snap=True)
+    assert (exact.width, exact.height) == (w, h)
 
 
 @pytest.mark.parametrize("family", MODELS)
