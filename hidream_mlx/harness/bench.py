@@ -230,6 +230,13 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _: None) -> 
                        results)
 
 
+def spread(samples, unit: str, scale: float = 1.0, digits: int = 3) -> str:
+    """``<median> <unit> (min <a> / max <b>)``: a median with the range of the same samples
+    (in units of ``scale`` seconds); these machines are noisy, a median alone hides it."""
+    f = lambda s: f"{s / scale:.{digits}f}"  # noqa: E731
+    return f"{f(float(np.median(samples)))} {unit} (min {f(min(samples))} / max {f(max(samples))})"
+
+
 def token_ratio(result: BenchResult) -> float:
     """Tokens run per pass, cached over naive: (N + 1) / (T + N)."""
     return result.generation_tokens / (result.text_tokens + result.patches)
@@ -250,7 +257,7 @@ def report_lines(result: BenchResult) -> list[str]:
         f"({mode})",
         f"tokens: text {result.text_tokens}" + (f" (+{UNCOND_TOKENS} uncond)" if passes == 2 else "")
         + f", generation {result.generation_tokens} per pass, {passes * result.generation_tokens} per step",
-        f"cached: {cached.seconds_per_step:.3f} s/step (median of {c.repeats} run medians)",
+        f"cached: {spread(cached.run_medians, 's/step')} over {c.repeats} run medians",
         f"memory: peak RSS {format_bytes(result.peak_rss)} (ru_maxrss {format_bytes(result.ru_maxrss)}), "
         f"MLX peak {format_bytes(result.mlx_peak)}, baseline RSS {format_bytes(result.baseline_rss)}",
         f"working set: {format_bytes(result.working_set)} (peak RSS - weights - baseline); "
@@ -261,12 +268,12 @@ def report_lines(result: BenchResult) -> list[str]:
     for name in ("cfg-batched", "cfg-sequential"):
         other = result.variant(name)
         if other is not None:
-            lines.append(f"{name}: {other.seconds_per_step:.3f} s/step; default/{name.split('-')[1]} = "
+            lines.append(f"{name}: {spread(other.run_medians, 's/step')}; default/{name.split('-')[1]} = "
                          f"{cached.seconds_per_step / other.seconds_per_step:.3f}")
     naive = result.variant("naive")
     if naive is not None:
-        lines.append(f"naive: {naive.seconds_per_step:.3f} s/step (full sequence {result.text_tokens + result.patches}"
-                     f" tokens per pass)")
+        lines.append(f"naive: {spread(naive.run_medians, 's/step')}, full sequence {result.text_tokens + result.patches}"
+                     " tokens per pass")
         lines.append(f"ratio cached/naive: {cached.seconds_per_step / naive.seconds_per_step:.3f} "
                      f"(token ratio (N+1)/(T+N) = {result.generation_tokens}/"
                      f"{result.text_tokens + result.patches} = {token_ratio(result):.3f})")
