@@ -158,6 +158,6 @@ def test_i1_bench_times_steps_and_prints_the_routed_over_dense_ratio_last():
 
 
 def test_i1_bench_refuses_the_o1_only_options():
-    for extra in (["--compare-naive"], ["--dims", "real"], ["--layers", "2"]):
+    for extra in (["--compare-naive"], ["--dims", "real"], ["--layers", "2"], ["--prompt-tokens", "100"]):
         result = CliRunner().invoke(bench, ["--family", "i1", "--dims", "tiny", *extra])
         assert result.exit_code != 0 and "not --family i1" in str(result.exception), extra

@@ -7,6 +7,7 @@ ValueError (and the loader's ModelLoadError), which the CLI group turns into one
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from hidream_mlx.weights.precision import PRECISIONS
 from hidream_mlx.quant.recipes import SUPPORTED_BITS
@@ -50,8 +51,9 @@ def bench(family, dims, layers, bits, size, steps, guidance, compare_naive, comp
     `load <seconds> s, peak RSS <x> GiB, weights <y> GiB` (peak RSS: the process high-water mark).
     """
     if family == "i1" and not load_only:
+        given_tokens = click.get_current_context().get_parameter_source("prompt_tokens") != ParameterSource.DEFAULT
         o1_only = {"--dims real": dims == "real", "--layers": layers is not None, "--compare-naive": compare_naive,
-                   "--compare-cfg": compare_cfg, "--prompt-tokens": prompt_tokens != 100}
+                   "--compare-cfg": compare_cfg, "--prompt-tokens": given_tokens}
         given = [name for name, on in o1_only.items() if on]
         if given:
             raise ValueError(f"{given[0]} is for the O1 bench, not --family i1")
