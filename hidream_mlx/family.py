@@ -76,6 +76,8 @@ RANGES: dict[str, Range] = {
     "step_noise_seed": Range(0, SEED_MAX),
     "strength": Range(0, 1, low_open=True),
     "mask_blur": Range(0, 64),
+    "image_guidance": Range(0, 100),
+    "refine_strength": Range(0, 1),
 }
 INTEGER_OPTIONS = ("seed", "width", "height", "steps", "blend_seams", "preview_every", "step_noise_seed",
                    "mask_blur")
@@ -111,7 +113,8 @@ def uses_cfg(guidance: float) -> bool:
 
 
 # The recipe numbers a user may override (what an image records under ``recipe_settings``).
-RECIPE_NUMBERS = ("steps", "guidance", "shift", "noise_scale", "s_noise", "noise_clip")
+RECIPE_NUMBERS = ("steps", "guidance", "shift", "noise_scale", "s_noise", "noise_clip", "image_guidance",
+                  "refine_strength")
 
 # The explore -> re-render stages a user picks by name; each family says what a stage means for it.
 PRESET_NAMES = ("quick", "standard", "high", "official")
@@ -285,6 +288,9 @@ class Family:
     # How long a prompt may be in its own tokens, as --help says it ("HiDream-O1 at most 2,048 of its
     # tokens"); :meth:`build_request` applies the rule (the shared builder bounds the characters).
     prompt_rule: ClassVar[str] = ""
+    # Other families (by name) whose models may replay some of its recorded cases (HiDream-E1's
+    # cases that need no E1 weights replay on its base, a HiDream-I1 pipeline).
+    replay_models: ClassVar[tuple[str, ...]] = ()
 
     def recognises(self, arg: str) -> bool:
         """True when ``arg`` (a folder, a file or a repo id) is one of this family's models."""
@@ -347,5 +353,7 @@ class Family:
         return None
 
     def replay(self, arg, case_path, options: dict) -> dict:
-        """Replay a recorded case through this family's code: our outputs under the recorded keys."""
+        """Replay a recorded case through this family's code: our outputs under the recorded keys
+        (``arg``: a model of this family or of one in :attr:`replay_models`; ``options``: its
+        :attr:`load_options`)."""
         raise ReplayError(f"replay: not available for {self.title} models")

@@ -31,7 +31,7 @@ SPECIAL_TOKEN = re.compile(r"<\|[^<>|\s]*\|>")
 MAX_PROMPT_CHARS = 16_000
 # Numbers checked here for every family (the seam options have their own check in O1's rules).
 NUMBER_OPTIONS = ("seed", "width", "height", "steps", "guidance", "shift", "noise_scale", "s_noise", "noise_clip",
-                  "blend_seams", "step_noise_seed", "strength", "mask_blur")
+                  "blend_seams", "step_noise_seed", "strength", "mask_blur", "image_guidance", "refine_strength")
 # The JSON kind of each option a prompt-file line or a request body may carry.
 NUMBER = (int, float)
 OPTION_KINDS: dict[str, tuple] = {
@@ -41,6 +41,7 @@ OPTION_KINDS: dict[str, tuple] = {
     "noise": (str,), "blend_seams": (int,), "seam_smoothing": NUMBER, "seam_window": (str,),
     "seam_strength": NUMBER, "step_noise_seed": (int,), "editing_scheduler": (str,), "layout": (str,),
     "init_image": (str,), "mask": (str,), "strength": NUMBER, "mask_blur": (int,),
+    "image_guidance": NUMBER, "refine_strength": NUMBER, "no_clip_cfg_norm": (bool,), "keep_source_size": (bool,),
 }
 KIND_NAMES = {(bool,): "true or false (a JSON boolean)", (int,): "a whole number", NUMBER: "a number",
               (str,): "text"}
@@ -111,8 +112,10 @@ def family_of_model(model):
 
 
 def refuse_foreign_options(family, options: dict) -> None:
-    """One line for the first option that only another family reads."""
-    for other in registered():
+    """One line for the first option that only another family reads. An option the current family
+    lists in its own :attr:`Family.own_options` too is its to check; one several others read is
+    named as the oldest family's (registered last) names it."""
+    for other in reversed(registered()):
         if other.name == family.name:
             continue
         for name, (unset, why) in other.own_options.items():
