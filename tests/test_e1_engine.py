@@ -18,7 +18,7 @@ from hidream_mlx.families.i1.edit_engine import E1Engine, request_texts
 from hidream_mlx.families.i1.edit_metadata import recorded_edit_settings
 from hidream_mlx.families.i1.edit_sizes import resize_plan
 from hidream_mlx.families.i1.text_encoding import TextEncoders
-from hidream_mlx.families.i1.edit_requests import E1Request as Request
+from hidream_mlx.families.i1.edit_requests import E1Request as Request, recipe_from_options
 from hidream_mlx.files import sha256_file
 
 
@@ -67,12 +67,14 @@ def test_the_metadata_records_the_source_by_name_and_sha256_and_gives_the_settin
     assert str(layout["source"].parent) not in json.dumps(meta)
     assert (meta["family"], meta["recipe"], meta["e1_model"]) == ("e1", "e1.1", "e1.1")
     assert not meta["official_recipe"]
+    assert str(layout["base"]) not in json.dumps(meta)  # the base by its name and fingerprint, never its path
+    assert meta["base"] == layout["base"].name and meta["base_fingerprint"].startswith("sha256:")
     settings = recorded_edit_settings(meta)
-    again = engine.recipe(settings["recipe"]).with_overrides(
-        **{k: settings[k] for k in ("steps", "guidance", "image_guidance", "refine_strength", "clip_cfg_norm")})
+    assert settings["no_clip_cfg_norm"] is True and "clip_cfg_norm" not in settings
+    again = recipe_from_options(settings["recipe"], settings)
     assert again == recipe
     assert (settings["prompt"], settings["seed"], settings["negative_prompt"]) == ("Make it blue.", 5, "grey")
-    assert (settings["width"], settings["height"], settings["base"]) == (*e1_1_budget(), str(layout["base"]))
+    assert (settings["width"], settings["height"], settings["base"]) == (*e1_1_budget(), layout["base"].name)
 
 
 def test_keep_source_size_returns_the_edit_at_the_source_s_size(engines, tmp_path):

@@ -9,10 +9,11 @@ checks then say what is missing).
 from __future__ import annotations
 
 from hidream_mlx.family import Family
-from hidream_mlx.families.i1.family import I1Family
+from hidream_mlx.families.i1.family import E1Family, I1Family
 from hidream_mlx.families.o1.family import O1Family
 
 FAMILIES: tuple[Family, ...] = (
+    E1Family(),  # before I1: an E1.1 folder holds an I1 transformer, and E1 needs an I1 pipeline as its base
     I1Family(),
     O1Family(),  # last: the fallback
 )

@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
@@ -31,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from hidream_mlx import __version__
-from hidream_mlx.families.i1.edit_metadata import run_metadata
+from hidream_mlx.families.i1.edit_metadata import model_metadata, run_metadata
 from hidream_mlx.families.i1.edit_recipes import FAMILY, E1Recipe, get_e1_recipe
 from hidream_mlx.families.i1.edit_requests import E1Request as Request
 from hidream_mlx.families.i1.edit_sampling import EDIT, EditConditioning, EditStep, edit_texts, sample_edit
@@ -71,6 +70,16 @@ def initial_noise(kind: str, seed: int, shape: tuple) -> mx.array:
     if kind == "mlx":
         return mx.random.normal(tuple(shape), dtype=mx.float32, key=mx.random.key(seed))
     raise ValueError(f"unknown noise kind {kind!r}; choose one of {', '.join(NOISE_KINDS)}")
+
+
+def load_edit_transformer(source: E1Source, dtype, bits: Optional[int] = None):
+    """(the edit transformer, its quantization plan): E1.1's own, or I1-Full's with E1-Full's partial
+    tensors in and its LoRA beside as a switchable side path; ``bits`` quantizes it as it streams in."""
+    transformer, plan = load_transformer_planned(source.transformer_folder, dtype, lazy=False, bits=bits,
+                                                 group_size=DEFAULT_GROUP_SIZE, infos=source.index)
+    if source.e1_full is not None:
+        attach_adapter(transformer, source.e1_full.lora, dtype)
+    return transformer, plan
 
 
 class E1Engine:
@@ -117,6 +126,15 @@ class E1Engine:
         return cls(E1Source.resolve(model, base, llama=llama), dtype, quantize_bits, encoder_bits, loras)
 
     @property
+    def base(self) -> str:
+        """``--base`` as given (the server's fit check reads the load options off the engine)."""
+        return self.source.base_arg
+
+    @property
+    def llama(self) -> Optional[str]:
+        return self.source.llama.given
+
+    @property
     def keep_loaded(self) -> bool:
         return self.encoders.keep_loaded
 
@@ -135,9 +153,8 @@ class E1Engine:
             self._plan, self._planned = [], False
 
     def describe(self) -> dict:
-        return {"model": self.model_arg, "family": FAMILY, "e1_model": self.source.kind, "base": self.source.base_arg,
-                "dtype": self.dtype, "quantization": self.quantization, "llama": self.source.llama.given,
-                "encoder_bits": self.encoder_bits,
+        return {"model": self.model_arg, "family": FAMILY, **model_metadata(self.source),
+                "dtype": self.dtype, "quantization": self.quantization, "encoder_bits": self.encoder_bits,
                 **({"loras": [s.to_dict() for s in self.loras]} if self.loras else {}), "tool_version": __version__,
                 **model_identity(self.source)}
 
@@ -238,11 +255,7 @@ class E1Engine:
         start = time.perf_counter()
         dtype = parse_dtype(self.dtype)
         with self._phase("transformer"):
-            self.transformer, plan = load_transformer_planned(self.source.transformer_folder, dtype, lazy=False,
-                                                              bits=self.quantize_bits, group_size=DEFAULT_GROUP_SIZE,
-                                                              infos=self.source.index)
-            if self.source.e1_full is not None:
-                attach_adapter(self.transformer, self.source.e1_full.lora, dtype)
+            self.transformer, plan = load_edit_transformer(self.source, dtype, self.quantize_bits)
         self.quantization = plan.description if plan is not None else None
         if self.lora_specs:
             self.loras, keep = replace_loras(self.transformer, self.lora_specs, {}, I1_KEYS)
@@ -366,7 +379,9 @@ class E1Engine:
         return step.image()
 
     def summary(self, result: Result) -> str:
-        return f" | phases: {self.phase_summary()}"
+        edited, source = result.metadata.get("edited_size"), result.metadata.get("source_size")
+        size = f" | edited {edited[0]}x{edited[1]} from {source[0]}x{source[1]}" if edited and source else ""
+        return f"{size} | phases: {self.phase_summary()}"
 
     def phase_summary(self) -> str:
         return ", ".join(f"{name} {format_bytes(peak)}" for name, peak in self.phase_peaks.items())

@@ -29,6 +29,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from hidream_mlx.families.i1.edit_engine import load_edit_transformer
 from hidream_mlx.families.i1.edit_recipes import E1_1, E1_FULL, E1_RECIPES, TARGET_MARKER, target_prompt
 from hidream_mlx.families.i1.edit_sampling import (EDIT, REFINE, EditConditioning, edit_model_input, edit_texts,
                                                    image_rows, sample_edit)
@@ -46,7 +47,7 @@ from hidream_mlx.family import ReplayError
 from hidream_mlx.files import open_case
 from hidream_mlx.noise import TorchRandn
 from hidream_mlx.weights.loading import stream_into
-from hidream_mlx.weights.lora import attach_adapter, set_adapters_enabled
+from hidream_mlx.weights.lora import set_adapters_enabled
 
 # A case's recipe tag -> the recipe whose size rule and defaults it ran (the README's prefixes).
 TAGS = {"e1_1": E1_1, "e1_full": E1_FULL}
@@ -163,10 +164,7 @@ def _need(source, kind: Optional[str], case: Path) -> E1Source:
 
 def edit_transformer(source: E1Source):
     """The edit transformer in float32 (E1-Full: its partial tensors in, its LoRA beside)."""
-    model, _ = load_transformer_planned(source.transformer_folder, mx.float32, lazy=False, infos=source.index)
-    if source.e1_full is not None:
-        attach_adapter(model, source.e1_full.lora, mx.float32)
-    return model
+    return load_edit_transformer(source, mx.float32)[0]
 
 
 def replay_edit_forward(data, case: Path, base: Path, llama: Optional[Path], source) -> dict[str, np.ndarray]:
@@ -286,6 +284,9 @@ def replay_e1(model: str, case: Path, base: Optional[str] = None, llama: Optiona
     if e1_model_kind(model) is not None:
         source = E1Source.resolve(model, base, llama=llama, allow_download=allow_download)
         return replay_e1_case(case, source.path, source, source.llama.folder)
+    if base is not None:
+        raise ReplayError(f"--base {base}: --model {model} is not an E1 model but a pipeline, which is the base "
+                          "itself; give the E1 model as --model and the pipeline as --base")
     pipeline = resolve_base(str(model), E1_1, allow_download)
     return replay_e1_case(case, pipeline, None, resolve_llama(pipeline, llama, allow_download).folder)
 

@@ -15,11 +15,25 @@ from typing import Callable, ClassVar, Optional
 
 from hidream_mlx.families.i1.edit_recipes import (E1_FULL, FAMILY, TARGET_MARKER, E1Recipe, effective_negative,
                                                   get_e1_recipe, target_prompt)
-from hidream_mlx.families.i1.edit_sizes import BUDGET, resize_plan
-from hidream_mlx.family import SEED_MAX, RequestError
-from hidream_mlx.images import open_rgb
+from hidream_mlx.families.i1.edit_sizes import BUDGET, ResizePlan, resize_plan
+from hidream_mlx.families.i1.requests import note_truncation
+from hidream_mlx.family import SEED_MAX, RequestError, option_flag
+from hidream_mlx.files import file_record
+from hidream_mlx.images import read_rgb_size
 
 NOISE_KINDS = ("torch", "mlx")
+# What an edit starts from is its source (--ref), beside the noise; nothing starts from an image.
+NOT_A_START = ("an edit's source is its --ref image (the server's image upload or references) and the edit starts "
+               "from noise beside it, not from an init image")
+# Options of the other families that an edit has no use for, each with why (checked before loading;
+# the O1-only ones are refused by the shared request builder).
+REFUSED = {
+    "init_image": NOT_A_START, "mask": NOT_A_START, "strength": NOT_A_START, "mask_blur": NOT_A_START,
+    "shift": "the editing sampler runs the base's scheduler config (its own flow shift)",
+    "step_noise_seed": "it seeds the per-step noise of HiDream-I1 dev/fast; the editing sampler draws none",
+}
+# Presets that mean the released recipe itself (an edit has one effort: its recipe's, or --steps).
+RECIPE_PRESETS = ("high", "official")
 
 
 @dataclass(frozen=True)
@@ -33,10 +47,22 @@ class E1Request:
     negative_prompt: Optional[str] = None  # None: the recipe's
     noise: str = "torch"  # or "mlx"
     size_note: str = ""
+    plan: Optional[ResizePlan] = None  # how the source is resized (its size read when the request was built)
     family: ClassVar[str] = FAMILY
-    # What O1 requests have and edits never use, so the application reads every request alike.
+    # What O1 and I1 requests have and edits never use, so the application reads every request alike.
     seam_passes: ClassVar[int] = 0
     blend_seams: ClassVar[int] = 0
+    start: ClassVar[None] = None  # an edit never starts from an image (its source is a reference)
+
+    @property
+    def run_steps(self) -> int:
+        return self.recipe.steps
+
+    @property
+    def edited_size(self) -> tuple[int, int]:
+        """The edited image's (w, h): the source through the recipe's size rule."""
+        plan = self.plan or resize_plan(self.recipe.size_rule, read_rgb_size(self.source), self.width, self.height)
+        return plan.size
 
     @property
     def source(self) -> Path:
@@ -74,6 +100,10 @@ class E1Request:
         target = target_prompt(self.prompt)
         if target != self.prompt:
             meta["target_prompt"] = target
+        # the source as O1 references are recorded: by file name and sha256, never its folder
+        meta["reference_files"] = [file_record(self.source)]
+        if self.plan is not None:
+            meta.update(source_size=list(self.plan.source), edited_size=list(self.plan.size))
         return meta
 
 
@@ -89,10 +119,26 @@ def recipe_from_options(name: str, options: dict) -> E1Recipe:
         raise RequestError(str(e)) from None
 
 
+def refuse_other_options(options: dict, note: Callable[[str], None]) -> None:
+    """One line for an option another family reads that an edit cannot honour (:data:`REFUSED`,
+    presets other than the recipe's own); ``no_snap`` only gets a note: no edit size is snapped."""
+    for name, why in REFUSED.items():
+        if options.get(name) is not None:
+            raise RequestError(f"{option_flag(name)} means nothing for a HiDream-E1 edit ({why}); remove it")
+    preset = options.get("preset")
+    if preset and preset not in RECIPE_PRESETS:
+        raise RequestError(f"--preset {preset}: a HiDream-E1 edit runs its recipe ({' or '.join(RECIPE_PRESETS)} "
+                           "means exactly that); for less effort give --steps")
+    if options.get("no_snap") and not options.get("small_sizes"):
+        note("note: --no-snap changes nothing for HiDream-E1: E1.1 keeps the source's aspect within the "
+             "--width x --height budget, E1-Full resizes to exactly --width x --height")
+
+
 def build_e1_request(model, options: dict, note: Callable[[str], None]) -> E1Request:
     """A checked :class:`E1Request` (``model``: an ``E1Source`` or an ``E1Engine``): one readable
     source (``refs``) at a size its recipe's rule can make, the recipe and its overrides."""
     source = getattr(model, "source", None) or model
+    refuse_other_options(options, note)
     rec = recipe_from_options(options.get("recipe") or getattr(model, "default_recipe", None) or source.variant,
                               options)
     refs = tuple(str(r) for r in options.get("refs") or ())
@@ -105,7 +151,11 @@ def build_e1_request(model, options: dict, note: Callable[[str], None]) -> E1Req
         raise RequestError(f"--noise {noise}: choose {' or '.join(NOISE_KINDS)}")
     width, height = options.get("width") or rec.width, options.get("height") or rec.height
     try:
-        plan = resize_plan(rec.size_rule, open_rgb(refs[0]).size, width, height)
+        size = read_rgb_size(refs[0])
+    except ValueError as e:
+        raise RequestError(f"--ref {e}") from None
+    try:
+        plan = resize_plan(rec.size_rule, size, width, height)
     except ValueError as e:
         raise RequestError(str(e)) from None
     how = f"aspect kept within {width}x{height} pixels" if rec.size_rule == BUDGET else "resized to exactly this size"
@@ -113,7 +163,9 @@ def build_e1_request(model, options: dict, note: Callable[[str], None]) -> E1Req
     if rec.name == E1_FULL and TARGET_MARKER not in options["prompt"]:
         note(f"note: E1-Full was trained on 'Editing Instruction: <instruction>. {TARGET_MARKER} <description>'; "
              "without the description its refine stage uses the whole prompt")
+    if getattr(source, "path", None) is not None:
+        note_truncation(model, options["prompt"], options.get("negative_prompt"), note)
     seed = options.get("seed")
     seed = secrets.randbelow(SEED_MAX + 1) if seed is None else seed
     return E1Request(options["prompt"], width, height, seed, rec, refs, options.get("negative_prompt"), noise,
-                     size_note)
+                     size_note, plan)

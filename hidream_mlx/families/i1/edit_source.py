@@ -254,7 +254,13 @@ class E1Source:
     fingerprint: str = ""
     quantization: Optional[dict] = None  # the edit transformer's stored quantization plan
     notes: tuple[str, ...] = ()
+    base_fingerprint: str = ""  # the base's revision or a hash of its configs and tensor index (no path)
     family: ClassVar[str] = FAMILY
+
+    @property
+    def base_name(self) -> str:
+        """The base as an image records it: a repo id as such, a folder by its own name."""
+        return self.base_arg if is_repo_id(self.base_arg) else model_name(str(self.path))
 
     @property
     def kind(self) -> str:
@@ -313,7 +319,13 @@ class E1Source:
 
 def resolve_base(arg: str, kind: str, allow_download: bool) -> Path:
     """The base pipeline folder, checked to be a HiDream-I1 pipeline with what ``kind`` reads."""
-    path = resolve_model_path(arg, allow_download, E1_1_BASE_PATTERNS if kind == E1_1 else BASE_PATTERNS)
+    path = Path(arg).expanduser()
+    if not path.exists():
+        try:
+            path = resolve_model_path(arg, allow_download, E1_1_BASE_PATTERNS if kind == E1_1 else BASE_PATTERNS)
+        except ModelLoadError as e:
+            raise E1SourceError(f"--base {e} (the HiDream-I1-Full pipeline: a local folder or a repo id; an image "
+                                "records a local base by its folder's name: give that folder with --base)") from None
     if not path.is_dir():
         raise E1SourceError(f"--base {arg}: a HiDream-I1-Full pipeline folder (model_index.json, vae/, text_encoder/, "
                             "...), not a file")
@@ -350,4 +362,17 @@ def _resolve(arg: str, base_arg: str, llama: Optional[str], allow_download: bool
     # the folder the model came in (a hub snapshot is fingerprinted by its revision)
     identity = fingerprint(model.path.parent, config_bytes, {**index, **model.index})
     return E1Source(model, base_arg, base, tcfg, vae, llama_source, scheduler, base_index, e1_full, identity,
-                    raw.get("quantization"), (f"note: {llama_source.describe()}",))
+                    raw.get("quantization"), (f"note: {llama_source.describe()}",), base_identity(base, model.kind))
+
+
+def base_identity(base: Path, kind: str) -> str:
+    """The base's fingerprint over what an edit of ``kind`` reads of it (configs, the encoders' and
+    the VAE's tensor index, E1-Full: the transformer's too), from headers alone."""
+    parts = ["vae", "text_encoder", "text_encoder_2", "text_encoder_3"] + (["transformer"] if kind == E1_FULL else [])
+    if (base / "text_encoder_4").is_dir():
+        parts.append("text_encoder_4")
+    index: dict[str, TensorInfo] = {}
+    for part in parts:
+        index.update({f"{part}/{name}": info for name, info in component_index(base / part).items()})
+    configs = b"".join((base / name).read_bytes() for name in ("model_index.json", "scheduler/scheduler_config.json"))
+    return fingerprint(base, configs, index)
