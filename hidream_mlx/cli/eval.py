@@ -19,6 +19,7 @@ from typing import Optional
 
 import click
 
+from hidream_mlx.cli.render import resolve_source
 from hidream_mlx.families import family_named
 from hidream_mlx.quant.recipes import SUPPORTED_BITS
 from hidream_mlx.weights.precision import PRECISIONS
@@ -65,12 +66,16 @@ def _image_line(done: int, todo: int, record: dict) -> None:
               show_default=True, help="Weight dtype (CPU benchmarks: use float32).")
 @click.option("-q", "--quantize", "quantize_bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default=None,
               help="Quantize the decoder in memory at load time.")
+@click.option("--base", default=None, metavar="PATH_OR_ID",
+              help="HiDream-E1: the HiDream-I1-Full pipeline the E1 model edits on (as generate's --base).")
+@click.option("--llama", default=None, metavar="PATH_OR_ID",
+              help="HiDream-I1 and E1: the Llama folder or repo id when the pipeline has no text_encoder_4/.")
 @click.option("--hosts", default=None, metavar="HOSTFILE|IP,IP,...",
               help="Run over several Macs with mlx.launch (ring backend): an mlx.launch JSON hostfile or a comma "
                    "list of IPs, the first being this machine (127.0.0.1,127.0.0.1 = two local ranks).")
 @click.pass_context
 def eval_group(ctx, battery, model_arg, random_weights, layers, variant_specs, variants_file, seeds, rundir,
-               warmup, baseline, dtype, quantize_bits, hosts):
+               warmup, baseline, dtype, quantize_bits, hosts, base=None, llama=None):
     """Run a prompt battery and log per-step time, peak RSS and MLX memory per image.
 
     \b
@@ -80,15 +85,17 @@ def eval_group(ctx, battery, model_arg, random_weights, layers, variant_specs, v
     if ctx.invoked_subcommand is not None:
         return
     run_battery(battery, model_arg, random_weights, layers, list(variant_specs), variants_file, seeds, rundir,
-                warmup, baseline, dtype, int(quantize_bits) if quantize_bits else None, hosts)
+                warmup, baseline, dtype, int(quantize_bits) if quantize_bits else None, hosts,
+                {"base": base, "llama": llama})
 
 
 def _eval_args(battery, model_arg, random_weights, layers, variant_specs, variants_file, seeds, rundir, warmup,
-               baseline, dtype, quantize_bits) -> list[str]:
+               baseline, dtype, quantize_bits, load_options=None) -> list[str]:
     """The same eval command line, minus ``--hosts``, for each launched rank."""
     pairs = [("--battery", battery), ("--model", model_arg), ("--random-weights", random_weights),
              ("--layers", layers), ("--variants-file", variants_file), ("--seeds", seeds), ("--output", rundir),
              ("--baseline", baseline), ("--dtype", dtype), ("--quantize", quantize_bits)]
+    pairs += [(f"--{name}", value) for name, value in (load_options or {}).items()]
     args = [a for flag, value in pairs if value is not None for a in (flag, str(value))]
     args += [a for spec in variant_specs for a in ("--variant", spec)]
     return args + (["--warmup"] if warmup else [])
@@ -97,7 +104,9 @@ def _eval_args(battery, model_arg, random_weights, layers, variant_specs, varian
 def run_battery(battery: Optional[Path], model_arg: Optional[str], random_weights: Optional[str],
                 layers: Optional[int], variant_specs: list[str], variants_file: Optional[Path],
                 seeds: Optional[str], rundir: Optional[Path], warmup: bool, baseline: Optional[str],
-                dtype: str, quantize_bits: Optional[int], hosts: Optional[str] = None) -> Path:
+                dtype: str, quantize_bits: Optional[int], hosts: Optional[str] = None,
+                load_options: Optional[dict] = None) -> Path:
+    load_options = {k: v for k, v in (load_options or {}).items() if v is not None}
     if battery is None:
         raise ValueError("--battery is required (or use a subcommand: compare, report)")
     if rundir is None:
@@ -106,6 +115,8 @@ def run_battery(battery: Optional[Path], model_arg: Optional[str], random_weight
         raise ValueError("give exactly one of --model and --random-weights")
     if layers is not None and random_weights is None:
         raise ValueError("--layers only applies to --random-weights")
+    if load_options and random_weights is not None:
+        raise ValueError(f"--{next(iter(load_options))} goes with --model, not --random-weights")
     group = None
     if distributed.launched_rank():
         if hosts is not None:
@@ -118,7 +129,8 @@ def run_battery(battery: Optional[Path], model_arg: Optional[str], random_weight
         raise ValueError(f"--baseline {baseline!r} is not one of the variants: {', '.join(v.name for v in variants)}")
     items = read_battery(battery)
     jobs = plan_jobs(items, variants, parse_seeds(seeds))
-    source = check_jobs(jobs, model_arg)  # every job's settings, before anything loads
+    model = None if model_arg is None else resolve_source({"model_arg": model_arg, **load_options})[1]
+    source = check_jobs(jobs, model)  # every job's settings, before anything loads
     model_name = _model_name(model_arg, random_weights, layers)
     if group is not None:
         distributed.check_same_jobs(group, jobs)
@@ -128,7 +140,8 @@ def run_battery(battery: Optional[Path], model_arg: Optional[str], random_weight
                              rundir, baseline)
     if hosts is not None:
         return _launch(hosts, _eval_args(battery, model_arg, random_weights, layers, variant_specs, variants_file,
-                                         seeds, rundir, warmup, baseline, dtype, quantize_bits), rundir, jobs)
+                                         seeds, rundir, warmup, baseline, dtype, quantize_bits, load_options),
+                       rundir, jobs)
     with run_lock(rundir):
         run = _open_run(rundir, model_name, dtype, quantize_bits, battery, variants, baseline)
         _echo(f"{len(items)} prompts x {len(jobs) // len(items)} variant/seed combinations = {len(jobs)} images; "

@@ -44,12 +44,16 @@ def _print_summary(result, engine) -> None:
 
 @click.command("generate")
 @click.option("--model", "model_arg", default=DEFAULT_MODEL, show_default=True,
-              help="Hugging Face repo id or local folder (official or quantized layout).")
+              help="Hugging Face repo id or local folder (official or quantized layout; HiDream-E1: the E1.1 folder "
+                   "holding transformer/, or HiDream-E1-Full.safetensors or a folder holding it, with --base).")
 @click.option("--prompt", default=None,
-              help=f"What to draw (required unless --prompt-file or --from-image); {limits_help()}.")
+              help="What to draw, or for HiDream-E1 the edit: E1.1 takes a plain instruction (\"Convert the image into "
+                   "a Ghibli style.\"), E1-Full expects \"Editing Instruction: <instruction>. Target Image Description: "
+                   f"<description>\" (required unless --prompt-file or --from-image); {limits_help()}.")
 @click.option("--prompt-file", type=click.Path(path_type=Path), default=None,
               help="One prompt per line, or JSONL objects with per-line settings named like these options "
-                   "with underscores (\"prompt\", \"seed\", \"steps\", ...).")
+                   "with underscores (\"prompt\", \"seed\", \"steps\", ...; \"ref\": a --ref image or a list, "
+                   "relative to the file's folder).")
 @click.option("--negative-prompt", default=None,
               help="Replaces the unconditional prompt (recipes with CFG only); blank means the recipe's own.")
 @click.option("--from-image", type=click.Path(path_type=Path), default=None, metavar="IMAGE",
@@ -62,11 +66,12 @@ def _print_summary(result, engine) -> None:
               help=f"Random seed, 0 to {SEED_MAX}; repeatable (default: a random one, printed and stored).")
 @click.option("--count", type=int, default=None, metavar="N",
               help="N images: the given seed and the next N-1, or N random seeds.")
-@click.option("--width", type=int, default=None, help=f"Width in pixels, {range_help('width')} (default 2048, or the preset's; with --keep-aspect the pixel budget; HiDream-I1: 1024).")
-@click.option("--height", type=int, default=None, help=f"Height in pixels, {range_help('height')} (default 2048, or the preset's; with --keep-aspect the pixel budget; HiDream-I1: 1024).")
+@click.option("--width", type=int, default=None, help=f"Width in pixels, {range_help('width')} (default 2048, or the preset's; with --keep-aspect the pixel budget; HiDream-I1: 1024; HiDream-E1.1: the pixel budget, default 1024; E1-Full: the exact size, default 768).")
+@click.option("--height", type=int, default=None, help=f"Height in pixels, {range_help('height')} (default 2048, or the preset's; with --keep-aspect the pixel budget; HiDream-I1: 1024; HiDream-E1.1: the pixel budget, default 1024; E1-Full: the exact size, default 768).")
 @click.option("--no-snap", is_flag=True, help="Render the exact size instead of the closest official bucket (HiDream-I1: instead of the rescale to the 1024x1024 area; multiples of 16).")
 @click.option("--recipe", type=click.Choice(recipe_names()), default=None,
-              help="Sampling recipe (default: from the model's name or stored metadata; HiDream-I1: full, dev, fast).")
+              help="Sampling recipe (default: from the model's name or stored metadata; HiDream-I1: full, dev, fast; "
+                   "HiDream-E1: e1.1, e1-full, default the model's kind).")
 @click.option("--preset", type=click.Choice(PRESET_NAMES), default=None,
               help="quick / standard / high / official: size and effort for explore -> re-render.")
 @click.option("--steps", type=int, default=None, help=f"Override the recipe's step count ({range_help('steps')}; distilled recipes: at most 28).")
@@ -76,7 +81,8 @@ def _print_summary(result, engine) -> None:
 @click.option("--s-noise", type=float, default=None, help=f"Override the per-step noise scale ({range_help('s_noise')}; recipes: {', '.join(USED_BY['s_noise'])}).")
 @click.option("--noise-clip", type=float, default=None, help=f"Override the per-step noise clip, x std ({range_help('noise_clip')}; recipes: {', '.join(USED_BY['noise_clip'])}).")
 @click.option("--noise", type=click.Choice(["torch", "mlx"]), default="torch", show_default=True,
-              help="torch reproduces the official pipeline's images for a seed; mlx uses MLX's generator.")
+              help="torch reproduces the official pipeline's images for a seed (a CPU torch generator: HiDream-E1's official "
+                   "scripts draw on CUDA, which is not reproduced); mlx uses MLX's generator.")
 @click.option("--blend-seams", type=int, default=0, show_default=True, metavar="R",
               help=f"Soften the 32 px patch grid: average a band of R px each side of every seam ({range_help('blend_seams')}; 0 = off).")
 @click.option("--seam-smoothing", type=float, default=0.0, show_default=True, metavar="F",
@@ -89,9 +95,10 @@ def _print_summary(result, engine) -> None:
 @click.option("--preview-every", type=int, default=0, metavar="N", help=f"Write the x0 preview every N steps ({range_help('preview_every')}; 0 = off).")
 @click.option("--dtype", type=click.Choice(list(PRECISIONS)), default="bfloat16", show_default=True)
 @click.option("-q", "--quantize", "quantize_bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None,
-              help="Quantize the decoder in memory at load time.")
+              help="Quantize the decoder (HiDream-I1 and E1: the transformer) in memory at load time.")
 @click.option("--ref", "refs", multiple=True, metavar="IMAGE",
-              help="Reference image for editing / subject-driven generation (repeatable, up to 10).")
+              help="Reference image for editing / subject-driven generation (repeatable, up to 10); HiDream-E1: "
+                   "the one source image to edit.")
 @click.option("--layout", default=None, metavar="JSON|FILE",
               help='Boxes placing the references: [[x1,x2,y1,y2], ...] relative, or {"bbox": [...], "text": ...}.')
 @click.option("--keep-aspect", is_flag=True, help="One reference: the output takes its aspect ratio, fitted into the --width x --height pixel area (default 2048x2048).")
@@ -110,13 +117,27 @@ def _print_summary(result, engine) -> None:
               help=f"With --mask: blend the mask's edge over R px into the kept region ({range_help('mask_blur')}; "
                    "default 4).")
 @click.option("--llama", default=None, metavar="PATH_OR_ID",
-              help="HiDream-I1: the Llama-3.1-8B-Instruct folder or repo id (an mlx-lm quantized folder too) "
-                   "when the model folder has no text_encoder_4/ (default: meta-llama/Meta-Llama-3.1-8B-Instruct, gated).")
+              help="HiDream-I1 and E1: the Llama-3.1-8B-Instruct folder or repo id (an mlx-lm quantized folder too) "
+                   "when the pipeline (E1: the --base) has no text_encoder_4/ (default: meta-llama/Meta-Llama-3.1-8B-Instruct, gated).")
 @click.option("--encoder-bits", type=click.Choice([str(b) for b in option_choices("encoder_bits")]), default=None,
-              help="HiDream-I1: quantize the T5 and Llama text encoders in memory (CLIP stays in floats).")
+              help="HiDream-I1 and E1: quantize the T5 and Llama text encoders in memory (CLIP stays in floats).")
 @click.option("--step-noise-seed", type=int, default=None, metavar="N",
               help="HiDream-I1 dev/fast: seed of the per-step noise, as torch.manual_seed(N) before the reference "
                    "pipeline's call (default: --seed).")
+@click.option("--base", default=None, metavar="PATH_OR_ID",
+              help="HiDream-E1: the HiDream-I1-Full pipeline folder or repo id giving the text encoders, the VAE and "
+                   "the scheduler (E1-Full: its transformer too) [default: HiDream-ai/HiDream-I1-Full].")
+@click.option("--image-guidance", type=float, default=None, metavar="G",
+              help=f"HiDream-E1: how strongly the edit follows the source ({range_help('image_guidance')}; "
+                   "e1.1 1.5, e1-full 4).")
+@click.option("--refine-strength", type=float, default=None, metavar="R",
+              help=f"HiDream-E1: the share of the steps run as the refine stage, without the source "
+                   f"({range_help('refine_strength')}; 0 = no refine; default 0.3).")
+@click.option("--no-clip-cfg-norm", is_flag=True,
+              help="HiDream-E1: plain 3-way guidance instead of the official clip of the text-guided norm.")
+@click.option("--keep-source-size", is_flag=True,
+              help="HiDream-E1: resize the edit back to the source's size (as the official scripts end); default: "
+                   "the edited size.")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @click.option("--force", is_flag=True, help="Run even if the memory estimate says it will not fit.")
 @click.option("--lora", "loras", multiple=True, metavar="PATH",
@@ -133,7 +154,8 @@ def generate(model_arg, prompt, output, seeds, width, height, no_snap, recipe, p
              prompt_file=None, negative_prompt=None, from_image=None, quality=None, count=None,
              loras=(), lora_scales=(), lora_paths=(), lora_scales_mflux=(), editing_scheduler="flow_match",
              llama=None, encoder_bits=None, step_noise_seed=None, init_image=None, strength=None, mask=None,
-             mask_blur=None):
+             mask_blur=None, base=None, image_guidance=None, refine_strength=None, no_clip_cfg_norm=False,
+             keep_source_size=False):
     """Generate images from a prompt (several seeds or a prompt file: one model load)."""
     check_number("preview_every", preview_every)
     note = lambda line: click.echo(line, err=True)  # noqa: E731

@@ -20,7 +20,8 @@ from hidream_mlx.workflow.reproduce import describe_image
 @click.argument("image", required=False, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="With IMAGE: print its stored hidream-mlx object as JSON.")
 @click.option("--model", "model_arg", default=None,
-              help="Model folder or Hugging Face repo id, HiDream-O1 or a HiDream-I1 pipeline (only headers are read).")
+              help="Model folder or Hugging Face repo id, HiDream-O1, a HiDream-I1 pipeline or a HiDream-E1 model "
+                   "(only headers are read).")
 @click.option("--random-weights", "dims", type=click.Choice(family_named("o1").random_dims), default=None,
               help="Describe a random-weight O1 model of these dims instead (as `bench` builds).")
 @click.option("--layers", type=int, default=None, help="With --random-weights: number of decoder layers.")
@@ -38,14 +39,18 @@ from hidream_mlx.workflow.reproduce import describe_image
               help="O1: prompt length assumed for the prefix cache and attention.")
 @click.option("--no-snap", is_flag=True, help="I1: the exact size, not rescaled to the official area (O1 sizes are always taken as given).")
 @click.option("--llama", "llama_arg", default=None, type=click.Path(path_type=Path),
-              help="I1: Llama-3.1-8B folder when the pipeline has no text_encoder_4/.")
+              help="I1 and E1: Llama-3.1-8B folder when the pipeline has no text_encoder_4/.")
+@click.option("--base", default=None, metavar="PATH_OR_ID",
+              help="E1: the HiDream-I1-Full pipeline the model edits on [default: HiDream-ai/HiDream-I1-Full, "
+                   "from the local cache].")
 def info(model_arg, dims, layers, bits, dtype, width, height, guidance, text_tokens, image=None, as_json=False,
-         no_snap=False, llama_arg=None):
+         no_snap=False, llama_arg=None, base=None):
     """Parameters and bytes per component, predicted peak memory for a request, and this machine's memory.
 
     For a HiDream-I1 pipeline: the transformer's size at bf16/Q8/Q4 and each phase's predicted
-    peak (encode, sampling, VAE decode) and the whole run's. With an IMAGE we wrote: the recipe
-    it carries (``--json``: the stored object itself)."""
+    peak (encode, sampling, VAE decode) and the whole run's; for a HiDream-E1 model on its --base
+    the same for an edit (--width/--height: E1.1's budget, E1-Full's exact size) and what it reads.
+    With an IMAGE we wrote: the recipe it carries (``--json``: the stored object itself)."""
     if image is not None:
         if image.is_dir():
             raise ValueError(f"{image} is a folder; IMAGE is an image hidream-mlx wrote. To describe a model, "
@@ -59,7 +64,10 @@ def info(model_arg, dims, layers, bits, dtype, width, height, guidance, text_tok
     if layers is not None and dims is None:
         raise ValueError("--layers goes with --random-weights")
     family = family_of(model_arg) if model_arg is not None else family_named("o1")
+    if base is not None and "base" not in family.load_options:
+        raise ValueError(f"--base is for HiDream-E1 models; {model_arg or 'a random-weight model'} is a "
+                         f"{family.title} model")
     options = {"dims": dims, "layers": layers, "bits": int(bits) if bits else None, "dtype": dtype, "width": width,
                "height": height, "guidance": guidance, "text_tokens": text_tokens, "no_snap": no_snap,
-               "llama": None if llama_arg is None else str(llama_arg)}
+               "llama": None if llama_arg is None else str(llama_arg), "base": base}
     click.echo("\n".join(family.info_lines(model_arg, options, note=lambda line: click.echo(line, err=True))))

@@ -35,7 +35,8 @@ from hidream_mlx.workflow.reproduce import (
 REQUEST_OPTIONS = ("width", "height", "no_snap", "recipe", "preset", "steps", "guidance", "shift", "noise_scale",
                    "s_noise", "noise_clip", "noise", "blend_seams", "seam_smoothing", "seam_window", "seam_strength",
                    "layout", "keep_aspect", "editing_scheduler", "negative_prompt", "step_noise_seed",
-                   "init_image", "strength", "mask", "mask_blur")
+                   "init_image", "strength", "mask", "mask_blur", "image_guidance", "refine_strength",
+                   "no_clip_cfg_norm", "keep_source_size")
 
 
 def load_option_names() -> tuple[str, ...]:

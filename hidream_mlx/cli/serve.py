@@ -69,20 +69,24 @@ SERVE_HELP = ("Load the model once and serve the OpenAI-shaped images API and a 
               help="Folder of LoRA .safetensors files requests may choose by name.")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs"),
               show_default=True, help="Where every image is saved, with its metadata.")
+@click.option("--base", default=None, metavar="PATH_OR_ID",
+              help="HiDream-E1: the HiDream-I1-Full pipeline the E1 model edits on (as generate's --base) "
+                   "[default: HiDream-ai/HiDream-I1-Full]. An edit's source is the image upload (or references[0]).")
 @click.option("--llama", default=None, metavar="PATH_OR_ID",
-              help="HiDream-I1: the Llama folder or repo id when the model folder has no text_encoder_4/.")
+              help="HiDream-I1 and E1: the Llama folder or repo id when the pipeline has no text_encoder_4/.")
 @click.option("--encoder-bits", type=click.Choice([str(b) for b in option_choices("encoder_bits")]), default=None,
-              help="HiDream-I1: quantize the T5 and Llama text encoders in memory.")
+              help="HiDream-I1 and E1: quantize the T5 and Llama text encoders in memory.")
 @click.option("--keep-loaded", is_flag=True,
-              help="HiDream-I1: keep the text encoders and the transformer resident (a new prompt needs no "
+              help="HiDream-I1 and E1: keep the text encoders and the transformer resident (a new prompt needs no "
                    "reload; the peak is then about their sum, not the largest phase).")
 def serve(model_arg, dtype, quantize_bits, host, port, token, insecure, lora_dir, output_dir, llama=None,
-          encoder_bits=None, keep_loaded=False):
+          encoder_bits=None, keep_loaded=False, base=None):
     """Load the model once and serve the OpenAI-shaped images API and a web studio (see SERVE_HELP)."""
     check_exposure(host, token, insecure)
     uvicorn, ServerConfig, create_app = import_server()
     bits = int(quantize_bits) if quantize_bits else None
-    params = {"model_arg": model_arg, "llama": llama, "encoder_bits": encoder_bits, "keep_loaded": keep_loaded}
+    params = {"model_arg": model_arg, "llama": llama, "encoder_bits": encoder_bits, "keep_loaded": keep_loaded,
+              "base": base}
     family, source = resolve_source(params)
     engine = family.load_engine(source, {"dtype": dtype, "bits": bits,
                                          **{name: params[name] for name in family.load_options if name in params}})
