@@ -1,9 +1,11 @@
 """Battery files and variant specs: parsing and validation, before any model is loaded.
 
 A battery is JSONL, one prompt per line: ``id`` and ``prompt``, optionally ``genre``, ``seed``,
-``size`` ("WxH"), ``steps``, ``guidance``, ``recipe``, a free-text ``note``, and to start from an
-image ``init_image``, ``strength``, ``mask`` and ``mask_blur`` (file paths relative to the battery
-file; the request builder checks the files and numbers once the model is known). A variant is a
+``size`` ("WxH"), ``steps``, ``guidance``, ``recipe``, a free-text ``note``, to start from an
+image ``init_image``, ``strength``, ``mask`` and ``mask_blur``, and ``ref``: the ``--ref`` image (a
+path or a list; HiDream-E1: the source each row edits, HiDream-O1: references). File paths are
+relative to the battery file; the request builder checks the files and numbers once the model is
+known. A variant is a
 named set of setting overrides, ``NAME:key=value,...`` with keys from :data:`VARIANT_KEYS`.
 Every problem is reported with the file and line, or the variant, it comes from.
 """
@@ -22,9 +24,9 @@ from hidream_mlx.files import parse_json, read_text_file
 from hidream_mlx.weights.lora_specs import checked_specs, specs_from_json
 
 VARIANT_KEYS = ("steps", "guidance", "size", "recipe", "shift", "blend_seams", "noise", "snap",
-                "seam_smoothing", "seam_window", "seam_strength", "strength")
+                "seam_smoothing", "seam_window", "seam_strength", "strength", "image_guidance", "refine_strength")
 BATTERY_FIELDS = ("id", "prompt", "genre", "seed", "size", "steps", "guidance", "recipe", "note", "loras",
-                  "init_image", "strength", "mask", "mask_blur")
+                  "init_image", "strength", "mask", "mask_blur", "ref")
 START_FIELDS = START_OPTIONS  # passed to the request builder as they are
 DEFAULT_SIZE = (1024, 1024)  # the size the seeds' batteries were run at
 DEFAULT_SEED = 42
@@ -88,11 +90,13 @@ class BatteryItem:
     strength: Optional[float] = None
     mask: Optional[str] = None
     mask_blur: Optional[int] = None
+    refs: tuple = ()  # "ref": the --ref image(s), resolved against the battery's folder
     where: str = field(default="", compare=False)  # "FILE:LINE", for errors found once the model is known
 
     def settings(self) -> dict:
         keys = ("size", "steps", "guidance", "recipe", *START_FIELDS)
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None} | (
+            {"refs": self.refs} if self.refs else {})
 
 
 def _battery_item(entry: dict) -> BatteryItem:
@@ -122,7 +126,15 @@ def _battery_item(entry: dict) -> BatteryItem:
         note=str(entry.get("note", "")),
         loras=tuple(checked_specs(specs_from_json(entry["loras"], "item"))) if "loras" in entry else (),
         **{key: entry[key] for key in START_FIELDS if key in entry},
+        refs=_refs(entry["ref"]) if "ref" in entry else (),
     )
+
+
+def _refs(value) -> tuple:
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) and v.strip() for v in values):
+        raise ValueError(f"ref must be an image file path or a list of them, got {value!r}")
+    return tuple(values)
 
 
 def _start_files(item: BatteryItem, folder: Path) -> BatteryItem:
@@ -135,6 +147,8 @@ def _start_files(item: BatteryItem, folder: Path) -> BatteryItem:
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{key} must be an image file path, got {value!r}")
         files[key] = str(folder / value)
+    if item.refs:
+        files["refs"] = tuple(str(folder / value) for value in item.refs)
     return dataclasses.replace(item, **files)
 
 
@@ -195,10 +209,10 @@ def _variant_value(key: str, text: str):
         return _positive_int(key, _parse_number(key, text, int))
     if key in ("guidance", "shift"):
         return _number(key, _parse_number(key, text, float), 0.0, inclusive=(key == "guidance"))
-    if key == "strength":
+    if key in ("strength", "image_guidance", "refine_strength"):
         value = _parse_number(key, text, float)
         if not RANGES[key].contains(value):
-            raise ValueError(f"strength must be {RANGES[key].text()}, got {value}")
+            raise ValueError(f"{key} must be {RANGES[key].text()}, got {value}")
         return value
     if key == "blend_seams":
         radius = _parse_number(key, text, int)

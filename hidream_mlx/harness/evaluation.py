@@ -62,8 +62,8 @@ class Job:
         return f"images/{self.variant.name}/{self.item.id}_s{self.seed}.png"
 
     def settings(self) -> dict:
-        # From a start image the render size is the source's (through the size rule) unless one is given.
-        size = None if self.item.init_image is not None else DEFAULT_SIZE
+        # From a start image or a source to edit the size is the family's for it unless one is given.
+        size = None if self.item.init_image is not None or self.item.refs else DEFAULT_SIZE
         merged = {"size": size, "snap": False, "noise": "torch", "blend_seams": 0}
         return {**merged, **self.item.settings(), **self.variant.overrides}
 
@@ -79,7 +79,8 @@ class Job:
             no_snap=not s["snap"], recipe=s.get("recipe") or default, steps=s.get("steps"),
             guidance=s.get("guidance"), shift=s.get("shift"), noise=s["noise"], blend_seams=s["blend_seams"],
             seam_smoothing=s.get("seam_smoothing", 0.0), seam_window=s.get("seam_window", "hann"),
-            seam_strength=s.get("seam_strength", 1.0), small_sizes=True,
+            seam_strength=s.get("seam_strength", 1.0), small_sizes=True, refs=s.get("refs", ()),
+            image_guidance=s.get("image_guidance"), refine_strength=s.get("refine_strength"),
             **{key: s.get(key) for key in START_FIELDS})
 
 
@@ -98,10 +99,11 @@ def plan_jobs(items: list[BatteryItem], variants: list[Variant], seeds: Optional
     return jobs
 
 
-def check_jobs(jobs: list[Job], model: Optional[str], llama: Optional[str] = None):
-    """The source of ``model`` (None: random weights), after every job's request is built against it:
-    a setting that cannot run is refused naming its battery line or variant, before anything loads."""
-    source = None if model is None else family_of(model).resolve(model, {"llama": llama})
+def check_jobs(jobs: list[Job], model, llama: Optional[str] = None):
+    """The source of ``model`` (None: random weights; a resolved source as it is), after every job's
+    request is built against it: a setting that cannot run is refused naming its battery line or
+    variant, before anything loads."""
+    source = family_of(model).resolve(model, {"llama": llama}) if isinstance(model, (str, Path)) else model
     for job in jobs:
         checked_request(job, source)
     return source

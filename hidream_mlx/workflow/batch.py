@@ -22,9 +22,11 @@ from hidream_mlx.requests import build_request, kind_error
 # Per-line settings a JSONL prompt file may carry (build_request's options, plus the prompt).
 LINE_KEYS = ("prompt", "seed", "width", "height", "no_snap", "recipe", "preset", "steps", "guidance", "shift",
              "noise_scale", "s_noise", "noise_clip", "noise", "blend_seams", "seam_smoothing", "seam_window",
-             "seam_strength", "negative_prompt", "step_noise_seed", "init_image", "strength", "mask", "mask_blur")
+             "seam_strength", "negative_prompt", "step_noise_seed", "init_image", "strength", "mask", "mask_blur",
+             "image_guidance", "refine_strength", "no_clip_cfg_norm", "keep_source_size", "ref")
 # Per-line settings that name a file: a relative path is taken from the prompt file's folder.
 PATH_KEYS = ("init_image", "mask")
+REF_KEY = "ref"  # a line's --ref images (one path or a list), given to the request as "refs"
 PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 PLACEHOLDERS = ("seed", "n", "prompt")
 SLUG_LENGTH = 40
@@ -85,7 +87,7 @@ def read_prompt_file(path: Path | str) -> list[dict]:
         entry = {k: v for k, v in entry.items() if v is not None}  # null: as if the key were absent
         if not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
             raise RequestError(f"{where}: no \"prompt\" text")
-        wrong = next((e for e in (kind_error(k, v) for k, v in entry.items()) if e), None)
+        wrong = next((e for e in (kind_error(k, v) for k, v in entry.items() if k != REF_KEY) if e), None)
         if wrong:
             raise RequestError(f"{where}: {wrong}")
         entries.append({**entry, **beside(path, entry, where), "line": where})
@@ -95,7 +97,8 @@ def read_prompt_file(path: Path | str) -> list[dict]:
 
 
 def beside(path: Path, entry: dict, where: str) -> dict:
-    """The entry's file settings (:data:`PATH_KEYS`) with relative paths taken from ``path``'s folder."""
+    """The entry's file settings (:data:`PATH_KEYS`, and ``ref`` as ``refs``) with relative paths
+    taken from ``path``'s folder."""
     files = {}
     for key in PATH_KEYS:
         if entry.get(key) is None:
@@ -103,7 +106,17 @@ def beside(path: Path, entry: dict, where: str) -> dict:
         if not isinstance(entry[key], str) or not entry[key].strip():
             raise RequestError(f"{where}: \"{key}\" must be an image file path, got {entry[key]!r}")
         files[key] = str(path.parent / entry[key])  # an absolute path stays as it is
+    if entry.get(REF_KEY) is not None:
+        files["refs"] = ref_paths(entry[REF_KEY], path.parent, f"{where}: \"{REF_KEY}\"")
     return files
+
+
+def ref_paths(value, folder: Path, what: str) -> tuple[str, ...]:
+    """A ``ref`` setting (one image path or a list of them) as paths, relative ones taken from ``folder``."""
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) and v.strip() for v in values):
+        raise RequestError(f"{what} must be an image file path or a list of them, got {value!r}")
+    return tuple(str(folder / v) for v in values)
 
 
 def plan_jobs(prompt: Optional[str], prompt_file, seeds: tuple, count: Optional[int]) -> list[Job]:
@@ -115,7 +128,7 @@ def plan_jobs(prompt: Optional[str], prompt_file, seeds: tuple, count: Optional[
     entries = read_prompt_file(prompt_file) if prompt_file is not None else [{"prompt": prompt}]
     jobs = []
     for entry in entries:
-        settings = {k: v for k, v in entry.items() if k not in ("prompt", "seed", "line")}
+        settings = {k: v for k, v in entry.items() if k not in ("prompt", "seed", "line", REF_KEY)}
         try:
             line_seeds = expand_seeds((entry["seed"],), None) if "seed" in entry else expand_seeds(seeds, count)
         except RequestError as e:
