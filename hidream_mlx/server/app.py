@@ -6,8 +6,9 @@ Routes (all but ``/`` and ``/static`` need ``Authorization: Bearer TOKEN`` when 
   ``/v1/images/edits`` takes multipart uploads as the OpenAI edits endpoint names them: ``image``
   (or ``image[]``), ``mask`` and ``strength``. An ``image`` is the init image that sampling starts
   from (image-to-image, inpainting with ``mask``) when the form has a ``strength`` or a ``mask``, or
-  when the served family takes no reference images; otherwise it is a HiDream-O1 reference (editing,
-  subject-driven generation). An ``init_image`` upload is always the init image.
+  when the served family takes no reference images; otherwise it is a reference: HiDream-O1's (editing,
+  subject-driven generation) or HiDream-E1's source to edit. An ``init_image`` upload is always the
+  init image.
 - ``POST /v1/jobs`` (same body): queue and return at once; ``GET /v1/jobs/{id}`` its state,
   ``GET /v1/jobs/{id}/events`` its progress as server-sent events, ``DELETE /v1/jobs/{id}`` cancels.
 - ``GET /v1/files/{name}``: an image this server saved; ``GET /v1/models``; ``GET /health``

@@ -50,6 +50,7 @@ CLI_FIELDS: dict[str, tuple] = {
     "seam_window": (str,), "seam_strength": NUMBER, "keep_aspect": (bool,), "layout": (str, list, dict),
     "negative_prompt": (str,), "lora": (str, list), "lora_scale": (int, float, list),
     "step_noise_seed": (int,), "strength": NUMBER, "mask_blur": (int,),
+    "image_guidance": NUMBER, "refine_strength": NUMBER, "no_clip_cfg_norm": (bool,), "keep_source_size": (bool,),
 }
 OPENAI_FIELDS: dict[str, tuple] = {
     "prompt": (str,), "n": (int,), "size": (str,), "response_format": (str,), "model": (str,), "user": (str,),
