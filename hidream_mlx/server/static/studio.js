@@ -40,13 +40,23 @@ $("mask").addEventListener("change", () => {
   if (!strengthTouched) { $("strength").value = $("mask").files.length ? "1" : "0.8"; showStrength(); }
 });
 
+// HiDream-E1 edits one source image: no presets, no snapping, no start image; its own guidance fields.
+const EDITS = document.body.dataset.family === "e1";
+
 async function bodyFromForm() {
   const body = { prompt: $("prompt").value, seed: Number($("seed").value) };
-  if ($("preset").value) body.preset = $("preset").value;
+  if ($("preset").value && !EDITS) body.preset = $("preset").value;
   if ($("size").value.trim()) body.size = $("size").value.trim();
-  if ($("no-snap").checked) body.no_snap = true;
+  if ($("no-snap").checked && !EDITS) body.no_snap = true;
   if ($("steps").value) body.steps = Number($("steps").value);
   if ($("guidance").value) body.guidance = Number($("guidance").value);
+  if (EDITS) {
+    const source = $("source").files[0];
+    if (source) body.references = [await readAsBase64(source)];
+    if ($("image-guidance").value) body.image_guidance = Number($("image-guidance").value);
+    if ($("refine-strength").value) body.refine_strength = Number($("refine-strength").value);
+    return body;
+  }
   const files = Array.from($("refs").files);
   if (files.length) body.references = await Promise.all(files.map(readAsBase64));
   const start = $("init-image").files[0];
@@ -145,7 +155,8 @@ async function addToGallery(event, body) {
   const settings = document.createElement("pre");
   const steps = meta.init_image ? `${meta.steps_run} of ${meta.steps} steps (strength ${meta.strength})`
     : `${meta.steps} steps`;
-  settings.textContent = `${meta.width}x${meta.height} · seed ${meta.seed} · ${meta.recipe} · ${steps} · ` +
+  const size = meta.edited_size ? meta.edited_size.join("x") : `${meta.width}x${meta.height}`;
+  settings.textContent = `${size} · seed ${meta.seed} · ${meta.recipe} · ${steps} · ` +
     `guidance ${meta.guidance}${body.preset ? " · preset " + body.preset : ""}\n${meta.prompt}`;
   const again = document.createElement("button");
   again.className = "rerender";
@@ -153,7 +164,8 @@ async function addToGallery(event, body) {
   again.title = "same prompt, seed, references and start image with the high preset (an explicit size is kept)";
   again.addEventListener("click", () => {
     const high = { prompt: body.prompt, seed: meta.seed, preset: "high" };
-    for (const key of ["size", "no_snap", "references", "init_image", "mask", "strength"]) {
+    for (const key of ["size", "no_snap", "references", "init_image", "mask", "strength", "image_guidance",
+                       "refine_strength"]) {
       if (key in body) high[key] = body[key];
     }
     submit(high);
