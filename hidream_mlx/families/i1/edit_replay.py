@@ -1,7 +1,8 @@
 """Replay HiDream-E1 golden cases (tests/fixtures/e1-tiny/README.md) through our editing code.
 
 Each case format is recognised by its keys and replayed in float32; outputs carry the case's
-own key names, so every array compares one to one:
+own key names, so every array compares one to one (the recorded inputs are written back as they
+are; the ``dbg.*`` intermediates are not written):
 
 * ``edit_encoding``: each prompt set (``<tag>.prompt``, ``.negative_prompt``, ``.target_prompt``)
   through the base's four encoders (``<tag>.pos.*``, ``<tag>.neg.*``, ``<tag>.target.pos.*``) and
@@ -140,7 +141,8 @@ def _resize_size(data, case: Path, tag: str) -> tuple[int, int]:
 def replay_image_latents(data, case: Path, base: Path, llama: Optional[Path], source) -> dict[str, np.ndarray]:
     vae = load_vae(base / "vae", mx.float32, lazy=False)
     image = Image.fromarray(np.asarray(data["source_image"]))
-    out = {"scaling_factor": np.array(vae.cfg.scaling_factor), "shift_factor": np.array(vae.cfg.shift_factor)}
+    out = {"scaling_factor": np.array(vae.cfg.scaling_factor), "shift_factor": np.array(vae.cfg.shift_factor),
+           **{k: np.asarray(data[k]) for k in ("source_image", "image_size") if k in data.files}}  # the inputs
     for tag in _tags(data, ".image_latents_cfg3"):
         width, height = _resize_size(data, case, tag)
         resized = np.asarray(resize_source(image, E1_RECIPES[TAGS[tag]].size_rule, width, height))
@@ -181,6 +183,7 @@ def replay_edit_forward(data, case: Path, base: Path, llama: Optional[Path], sou
         output = model(x, *inputs, max_seq=max_seq)
         # The editing stage's CFG batch (3 rows) carries the source on the right half; refine (2) does not.
         width = x.shape[-1] // 2 if x.shape[0] == 3 else x.shape[-1]
+        out.update({f"{call}.{k}": np.asarray(data[f"{call}.{k}"]) for k in TRANSFORMER_INPUTS})  # the inputs
         out[f"{call}.output"] = np.array(output)
         out[f"{call}.kept_negated"] = np.array(-output[..., :width])
     p = patchify(mx.array(data[f"{calls[0]}.hidden_states"]), model.cfg.patch_size, max_seq)
@@ -264,6 +267,7 @@ def replay_sampling(data, case: Path, base: Path, llama: Optional[Path], source)
         out["refine.model_input_step0"] = np.array(mx.concatenate([before] * (2 if recipe.uses_cfg else 1), axis=0))
         out["refine.model_output"] = np.stack(refine)
     out.update(decode_outputs(vae, final))
+    out.update({k: np.asarray(data[k]) for k in data.files if k not in out and data[k].ndim == 0})  # the settings
     return out
 
 

@@ -23,13 +23,13 @@ from hidream_mlx.images import read_rgb_size
 
 NOISE_KINDS = ("torch", "mlx")
 # What an edit starts from is its source (--ref), beside the noise; nothing starts from an image.
-NOT_A_START = ("an edit's source is its --ref image (the server's image upload or references) and the edit starts "
-               "from noise beside it, not from an init image")
+NOT_A_START = ("the source to edit is --ref, on the server the image upload or references; an edit starts from "
+               "noise beside it, never from an init image")
 # Options of the other families that an edit has no use for, each with why (checked before loading;
 # the O1-only ones are refused by the shared request builder).
 REFUSED = {
     "init_image": NOT_A_START, "mask": NOT_A_START, "strength": NOT_A_START, "mask_blur": NOT_A_START,
-    "shift": "the editing sampler runs the base's scheduler config (its own flow shift)",
+    "shift": "the editing sampler runs the flow shift of the base's scheduler config",
     "step_noise_seed": "it seeds the per-step noise of HiDream-I1 dev/fast; the editing sampler draws none",
 }
 # Presets that mean the released recipe itself (an edit has one effort: its recipe's, or --steps).
