@@ -15,6 +15,7 @@ import uvicorn
 from hidream_mlx.families.o1.engine import Engine
 from hidream_mlx.families import family_of
 from hidream_mlx.families.i1.source import I1
+from hidream_mlx.families.i1.edit_engine import E1Engine
 from hidream_mlx.families.i1.engine import I1Engine
 from hidream_mlx.server.app import ServerConfig, create_app
 
@@ -39,8 +40,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(model_dir: Path, output_dir: Path, **config):
-    engine = (I1Engine if family_of(model_dir).name == I1 else Engine).load(model_dir, dtype="float32")
+def running_server(model_dir: Path, output_dir: Path, base: Path = None, **config):
+    """``base``: the I1-Full pipeline of a HiDream-E1 ``model_dir``."""
+    family = family_of(model_dir).name
+    if family == "e1":
+        engine = E1Engine.load(model_dir, base=base, dtype="float32")
+    else:
+        engine = (I1Engine if family == I1 else Engine).load(model_dir, dtype="float32")
     app, studio = create_app(engine, ServerConfig(output_dir=output_dir, **config))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
