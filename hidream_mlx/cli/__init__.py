@@ -89,7 +89,7 @@ def _fail(message: str) -> None:
 @click.group(cls=FriendlyGroup)
 @click.version_option(__version__, prog_name="hidream-mlx")
 def main():
-    """HiDream image models (O1, I1) in native MLX: generate, quantize, evaluate."""
+    """HiDream image models (O1, I1, E1 editing) in native MLX: generate, edit, quantize, evaluate."""
 
 
 def _register_commands() -> None:
