@@ -3,6 +3,8 @@ source or several, a base that is no HiDream-I1-Full pipeline, the other familie
 init image or a mask: the source is --ref), numbers out of range, a size the resize rule cannot
 make, an edit that will not fit; and the E1 options given to another family's model."""
 
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -12,8 +14,9 @@ from hidream_mlx.families.i1 import edit_engine as engine_module
 from hidream_mlx.families.i1 import edit_memory
 from hidream_mlx.families.i1.text_encoding import TextEncoders
 
-I1_FIXTURES = FIXTURES.parent / "i1-tiny"
-O1_FIXTURES = FIXTURES.parent / "o1-tiny"
+REPO_FIXTURES = Path(__file__).parent / "fixtures"  # beside any E1 set HIDREAM_E1_FIXTURES names
+I1_FIXTURES = REPO_FIXTURES / "i1-tiny"
+O1_FIXTURES = REPO_FIXTURES / "o1-tiny"
 
 
 @pytest.fixture(scope="module")

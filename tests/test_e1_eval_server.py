@@ -55,9 +55,11 @@ def test_a_battery_edits_each_row_s_source_with_one_load(layout, tmp_path, monke
     rundir = tmp_path / "run"
     result = CliRunner().invoke(main, ["eval", "--battery", str(battery), "--model", str(layout["e1_1"]), "--base",
                                        str(layout["base"]), "--dtype", "float32", "--variant", "plain:steps=1",
-                                       "--variant", "ig:steps=1,image_guidance=2.5", "--output", str(rundir)])
+                                       "--variant", "ig:steps=1,image_guidance=2.5", "--warmup",
+                                       "--output", str(rundir)])
     assert result.exit_code == 0, result.output
-    assert encoded == [1] and loads == [1]
+    assert encoded == [1] and loads == [1]  # the warm-up (a shorter recipe) reuses both
+    assert json.loads((rundir / "run.json").read_text())["sessions"][0]["warmup_time"] > 0
     rows = read_results(rundir)
     assert sorted(rows) == ["ig/blue/3", "ig/red/4", "plain/blue/3", "plain/red/4"]
     blue, red = rows["plain/blue/3"], rows["plain/red/4"]

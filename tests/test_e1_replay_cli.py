@@ -88,7 +88,7 @@ def test_base_goes_with_e1_cases_and_an_e1_model(layout, tmp_path):
     result = replay("--model", layout["base"], "--base", layout["base"], "--case", FIXTURES / "edit_encoding.npz",
                     "--out", tmp_path / "o.npz")
     assert result.exit_code == 1 and "give the E1 model as --model and the pipeline as --base" in result.output
-    i1_case = FIXTURES.parent / "i1-tiny" / "text_encoding.npz"
+    i1_case = Path(__file__).parent / "fixtures" / "i1-tiny" / "text_encoding.npz"
     result = replay("--model", layout["base"], "--base", layout["base"], "--case", i1_case, "--out", tmp_path / "o.npz")
     assert result.exit_code == 1 and "--base: only HiDream-E1 cases take it" in result.output
     result = replay("--model", layout["e1_1"], "--base", layout["base"], "--case", i1_case, "--out", tmp_path / "o.npz")

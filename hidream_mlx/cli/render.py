@@ -88,10 +88,11 @@ def from_image_settings(image: Path, params: dict, explicit: set, note: Callable
 
 
 def resolve_source(params: dict):
-    """(family, source) of ``--model``; another family's load options are refused here, naming the flag."""
+    """(family, source) of ``--model``; another family's load options are refused here, naming the flag
+    (and the oldest family that reads it, as the request builder names options)."""
     arg = params["model_arg"]
     family = family_of(arg)
-    for other in registered():
+    for other in reversed(registered()):
         for name in other.load_options:
             if name not in family.load_options and params.get(name) not in (None, False):
                 raise RequestError(f"--{name.replace('_', '-')} is for {other.title} models; {arg} is a "

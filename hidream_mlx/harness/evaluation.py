@@ -380,6 +380,9 @@ def warm_up(engine, request) -> float:
     kernel setup) stay out of the first measured image."""
     recipe = request.recipe.with_overrides(steps=min(2, request.recipe.steps))
     start = time.perf_counter()
-    # Text-to-image: a start image's strength could run no step of the shortened recipe.
-    engine.run(dataclasses.replace(request, recipe=recipe, blend_seams=0, start=None))
+    # Text-to-image: a start image's strength could run no step of the shortened recipe. Only the
+    # request's own fields are replaced (a family whose requests never blend seams has no such field).
+    changes = {"recipe": recipe, "blend_seams": 0, "start": None}
+    fields = {f.name for f in dataclasses.fields(request)}
+    engine.run(dataclasses.replace(request, **{k: v for k, v in changes.items() if k in fields}))
     return time.perf_counter() - start
