@@ -71,7 +71,7 @@ SERVE_HELP = ("Load the model once and serve the OpenAI-shaped images API and a 
               show_default=True, help="Where every image is saved, with its metadata.")
 @click.option("--base", default=None, metavar="PATH_OR_ID",
               help="HiDream-E1: the HiDream-I1-Full pipeline the E1 model edits on (as generate's --base) "
-                   "[default: HiDream-ai/HiDream-I1-Full]. An edit's source is the image upload (or references[0]).")
+                   "[default: HiDream-ai/HiDream-I1-Full]. An edit's source is the image upload (or a references list of one).")
 @click.option("--llama", default=None, metavar="PATH_OR_ID",
               help="HiDream-I1 and E1: the Llama folder or repo id when the pipeline has no text_encoder_4/.")
 @click.option("--encoder-bits", type=click.Choice([str(b) for b in option_choices("encoder_bits")]), default=None,
