@@ -19,6 +19,7 @@ from hidream_mlx.memory import parameter_bytes
 from hidream_mlx.families.i1.convert import convert_i1
 from hidream_mlx.families.i1.encoder_common import ENCODER_BITS
 from hidream_mlx.families.i1.engine import I1Engine, check_load_options
+from hidream_mlx.families.i1.lora_targets import check_loras
 from hidream_mlx.families.i1.info import describe_i1_image, i1_info_lines, recorded_i1_settings
 from hidream_mlx.families.i1.memory import check_fits_i1
 from hidream_mlx.families.i1.recipes import FAMILY, I1_RECIPES
@@ -60,6 +61,7 @@ class I1Family(Family):
 
     def check_load(self, source, load: dict) -> None:
         check_load_options(load["dtype"])
+        check_loras(source, load.get("loras", ()))  # each read against the transformer's layers, before loading
 
     def check_fits(self, source, requests: list, load: dict, extra_bytes: int = 0) -> None:
         dtype_bytes = parse_dtype(load["dtype"]).size
