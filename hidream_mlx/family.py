@@ -165,6 +165,9 @@ class Family:
     # How long a prompt may be in its own tokens, as --help says it ("HiDream-O1 at most 2,048 of its
     # tokens"); :meth:`build_request` applies the rule (the shared builder bounds the characters).
     prompt_rule: ClassVar[str] = ""
+    # The keys only its images record, with the kind each value must be (``hidream_mlx.images``'
+    # kinds); the keys every image records are the shared schema's (``workflow/metadata.py``).
+    metadata_fields: ClassVar[dict] = {}
 
     def recognises(self, arg: str) -> bool:
         """True when ``arg`` (a folder, a file or a repo id) is one of this family's models."""

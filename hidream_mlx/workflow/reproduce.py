@@ -21,28 +21,18 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from hidream_mlx.files import sha256_file
-from hidream_mlx.images import read_metadata
 from hidream_mlx.families import family_named
 from hidream_mlx.family import RECIPE_NUMBERS, RequestError
 from hidream_mlx.weights.source import is_repo_id
+from hidream_mlx.workflow.metadata import check_image_metadata, image_family, read_image_metadata
 
 # What a --preset decides: the image's values for these give way to it.
 PRESET_DECIDES = ("width", "height", "steps", "guidance")
 
 
-def recorded_settings(meta: dict) -> dict:
+def recorded_settings(meta: dict, where: str = "the image") -> dict:
     """Option values (named like the CLI's, underscores) that re-create the image in ``meta``."""
-    if "prompt" not in meta or "seed" not in meta:
-        raise RequestError("the image's hidream-mlx metadata has no prompt or seed to re-run")
-    return image_family(meta).recorded_settings(meta)
-
-
-def image_family(meta: dict):
-    """The family that made an image (images from before families were recorded are HiDream-O1)."""
-    try:
-        return family_named(meta.get("family") or "o1")
-    except ValueError as e:
-        raise RequestError(f"the image's metadata names {e}") from None
+    return check_image_metadata(meta, where).recorded_settings(meta)
 
 
 def merge_settings(recorded: dict, explicit: dict, target_recipe: Optional[str], family: str = "o1") -> dict:
@@ -109,12 +99,29 @@ def find_loras(meta: dict, image: Path) -> tuple[tuple[str, ...], tuple[float, .
     return tuple(p for p, _ in found), tuple(s for _, s in found)
 
 
-def check_model(meta: dict, source, note: Callable[[str], None]) -> None:
-    """Warn when the model that will run is not the one the image records."""
+def check_family(meta: dict, family_name: str, model: str, image: Path | str = "the image") -> None:
+    """Refuse a model of another family than the image's: its settings mean nothing there."""
+    family = image_family(meta, str(image))
+    if family_name != family.name:
+        raise RequestError(f"{image} was made by a {family.title} model ({recorded_identity(meta)}); {model} is a "
+                           f"{family_named(family_name).title} model; give a {family.title} model with --model")
+
+
+def check_model(meta: dict, source, note: Callable[[str], None], image: Path | str = "the image") -> None:
+    """Refuse a model of another family than the image's; warn when the model that will run is not
+    the one the image records."""
+    check_family(meta, getattr(source, "family", image_family(meta).name), source.name, image)
     recorded = meta.get("model_fingerprint")
     if recorded and source.fingerprint != recorded:
         note(f"warning: model {source.name} (fingerprint {source.fingerprint}) differs from the one "
              f"that made the image ({meta.get('model_name', meta.get('model'))}, {recorded})")
+
+
+def recorded_identity(meta: dict) -> str:
+    """``NAME, fingerprint F`` of the model an image records, for messages."""
+    name = meta.get("model_name") or meta.get("model") or "no name recorded"
+    fingerprint = meta.get("model_fingerprint")
+    return f"{name}, fingerprint {fingerprint}" if fingerprint else name
 
 
 def recorded_model(meta: dict, image: Path) -> str:
@@ -129,7 +136,7 @@ def recorded_model(meta: dict, image: Path) -> str:
 
 def describe_image(path: Path | str, as_json: bool = False) -> str:
     """``hidream-mlx info IMAGE``: the recipe in readable lines, or the stored object as JSON."""
-    meta = read_metadata(path)
+    meta, family = read_image_metadata(path)
     if as_json:
         return json.dumps(meta, indent=2, sort_keys=True)
     rec = meta.get("recipe_settings") or {}
@@ -137,7 +144,7 @@ def describe_image(path: Path | str, as_json: bool = False) -> str:
              f"  prompt: {meta.get('prompt')!r}"]
     if meta.get("negative_prompt") is not None:
         lines.append(f"  negative prompt: {meta['negative_prompt']!r}")
-    lines += image_family(meta).describe_image(meta)
+    lines += family.describe_image(meta)
     official = "" if meta.get("official_recipe", True) else " (modified)"
     numbers = ", ".join(f"{k} {rec.get(k, meta.get(k))}" for k in RECIPE_NUMBERS if k in rec or k in meta)
     lines.append(f"  recipe {meta.get('recipe')}{official}: {numbers}")

@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from hidream_mlx.family import Family, RequestError
+from hidream_mlx.images import FLAG, NUMBER, TEXT, WHOLE, one_of, optional
 from hidream_mlx.memory import parameter_bytes
 from hidream_mlx.families.i1.convert import convert_i1
 from hidream_mlx.families.i1.encoder_common import ENCODER_BITS
@@ -48,6 +49,8 @@ class I1Family(Family):
     recipes = tuple(I1_RECIPES)
     load_options = ("llama", "encoder_bits", "keep_loaded")
     option_choices = {"encoder_bits": ENCODER_BITS}
+    metadata_fields = {"recipe": one_of(*I1_RECIPES), "step_noise_seed": WHOLE, "shift": optional(NUMBER),
+                       "mu_shift": FLAG, "llama": optional(TEXT), "encoder_bits": optional(one_of(*ENCODER_BITS))}
 
     def recognises(self, arg: str) -> bool:
         return is_i1_pipeline(arg)

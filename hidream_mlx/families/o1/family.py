@@ -16,6 +16,7 @@ import numpy as np
 
 from hidream_mlx.family import Family, RequestError
 from hidream_mlx.files import atomic_output
+from hidream_mlx.images import FLAG, NUMBER, TEXT, WHOLE, Record, one_of, optional
 from hidream_mlx.memory import parameter_bytes
 from hidream_mlx.noise import NOISE_KINDS
 from hidream_mlx.families.o1.bench import BenchConfig, report_lines, run_bench
@@ -69,6 +70,12 @@ class O1Family(Family):
     recipe_options = USED_BY
     option_choices = {"noise": NOISE_KINDS, "seam_window": WINDOWS}
     random_dims = tuple(TEXT_DIMS)
+    metadata_fields = {
+        "recipe": one_of(*RECIPES), "noise": one_of(*NOISE_KINDS), "blend_seams": WHOLE, "layout": optional(TEXT),
+        "keep_aspect": FLAG, "keep_aspect_budget": WHOLE, "seam_passes": WHOLE,
+        "seam_smoothing": Record({"fraction": NUMBER, "window": one_of(*WINDOWS), "strength": NUMBER},
+                                 required=("fraction", "window", "strength")),
+    }
 
     def recognises(self, arg: str) -> bool:
         return True  # the registry's fallback: asked last
