@@ -8,6 +8,7 @@ fingerprint, and every input by file name and sha256: never a path.
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import FIXTURES
@@ -18,8 +19,10 @@ from hidream_mlx.cli import main
 from hidream_mlx.families.i1.family import I1Family
 from hidream_mlx.families.o1.family import O1Family
 from hidream_mlx.family import RequestError
+from hidream_mlx.files import sha256_file
 from hidream_mlx.images import EXIF_IMAGE_DESCRIPTION, METADATA_KEY, read_metadata
 from hidream_mlx.workflow.metadata import check_image_metadata
+from hidream_mlx.workflow.reproduce import recorded_location
 
 O1 = ["generate", "--model", str(FIXTURES), "--prompt", "a red fox", "--no-snap", "--width", "256", "--height", "256",
       "--steps", "2", "--dtype", "float32", "--seed", "5"]
@@ -228,3 +231,116 @@ def test_an_image_that_reads_back_is_accepted_and_unknown_keys_of_a_newer_versio
     assert check_image_metadata(meta).name == "o1"
     with pytest.raises(RequestError, match="the image: hidream-mlx metadata: prompt must be text"):
         check_image_metadata({**meta, "prompt": None})
+
+
+# --- no local path in what an image records (item 9) ----------------------------------------------
+
+def no_path_in(meta: dict, *folders) -> bool:
+    text = json.dumps(meta)
+    return all(str(folder) not in text for folder in folders)
+
+
+def test_an_image_records_the_model_and_its_inputs_by_name_and_content_never_a_path(o1_image):
+    meta = read_metadata(o1_image)
+    assert meta["model"] == meta["model_name"] == FIXTURES.name and meta["model_fingerprint"].startswith("sha256:")
+    assert meta["references"] == ["cat.png"]
+    assert meta["reference_files"] == [{"name": "cat.png", "sha256": sha256_file(o1_image.parent / "cat.png")}]
+    assert no_path_in(meta, FIXTURES.parent, o1_image.parent)
+    assert "/" not in json.dumps({k: v for k, v in meta.items() if k not in ("prompt", "layout")})
+
+
+def test_an_i1_image_records_its_llama_folder_by_name_and_a_rerun_asks_for_it(i1_image, tmp_path):
+    llama = tmp_path / "my-llama"
+    llama.mkdir()
+    for part in ("text_encoder_4", "tokenizer_4"):
+        for file in (I1_FIXTURES / part).iterdir():
+            (llama / file.name).symlink_to(file)
+    pipeline = tmp_path / "pipeline"
+    pipeline.mkdir()
+    for entry in I1_FIXTURES.iterdir():
+        if entry.name not in ("text_encoder_4", "tokenizer_4"):
+            (pipeline / entry.name).symlink_to(entry)
+    out = tmp_path / "with_llama.png"
+    result, _ = invoke(*i1_args("--llama", llama, "-o", out, model=pipeline))
+    assert result.exit_code == 0, result.output
+    meta = read_metadata(out)
+    assert (meta["model"], meta["llama"]) == ("pipeline", "my-llama") and no_path_in(meta, tmp_path)
+    again = tmp_path / "again.png"
+    asked, lines = invoke("generate", "--model", pipeline, "--from-image", out, "-o", again)
+    assert asked.exit_code == 1 and lines == [f"error: {out}: made with the local Llama my-llama; images record a folder "
+                                              "by its name only, so give it with --llama FOLDER"]
+    rerun, _ = invoke("generate", "--model", pipeline, "--llama", llama, "--from-image", out, "-o", again)
+    assert rerun.exit_code == 0, rerun.output
+    np.testing.assert_array_equal(np.array(Image.open(again)), np.array(Image.open(out)))
+
+
+def test_a_model_recorded_by_folder_name_needs_model_naming_the_name_and_fingerprint(o1_image, tmp_path, no_loading):
+    meta = read_metadata(o1_image)
+    result, lines = invoke("generate", "--from-image", o1_image, "-o", tmp_path / "o.png")
+    assert result.exit_code == 1 and lines == [
+        f"error: {o1_image}: made with the local model {FIXTURES.name}, fingerprint {meta['model_fingerprint']}; images "
+        "record a folder by its name only, so give it with --model FOLDER"]
+
+
+def test_an_older_image_with_a_path_still_re_runs_from_it(o1_image, tmp_path):
+    def old(meta):
+        meta["model"] = str(FIXTURES)
+        meta["references"] = [str(o1_image.parent / "cat.png")]
+        del meta["reference_files"]
+    image = tampered(o1_image, o1_image.parent, old, name="old.png")
+    shown = invoke("info", image)[0]
+    assert shown.exit_code == 0 and f"model {FIXTURES.name}" in shown.output
+    again = tmp_path / "again.png"
+    result, _ = invoke("generate", "--from-image", image, "-o", again)
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(np.array(Image.open(again)), np.array(Image.open(o1_image)))
+    assert no_path_in(read_metadata(again), FIXTURES.parent, o1_image.parent)
+
+
+@pytest.mark.parametrize("value, gives", [("HiDream-ai/HiDream-O1-Image-Dev", "HiDream-ai/HiDream-O1-Image-Dev"),
+                                          (str(FIXTURES), str(FIXTURES))])
+def test_a_recorded_repo_id_is_loaded_as_model_would_be_and_an_old_path_while_it_is_there(value, gives):
+    assert recorded_location(value, "x.png", "--model", "model", {}) == gives
+
+
+@pytest.mark.parametrize("value, says", [("o1-tiny", "made with the local model o1-tiny"),
+                                         ("/gone/o1-tiny", "the recorded model /gone/o1-tiny is not on this machine"),
+                                         ("../o1", "the recorded model ../o1 is not on this machine")])
+def test_a_folder_name_or_a_path_that_is_gone_asks_for_model(value, says):
+    with pytest.raises(RequestError, match=says):
+        recorded_location(value, "x.png", "--model", "model", {})
+
+
+def test_a_lora_and_a_converted_folder_are_recorded_by_name(tmp_path):
+    from test_lora import fresh, lora_tensors, write_lora
+
+    lora = write_lora(tmp_path / "loras", lora_tensors(fresh()), "peft")
+    converted = tmp_path / "q8"
+    made, _ = invoke("quantize", "--model", FIXTURES, "--bits", "8", "-o", converted)
+    assert made.exit_code == 0, made.output
+    out = tmp_path / "out.png"
+    result, _ = invoke("generate", "--model", converted, "--prompt", "a red fox", "--no-snap", "--width", "256",
+                       "--height", "256", "--steps", "1", "--dtype", "float32", "--lora", lora, "-o", out)
+    assert result.exit_code == 0, result.output
+    meta = read_metadata(out)
+    assert (meta["model"], meta["converted_from"], meta["loras"][0]["name"]) == ("q8", FIXTURES.name,
+                                                                                  "lora.safetensors")
+    assert no_path_in(meta, tmp_path, FIXTURES.parent)
+
+
+def test_the_server_checks_each_record_before_queueing_and_keeps_serving(tmp_path):
+    import httpx
+    from server_helpers import running_server
+
+    body = {"prompt": "a red fox", "size": "256x256", "no_snap": True, "steps": 1, "seed": 3}
+    with running_server(FIXTURES, tmp_path / "out") as (url, studio):
+        real = studio.engine.describe
+        studio.engine.describe = lambda: {**real(), "dtype": "float8"}  # a record no reader would take
+        broken = httpx.post(f"{url}/v1/images/generations", json=body, timeout=60)
+        assert broken.status_code == 500 and "dtype must be one of" in broken.json()["error"]["message"]
+        studio.engine.describe = real
+        fine = httpx.post(f"{url}/v1/images/generations", json=body, timeout=60)
+        assert fine.status_code == 200, fine.text
+    [saved] = list((tmp_path / "out").glob("*.png"))
+    assert check_image_metadata(read_metadata(saved)).name == "o1"
+    assert no_path_in(read_metadata(saved), FIXTURES.parent, tmp_path)

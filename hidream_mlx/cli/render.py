@@ -28,6 +28,7 @@ from hidream_mlx.workflow.reproduce import (
     find_loras,
     find_references,
     merge_settings,
+    recorded_location,
     recorded_model,
     recorded_settings,
 )
@@ -79,7 +80,7 @@ def from_image_settings(image: Path, params: dict, explicit: set, note: Callable
         out["quantize_bits"] = recorded_bits
     for key, value in recorded_load.items():
         if key not in explicit and key in out:
-            out[key] = value
+            out[key] = recorded_location(value, image, f"--{key}", "Llama", meta) if key == "llama" else value
     out["refs"] = find_references(meta, image, params["refs"], note)
     lora_flags = {"loras", "lora_scales", "lora_paths", "lora_scales_mflux"}
     if "loras" in params and meta.get("loras") and not lora_flags & explicit:

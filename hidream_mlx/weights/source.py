@@ -72,10 +72,18 @@ def fingerprint(path: Path, config_bytes: bytes, index: dict[str, TensorInfo]) -
     return "sha256:" + digest.hexdigest()[:16]
 
 
+def recorded_name(arg: str) -> str:
+    """How an image names a model (or a Llama, a base) it was made with: a repo id as it is, a local
+    folder or file by its own name only (never the folders above it: an image keeps no local path)."""
+    text = str(arg)
+    return text if is_repo_id(text) else model_name(text)
+
+
 def model_identity(source) -> dict:
-    """What an image records about the model that made it, beside ``model``: its own name and its
-    fingerprint (with the hub revision when it came from the hub)."""
-    identity = {"model_name": source.name, "model_fingerprint": source.fingerprint}
+    """What an image records about the model that made it: ``model``, its own name (a repo id, or
+    the folder's name; never a path), the same under ``model_name``, and its fingerprint (with the
+    hub revision when it came from the hub)."""
+    identity = {"model": source.name, "model_name": source.name, "model_fingerprint": source.fingerprint}
     if source.fingerprint.startswith("hub:"):
         identity["model_revision"] = source.fingerprint[len("hub:"):]
     return identity

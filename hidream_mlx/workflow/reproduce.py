@@ -2,8 +2,14 @@
 
 Every output's ``hidream-mlx`` object keeps the historical top-level keys (``prompt``, ``seed``,
 ``recipe`` as a name, ``steps``, ``guidance``, ``width``, ``height``, ...) and adds what a re-run
-needs without local absolute paths: references by file name and sha256, the model's own name
-with its hub revision or a fingerprint of its config and index, the dtype and ``-q`` bits.
+needs without any local path: references and LoRAs by file name and sha256, the model by its name
+(a repo id, or a local folder's name) with its hub revision or a fingerprint of its config and
+index, the dtype and ``-q`` bits. Every reader checks the object first (``workflow/metadata.py``).
+
+``--from-image`` loads a recorded repo id as ``--model`` does (the cache, else the hub); a model
+recorded by a folder's name needs ``--model`` (the image says which name and fingerprint), and so
+does a model of another family than the image's. Images from before names were recorded hold a
+path, which is used when it is still there.
 
 ``--from-image`` precedence: flags on the command line (and what a ``--preset`` given there
 sets) > the image's settings > recipe defaults. Only settings the target recipe reads are
@@ -23,7 +29,6 @@ from typing import Callable, Optional
 from hidream_mlx.files import sha256_file
 from hidream_mlx.families import family_named
 from hidream_mlx.family import RECIPE_NUMBERS, RequestError
-from hidream_mlx.weights.source import is_repo_id
 from hidream_mlx.workflow.metadata import check_image_metadata, image_family, read_image_metadata
 
 # What a --preset decides: the image's values for these give way to it.
@@ -124,14 +129,35 @@ def recorded_identity(meta: dict) -> str:
     return f"{name}, fingerprint {fingerprint}" if fingerprint else name
 
 
+def is_recorded_path(value: str) -> bool:
+    """A path an older image recorded (``/models/o1``, ``~/m``, ``../m``, ``a/b/c``): a repo id
+    has one slash, a folder's name none."""
+    return value.startswith(("/", "~", ".")) or value.count("/") > 1 or "\\" in value
+
+
+def recorded_location(value: str, image: Path | str, flag: str, what: str, meta: dict) -> str:
+    """What a recorded model (or Llama) gives ``flag``: an older image's path while it is still
+    here, a repo id as it is (the cache, else the hub, as ``flag`` takes it); a folder's name, or
+    a path that is gone, is refused in one line asking for ``flag``."""
+    fingerprint = meta.get("model_fingerprint") if flag == "--model" else None
+    identity = f"{value}, fingerprint {fingerprint}" if fingerprint else value
+    if "/" in value or "\\" in value or value.startswith(("~", ".")):
+        if Path(value).expanduser().exists():
+            return value
+        if is_recorded_path(value):
+            raise RequestError(f"{image}: the recorded {what} {value} is not on this machine; give {flag} "
+                               f"(recorded {identity})")
+        return value
+    raise RequestError(f"{image}: made with the local {what} {identity}; images record a folder by its name "
+                       f"only, so give it with {flag} FOLDER")
+
+
 def recorded_model(meta: dict, image: Path) -> str:
+    """The ``--model`` an image re-runs with when none is given (:func:`recorded_location`)."""
     model = meta.get("model")
     if not model:
         raise RequestError(f"{image}: no model recorded; give --model")
-    if not Path(model).expanduser().exists() and not is_repo_id(model):
-        raise RequestError(f"{image}: the recorded model {model} is not on this machine; give --model "
-                           f"(recorded {meta.get('model_name', '?')}, {meta.get('model_fingerprint', '?')})")
-    return str(model)
+    return recorded_location(model, image, "--model", "model", meta)
 
 
 def describe_image(path: Path | str, as_json: bool = False) -> str:

@@ -51,7 +51,7 @@ from hidream_mlx.noise import TorchRandn
 from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
 from hidream_mlx.weights.lora import I1_KEYS, LoRASpec, attach_adapter, replace_loras, set_adapters_enabled
 from hidream_mlx.weights.precision import parse_dtype
-from hidream_mlx.weights.source import model_identity
+from hidream_mlx.weights.source import model_identity, recorded_name
 
 NOISE_KINDS = ("torch", "mlx")
 
@@ -134,8 +134,11 @@ class E1Engine:
             self._plan, self._planned = [], False
 
     def describe(self) -> dict:
-        return {"model": self.model_arg, "family": FAMILY, "e1_model": self.source.kind, "base": self.source.base_arg,
-                "dtype": self.dtype, "quantization": self.quantization, "llama": self.source.llama.given,
+        # The model, its base and the Llama by name (a repo id, or a folder's name: never a path).
+        llama = self.source.llama.given
+        return {"family": FAMILY, "e1_model": self.source.kind, "base": recorded_name(self.source.base_arg),
+                "dtype": self.dtype, "quantization": self.quantization,
+                "llama": None if llama is None else recorded_name(llama),
                 "encoder_bits": self.encoder_bits,
                 **({"loras": [s.to_dict() for s in self.loras]} if self.loras else {}), "tool_version": __version__,
                 **model_identity(self.source)}
