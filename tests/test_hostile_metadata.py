@@ -139,7 +139,17 @@ O1_VARIANTS = {
     "recipe": (setting("recipe", "zz"), 'recipe must be one of "full"'),
     "noise": (setting("noise", "zz"), 'noise must be one of "torch", "mlx", got "zz"'),
     "keep_aspect": (setting("keep_aspect", "yes"), 'keep_aspect must be true or false, got "yes"'),
-    "layout": (setting("layout", 5), "layout must be text or null, got 5"),
+    "layout": (setting("layout", 5), "layout must be JSON boxes as text or null, got 5"),
+    "layout file": (setting("layout", "/etc/passwd"), 'layout must be JSON boxes as text or null, got "/etc/passwd"'),
+    "seam_smoothing fraction": (setting("seam_smoothing", {"fraction": 5, "window": "hann", "strength": 1.0}),
+                                "seam_smoothing.fraction must be a number >= 0 and <= 1, got 5"),
+    "seam_smoothing window": (setting("seam_smoothing", {"fraction": 0.5, "window": "box", "strength": 1.0}),
+                              'seam_smoothing.window must be one of "hann", "mean", got "box"'),
+    "lora scale range": (setting("loras", [{"name": "l.safetensors", "sha256": "0" * 64, "scale": 1000}]),
+                         "loras[0].scale must be >= -100 and <= 100, got 1000"),
+    "recipe_settings range": (setting("recipe_settings", {"guidance": -1}),
+                              "recipe_settings.guidance must be >= 0 and <= 100 (as --guidance), got -1"),
+    "width range": (setting("width", 10**9), "width must be >= 1 and <= 16384 (as --width), got 1000000000"),
     "seam_smoothing": (setting("seam_smoothing", "x"), 'seam_smoothing must be a JSON object, got "x"'),
     "negative_prompt": (setting("negative_prompt", 5), "negative_prompt must be text or null, got 5"),
 }
@@ -280,6 +290,14 @@ def test_a_model_recorded_by_folder_name_needs_model_naming_the_name_and_fingerp
     assert result.exit_code == 1 and lines == [
         f"error: {o1_image}: made with the local model {FIXTURES.name}, fingerprint {meta['model_fingerprint']}; images "
         "record a folder by its name only, so give it with --model FOLDER"]
+
+
+def test_a_model_given_as_dot_is_recorded_by_the_folder_s_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(FIXTURES)
+    out = tmp_path / "dot.png"
+    result, _ = invoke(*["." if a == str(FIXTURES) else a for a in O1], "-o", out)
+    assert result.exit_code == 0, result.output
+    assert read_metadata(out)["model"] == FIXTURES.name
 
 
 def test_an_older_image_with_a_path_still_re_runs_from_it(o1_image, tmp_path):

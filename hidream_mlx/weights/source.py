@@ -56,8 +56,10 @@ def resolve_model_path(name_or_path: str, allow_download: bool = True, patterns:
 
 
 def model_name(name_or_path: str) -> str:
-    """The model's own name: a repo id's or a folder's last component (never its parents)."""
-    return str(name_or_path).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    """The model's own name: a repo id's or a folder's last component (never its parents); for
+    ``.`` or ``..`` the name of the folder they stand for."""
+    name = str(name_or_path).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return Path(os.path.abspath(name_or_path)).name if name in ("", ".", "..") else name
 
 
 def fingerprint(path: Path, config_bytes: bytes, index: dict[str, TensorInfo]) -> str:

@@ -22,6 +22,7 @@ from hidream_mlx.family import RANGES, RECIPE_NUMBERS, Family, RequestError, opt
 from hidream_mlx.images import (FILE_NAME, FILE_RECORD, FLAG, NUMBER, SCALAR, SHA256, TEXT, WHOLE, ListOf, Record,
                                 one_of, optional, read_metadata, shown)
 from hidream_mlx.quant.recipes import SUPPORTED_BITS
+from hidream_mlx.weights.lora import MAX_LORA_SCALE
 from hidream_mlx.weights.precision import PRECISIONS
 
 LEGACY_FAMILY = "o1"  # images from before families were recorded are HiDream-O1's
@@ -82,6 +83,9 @@ def out_of_range(meta: dict):
         for at, value in ((name, meta.get(name)), (f"recipe_settings.{name}", settings.get(name))):
             if isinstance(value, (int, float)) and not isinstance(value, bool) and not valid.contains(value):
                 return f"{at} must be {valid.text()} (as {option_flag(name)}), got {value}"
+    for i, lora in enumerate(meta.get("loras") or ()):
+        if abs(lora.get("scale", 1.0)) > MAX_LORA_SCALE:
+            return f"loras[{i}].scale must be >= {-MAX_LORA_SCALE:g} and <= {MAX_LORA_SCALE:g}, got {lora['scale']:g}"
     return None
 
 
