@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, ClassVar, Optional
 
 import numpy as np
+
+from hidream_mlx.files import file_record
+from hidream_mlx.images import composite, edge_blend, read_mask, read_rgb_size, resized_rgb
+from hidream_mlx.schedulers import smallest_strength, start_step, steps_to_run
 
 Note = Callable[[str], None]
 
@@ -69,8 +74,11 @@ RANGES: dict[str, Range] = {
     "seam_strength": Range(0, 1),
     "preview_every": Range(0, 1000),
     "step_noise_seed": Range(0, SEED_MAX),
+    "strength": Range(0, 1, low_open=True),
+    "mask_blur": Range(0, 64),
 }
-INTEGER_OPTIONS = ("seed", "width", "height", "steps", "blend_seams", "preview_every", "step_noise_seed")
+INTEGER_OPTIONS = ("seed", "width", "height", "steps", "blend_seams", "preview_every", "step_noise_seed",
+                   "mask_blur")
 
 
 def option_flag(name: str) -> str:
@@ -109,6 +117,116 @@ RECIPE_NUMBERS = ("steps", "guidance", "shift", "noise_scale", "s_noise", "noise
 PRESET_NAMES = ("quick", "standard", "high", "official")
 
 
+# --- starting from an image: image-to-image and inpainting, the same rules for every family -----
+
+DEFAULT_STRENGTH = 0.8  # without a mask, as diffusers' image-to-image pipelines
+DEFAULT_INPAINT_STRENGTH = 1.0  # with one, as their inpainting pipelines
+DEFAULT_MASK_BLUR = 4
+START_OPTIONS = ("init_image", "strength", "mask", "mask_blur")
+
+
+@dataclass(frozen=True)
+class StartImage:
+    """The picture a run starts from (``--init-image``), how much of the schedule runs
+    (``strength``) and, for inpainting, the ``mask`` (white repaints, black keeps) whose edge the
+    final composite blends over ``mask_blur`` pixels. Each family brings the source to its own
+    state at the first step that runs; this holds what they share."""
+
+    path: str
+    size: tuple[int, int]  # the source's own (width, height)
+    strength: float
+    mask: Optional[str] = None
+    mask_blur: int = DEFAULT_MASK_BLUR
+
+    def run_steps(self, steps: int) -> int:
+        return steps_to_run(steps, self.strength)
+
+    def first_step(self, steps: int) -> int:
+        return start_step(steps, self.strength)
+
+    def pixels(self, width: int, height: int) -> np.ndarray:
+        """The source as uint8 RGB HWC at the render size."""
+        return resized_rgb(self.path, width, height)
+
+    def mask_values(self, width: int, height: int) -> Optional[np.ndarray]:
+        """The mask as float32 [height, width] (1 repaints), or None without one."""
+        return None if self.mask is None else read_mask(self.mask, width, height)
+
+    def finish(self, image: np.ndarray, source: np.ndarray, mask: Optional[np.ndarray]) -> np.ndarray:
+        """The final image: with a mask, the source's own pixels wherever it is black, blended over
+        ``mask_blur`` pixels into the black along its edge; without one, ``image`` as sampled."""
+        return image if mask is None else composite(image, source, edge_blend(mask, self.mask_blur))
+
+    def metadata(self, steps: int) -> dict:
+        """What an image records: the files by name and sha256 (never their folder), the numbers,
+        and how many of the recipe's ``steps`` ran."""
+        meta = {"init_image": file_record(self.path), "strength": self.strength,
+                "steps_run": self.run_steps(steps)}
+        if self.mask is not None:
+            meta.update(mask=file_record(self.mask), mask_blur=self.mask_blur)
+        return meta
+
+    def size_refused(self, error: ValueError) -> RequestError:
+        """``--no-snap`` refusing the source's own size: where the size came from and what to do."""
+        w, h = self.size
+        return RequestError(f"--init-image {Path(self.path).name} is {w}x{h}, which --no-snap cannot render as it "
+                            f"is ({error}); give --width/--height (the source is resized to them) or leave out "
+                            "--no-snap")
+
+    def aspect_note(self, width: int, height: int) -> Optional[str]:
+        """A note when the render size stretches the source by more than 1 % (it is resized, not cropped)."""
+        sw, sh = self.size
+        if abs(width * sh - height * sw) <= 0.01 * width * sh:
+            return None
+        return (f"note: --init-image {Path(self.path).name} is {sw}x{sh}; it is resized to {width}x{height}, "
+                f"which changes its aspect ({sw / sh:.3f} -> {width / height:.3f})")
+
+
+def _image_size(flag: str, path) -> tuple[int, int]:
+    try:
+        return read_rgb_size(path)
+    except ValueError as e:
+        raise RequestError(f"{flag} {e}") from None
+
+
+def start_image(options: dict, steps: int) -> Optional[StartImage]:
+    """The checked :class:`StartImage` of a request's options (None without ``init_image``);
+    ``steps`` is the recipe's step count, of which at least one must run."""
+    init, mask = options.get("init_image"), options.get("mask")
+    strength, blur = options.get("strength"), options.get("mask_blur")
+    if init is None:
+        for name in ("mask", "strength", "mask_blur"):
+            if options.get(name) is not None:
+                raise RequestError(f"{option_flag(name)} needs --init-image (the picture the run starts from)")
+        return None
+    if blur is not None and mask is None:
+        raise RequestError("--mask-blur needs --mask (it blends the mask's edge)")
+    for name, value in (("strength", strength), ("mask_blur", blur)):
+        if value is not None:
+            check_number(name, value)
+    size = _image_size("--init-image", init)
+    if mask is not None:
+        _image_size("--mask", mask)  # the same decoder reads it as a mask
+    if strength is None:
+        strength = DEFAULT_INPAINT_STRENGTH if mask is not None else DEFAULT_STRENGTH
+    if steps_to_run(steps, strength) < 1:
+        raise RequestError(f"--strength {strength:g} runs no step of {steps} (int({steps} x {strength:g}) = 0); "
+                           f"the smallest strength that runs one is {smallest_strength(steps):g}")
+    return StartImage(str(init), size, float(strength), None if mask is None else str(mask),
+                      DEFAULT_MASK_BLUR if blur is None else blur)
+
+
+def recorded_start_settings(meta: dict) -> dict:
+    """The start-image numbers an image records, as options (``--from-image``); the files themselves
+    are found again by the application (by name and sha256)."""
+    if not meta.get("init_image"):
+        return {}
+    settings = {"strength": meta.get("strength")}
+    if meta.get("mask"):
+        settings["mask_blur"] = meta.get("mask_blur")
+    return {k: v for k, v in settings.items() if v is not None}
+
+
 # --- what a run gives back ----------------------------------------------------------------------
 
 @dataclass
@@ -135,7 +253,9 @@ class Family:
     loads: its folder, name, fingerprint, stored quantization and notes; it carries ``family``
     (this family's :attr:`name`). A *request* (what :meth:`build_request` returns) is one checked
     image to make: ``prompt``, ``seed``, ``width``, ``height``, ``size_note``, ``recipe`` (with
-    ``name``, ``steps``, ``guidance``, ``official``, ``uses_cfg``) and ``metadata()``. An *engine*
+    ``name``, ``steps``, ``guidance``, ``official``, ``uses_cfg``), ``start`` (a :class:`StartImage`
+    or None), ``run_steps`` (the steps that run: ``recipe.steps``, fewer from an image) and
+    ``metadata()``. An *engine*
     (what :meth:`load_engine` returns) makes images:
 
     * ``prepare(requests, note)``: everything before the first image (a family that loads its

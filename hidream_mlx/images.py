@@ -242,13 +242,83 @@ def _check_image_path(path: Path) -> None:
         raise ValueError(f"{path}: image not found")
 
 
-def open_rgb(path: Path | str) -> Image.Image:
-    """Open an input image as :func:`as_viewer_rgb` describes; errors name the file."""
+def _read_image(path: Path | str, convert) -> Image.Image:
+    """``convert`` of the image in ``path``, read fully; every way reading fails is one line naming it."""
     path = Path(path)
     _check_image_path(path)
     try:
         with Image.open(path) as image:
             image.load()
-            return as_viewer_rgb(image)
+            return convert(image)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as e:
         raise ValueError(f"{path}: not a readable image ({type(e).__name__})") from None
+
+
+def open_rgb(path: Path | str) -> Image.Image:
+    """Open an input image as :func:`as_viewer_rgb` describes; errors name the file."""
+    return _read_image(path, as_viewer_rgb)
+
+
+# --- starting from an image: the source, the mask and the final composite -----------------------
+
+def read_rgb_size(path: Path | str) -> tuple[int, int]:
+    """(width, height) of an input image as a viewer shows it (EXIF rotation applied); reading it
+    fully is the readability check, so a damaged file fails here and not mid-run."""
+    return open_rgb(path).size
+
+
+def resized_rgb(path: Path | str, width: int, height: int) -> np.ndarray:
+    """An input image as uint8 RGB HWC at ``width`` x ``height``: its own pixels when it has that
+    size already, else resized with Lanczos (as diffusers' image processor resizes a source)."""
+    image = open_rgb(path)
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def mask_levels(image: Image.Image) -> Image.Image:
+    """A mask picture as a grey image (mode L) whose level is how much to repaint: white repaints,
+    black keeps, grey in between. A mask with transparency says it with its alpha instead, as the
+    OpenAI edits API's masks do: fully transparent repaints, opaque keeps."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        alpha = np.asarray(image.convert("RGBA"))[..., 3]
+        if alpha.min() < 255:
+            return Image.fromarray(255 - alpha, "L")
+    return as_viewer_rgb(image).convert("L")
+
+
+def read_mask(path: Path | str, width: int, height: int) -> np.ndarray:
+    """A mask file as float32 [height, width] in [0, 1] (:func:`mask_levels`: 1 repaints, 0 keeps),
+    resized bilinearly to the render size, so a mask drawn at the source's size fits any render size."""
+    levels = _read_image(path, mask_levels)
+    if levels.size != (width, height):
+        levels = levels.resize((width, height), Image.BILINEAR)
+    return np.asarray(levels, dtype=np.float32) / np.float32(255.0)
+
+
+def _max3x3(values: np.ndarray) -> np.ndarray:
+    """The largest value in each pixel's 3x3 neighbourhood (outside the image counts as 0)."""
+    padded = np.pad(values, 1)
+    rows = np.maximum(np.maximum(padded[:-2], padded[1:-1]), padded[2:])
+    return np.maximum(np.maximum(rows[:, :-2], rows[:, 1:-1]), rows[:, 2:])
+
+
+def edge_blend(mask: np.ndarray, radius: int) -> np.ndarray:
+    """The weight of the generated image in the final composite: the mask, widened by a linear
+    ramp that falls from each mask value by ``1 / (radius + 1)`` per pixel of (chessboard) distance
+    into the kept region. So the blend reaches at most ``radius`` pixels into the black, and beyond
+    that the weight is exactly 0 (the source, unchanged); the repainted region keeps its weight."""
+    weight = np.asarray(mask, dtype=np.float32)
+    fall = np.float32(1.0 / (radius + 1))
+    for _ in range(radius):  # each pass spreads the ramp one pixel further
+        weight = np.maximum(weight, _max3x3(weight) - fall)
+    return weight
+
+
+def composite(generated: np.ndarray, source: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """uint8 HWC: ``weight`` [H, W] of ``generated`` over ``source``; where the weight is 0 the
+    result is the source's own pixels, where it is 1 the generated ones."""
+    src = source.astype(np.float32)
+    mixed = src + weight[..., None] * (generated.astype(np.float32) - src)
+    return np.clip(np.round(mixed), 0, 255).astype(np.uint8)

@@ -31,7 +31,7 @@ SPECIAL_TOKEN = re.compile(r"<\|[^<>|\s]*\|>")
 MAX_PROMPT_CHARS = 16_000
 # Numbers checked here for every family (the seam options have their own check in O1's rules).
 NUMBER_OPTIONS = ("seed", "width", "height", "steps", "guidance", "shift", "noise_scale", "s_noise", "noise_clip",
-                  "blend_seams", "step_noise_seed")
+                  "blend_seams", "step_noise_seed", "strength", "mask_blur")
 # The JSON kind of each option a prompt-file line or a request body may carry.
 NUMBER = (int, float)
 OPTION_KINDS: dict[str, tuple] = {
@@ -40,6 +40,7 @@ OPTION_KINDS: dict[str, tuple] = {
     "guidance": NUMBER, "shift": NUMBER, "noise_scale": NUMBER, "s_noise": NUMBER, "noise_clip": NUMBER,
     "noise": (str,), "blend_seams": (int,), "seam_smoothing": NUMBER, "seam_window": (str,),
     "seam_strength": NUMBER, "step_noise_seed": (int,), "editing_scheduler": (str,), "layout": (str,),
+    "init_image": (str,), "mask": (str,), "strength": NUMBER, "mask_blur": (int,),
 }
 KIND_NAMES = {(bool,): "true or false (a JSON boolean)", (int,): "a whole number", NUMBER: "a number",
               (str,): "text"}

@@ -19,6 +19,7 @@ run through :class:`UniPCSampler`.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -174,6 +175,36 @@ def pipeline_schedule(scheduler: str, num_steps: int, shift: float, timesteps=No
     return flow_match_schedule(num_steps, shift)
 
 
+# --- starting from an image (image-to-image, inpainting) ----------------------------------------
+
+def steps_to_run(steps: int, strength: float) -> int:
+    """How many of a schedule's ``steps`` a run of ``strength`` (0 < strength <= 1) takes: the
+    last ``int(steps * strength)``, the share diffusers' image-to-image pipelines run."""
+    return min(int(steps * strength), steps)
+
+
+def start_step(steps: int, strength: float) -> int:
+    """The index of the first step that runs (``set_begin_index`` in diffusers' schedulers)."""
+    return steps - steps_to_run(steps, strength)
+
+
+def smallest_strength(steps: int) -> float:
+    """The smallest strength, in thousandths, that runs at least one of ``steps``: what a refusal
+    of a strength that runs none suggests (``1 / steps`` itself can round to none: 49 * (1/49) < 1)."""
+    thousandths = math.ceil(1000 / steps)
+    while steps_to_run(steps, thousandths / 1000) < 1:
+        thousandths += 1
+    return thousandths / 1000
+
+
+def noised(clean, noise, sigma: float):
+    """A clean sample brought to noise level ``sigma`` of a flow: ``sigma * noise + (1 - sigma) *
+    clean`` (diffusers' ``scale_noise``). ``noise`` carries the sampler's own scale; at sigma 0 the
+    result is ``clean`` exactly."""
+    sigma = float(sigma)
+    return sigma * noise + (1.0 - sigma) * clean
+
+
 def _as_f32(x) -> mx.array:
     return x.astype(mx.float32) if isinstance(x, mx.array) else mx.array(np.asarray(x, dtype=_F32))
 
@@ -262,8 +293,10 @@ class UniPCSampler:
     lower order at the final step, final sigma 0, no disabled corrector steps.
 
     Each step: x0 = sample - sigma_i * model_output; the UniC corrector refines the incoming
-    sample with that x0 (from step 1 on); then the UniP predictor moves to sigma_{i+1} using
-    the last one or two x0 estimates (order 1 at the first and last step)."""
+    sample with that x0 (from the run's second step on); then the UniP predictor moves to
+    sigma_{i+1} using the last one or two x0 estimates (order 1 at the run's first step and at the
+    schedule's last). A run started mid-schedule (image-to-image) has no history yet, so it
+    starts at first order, as diffusers' multistep schedulers count ``lower_order_nums`` per run."""
 
     schedule: Schedule
     needs_noise = False
@@ -282,7 +315,8 @@ class UniPCSampler:
             sample = self._correct(i, state, x0)
 
         state.x0_history = (state.x0_history + [x0])[-self.solver_order:]
-        state.order = min(self.solver_order, len(self.schedule) - i, i + 1)
+        # The run's own history bounds the order (not the step index): one x0 after its first step.
+        state.order = min(self.solver_order, len(self.schedule) - i, len(state.x0_history))
         state.last_sample = sample
         return self._predict(i, sample, state.x0_history, state.order)
 

@@ -8,6 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 FIXTURES = Path(os.environ.get("HIDREAM_I1_FIXTURES", Path(__file__).parent / "fixtures" / "i1-tiny"))
@@ -48,3 +49,33 @@ def conditioning(case: dict):
 
 def max_abs(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
+
+
+class RecordingMoE(nn.Module):
+    """Stands in for an MoE layer: keeps each call's input, then runs the layer."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+        self.inputs = []
+
+    def __call__(self, x):
+        self.inputs.append(x)
+        return self.layer(x)
+
+
+def record_moe_decisions(model, run):
+    """``run()`` with every MoE layer's input recorded; returns (run's result, name -> (scores,
+    0/1 selection) of each layer's first call, from its gate on the recorded input)."""
+    blocks = [b.block for b in model.double_stream_blocks] + [b.block for b in model.single_stream_blocks]
+    layers = [blk.ff_i for blk in blocks]
+    names = [name for name, _ in model.moe_layers()]
+    recorders = [RecordingMoE(layer) for layer in layers]
+    try:
+        for blk, rec in zip(blocks, recorders):
+            blk.ff_i = rec
+        result = run()
+    finally:
+        for blk, layer in zip(blocks, layers):
+            blk.ff_i = layer
+    return result, {name: layer.gate(rec.inputs[0]) for name, layer, rec in zip(names, layers, recorders)}

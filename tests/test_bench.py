@@ -121,3 +121,43 @@ def test_load_only_on_an_i1_pipeline_loads_its_transformer_and_vae():
 def test_load_only_and_model_go_together():
     result = CliRunner().invoke(bench, ["--model", str(FIXTURES)])
     assert result.exit_code != 0 and "--load-only and --model go together" in str(result.exception)
+
+
+SPREAD = r"(\d+\.\d+) {unit} \(min (\d+\.\d+) / max (\d+\.\d+)\)"
+MOE_LINE = re.compile(r"moe {}, dense {}, ratio (\d+\.\d+)".format(SPREAD.format(unit="ms"), SPREAD.format(unit="ms")))
+
+
+def test_o1_bench_prints_min_and_max_beside_every_median():
+    result = CliRunner().invoke(bench, ["--dims", "tiny", "--size", "256", "--steps", "2", "--repeats", "2",
+                                        "--guidance", "3", "--compare-cfg", "--compare-naive"])
+    assert result.exit_code == 0, result.output
+    for name in ("cached:", "cfg-batched:", "naive:"):
+        line = next(line for line in result.stdout.splitlines() if line.startswith(name))
+        low, median, high = (float(v) for v in re.search(SPREAD.format(unit="s/step"), line).group(2, 1, 3))
+        assert low <= median <= high
+
+
+def test_i1_bench_times_steps_and_prints_the_routed_over_dense_ratio_last():
+    from hidream_mlx.families.i1.bench import I1BenchConfig, run_bench_i1
+
+    result = CliRunner().invoke(bench, ["--family", "i1", "--dims", "tiny", "--size", "128", "--steps", "1",
+                                        "--repeats", "2", "--guidance", "4"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    match = MOE_LINE.fullmatch(lines[-1])
+    assert match, lines[-1]
+    moe, moe_low, moe_high, dense, dense_low, dense_high, ratio = (float(v) for v in match.groups())
+    assert moe_low <= moe <= moe_high and dense_low <= dense <= dense_high
+    assert abs(ratio - moe / dense) <= 0.01 * ratio + 0.05 / dense  # medians printed to 0.1 ms
+    assert "image 64 + text 48 per row, batch 2" in result.stdout  # 128 px: 8x8 patches; CFG doubles the batch
+    assert re.search(r"step: " + SPREAD.format(unit="s/step"), result.stdout)
+    assert "routed vs dense" in result.stderr and "routed vs dense" not in result.stdout
+    run = run_bench_i1(I1BenchConfig(dims="tiny", size=128, steps=2, repeats=2))
+    assert len(run.step.step_times) == 4 and len(run.moe) == len(run.dense) == 10
+    assert run.active_widths == (2, 256, 256) and run.batch == 1
+
+
+def test_i1_bench_refuses_the_o1_only_options():
+    for extra in (["--compare-naive"], ["--dims", "real"], ["--layers", "2"], ["--prompt-tokens", "100"]):
+        result = CliRunner().invoke(bench, ["--family", "i1", "--dims", "tiny", *extra])
+        assert result.exit_code != 0 and "not --family i1" in str(result.exception), extra

@@ -14,8 +14,8 @@ from hidream_mlx.families.i1.edit_engine import E1Engine
 from hidream_mlx.families.i1.edit_replay import edit_transformer
 from hidream_mlx.families.i1.edit_source import E1Source
 from hidream_mlx.families.i1.edit_requests import E1Request as Request
-from hidream_mlx.weights.lora import (I1_KEYS, AdapterLinear, LoRALayer, LoRASpec, attach_adapter, linear_targets,
-                                      replace_loras, set_adapters_enabled)
+from hidream_mlx.weights.lora import (I1_KEYS, AdapterLinear, LoRALayer, attach_adapter, linear_targets, replace_loras, set_adapters_enabled)
+from hidream_mlx.weights.lora_specs import LoRASpec
 
 TARGET = "double_stream_blocks.0.block.attn1.to_q"
 

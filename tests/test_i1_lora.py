@@ -24,7 +24,8 @@ from hidream_mlx.families.i1.lora_targets import transformer_targets
 from hidream_mlx.families.i1.source import I1Source
 from hidream_mlx.families.i1.text_encoding import TextEncoders
 from hidream_mlx.families.i1.weights import load_transformer
-from hidream_mlx.weights.lora import I1_KEYS, LoRAError, LoRALinear, LoRASpec, apply_lora, switch_loras
+from hidream_mlx.weights.lora import I1_KEYS, LoRAError, LoRALinear, apply_lora, switch_loras
+from hidream_mlx.weights.lora_specs import LoRASpec
 from i1_support import FIXTURES, golden
 
 RANK, ALPHA = 2, 6.0

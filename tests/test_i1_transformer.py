@@ -15,7 +15,7 @@ from hidream_mlx.families.i1.moe import MoEGate, route
 from hidream_mlx.families.i1.transformer import HiDreamImageTransformer, patchify, unpatchify
 from hidream_mlx.families.i1.weights import load_transformer
 from hidream_mlx.weights.loading import ModelLoadError
-from i1_support import FIXTURES, TOL, golden, max_abs, transformer
+from i1_support import FIXTURES, TOL, golden, max_abs, record_moe_decisions, transformer
 
 CALLS = ("call1", "call2")
 
@@ -31,17 +31,12 @@ def traced():
     """call1 with every intermediate and every MoE decision recorded."""
     model = transformer()
     model.debug = {}
-    for _, moe in model.moe_layers():
-        moe.debug = []
     try:
-        out = run_call(model, golden("transformer_forward.npz"), "call1")
+        out, moe = record_moe_decisions(model, lambda: run_call(model, golden("transformer_forward.npz"), "call1"))
         mx.eval(out)
         dbg = dict(model.debug)
-        moe = {name: layer.debug[0] for name, layer in model.moe_layers()}
     finally:
         model.debug = None
-        for _, layer in model.moe_layers():
-            layer.debug = None
     return out, dbg, moe
 
 

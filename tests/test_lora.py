@@ -10,15 +10,8 @@ from conftest import FIXTURES
 
 from hidream_mlx.families.o1.engine import Engine, Request
 from hidream_mlx.families.o1.loading import load_model
-from hidream_mlx.weights.lora import (
-    LoRAError,
-    LoRALinear,
-    LoRASpec,
-    apply_lora,
-    apply_loras,
-    parse_lora_options,
-    specs_from_json,
-)
+from hidream_mlx.weights.lora import LoRAError, LoRALinear, apply_lora, apply_loras
+from hidream_mlx.weights.lora_specs import LoRASpec, parse_lora_options, specs_from_json
 from hidream_mlx.families.o1.recipes import get_recipe
 
 RANK, ALPHA = 4, 8.0

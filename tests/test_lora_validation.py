@@ -12,16 +12,8 @@ from test_lora import TARGETS, fresh, lora_tensors, write_lora
 
 from hidream_mlx.cli import main
 from hidream_mlx.families.o1.lora_targets import check_loras, model_targets
-from hidream_mlx.weights.lora import (
-    LoRAError,
-    LoRASpec,
-    apply_lora,
-    checkpoint_targets,
-    parse_lora_options,
-    read_lora,
-    specs_from_json,
-    updates_for_checkpoint,
-)
+from hidream_mlx.weights.lora import LoRAError, apply_lora, checkpoint_targets, read_lora, updates_for_checkpoint
+from hidream_mlx.weights.lora_specs import LoRASpec, parse_lora_options, specs_from_json
 from hidream_mlx.weights.loading import checkpoint_index
 from hidream_mlx.families.o1.source import ModelSource
 

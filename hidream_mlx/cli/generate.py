@@ -16,7 +16,8 @@ from hidream_mlx.families import family_named, option_choices, recipe_names
 from hidream_mlx.family import PRESET_NAMES, SEED_MAX, check_number, range_help
 from hidream_mlx.memory import format_bytes
 from hidream_mlx.requests import limits_help
-from hidream_mlx.weights.lora import MAX_LORA_SCALE, checked_specs, lora_memory, parse_lora_options
+from hidream_mlx.weights.lora import lora_memory
+from hidream_mlx.weights.lora_specs import MAX_LORA_SCALE, checked_specs, parse_lora_options
 from hidream_mlx.weights.precision import PRECISIONS
 
 USED_BY = family_named("o1").recipe_options  # the O1 options that only some of its recipes read
@@ -24,11 +25,18 @@ USED_BY = family_named("o1").recipe_options  # the O1 options that only some of 
 DEFAULT_MODEL = "HiDream-ai/HiDream-O1-Image-Dev"
 
 
+def steps_text(request) -> str:
+    """``28 steps``, or from an image ``8 of 28 steps (strength 0.3)``: how many steps ran."""
+    if request.start is None:
+        return f"{request.recipe.steps} steps"
+    return f"{request.run_steps} of {request.recipe.steps} steps (strength {request.start.strength:g})"
+
+
 def _print_summary(result, engine) -> None:
     r = result.request
     click.echo(
         f"{r.width}x{r.height} | recipe {r.recipe.name}{'' if r.recipe.official else ' (modified)'} | "
-        f"{r.recipe.steps} steps | guidance {r.recipe.guidance:g} | total {result.total_time:.2f} s | "
+        f"{steps_text(r)} | guidance {r.recipe.guidance:g} | total {result.total_time:.2f} s | "
         f"{result.seconds_per_step:.3f} s/step | peak {format_bytes(result.peak_memory)}{engine.summary(result)}",
         err=True,
     )
@@ -89,6 +97,18 @@ def _print_summary(result, engine) -> None:
 @click.option("--keep-aspect", is_flag=True, help="One reference: the output takes its aspect ratio, fitted into the --width x --height pixel area (default 2048x2048).")
 @click.option("--editing-scheduler", type=click.Choice(["flow_match", "flash"]), default="flow_match", show_default=True,
               help="Dev recipes with exactly one --ref: flow-match Euler (official default) or the flash sampler.")
+@click.option("--init-image", type=click.Path(), default=None, metavar="IMAGE",
+              help="Start from this image (image-to-image): resized to the render size, which is its own size through "
+                   "the family's size rule unless --width/--height are given.")
+@click.option("--strength", type=float, default=None, metavar="S",
+              help=f"With --init-image: the share of the recipe's steps that runs ({range_help('strength')}; "
+                   "1 ignores the image's content; default 0.8, with --mask 1.0).")
+@click.option("--mask", type=click.Path(), default=None, metavar="MASK",
+              help="With --init-image: inpaint; white repaints, black keeps the source's pixels, grey in between "
+                   "(resized to the render size).")
+@click.option("--mask-blur", type=int, default=None, metavar="R",
+              help=f"With --mask: blend the mask's edge over R px into the kept region ({range_help('mask_blur')}; "
+                   "default 4).")
 @click.option("--llama", default=None, metavar="PATH_OR_ID",
               help="HiDream-I1: the Llama-3.1-8B-Instruct folder or repo id (an mlx-lm quantized folder too) "
                    "when the model folder has no text_encoder_4/ (default: meta-llama/Meta-Llama-3.1-8B-Instruct, gated).")
@@ -112,7 +132,8 @@ def generate(model_arg, prompt, output, seeds, width, height, no_snap, recipe, p
              refs, layout, keep_aspect, overwrite, force, seam_smoothing=0.0, seam_window="hann", seam_strength=1.0,
              prompt_file=None, negative_prompt=None, from_image=None, quality=None, count=None,
              loras=(), lora_scales=(), lora_paths=(), lora_scales_mflux=(), editing_scheduler="flow_match",
-             llama=None, encoder_bits=None, step_noise_seed=None):
+             llama=None, encoder_bits=None, step_noise_seed=None, init_image=None, strength=None, mask=None,
+             mask_blur=None):
     """Generate images from a prompt (several seeds or a prompt file: one model load)."""
     check_number("preview_every", preview_every)
     note = lambda line: click.echo(line, err=True)  # noqa: E731

@@ -25,7 +25,7 @@ from hidream_mlx.quant.recipes import (
 from hidream_mlx.families import family_of
 from hidream_mlx.memory import format_bytes
 from hidream_mlx.quant.output import REPORT_FILE
-from hidream_mlx.weights.lora import checked_specs, parse_lora_options
+from hidream_mlx.weights.lora_specs import checked_specs, parse_lora_options
 
 
 def choose_recipe(name: str | None, recipe_file: Path | None) -> QuantRecipe:

@@ -27,6 +27,7 @@ from hidream_mlx.workflow.reproduce import (
     check_model,
     find_loras,
     find_references,
+    find_start_files,
     merge_settings,
     recorded_location,
     recorded_model,
@@ -36,7 +37,8 @@ from hidream_mlx.workflow.reproduce import (
 # build_request's options, as generate's parameters are named.
 REQUEST_OPTIONS = ("width", "height", "no_snap", "recipe", "preset", "steps", "guidance", "shift", "noise_scale",
                    "s_noise", "noise_clip", "noise", "blend_seams", "seam_smoothing", "seam_window", "seam_strength",
-                   "layout", "keep_aspect", "editing_scheduler", "negative_prompt", "step_noise_seed")
+                   "layout", "keep_aspect", "editing_scheduler", "negative_prompt", "step_noise_seed",
+                   "init_image", "strength", "mask", "mask_blur")
 
 
 def load_option_names() -> tuple[str, ...]:
@@ -82,6 +84,7 @@ def from_image_settings(image: Path, params: dict, explicit: set, note: Callable
         if key not in explicit and key in out:
             out[key] = recorded_location(value, image, f"--{key}", "Llama", meta) if key == "llama" else value
     out["refs"] = find_references(meta, image, params["refs"], note)
+    out.update(find_start_files(meta, image, {k: params.get(k) for k in ("init_image", "mask")}, note))
     lora_flags = {"loras", "lora_scales", "lora_paths", "lora_scales_mflux"}
     if "loras" in params and meta.get("loras") and not lora_flags & explicit:
         out["loras"], out["lora_scales"] = find_loras(meta, image)
@@ -116,7 +119,7 @@ def plan(params: dict, note: Callable[[str], None]):
     requests = build_requests(source, jobs, options, note)
     every = params["preview_every"]
     check_outputs([path for job, request in zip(jobs, requests)
-                   for path in preview_paths(job.output, request.recipe.steps, every)], params["overwrite"])
+                   for path in preview_paths(job.output, request.run_steps, every)], params["overwrite"])
     return family, source, jobs, requests
 
 
@@ -156,8 +159,8 @@ def render(engine, jobs: list[Job], requests: list, params: dict, announce=None,
 
 
 def _run_one(engine, request, output: Path, params: dict):
-    rec, every = request.recipe, params["preview_every"]
-    with click.progressbar(length=rec.steps, label="sampling", file=sys.stderr,
+    every = params["preview_every"]
+    with click.progressbar(length=request.run_steps, label="sampling", file=sys.stderr,
                            show_eta=True, item_show_func=lambda s: s) as bar:
         def on_step(step, seconds):
             bar.update(1, f"{seconds:.2f} s/step")

@@ -1,7 +1,9 @@
 """Battery files and variant specs: parsing and validation, before any model is loaded.
 
 A battery is JSONL, one prompt per line: ``id`` and ``prompt``, optionally ``genre``, ``seed``,
-``size`` ("WxH"), ``steps``, ``guidance``, ``recipe`` and a free-text ``note``. A variant is a
+``size`` ("WxH"), ``steps``, ``guidance``, ``recipe``, a free-text ``note``, and to start from an
+image ``init_image``, ``strength``, ``mask`` and ``mask_blur`` (file paths relative to the battery
+file; the request builder checks the files and numbers once the model is known). A variant is a
 named set of setting overrides, ``NAME:key=value,...`` with keys from :data:`VARIANT_KEYS`.
 Every problem is reported with the file and line, or the variant, it comes from.
 """
@@ -15,13 +17,15 @@ from pathlib import Path
 from typing import Optional
 
 from hidream_mlx.families import option_choices, recipe_names
-from hidream_mlx.family import RANGES
+from hidream_mlx.family import RANGES, START_OPTIONS
 from hidream_mlx.files import parse_json, read_text_file
-from hidream_mlx.weights.lora import checked_specs, specs_from_json
+from hidream_mlx.weights.lora_specs import checked_specs, specs_from_json
 
 VARIANT_KEYS = ("steps", "guidance", "size", "recipe", "shift", "blend_seams", "noise", "snap",
-                "seam_smoothing", "seam_window", "seam_strength")
-BATTERY_FIELDS = ("id", "prompt", "genre", "seed", "size", "steps", "guidance", "recipe", "note", "loras")
+                "seam_smoothing", "seam_window", "seam_strength", "strength")
+BATTERY_FIELDS = ("id", "prompt", "genre", "seed", "size", "steps", "guidance", "recipe", "note", "loras",
+                  "init_image", "strength", "mask", "mask_blur")
+START_FIELDS = START_OPTIONS  # passed to the request builder as they are
 DEFAULT_SIZE = (1024, 1024)  # the size the seeds' batteries were run at
 DEFAULT_SEED = 42
 # Ids and variant names become file and folder names.
@@ -80,10 +84,14 @@ class BatteryItem:
     recipe: Optional[str] = None
     note: str = ""
     loras: tuple = ()  # LoRASpec per LoRA this item runs with ("loras": [{"path", "scale"}])
+    init_image: Optional[str] = None  # the start image (a path, resolved against the battery's folder)
+    strength: Optional[float] = None
+    mask: Optional[str] = None
+    mask_blur: Optional[int] = None
     where: str = field(default="", compare=False)  # "FILE:LINE", for errors found once the model is known
 
     def settings(self) -> dict:
-        keys = ("size", "steps", "guidance", "recipe")
+        keys = ("size", "steps", "guidance", "recipe", *START_FIELDS)
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
@@ -113,7 +121,21 @@ def _battery_item(entry: dict) -> BatteryItem:
         recipe=_recipe_name(entry["recipe"]) if "recipe" in entry else None,
         note=str(entry.get("note", "")),
         loras=tuple(checked_specs(specs_from_json(entry["loras"], "item"))) if "loras" in entry else (),
+        **{key: entry[key] for key in START_FIELDS if key in entry},
     )
+
+
+def _start_files(item: BatteryItem, folder: Path) -> BatteryItem:
+    """``item`` with its image paths taken from the battery's ``folder`` (absolute ones stay)."""
+    files = {}
+    for key in ("init_image", "mask"):
+        value = getattr(item, key)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{key} must be an image file path, got {value!r}")
+        files[key] = str(folder / value)
+    return dataclasses.replace(item, **files)
 
 
 def read_battery(path: Path | str) -> list[BatteryItem]:
@@ -125,7 +147,7 @@ def read_battery(path: Path | str) -> list[BatteryItem]:
             continue
         entry = parse_json(line, f"{path}:{number}", "the line")
         try:
-            item = _battery_item(entry)
+            item = _start_files(_battery_item(entry), path.parent)
         except ValueError as e:
             raise ValueError(f"{path}:{number}: {e}") from None
         if item.id in seen:
@@ -173,6 +195,11 @@ def _variant_value(key: str, text: str):
         return _positive_int(key, _parse_number(key, text, int))
     if key in ("guidance", "shift"):
         return _number(key, _parse_number(key, text, float), 0.0, inclusive=(key == "guidance"))
+    if key == "strength":
+        value = _parse_number(key, text, float)
+        if not RANGES[key].contains(value):
+            raise ValueError(f"strength must be {RANGES[key].text()}, got {value}")
+        return value
     if key == "blend_seams":
         radius = _parse_number(key, text, int)
         if not RANGES[key].contains(radius):

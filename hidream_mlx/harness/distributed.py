@@ -178,7 +178,7 @@ def check_same_jobs(group, jobs: list[Job]) -> None:
 # --- rounds --------------------------------------------------------------------------------------
 
 def job_cost(request) -> float:
-    return float(request.width * request.height * request.recipe.steps)
+    return float(request.width * request.height * request.run_steps)
 
 
 def plan_round(queue: list[tuple[str, float]], speeds: list[Optional[float]]) -> list[list[str]]:

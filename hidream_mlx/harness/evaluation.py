@@ -34,7 +34,7 @@ import psutil
 from hidream_mlx.families import family_named, family_of
 from hidream_mlx.files import (atomic_output, check_name_length, check_output_path, read_json_file, read_text_file,
                                sha256_file)
-from hidream_mlx.harness.batteries import DEFAULT_SEED, DEFAULT_SIZE, BatteryItem, Variant
+from hidream_mlx.harness.batteries import DEFAULT_SEED, DEFAULT_SIZE, START_FIELDS, BatteryItem, Variant
 from hidream_mlx.harness.grid import grid_energy_axes
 from hidream_mlx.images import save_image
 from hidream_mlx.memory import PeakRss, reset_high_water, ru_maxrss_bytes
@@ -63,7 +63,9 @@ class Job:
         return f"images/{self.variant.name}/{self.item.id}_s{self.seed}.png"
 
     def settings(self) -> dict:
-        merged = {"size": DEFAULT_SIZE, "snap": False, "noise": "torch", "blend_seams": 0}
+        # From a start image the render size is the source's (through the size rule) unless one is given.
+        size = None if self.item.init_image is not None else DEFAULT_SIZE
+        merged = {"size": size, "snap": False, "noise": "torch", "blend_seams": 0}
         return {**merged, **self.item.settings(), **self.variant.overrides}
 
     def request(self, model):
@@ -72,13 +74,14 @@ class Job:
         go below 256 px (fast measurements)."""
         s = self.settings()
         default = model if isinstance(model, str) else None
-        width, height = s["size"]
+        width, height = s["size"] or (None, None)
         return build_request(
             None if default else model, prompt=self.item.prompt, seed=self.seed, width=width, height=height,
             no_snap=not s["snap"], recipe=s.get("recipe") or default, steps=s.get("steps"),
             guidance=s.get("guidance"), shift=s.get("shift"), noise=s["noise"], blend_seams=s["blend_seams"],
             seam_smoothing=s.get("seam_smoothing", 0.0), seam_window=s.get("seam_window", "hann"),
-            seam_strength=s.get("seam_strength", 1.0), small_sizes=True)
+            seam_strength=s.get("seam_strength", 1.0), small_sizes=True,
+            **{key: s.get(key) for key in START_FIELDS})
 
 
 def job_key(variant: str, item_id: str, seed: int) -> str:
@@ -396,5 +399,6 @@ def warm_up(engine, request) -> float:
     kernel setup) stay out of the first measured image."""
     recipe = request.recipe.with_overrides(steps=min(2, request.recipe.steps))
     start = time.perf_counter()
-    engine.run(dataclasses.replace(request, recipe=recipe, blend_seams=0))
+    # Text-to-image: a start image's strength could run no step of the shortened recipe.
+    engine.run(dataclasses.replace(request, recipe=recipe, blend_seams=0, start=None))
     return time.perf_counter() - start

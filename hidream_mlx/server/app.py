@@ -3,6 +3,11 @@
 Routes (all but ``/`` and ``/static`` need ``Authorization: Bearer TOKEN`` when a token is set):
 
 - ``POST /v1/images/generations`` and ``/v1/images/edits``: wait for the images (OpenAI shape).
+  ``/v1/images/edits`` takes multipart uploads as the OpenAI edits endpoint names them: ``image``
+  (or ``image[]``), ``mask`` and ``strength``. An ``image`` is the init image that sampling starts
+  from (image-to-image, inpainting with ``mask``) when the form has a ``strength`` or a ``mask``, or
+  when the served family takes no reference images; otherwise it is a HiDream-O1 reference (editing,
+  subject-driven generation). An ``init_image`` upload is always the init image.
 - ``POST /v1/jobs`` (same body): queue and return at once; ``GET /v1/jobs/{id}`` its state,
   ``GET /v1/jobs/{id}/events`` its progress as server-sent events, ``DELETE /v1/jobs/{id}`` cancels.
 - ``GET /v1/files/{name}``: an image this server saved; ``GET /v1/models``; ``GET /health``
@@ -32,8 +37,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from hidream_mlx.families import family_named
-from hidream_mlx.server.fields import CLI_FIELDS, BadRequest, Limits, build_spec, decode_reference, parse_json, \
-    served_names
+from hidream_mlx.server.fields import CLI_FIELDS, START_IMAGES, BadRequest, Limits, build_spec, decode_reference, \
+    parse_json, served_names
 from hidream_mlx.server.jobs import Job, JobQueue
 from hidream_mlx.weights.lora import LoRAError, lora_memory as estimate
 from hidream_mlx.workflow.metadata import check_image_metadata
@@ -108,9 +113,9 @@ class Studio:
 
     # ------------------------------------------------------------------ bodies -> jobs
 
-    def spec(self, body: dict, uploads=None):
+    def spec(self, body: dict, uploads=None, start_uploads=None):
         spec = build_spec(self.engine, body, self.config.limits, self.config.output_dir / "references",
-                          self.config.lora_dir, uploads)
+                          self.config.lora_dir, uploads, start_uploads)
         if spec.loras:
             try:
                 self.engine.check_loras(spec.loras)
@@ -143,23 +148,39 @@ class Studio:
     async def body_spec(self, request: HttpRequest, edits: bool = False):
         kind = request.headers.get("content-type", "")
         if edits and kind.startswith("multipart/form-data"):
-            body, uploads = await self.form_body(request)
-            return self.spec(body, uploads)
+            body, uploads, start = await self.form_body(request)
+            return self.spec(body, uploads, start)
         return self.spec(parse_json(await request.body()))
 
+    def takes_references(self) -> bool:
+        return "refs" in family_named(self.engine.family).own_options
+
     async def form_body(self, request: HttpRequest):
+        """(fields, reference uploads, {"init_image", "mask"} uploads) of a multipart edits form."""
         limits = self.config.limits
-        form = await request.form(max_files=limits.max_references, max_fields=64)
-        body, uploads = {}, []
+        form = await request.form(max_files=limits.max_references + len(START_IMAGES), max_fields=64)
+        body, images, start = {}, [], {}
         for key, value in form.multi_items():
             if hasattr(value, "read"):
-                if key not in ("image", "image[]"):
-                    raise BadRequest(f"unexpected file field {key!r}; send references as image or image[]")
                 name = f" {value.filename!r}" if getattr(value, "filename", None) else ""
-                uploads.append(decode_reference(await value.read(), limits, f"{key} upload {len(uploads)}{name}"))
+                if key in ("image", "image[]"):
+                    images.append(decode_reference(await value.read(), limits, f"{key} upload {len(images)}{name}"))
+                elif key in START_IMAGES:
+                    if key in start:
+                        raise BadRequest(f"more than one {START_IMAGES[key]} upload ({key})")
+                    start[key] = decode_reference(await value.read(), limits, f"{key} upload{name}")
+                else:
+                    raise BadRequest(f"unexpected file field {key!r}; send the init image or references as image "
+                                     "(image[]), the mask as mask")
             else:
                 body[key] = form_value(key, value)
-        return body, uploads
+        starts = "strength" in body or "mask" in start or body.get("mask") is not None or not self.takes_references()
+        if images and starts:
+            if len(images) > 1 or "init_image" in start:
+                raise BadRequest("one image to start from: with strength or mask, image is the init image "
+                                 f"(got {len(images) + ('init_image' in start)}); references need neither")
+            start["init_image"] = images.pop()
+        return body, images, start
 
     def submit(self, spec) -> Job:
         try:

@@ -3,7 +3,9 @@
 Fields are named as the CLI's options with underscores (``noise_scale`` is ``--noise-scale``)
 plus the OpenAI images API's ``prompt``, ``n``, ``size``, ``response_format``, ``model`` and
 ``user``. Anything else is refused, and nothing in a body can name a file on the server:
-references arrive as image bytes and are stored under the output folder by content hash.
+references, init images and masks arrive as image bytes (``references``, ``init_image`` and
+``mask`` as base64 in JSON; uploads on ``/v1/images/edits``) and are stored under the output
+folder by content hash.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from PIL import Image, UnidentifiedImageError
 
 from hidream_mlx.files import parse_json as parse_json_text
 from hidream_mlx.requests import check_prompt, kind_error, negative_text
+from hidream_mlx.images import as_viewer_rgb, mask_levels
 from hidream_mlx.workflow.batch import make_request as build_one
-from hidream_mlx.weights.lora import LoRAError, parse_lora_options
+from hidream_mlx.weights.lora import LoRAError
+from hidream_mlx.weights.lora_specs import parse_lora_options
 from hidream_mlx.weights.source import is_repo_id
 
 
@@ -45,12 +49,14 @@ CLI_FIELDS: dict[str, tuple] = {
     "noise_clip": NUMBER, "noise": (str,), "blend_seams": (int,), "seam_smoothing": NUMBER,
     "seam_window": (str,), "seam_strength": NUMBER, "keep_aspect": (bool,), "layout": (str, list, dict),
     "negative_prompt": (str,), "lora": (str, list), "lora_scale": (int, float, list),
-    "step_noise_seed": (int,),
+    "step_noise_seed": (int,), "strength": NUMBER, "mask_blur": (int,),
 }
 OPENAI_FIELDS: dict[str, tuple] = {
     "prompt": (str,), "n": (int,), "size": (str,), "response_format": (str,), "model": (str,), "user": (str,),
-    "references": (list,),
+    "references": (list,), "init_image": (str,), "mask": (str,),
 }
+# The pictures a run starts from (base64 in JSON, uploads on /v1/images/edits), as a message names them.
+START_IMAGES = {"init_image": "init image", "mask": "mask"}
 ALLOWED = {**CLI_FIELDS, **OPENAI_FIELDS}
 SIZE = re.compile(r"^(\d{1,6})x(\d{1,6})$")
 LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -147,6 +153,34 @@ def store_reference(image: Image.Image, folder: Path) -> str:
     return str(path)
 
 
+def store_start_image(key: str, image: Image.Image, folder: Path) -> str:
+    """Keep an init image (as a viewer shows it) or a mask (as its repaint levels) under the output
+    folder, named by content hash, so the saved image's metadata names a file that reproduces it."""
+    picture = mask_levels(image) if key == "mask" else as_viewer_rgb(image)
+    prefix = "mask" if key == "mask" else "init"
+    digest = hashlib.sha256(picture.tobytes() + repr((picture.mode, picture.size)).encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{prefix}-{digest}.png"
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.tmp")
+        picture.save(tmp, format="PNG")
+        tmp.replace(path)
+    return str(path)
+
+
+def start_images(body: dict, uploads: dict, limits: Limits, folder: Path) -> dict:
+    """``{"init_image": path, "mask": path}`` of what a body starts from: its uploads (decoded
+    already) and its base64 fields, stored; one picture given both ways is refused."""
+    pictures = dict(uploads)
+    for key, what in START_IMAGES.items():
+        if body.get(key) is None:
+            continue
+        if key in pictures:
+            raise BadRequest(f"the {what} came both as an upload and as {key}; send it once")
+        pictures[key] = decode_reference(decode_base64(body[key], key), limits, key)
+    return {key: store_start_image(key, image, folder) for key, image in pictures.items()}
+
+
 def lora_names(value, lora_dir: Optional[Path]) -> list[str]:
     """LoRA names checked against ``--lora-dir``: a bare file name there, never a path."""
     names = [value] if isinstance(value, str) else list(value)
@@ -177,8 +211,11 @@ def lora_specs(names, scales, lora_dir: Optional[Path]) -> tuple:
 
 
 def build_spec(engine, body: dict, limits: Limits, reference_dir: Path, lora_dir: Optional[Path] = None,
-               uploads: Optional[list[Image.Image]] = None) -> Spec:
+               uploads: Optional[list[Image.Image]] = None, start_uploads: Optional[dict] = None) -> Spec:
     """Every check of one body, then one :class:`Request` per image through the CLI's builder.
+
+    ``uploads`` are reference images, ``start_uploads`` the init image and mask uploaded as files
+    (``{"init_image": image, "mask": image}``); the body's base64 fields join them.
 
     This is the single place where a body becomes requests; it calls the CLI's own builder
     (``batch.make_request``: ``requests.build_request`` plus the negative prompt).
@@ -219,6 +256,7 @@ def build_spec(engine, body: dict, limits: Limits, reference_dir: Path, lora_dir
     if len(images) > limits.max_references:
         raise BadRequest(f"at most {limits.max_references} references per request, got {len(images)}")
     refs = [store_reference(image, reference_dir) for image in images]
+    options.update(start_images(body, start_uploads or {}, limits, reference_dir))
     first = make_request(engine, prompt, options, refs)
     if first.width * first.height > limits.max_pixels:
         raise BadRequest(f"{first.width}x{first.height} is above the server's limit of {limits.max_pixels} pixels")
@@ -226,7 +264,7 @@ def build_spec(engine, body: dict, limits: Limits, reference_dir: Path, lora_dir
                           for i in range(1, n) if first.seed + i <= 2**32 - 1]
     if len(requests) < n:
         raise BadRequest(f"seed {first.seed} + n - 1 passes the largest seed; use a smaller seed")
-    return Spec(requests, fmt, loras, {k: v for k, v in body.items() if k != "references"})
+    return Spec(requests, fmt, loras, {k: v for k, v in body.items() if k not in ("references", *START_IMAGES)})
 
 
 def make_request(engine, prompt: str, options: dict, refs: list[str]) -> Request:

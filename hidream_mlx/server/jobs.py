@@ -263,7 +263,7 @@ class JobQueue:
         switch_loras(self.engine, job.spec.loras)
         requests = job.spec.requests
         for number, request in enumerate(requests):
-            steps = request.recipe.steps
+            steps = request.run_steps  # from an image, only the last int(steps * strength) run
             every = preview_interval(steps)
             job.emit("started", image=number, images=len(requests), steps=steps, width=request.width,
                      height=request.height, seed=request.seed)

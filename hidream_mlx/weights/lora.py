@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from hidream_mlx.files import check_regular_file, sha256_file
+from hidream_mlx.files import sha256_file
 from hidream_mlx.weights.lora_keys import (  # noqa: F401 (LoRAKeys, I1_KEYS: part of this module's interface)
     I1_KEYS,
     O1_KEYS,
@@ -51,15 +51,7 @@ from hidream_mlx.weights.lora_keys import (  # noqa: F401 (LoRAKeys, I1_KEYS: pa
     underscore_map,
 )
 from hidream_mlx.weights.loading import SKIPPED_PREFIXES, is_vision, module_name
-
-
-MAX_LORA_SCALE = 100.0  # --lora-scale's range, as the other strengths (--guidance, --shift) have theirs
-
-
-@dataclass(frozen=True)
-class LoRASpec:
-    path: Path
-    scale: float = 1.0
+from hidream_mlx.weights.lora_specs import LoRASpec, check_path
 
 
 @dataclass
@@ -120,17 +112,6 @@ class LoRALinear(nn.Module):
         return y
 
 
-def check_scale(value, what: str = "--lora-scale") -> float:
-    """A LoRA strength checked like every other number: finite and within +-MAX_LORA_SCALE."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise LoRAError(f"{what} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise LoRAError(f"{what} must be a finite number, got {value}")
-    if abs(value) > MAX_LORA_SCALE:
-        raise LoRAError(f"{what} must be >= {-MAX_LORA_SCALE:g} and <= {MAX_LORA_SCALE:g}, got {value:g}")
-    return float(value)
-
-
 class AdapterLinear(nn.Module):
     """A linear layer with a model's own low-rank adapter beside it, which can be switched off:
     ``base(x) + factor * (x @ A.T) @ B.T`` while ``enabled``, else ``base(x)`` exactly (PEFT's
@@ -172,51 +153,6 @@ def set_adapters_enabled(model: nn.Module, enabled: bool) -> int:
     for module in adapters:
         module.enabled = bool(enabled)
     return len(adapters)
-
-
-def parse_lora_options(paths: Sequence, scales: Sequence[float] = ()) -> list[LoRASpec]:
-    """Pair ``--lora`` paths with ``--lora-scale`` values in order; missing scales are 1.0."""
-    if len(scales) > len(paths):
-        raise LoRAError(f"{len(scales)} LoRA scales given for {len(paths)} LoRA files")
-    specs = []
-    for i, p in enumerate(paths):
-        scale = check_scale(scales[i]) if i < len(scales) else 1.0
-        specs.append(LoRASpec(Path(p), scale))
-    return specs
-
-
-def specs_from_json(items, where: str) -> list[LoRASpec]:
-    """``"loras": [{"path": ..., "scale": ...}]`` as a battery job writes it."""
-    if not isinstance(items, list):
-        raise LoRAError(f"{where}.loras must be a list of {{\"path\", \"scale\"}} objects")
-    specs = []
-    for i, item in enumerate(items):
-        if not isinstance(item, dict) or "path" not in item or set(item) - {"path", "scale"}:
-            raise LoRAError(f"{where}.loras[{i}] must be an object with \"path\" and an optional \"scale\"")
-        if not isinstance(item["path"], str):
-            raise LoRAError(f"{where}.loras[{i}].path must be a file name, got {item['path']!r}")
-        scale = check_scale(item.get("scale", 1.0), f"{where}.loras[{i}].scale")
-        specs.append(LoRASpec(Path(item["path"]), scale))
-    return specs
-
-
-def check_path(path: Path | str) -> Path:
-    """A LoRA path that names a regular ``.safetensors`` file (never a FIFO or device to block on)."""
-    path = Path(path)
-    try:
-        check_regular_file(path, "LoRA file")
-    except (OSError, ValueError) as e:
-        raise LoRAError(str(e)) from None
-    if path.suffix != ".safetensors":
-        raise LoRAError(f"{path}: LoRAs are read from .safetensors files only")
-    return path
-
-
-def checked_specs(specs: Sequence[LoRASpec]) -> list[LoRASpec]:
-    """``specs`` with every file checked to exist, so a typo fails before the weights load."""
-    for spec in specs:
-        check_path(spec.path)
-    return list(specs)
 
 
 def linear_targets(model: nn.Module) -> dict[str, nn.Module]:

@@ -22,7 +22,9 @@ from hidream_mlx.requests import build_request, kind_error
 # Per-line settings a JSONL prompt file may carry (build_request's options, plus the prompt).
 LINE_KEYS = ("prompt", "seed", "width", "height", "no_snap", "recipe", "preset", "steps", "guidance", "shift",
              "noise_scale", "s_noise", "noise_clip", "noise", "blend_seams", "seam_smoothing", "seam_window",
-             "seam_strength", "negative_prompt", "step_noise_seed")
+             "seam_strength", "negative_prompt", "step_noise_seed", "init_image", "strength", "mask", "mask_blur")
+# Per-line settings that name a file: a relative path is taken from the prompt file's folder.
+PATH_KEYS = ("init_image", "mask")
 PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 PLACEHOLDERS = ("seed", "n", "prompt")
 SLUG_LENGTH = 40
@@ -86,10 +88,22 @@ def read_prompt_file(path: Path | str) -> list[dict]:
         wrong = next((e for e in (kind_error(k, v) for k, v in entry.items()) if e), None)
         if wrong:
             raise RequestError(f"{where}: {wrong}")
-        entries.append({**entry, "line": where})
+        entries.append({**entry, **beside(path, entry, where), "line": where})
     if not entries:
         raise RequestError(f"{path}: no prompts in this file (it is empty)")
     return entries
+
+
+def beside(path: Path, entry: dict, where: str) -> dict:
+    """The entry's file settings (:data:`PATH_KEYS`) with relative paths taken from ``path``'s folder."""
+    files = {}
+    for key in PATH_KEYS:
+        if entry.get(key) is None:
+            continue
+        if not isinstance(entry[key], str) or not entry[key].strip():
+            raise RequestError(f"{where}: \"{key}\" must be an image file path, got {entry[key]!r}")
+        files[key] = str(path.parent / entry[key])  # an absolute path stays as it is
+    return files
 
 
 def plan_jobs(prompt: Optional[str], prompt_file, seeds: tuple, count: Optional[int]) -> list[Job]:

@@ -22,7 +22,7 @@ from hidream_mlx.family import RANGES, RECIPE_NUMBERS, Family, RequestError, opt
 from hidream_mlx.images import (FILE_NAME, FILE_RECORD, FLAG, NUMBER, SCALAR, SHA256, TEXT, WHOLE, ListOf, Record,
                                 one_of, optional, read_metadata, shown)
 from hidream_mlx.quant.recipes import SUPPORTED_BITS
-from hidream_mlx.weights.lora import MAX_LORA_SCALE
+from hidream_mlx.weights.lora_specs import MAX_LORA_SCALE
 from hidream_mlx.weights.precision import PRECISIONS
 
 LEGACY_FAMILY = "o1"  # images from before families were recorded are HiDream-O1's

@@ -89,6 +89,37 @@ def find_references(meta: dict, image: Path, given: tuple, note: Callable[[str],
     return tuple(found)
 
 
+START_FILES = (("init_image", "--init-image", "init image"), ("mask", "--mask", "mask"))
+
+
+def find_start_files(meta: dict, image: Path, given: dict, note: Callable[[str], None]) -> dict:
+    """``{"init_image": path, "mask": path}`` to re-run an image made from a start image: each file
+    given again on the command line (``given``, by option name) must have the recorded content; one
+    not given is looked for beside the image by its recorded name. A missing or different file is
+    refused naming it. Files the image does not record pass through as given (a new start image)."""
+    found, notes = {}, []
+    for key, flag, what in START_FILES:
+        entry, path = meta.get(key), given.get(key)
+        if not isinstance(entry, dict) or "name" not in entry:
+            found[key] = path
+            continue
+        if path is not None:
+            if Path(path).is_file() and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+                raise RequestError(f"{flag} {path} differs from the {what} {entry['name']} that {image} was made "
+                                   f"from (sha256); give that file, or leave out --from-image to start afresh")
+            found[key] = path  # a path that is no file is refused, naming it, by the request builder
+            continue
+        candidate = image.parent / entry["name"]
+        if not candidate.is_file() or (entry.get("sha256") and sha256_file(candidate) != entry["sha256"]):
+            raise RequestError(f"{image}: made from the {what} {entry['name']}, not found beside it with the "
+                               f"recorded content; give it again with {flag}")
+        notes.append(f"{what} found beside the image: {candidate}")
+        found[key] = str(candidate)
+    for line in notes:  # only once every file is found: a refusal stays one line
+        note(line)
+    return found
+
+
 def find_loras(meta: dict, image: Path) -> tuple[tuple[str, ...], tuple[float, ...]]:
     """(paths, scales) of the recorded LoRAs, found beside the image by name and sha256."""
     found, missing = [], []
@@ -160,6 +191,18 @@ def recorded_model(meta: dict, image: Path) -> str:
     return recorded_location(model, image, "--model", "model", meta)
 
 
+def start_lines(meta: dict) -> list[str]:
+    """``info IMAGE``'s lines for an image made from a start image (and a mask)."""
+    start, mask = meta.get("init_image"), meta.get("mask")
+    if not isinstance(start, dict):
+        return []
+    lines = [f"  init image {start.get('name')} sha256 {str(start.get('sha256'))[:16]} | strength "
+             f"{meta.get('strength')} ({meta.get('steps_run')} of {meta.get('steps')} steps ran)"]
+    if isinstance(mask, dict):
+        lines.append(f"  mask {mask.get('name')} sha256 {str(mask.get('sha256'))[:16]} | blur {meta.get('mask_blur')} px")
+    return lines
+
+
 def describe_image(path: Path | str, as_json: bool = False) -> str:
     """``hidream-mlx info IMAGE``: the recipe in readable lines, or the stored object as JSON."""
     meta, family = read_image_metadata(path)
@@ -180,6 +223,7 @@ def describe_image(path: Path | str, as_json: bool = False) -> str:
                  f"quantization {meta.get('quantization') or 'none'}")
     for entry in meta.get("reference_files") or ():
         lines.append(f"  reference {entry['name']} sha256 {entry['sha256'][:16]}")
+    lines += start_lines(meta)
     if meta.get("layout"):
         lines.append(f"  layout {meta['layout']}")
     for key in ("blend_seams", "seam_smoothing"):

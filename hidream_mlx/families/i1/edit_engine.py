@@ -49,7 +49,8 @@ from hidream_mlx.images import open_rgb
 from hidream_mlx.memory import format_bytes, parameter_bytes
 from hidream_mlx.noise import TorchRandn
 from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
-from hidream_mlx.weights.lora import I1_KEYS, LoRASpec, attach_adapter, replace_loras, set_adapters_enabled
+from hidream_mlx.weights.lora import I1_KEYS, attach_adapter, replace_loras, set_adapters_enabled
+from hidream_mlx.weights.lora_specs import LoRASpec
 from hidream_mlx.weights.precision import parse_dtype
 from hidream_mlx.weights.source import model_identity, recorded_name
 

@@ -34,11 +34,13 @@ from hidream_mlx.families.i1.requests import I1Request as Request
 from hidream_mlx.families.i1.sampling import (Conditioning, GlobalTorchNoise, guided_prediction, i1_schedule,
                                             initial_latents, sample)
 from hidream_mlx.families.i1.source import I1Source
+from hidream_mlx.families.i1.start import SourceLatents, latent_mask, start_latents
 from hidream_mlx.families.i1.text_encoding import PromptCache, PromptEmbedding, TextEncoders, prompt_texts
 from hidream_mlx.families.i1.vae import to_uint8
 from hidream_mlx.families.i1.lora_targets import check_loras
 from hidream_mlx.families.i1.weights import load_transformer_planned, load_vae
-from hidream_mlx.weights.lora import I1_KEYS, LoRASpec, replace_loras
+from hidream_mlx.weights.lora import I1_KEYS, replace_loras
+from hidream_mlx.weights.lora_specs import LoRASpec
 from hidream_mlx.weights.precision import parse_dtype
 from hidream_mlx.weights.source import model_identity, recorded_name
 from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
@@ -109,6 +111,7 @@ class I1Engine:
         self._plan: list[Request] = []  # planned requests not run yet, in order
         self._planned = False
         self._unreported_encode = 0.0
+        self._sources = SourceLatents()  # init images encoded by the VAE
 
     @classmethod
     def load(cls, model, dtype: str = "bfloat16", quantize_bits: Optional[int] = None, lazy: bool = False,
@@ -138,6 +141,7 @@ class I1Engine:
         if value is None:
             self.prompts = PromptCache()
             self._plan, self._planned = [], False
+            self._sources = SourceLatents()
 
     def describe(self) -> dict:
         return {
@@ -249,12 +253,31 @@ class I1Engine:
         embedding = PromptEmbedding.concatenate(self.prompts.lookup(self.encoders, texts))
         return Conditioning(embedding.t5_embeds, embedding.llama_hidden_states, embedding.pooled_embeds)
 
+    # --- image-to-image: the source in latent space (families/i1/start.py) ---
+
+    def encode_sources(self, requests: Sequence[Request]) -> None:
+        """Encode the init image of each of ``requests`` once with the VAE (before the transformer
+        loads, so the encode's peak does not stack on it); the latents are kept until used."""
+        for request in requests:
+            if request.start is not None:
+                self._source_latents(request)
+
+    def _source_latents(self, request: Request) -> mx.array:
+        return self._sources.get(request, self._encode_source)
+
+    def _encode_source(self, pixels: np.ndarray) -> mx.array:
+        with self._phase("vae"):
+            latents = self._load_vae().encode_uint8(pixels)
+            mx.eval(latents)
+        return latents
+
     def latent_shape(self, request: Request) -> tuple[int, int, int, int]:
         """``[1, C, 2*(H//16), 2*(W//16)]`` as the pipeline's ``prepare_latents``."""
         d = 2 * self.source.vae_scale
         return (1, self.source.transformer.in_channels, 2 * (request.height // d), 2 * (request.width // d))
 
-    def _sample(self, request: Request, cond: Conditioning, on_step: Optional[Callable]) -> tuple[mx.array, list]:
+    def _sample(self, request: Request, cond: Conditioning, on_step: Optional[Callable],
+                mask: Optional[np.ndarray] = None) -> tuple[mx.array, list]:
         rec: I1Recipe = request.recipe
         cfg = self.source.transformer
         schedule = i1_schedule(rec.sampler_recipe(), official_mu=rec.mu_shift, max_seq=cfg.max_seq)
@@ -268,14 +291,20 @@ class I1Engine:
 
         step_times: list[float] = []
         last = [time.perf_counter()]
-        latents = initial_latents(request.seed, self.latent_shape(request))
+        latents = initial_latents(request.seed, self.latent_shape(request))  # the text-to-image start
+        first, after_step = 0, None
+        if request.start is not None:
+            first = request.start.first_step(rec.steps)
+            repaint = None if mask is None else latent_mask(mask, self.source.vae_scale)
+            latents, after_step = start_latents(self._source_latents(request), latents, schedule, first, repaint)
         before = [latents]  # the step's input, for its x0 prediction
+        total = len(schedule) - first
 
         def each_step(i, output, x):
             finite = mx.isfinite(x).all()
             if not bool(finite):  # x is already evaluated: one tiny reduction per step
-                raise NonFiniteLatentError(f"the latent became non-finite (NaN or inf) at step {i + 1} of "
-                                           f"{len(schedule)}; no image written (check --guidance, the weights "
+                raise NonFiniteLatentError(f"the latent became non-finite (NaN or inf) at step {i - first + 1} of "
+                                           f"{total}; no image written (check --guidance, the weights "
                                            "and any --lora and its scale)")
             now = time.perf_counter()
             step_times.append(now - last[0])
@@ -284,18 +313,23 @@ class I1Engine:
                 output, rec.guidance)
             before[0] = x
             if on_step is not None:
-                on_step(I1Step(i, len(schedule), float(schedule.timesteps[i]), x, x0, self._vae_image),
+                on_step(I1Step(i - first, total, float(schedule.timesteps[i]), x, x0, self._vae_image),
                         step_times[-1])
 
         with self._phase("transformer"):
-            final = sample(model, cond, latents, rec.sampler_recipe(), schedule, step_noise, each_step)
+            final = sample(model, cond, latents, rec.sampler_recipe(), schedule, step_noise, each_step, first,
+                           after_step)
         return final, step_times
 
-    def _vae_image(self, latent: mx.array) -> np.ndarray:
-        """Transformer-space latents [1, C, h, w] -> uint8 HWC (the VAE loads once, then stays: it is small)."""
+    def _load_vae(self):
+        """The VAE (encoder and decoder), loaded once, then kept: it is small."""
         if self.vae is None:
             self.vae = load_vae(self.path / "vae", parse_dtype(self.dtype), lazy=False)
-        image = to_uint8(self.vae.decode_latents(latent.astype(parse_dtype(self.dtype))))[0]
+        return self.vae
+
+    def _vae_image(self, latent: mx.array) -> np.ndarray:
+        """Transformer-space latents [1, C, h, w] -> uint8 HWC."""
+        image = to_uint8(self._load_vae().decode_latents(latent.astype(parse_dtype(self.dtype))))[0]
         mx.eval(image)
         return np.array(image)
 
@@ -312,10 +346,18 @@ class I1Engine:
         encode_time, self._unreported_encode = self._unreported_encode, 0.0
         if self._plan and self._plan[0] == request:
             self._plan.pop(0)
+        mask = None
+        if request.start is not None:
+            self._source_latents(request)  # before the transformer loads when it is not resident
+            mask = request.start.mask_values(request.width, request.height)
         self.load_transformer()
-        latent, step_times = self._sample(request, cond, on_step)
+        latent, step_times = self._sample(request, cond, on_step, mask)
         del cond
+        if request.start is not None:
+            self._sources.release(request, self._plan)
         image = self._decode(latent)
+        if request.start is not None:
+            image = request.start.finish(image, request.start.pixels(request.width, request.height), mask)
         total = time.perf_counter() - start
         meta = {**request.metadata(), **self.describe(),
                 "second_shift": request.recipe.second_shift(self.source.transformer.max_seq)}
@@ -327,6 +369,7 @@ class I1Engine:
         """Every prompt encoded first (the encoders freed), then the transformer loaded once."""
         seconds = self.encode_prompts(requests)
         note(f"prompts encoded in {seconds:.1f} s ({len(self.prompts)} distinct texts); text encoders freed")
+        self.encode_sources(requests)
         self.load_transformer()
         for lora in self.loras:
             note(lora.line())

@@ -17,6 +17,7 @@ import numpy as np
 from hidream_mlx.family import Family, RequestError
 from hidream_mlx.images import FLAG, NUMBER, TEXT, WHOLE, one_of, optional
 from hidream_mlx.memory import parameter_bytes
+from hidream_mlx.families.i1.bench import I1BenchConfig, report_lines_i1, run_bench_i1
 from hidream_mlx.families.i1.convert import convert_i1
 from hidream_mlx.families.i1.encoder_common import ENCODER_BITS
 from hidream_mlx.families.i1.engine import I1Engine, check_load_options
@@ -27,6 +28,7 @@ from hidream_mlx.families.i1.recipes import FAMILY, I1_RECIPES
 from hidream_mlx.families.i1.replay import i1_case_kind, replay_i1_case
 from hidream_mlx.families.i1.requests import build_i1_request
 from hidream_mlx.families.i1.source import I1Source, is_i1_pipeline
+from hidream_mlx.families.i1.synthetic import I1_DIMS
 from hidream_mlx.families.i1.text_encoding import DEFAULT_MAX_SEQUENCE_LENGTH
 from hidream_mlx.families.i1.weights import load_transformer_planned, load_vae
 from hidream_mlx.weights.precision import parse_dtype
@@ -49,6 +51,7 @@ class I1Family(Family):
     recipes = tuple(I1_RECIPES)
     load_options = ("llama", "encoder_bits", "keep_loaded")
     option_choices = {"encoder_bits": ENCODER_BITS}
+    random_dims = tuple(I1_DIMS)
     metadata_fields = {"recipe": one_of(*I1_RECIPES), "step_noise_seed": WHOLE, "shift": optional(NUMBER),
                        "mu_shift": FLAG, "llama": optional(TEXT), "encoder_bits": optional(one_of(*ENCODER_BITS))}
 
@@ -78,6 +81,18 @@ class I1Family(Family):
         engine = I1Engine(source, load["dtype"], load.get("bits"), encoder_bits(load), load.get("loras", ()))
         engine.keep_loaded = bool(load.get("keep_loaded"))
         return engine
+
+    def bench(self, options: dict, log) -> list[str]:
+        o1_only = {"--dims real": options["dims"] == "real", "--layers": options.get("layers") is not None,
+                   "--compare-naive": options.get("compare_naive"), "--compare-cfg": options.get("compare_cfg"),
+                   "--prompt-tokens": options.get("prompt_tokens") is not None}
+        given = [name for name, on in o1_only.items() if on]
+        if given:
+            raise RequestError(f"{given[0]} is for the O1 bench, not --family i1")
+        config = I1BenchConfig(dims=options["dims"], quantize=options.get("bits"),
+                               size=options.get("size") or I1BenchConfig.size, steps=options["steps"],
+                               guidance=options["guidance"], repeats=options["repeats"], dtype=options["dtype"])
+        return report_lines_i1(run_bench_i1(config, log=log))
 
     def resident_weights(self, source, load: dict) -> tuple[int, Optional[dict]]:
         """The transformer (``-q`` quantizes it as it streams in) and the VAE: what stays resident

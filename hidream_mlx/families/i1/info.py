@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from hidream_mlx.family import check_number, uses_cfg
+from hidream_mlx.family import check_number, recorded_start_settings, uses_cfg
 from hidream_mlx.memory import format_bytes, machine_memory, uses_fused_attention
 from hidream_mlx.families.i1.memory import ENCODERS, LEVELS, QUANTIZABLE_ENCODERS, I1Memory, phase_peaks
 from hidream_mlx.families.i1.recipes import get_i1_recipe
@@ -102,6 +102,7 @@ def recorded_i1_settings(meta: dict) -> dict:
     if meta.get("step_noise_seed") not in (None, meta["seed"]):
         settings["step_noise_seed"] = meta["step_noise_seed"]
     settings["negative_prompt"] = meta.get("negative_prompt")
+    settings.update(recorded_start_settings(meta))
     settings["dtype"] = meta.get("dtype")
     bits = meta.get("quantize_bits")
     settings["quantize_bits"] = str(bits) if bits else None

@@ -12,7 +12,8 @@ from typing import Sequence
 
 from hidream_mlx.families.i1.transformer import HiDreamImageTransformer
 from hidream_mlx.families.i1.weights import expert_widths
-from hidream_mlx.weights.lora import I1_KEYS, LoRASpec, checked_specs, layer_shape, linear_targets, read_lora
+from hidream_mlx.weights.lora import I1_KEYS, layer_shape, linear_targets, read_lora
+from hidream_mlx.weights.lora_specs import LoRASpec, checked_specs
 
 
 def transformer_targets(source) -> dict[str, tuple[int, int]]:

@@ -51,13 +51,15 @@ F32 = 4
 # Transformer block, per token of the joint sequence: hidden-width vectors in the load dtype at
 # the attention's busiest moment (modulated input, q/k/v before and after their RMSNorm, the
 # text stream's concatenated copies, the attention output and its reshaped copy, the residual),
-# float32 ones for RoPE (q and k upcast, their rotated pairs), and the MoE's (the routed experts
-# run one after another on every token: w1 and w3 outputs, silu and the product at expert
-# width, plus input, expert output, weighted sum and shared-expert output at hidden width).
+# float32 ones for RoPE (q and k upcast, their rotated pairs), and the MoE's: input, weighted sum
+# and shared-expert output at hidden width, and per routed slot (``num_activated_experts`` per
+# token, computed together) the gathered input row, the expert's output row and the row picked
+# back, plus w1 and w3 outputs, silu and their product at expert width.
 ATTENTION_VECTORS = 14
 ROPE_F32_VECTORS = 6
-MOE_HIDDEN_VECTORS = 5
-MOE_EXPERT_VECTORS = 4
+MOE_HIDDEN_VECTORS = 3
+MOE_SLOT_HIDDEN_VECTORS = 3
+MOE_SLOT_EXPERT_VECTORS = 4
 # Encoder layer, per token: hidden-width vectors (input, norm, q/k/v, attention output,
 # residual) and feed-forward-width vectors (gate/up outputs and their product).
 ENCODER_HIDDEN_VECTORS = 8
@@ -218,7 +220,9 @@ def sampling_activations(cfg: TransformerConfig, expert_width: int, width: int, 
     d = cfg.inner_dim
     attention = s * d * (ATTENTION_VECTORS * dtype_bytes + ROPE_F32_VECTORS * F32)
     scores = 0 if fused else cfg.num_attention_heads * s * s * dtype_bytes
-    moe = s * (MOE_HIDDEN_VECTORS * d + MOE_EXPERT_VECTORS * expert_width) * dtype_bytes
+    k = cfg.num_activated_experts
+    moe = s * ((MOE_HIDDEN_VECTORS + k * MOE_SLOT_HIDDEN_VECTORS) * d + k * MOE_SLOT_EXPERT_VECTORS * expert_width) \
+        * dtype_bytes
     latents = 4 * cfg.in_channels * (height // vae_scale) * (width // vae_scale) * F32
     return batch * (max(attention + scores, moe) + latents)
 

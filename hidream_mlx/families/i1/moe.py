@@ -4,6 +4,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from hidream_mlx.families.i1.experts import ExpertStacks, gathered_outputs, per_expert_outputs
+from hidream_mlx.families.i1.routing import weighted_sum
+
 
 class SwiGLU(nn.Module):
     """``w2(silu(w1 x) * w3 x)``; the hidden width comes from the weights."""
@@ -24,11 +27,18 @@ def swiglu_hidden(hidden: int, multiple_of: int = 256) -> int:
     return multiple_of * ((h + multiple_of - 1) // multiple_of)
 
 
-def route(scores: mx.array, top_k: int) -> mx.array:
-    """0/1 mask of the ``top_k`` largest scores per row; ties go to the lower expert index
-    (a stable sort on the negated scores), which is the order torch.topk gives here."""
+def top_k_experts(scores: mx.array, top_k: int) -> mx.array:
+    """The ``top_k`` largest scores' expert indices per row, in ascending expert order. Ties go
+    to the lower expert index (a stable sort on the negated scores), which is the order
+    torch.topk gives here."""
     order = mx.argsort(-scores, axis=-1)  # MLX argsort is stable
-    chosen = order[..., :top_k]
+    return mx.sort(order[..., :top_k], axis=-1)
+
+
+def route(scores: mx.array, top_k: int) -> mx.array:
+    """0/1 mask [..., E] of the experts :func:`top_k_experts` chooses (the reference's
+    ``dbg.moe.*.selected``)."""
+    chosen = top_k_experts(scores, top_k)
     experts = mx.arange(scores.shape[-1])
     return (chosen[..., :, None] == experts).any(axis=-2).astype(scores.dtype)
 
@@ -41,29 +51,44 @@ class MoEGate(nn.Module):
         self.weight = mx.zeros((num_experts, dim))
         self.top_k = top_k
 
+    def scores(self, x) -> mx.array:
+        """Softmax over the routed experts' logits, in float32 [..., E]."""
+        return mx.softmax((x @ self.weight.T).astype(mx.float32), axis=-1)
+
     def __call__(self, x):
-        scores = mx.softmax((x @ self.weight.T).astype(mx.float32), axis=-1)
+        """(scores, 0/1 mask of the chosen experts), as the reference's debug outputs."""
+        scores = self.scores(x)
         return scores, route(scores, self.top_k)
 
 
 class MoEFeedForward(nn.Module):
-    """``sum_k score_k * expert_k(x) + shared(x)`` with raw (not renormalised) softmax
-    scores. Every expert runs on every token and unchosen ones are weighted by an exact 0,
-    which sums in expert order like the reference's per-expert scatter."""
+    """``sum_k score_k * expert_k(x) + shared(x)`` with raw (not renormalised) softmax scores.
+
+    Each expert runs on the tokens routed to it only (``experts.gathered_outputs``: gathered
+    matmuls over blocks of tokens sorted by expert, no host round-trip), and every token's
+    weighted outputs are added in ascending expert order into what starts as the first one:
+    the reference's per-expert scatter-add into a zero buffer, term for term. An expert that no
+    token chose is never evaluated.
+    """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, hidden: int, shared_hidden: int):
         super().__init__()
         self.gate = MoEGate(dim, num_experts, top_k)
         self.experts = [SwiGLU(dim, hidden) for _ in range(num_experts)]
         self.shared_experts = SwiGLU(dim, shared_hidden)
-        self.debug = None
+        self._stacks = ExpertStacks()  # a plain attribute: not a parameter, not a child module
+
+    def routed(self, x: mx.array) -> mx.array:
+        """The routed experts' weighted sum for tokens ``x`` [T, D] (no shared expert)."""
+        scores = self.gate.scores(x)
+        chosen = top_k_experts(scores, self.gate.top_k)
+        stacks = self._stacks.get(self.experts, x.dtype)
+        if stacks is None:
+            outputs = per_expert_outputs(self.experts, x, chosen)
+        else:
+            outputs = gathered_outputs(stacks, x, chosen, len(self.experts))
+        return weighted_sum(outputs, mx.take_along_axis(scores, chosen, axis=-1).astype(x.dtype))
 
     def __call__(self, x):
-        scores, selected = self.gate(x)
-        weights = (scores * selected).astype(x.dtype)
-        y = mx.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            y = y + weights[..., e:e + 1] * expert(x)
-        if self.debug is not None:
-            self.debug.append((scores, selected))
+        y = self.routed(x.reshape(-1, x.shape[-1])).reshape(x.shape)
         return y + self.shared_experts(x)

@@ -12,7 +12,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional
 
-from hidream_mlx.family import SEED_MAX, RequestError
+from hidream_mlx.family import SEED_MAX, RequestError, StartImage, start_image
 from hidream_mlx.families.i1.recipes import FAMILY, I1_RECIPES, I1Recipe, apply_i1_preset, get_i1_recipe
 from hidream_mlx.families.i1.sizes import DEFAULT_SIZE
 from hidream_mlx.families.i1.text_encoding import DEFAULT_MAX_SEQUENCE_LENGTH, truncating_encoders
@@ -28,11 +28,17 @@ class I1Request:
     size_note: str = ""
     negative_prompt: Optional[str] = None  # replaces the empty negative prompt (CFG recipes only)
     step_noise_seed: Optional[int] = None  # Dev/Fast: seed of the per-step noise (None: seed)
+    start: Optional[StartImage] = None  # image-to-image / inpainting: the picture the run starts from
     family: ClassVar[str] = FAMILY
     # What O1 requests have and I1 ones never use, so the application reads every request alike.
     references: ClassVar[tuple] = ()
     seam_passes: ClassVar[int] = 0
     blend_seams: ClassVar[int] = 0
+
+    @property
+    def run_steps(self) -> int:
+        """The steps that run: all of the recipe's, or the last ``int(steps * strength)`` from an image."""
+        return self.recipe.steps if self.start is None else self.start.run_steps(self.recipe.steps)
 
     def metadata(self) -> dict:
         """What an I1 image records about its request: the historical top-level keys O1 images
@@ -55,6 +61,8 @@ class I1Request:
         }
         if self.negative_prompt is not None:
             meta["negative_prompt"] = self.negative_prompt
+        if self.start is not None:
+            meta.update(self.start.metadata(rec.steps))
         return meta
 
 
@@ -75,17 +83,23 @@ def build_i1_request(model, options: dict, note: Callable[[str], None]) -> I1Req
         users = ", ".join(n for n, r in I1_RECIPES.items() if r.scheduler == "flash")
         raise RequestError(f"--step-noise-seed has no effect with the {rec.name} recipe (UniPC draws no per-step "
                            f"noise); it applies to: {users}")
+    start = start_image(options, rec.steps)
+    width, height, no_snap = options.get("width"), options.get("height"), bool(options.get("no_snap"))
+    from_source = start is not None and width is None and height is None
+    if start is not None:  # the source's size stands in for a missing side
+        width, height = width or start.size[0], height or start.size[1]
     try:
-        w, h, size_note = source.render_size(options.get("width") or DEFAULT_SIZE,
-                                             options.get("height") or DEFAULT_SIZE, not options.get("no_snap"))
+        w, h, size_note = source.render_size(width or DEFAULT_SIZE, height or DEFAULT_SIZE, not no_snap)
     except ValueError as e:
-        raise RequestError(str(e)) from None
+        raise (start.size_refused(e) if from_source and no_snap else RequestError(str(e))) from None
+    if start is not None and start.aspect_note(w, h):
+        note(start.aspect_note(w, h))
     negative_prompt = options.get("negative_prompt")
     note_truncation(model, options["prompt"], negative_prompt, note)
     seed = options.get("seed")
     seed = secrets.randbelow(SEED_MAX + 1) if seed is None else seed
     return I1Request(options["prompt"], w, h, seed, rec, size_note=size_note, step_noise_seed=step_noise_seed,
-                     negative_prompt=negative_prompt)
+                     negative_prompt=negative_prompt, start=start)
 
 
 def note_truncation(model, prompt: str, negative: Optional[str], note: Callable[[str], None]) -> None:

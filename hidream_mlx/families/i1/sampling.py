@@ -125,23 +125,31 @@ class Conditioning:
 
 
 def sample(model: Callable, cond: Conditioning, latents: mx.array, recipe: Recipe, schedule: Schedule,
-           step_noise: Optional[Callable] = None, on_step: Optional[Callable] = None) -> mx.array:
+           step_noise: Optional[Callable] = None, on_step: Optional[Callable] = None, first: int = 0,
+           after_step: Optional[Callable] = None) -> mx.array:
     """Run the sampler from ``latents`` [1, C, h, w]. ``model(x, t, t5, llama, pooled)`` is
     the raw transformer. Flash draws ``step_noise(i, shape)`` on every step but the last,
     which returns its input unchanged. ``on_step(i, output, latents)`` sees each step
-    (output None on the skipped last flash step)."""
+    (output None on the skipped last flash step).
+
+    Image-to-image: the run starts at step ``first`` (``latents`` is then the source's state
+    there; a multistep sampler starts at first order), and ``after_step(i, latents)`` (inpainting)
+    returns the latents with the kept region replaced, after every step the last too."""
     sampler = make_sampler(recipe, schedule)
-    if sampler.needs_noise and step_noise is None and len(schedule) > 1:
+    if sampler.needs_noise and step_noise is None and len(schedule) - first > 1:
         raise ValueError("the flash sampler needs a per-step noise source")
     state = sampler.start()
     cfg = recipe.uses_cfg
     x = latents.astype(mx.float32)
     n = len(schedule)
-    for i in range(n):
+    for i in range(first, n):
         if sampler.needs_noise and i == n - 1:
             # The I1 flash reference leaves the sample unchanged on its last step (no x0 jump,
             # no noise): the result keeps the noise of sigma_{N-1}. Its model call there is
             # wasted work, so it is skipped.
+            if after_step is not None:
+                x = after_step(i, x)
+                mx.eval(x)
             if on_step is not None:
                 on_step(i, None, x)
             break
@@ -150,6 +158,8 @@ def sample(model: Callable, cond: Conditioning, latents: mx.array, recipe: Recip
         output = model(batch, t, cond.t5, cond.llama_stack, cond.pooled)
         noise = step_noise(i, x.shape) if sampler.needs_noise else None
         x = sampler.step(state, i, x, guided_prediction(output, recipe.guidance), noise)
+        if after_step is not None:
+            x = after_step(i, x)
         mx.eval(x)
         if on_step is not None:
             on_step(i, output, x)

@@ -15,7 +15,6 @@ the process RSS (polled by a thread, and ``ru_maxrss``) and MLX's own peak.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -27,7 +26,6 @@ from hidream_mlx.families.o1 import sampling as pipeline
 from hidream_mlx.memory import format_bytes, parameter_bytes, parameter_count
 from hidream_mlx.families.o1.memory import predict_peak_bytes
 from hidream_mlx.families.o1.patches import grid_size
-from hidream_mlx.memory import PeakRss, ru_maxrss_bytes
 from hidream_mlx.families.o1.sampling import Conditioning, encode_prompt_state
 from hidream_mlx.families.o1.positions import t2i_positions
 from hidream_mlx.family import uses_cfg
@@ -36,10 +34,9 @@ from hidream_mlx.weights.precision import check_precision, parse_dtype
 from hidream_mlx.quant.quantization import quantize_in_memory
 from hidream_mlx.quant.recipes import SUPPORTED_BITS
 from hidream_mlx.families.o1.synthetic import random_model, synthetic_prompt_ids
+from hidream_mlx.timing import Velocity, VariantResult, measure, spread
 
 UNCOND_TOKENS = 13  # the chat template around the unconditional prompt " "
-
-Velocity = Callable[[mx.array, float, float], mx.array]
 
 
 @dataclass(frozen=True)
@@ -70,18 +67,6 @@ class BenchConfig:
 
 
 @dataclass
-class VariantResult:
-    name: str
-    step_times: list[float]  # every timed step of every repeat
-    run_medians: list[float]  # median s/step of each repeat
-
-    @property
-    def seconds_per_step(self) -> float:
-        """The median over repeats of each repeat's median s/step."""
-        return float(np.median(self.run_medians))
-
-
-@dataclass
 class BenchResult:
     config: BenchConfig
     parameters: int
@@ -104,13 +89,6 @@ class BenchResult:
         return next((v for v in self.variants if v.name == name), None)
 
 
-@dataclass(frozen=True)
-class MemoryReading:
-    peak_rss: int  # polled
-    ru_maxrss: int
-    mlx_peak: int
-
-
 def cached_velocity(model, cond: Conditioning, guidance: float, batched: Optional[bool] = None) -> Velocity:
     return lambda z, t_model, sigma: pipeline.velocity(model, cond, z, t_model, sigma, guidance, batched=batched)
 
@@ -125,53 +103,6 @@ def naive_velocity(model, prompts: list[np.ndarray], grid: tuple[int, int], guid
         return v[0] if len(v) == 1 else v[1] + guidance * (v[0] - v[1])
 
     return velocity
-
-
-def time_steps(velocity: Velocity, z0: mx.array, steps: int) -> list[float]:
-    """Flow-match Euler from sigma 1 to 0; one ``mx.eval`` per step, timed."""
-    sigmas = np.linspace(1.0, 0.0, steps + 1)
-    z, times = z0, []
-    for i in range(steps):
-        sigma = float(sigmas[i])
-        start = time.perf_counter()
-        z = z + (sigma - float(sigmas[i + 1])) * velocity(z, 1.0 - sigma, sigma)
-        mx.eval(z)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def measure(variants: dict[str, Velocity], z0: mx.array, cfg: BenchConfig,
-            log: Callable[[str], None]) -> tuple[list[VariantResult], "MemoryReading"]:
-    """Time every variant, ``cfg.repeats`` runs each, taken round-robin.
-
-    Interleaving spreads any load from other processes over all variants alike, so their
-    ratios stay fair. The first variant's warm-up and first run happen alone, under the RSS
-    monitor, before any other variant has allocated anything: its memory figures are clean.
-    Returns the results and the memory reading taken right after that first run.
-    """
-    results = {name: VariantResult(name, [], []) for name in variants}
-
-    def run(name: str, r: int) -> None:
-        times = time_steps(variants[name], z0, cfg.steps)
-        results[name].step_times += times
-        results[name].run_medians.append(float(np.median(times)))
-        log(f"  {name} run {r + 1}/{cfg.repeats}: " + ", ".join(f"{t:.3f}" for t in times) + " s")
-
-    first, *others = variants
-    mx.reset_peak_memory()
-    rss = PeakRss(interval=0.002)
-    with rss.measure():
-        time_steps(variants[first], z0, 1)  # warm-up: first-call allocations and kernel setup
-        run(first, 0)
-    memory = MemoryReading(rss.peak, rss.process_max, mx.get_peak_memory())
-    for name in others:
-        time_steps(variants[name], z0, 1)
-    for r in range(cfg.repeats):
-        for name in variants:
-            if r > 0 or name != first:
-                run(name, r)
-    mx.clear_cache()
-    return list(results.values()), memory
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _: None) -> BenchResult:
@@ -236,7 +167,7 @@ def report_lines(result: BenchResult) -> list[str]:
         f"({mode})",
         f"tokens: text {result.text_tokens}" + (f" (+{UNCOND_TOKENS} uncond)" if passes == 2 else "")
         + f", generation {result.generation_tokens} per pass, {passes * result.generation_tokens} per step",
-        f"cached: {cached.seconds_per_step:.3f} s/step (median of {c.repeats} run medians)",
+        f"cached: {spread(cached.run_medians, 's/step')} over {c.repeats} run medians",
         f"memory: peak RSS {format_bytes(result.peak_rss)} (ru_maxrss {format_bytes(result.ru_maxrss)}), "
         f"MLX peak {format_bytes(result.mlx_peak)}, baseline RSS {format_bytes(result.baseline_rss)}",
         f"working set: {format_bytes(result.working_set)} (peak RSS - weights - baseline); "
@@ -247,12 +178,12 @@ def report_lines(result: BenchResult) -> list[str]:
     for name in ("cfg-batched", "cfg-sequential"):
         other = result.variant(name)
         if other is not None:
-            lines.append(f"{name}: {other.seconds_per_step:.3f} s/step; default/{name.split('-')[1]} = "
+            lines.append(f"{name}: {spread(other.run_medians, 's/step')}; default/{name.split('-')[1]} = "
                          f"{cached.seconds_per_step / other.seconds_per_step:.3f}")
     naive = result.variant("naive")
     if naive is not None:
-        lines.append(f"naive: {naive.seconds_per_step:.3f} s/step (full sequence {result.text_tokens + result.patches}"
-                     f" tokens per pass)")
+        lines.append(f"naive: {spread(naive.run_medians, 's/step')}, full sequence {result.text_tokens + result.patches}"
+                     " tokens per pass")
         lines.append(f"ratio cached/naive: {cached.seconds_per_step / naive.seconds_per_step:.3f} "
                      f"(token ratio (N+1)/(T+N) = {result.generation_tokens}/"
                      f"{result.text_tokens + result.patches} = {token_ratio(result):.3f})")

@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from hidream_mlx import __version__
-from hidream_mlx.family import NonFiniteLatentError, Result
+from hidream_mlx.family import NonFiniteLatentError, Result, StartImage
 from hidream_mlx.files import file_record
 from hidream_mlx.families.o1.loading import load_model_planned
 from hidream_mlx.weights.precision import apply_precision, check_with_quantization, parse_dtype
@@ -26,12 +26,15 @@ from hidream_mlx.noise import make_noise_source
 from hidream_mlx.families.o1.patches import patches_to_image
 from hidream_mlx.families.o1.sampling import (
     Conditioning,
+    Start,
     Step,
     encode,
     encode_synthetic,
     encode_with_references,
-    initial_latent,
+    initial_noise,
+    mask_patches,
     sample,
+    source_patches,
 )
 from hidream_mlx.families.o1.source import SINGLE_FILE, ModelSource
 from hidream_mlx.families.o1.prompt import UNCOND_PROMPT, Tokenizer, load_tokenizer
@@ -68,7 +71,13 @@ class Request:
     # Tokens of the longest text prefix (prompt or negative, chat template included) for the
     # memory fit check; 0 when not counted. Not a setting: left out of equality and metadata.
     text_tokens: int = field(default=0, compare=False)
+    start: Optional[StartImage] = None  # image-to-image / inpainting: the picture the run starts from
     family: ClassVar[str] = FAMILY
+
+    @property
+    def run_steps(self) -> int:
+        """The steps that run: all of the recipe's, or the last ``int(steps * strength)`` from an image."""
+        return self.recipe.steps if self.start is None else self.start.run_steps(self.recipe.steps)
 
     @property
     def seams(self) -> SeamSmoothing:
@@ -101,6 +110,7 @@ class Request:
             **({"seam_smoothing": self.seams.describe(), "seam_passes": self.seam_passes}
                if self.seams.enabled else {}),
             **({"negative_prompt": self.negative_prompt} if self.negative_prompt is not None else {}),
+            **(self.start.metadata(self.recipe.steps) if self.start is not None else {}),
         }
 
 
@@ -261,11 +271,20 @@ class Engine:
         return encode(self.model, self.tokenizer, request.prompt, request.height, request.width,
                       request.recipe.guidance, uncond)
 
-    def steps(self, request: Request, cond: Conditioning) -> Iterator[Step]:
+    def steps(self, request: Request, cond: Conditioning, source: Optional[np.ndarray] = None,
+              mask: Optional[np.ndarray] = None) -> Iterator[Step]:
+        """The sampling steps of ``request``; from an image, ``source`` is its pixels at the render
+        size and ``mask`` (inpainting) its mask there."""
         noise = make_noise_source(request.noise, request.seed)
-        z0 = initial_latent(noise, request.recipe, request.height, request.width)
+        unit = initial_noise(noise, request.height, request.width)
+        z0 = unit * request.recipe.noise_scale  # what initial_latent gives: the text-to-image start
         seams = request.seams
-        return sample(self.model, cond, request.recipe, z0, noise=noise, seams=seams if seams.enabled else None)
+        start = None
+        if request.start is not None:
+            start = Start(request.start.first_step(request.recipe.steps), source_patches(source), unit,
+                          None if mask is None else mask_patches(mask))
+        return sample(self.model, cond, request.recipe, z0, noise=noise, seams=seams if seams.enabled else None,
+                      start=start)
 
     def run(self, request: Request, on_step: Optional[Callable[[Step, float], None]] = None) -> Result:
         with wired_limit(self.model):
@@ -289,7 +308,11 @@ class Engine:
         mx.clear_cache()  # the prompt phase's temporaries are not needed while sampling
         encode_time = time.perf_counter() - start
         step_times, latent = [], None
-        steps = self.steps(request, cond)
+        source = mask = None
+        if request.start is not None:
+            source = request.start.pixels(request.width, request.height)
+            mask = request.start.mask_values(request.width, request.height)
+        steps = self.steps(request, cond, source, mask)
         del cond  # the step generator holds the caches; they go when it is exhausted
         for step in steps:
             t0 = time.perf_counter()
@@ -309,6 +332,8 @@ class Engine:
         image = patches_to_image(np.array(latent), request.height, request.width)
         if request.blend_seams:
             image = blend_seams(image, request.blend_seams)
+        if request.start is not None:
+            image = request.start.finish(image, source, mask)
         total = time.perf_counter() - start
         peak = mx.get_peak_memory()
         mx.clear_cache()

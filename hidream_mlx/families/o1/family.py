@@ -126,9 +126,12 @@ class O1Family(Family):
                       load_time=time.perf_counter() - start)
 
     def bench(self, options: dict, log) -> list[str]:
+        if options["dims"] not in self.random_dims:
+            raise RequestError(f"--dims {options['dims']}: HiDream-O1's are {', '.join(self.random_dims)}")
         config = BenchConfig(dims=options["dims"], layers=options.get("layers"), quantize=options.get("bits"),
-                             size=options["size"], steps=options["steps"], guidance=options["guidance"],
-                             prompt_tokens=options["prompt_tokens"], repeats=options["repeats"],
+                             size=options.get("size") or BenchConfig.size, steps=options["steps"],
+                             guidance=options["guidance"], prompt_tokens=options.get("prompt_tokens") or
+                             BenchConfig.prompt_tokens, repeats=options["repeats"],
                              dtype=options["dtype"], compare_naive=options.get("compare_naive", False),
                              compare_cfg=options.get("compare_cfg", False))
         return report_lines(run_bench(config, log=log))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from hidream_mlx.family import RECIPE_NUMBERS, RequestError, check_number, uses_cfg
+from hidream_mlx.family import RECIPE_NUMBERS, RequestError, check_number, recorded_start_settings, uses_cfg
 from hidream_mlx.memory import format_bytes, predict_load_peak_bytes, size_table, uses_fused_attention, verdict_line
 from hidream_mlx.families.o1.memory import (checkpoint_sizes, predict_peak_bytes, skeleton_shapes, weight_sizes,
                                             working_set)
@@ -104,6 +104,7 @@ def recorded_o1_settings(meta: dict) -> dict:
                         seam_strength=seams.get("strength", 1.0))
     if meta.get("negative_prompt") is not None:
         settings["negative_prompt"] = meta["negative_prompt"]
+    settings.update(recorded_start_settings(meta))
     settings["dtype"] = meta.get("dtype")
     bits = meta.get("quantize_bits")
     settings["quantize_bits"] = str(bits) if bits else None

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from hidream_mlx.families.o1.transformer import HiDreamO1
-from hidream_mlx.weights.lora import LoRASpec, checked_specs, layer_shape, linear_targets, read_lora
+from hidream_mlx.weights.lora import layer_shape, linear_targets, read_lora
+from hidream_mlx.weights.lora_specs import LoRASpec, checked_specs
 
 
 def model_targets(source) -> dict[str, tuple[int, int]]:

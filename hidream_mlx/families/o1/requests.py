@@ -14,7 +14,7 @@ import secrets
 from pathlib import Path
 from typing import Callable, Optional
 
-from hidream_mlx.family import SEED_MAX, RequestError, check_number, option_flag
+from hidream_mlx.family import SEED_MAX, RequestError, StartImage, check_number, option_flag, start_image
 from hidream_mlx.files import read_text_file
 from hidream_mlx.noise import NOISE_KINDS
 from hidream_mlx.families.o1.engine import Request
@@ -156,6 +156,14 @@ def check_references(refs, layout, keep_aspect, width, height,
     return width, height, size_note, layout_text, budget
 
 
+def check_start(start: Optional[StartImage], refs: tuple) -> None:
+    """``--init-image`` and ``--ref`` are two different inputs; say which is for what."""
+    if start is not None and refs:
+        raise RequestError("--init-image cannot be combined with --ref: --ref gives reference images the model "
+                           "looks at (editing, subject-driven generation), --init-image the picture the sampling "
+                           "starts from (image-to-image, inpainting with --mask); use one of them")
+
+
 def build_o1_request(model, options: dict, note: Callable[[str], None]) -> Request:
     """A checked O1 :class:`Request` from option values (``model``: a ModelSource, an Engine, or
     None with a recipe name). ``seed=None`` draws a random seed (in range, stored in the metadata).
@@ -198,6 +206,12 @@ def build_o1_request(model, options: dict, note: Callable[[str], None]) -> Reque
         raise RequestError(str(e)) from None
     negative_prompt = options.get("negative_prompt")
     text_tokens = check_prompt_tokens(model, prompt, negative_prompt)
+    start = start_image(options, rec.steps)
+    check_start(start, refs)
+    from_source = start is not None and width is None and height is None
+    if start is not None:
+        # The source's size stands in for a missing side, as an explicit size (it snaps unless --no-snap).
+        width, height = width or start.size[0], height or start.size[1]
 
     explicit = width is not None or height is not None
     snap = not no_snap
@@ -220,11 +234,14 @@ def build_o1_request(model, options: dict, note: Callable[[str], None]) -> Reque
             else:
                 w, h, size_note = resolve_size(w, h, snap)
         except ValueError as e:
-            raise RequestError(str(e)) from None
+            raise (start.size_refused(e) if from_source else RequestError(str(e))) from None
     w, h, aspect_note, layout_text, budget = check_references(refs, layout, keep_aspect, w, h, note)
     size_note = aspect_note or size_note
+    if start is not None and start.aspect_note(w, h):
+        note(start.aspect_note(w, h))
     seed = secrets.randbelow(SEED_MAX + 1) if seed is None else seed
     return Request(prompt, w, h, seed, rec, noise=noise, blend_seams=blend_seams, size_note=size_note,
                    references=refs, layout=layout_text, keep_aspect=keep_aspect and bool(refs),
                    keep_aspect_budget=budget, seam_smoothing=seam_smoothing, seam_window=seam_window,
-                   seam_strength=seam_strength, negative_prompt=negative_prompt, text_tokens=text_tokens)
+                   seam_strength=seam_strength, negative_prompt=negative_prompt, text_tokens=text_tokens,
+                   start=start)

@@ -11,7 +11,7 @@ Per step, exactly as the reference: ``t_model = 1 - t/1000``, ``sigma = max(t/10
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
@@ -35,6 +35,7 @@ from hidream_mlx.schedulers import (
     Schedule,
     UniPCSampler,
     dev_timesteps,
+    noised,
     pipeline_schedule,
 )
 from hidream_mlx.families.o1.transformer import HiDreamO1, PrefixCache, stack_prefix_caches
@@ -154,10 +155,56 @@ def encode_synthetic(model: HiDreamO1, prompt: str, height: int, width: int, gui
     return Conditioning(cond, uncond)
 
 
+def initial_noise(noise, height: int, width: int) -> mx.array:
+    """The unit noise N(0,1) of a run, drawn as a (1, 3, H, W) image (as the reference), patchified."""
+    return patchify(noise.initial((3, height, width)).astype(mx.float32))
+
+
 def initial_latent(noise, recipe: Recipe, height: int, width: int) -> mx.array:
-    """``noise_scale * N(0,1)`` drawn as a (1, 3, H, W) image, then patchified, as the reference."""
-    image = noise.initial((3, height, width))
-    return patchify(image.astype(mx.float32) * recipe.noise_scale)
+    """``noise_scale * N(0,1)``: the state the text-to-image run starts from (scaling before or
+    after patchifying gives the same values: it only moves them)."""
+    return initial_noise(noise, height, width) * recipe.noise_scale
+
+
+@dataclass
+class Start:
+    """Image-to-image in patch space: the step the run starts at, the source, the unit noise it is
+    brought to a noise level with, and (inpainting) where the source is kept."""
+
+    first: int  # index of the first step that runs
+    source: mx.array  # the source's patches [1, N, 3072], in [-1, 1]
+    noise: mx.array  # the text-to-image run's initial noise before its scale, in patch layout
+    repaint: Optional[mx.array] = None  # inpainting: the mask in patch layout (1 repaints); None: no mask
+    keep: Optional[mx.array] = field(init=False, default=None)  # 1 - repaint
+
+    def __post_init__(self):
+        self.keep = None if self.repaint is None else 1.0 - self.repaint
+
+
+def source_patches(pixels: np.ndarray) -> mx.array:
+    """uint8 HWC -> [1, N, 3072] patches in [-1, 1], the space O1 samples in (``to_uint8``'s inverse)."""
+    image = np.asarray(pixels, dtype=np.float32).transpose(2, 0, 1) / np.float32(127.5) - np.float32(1.0)
+    return mx.array(patchify(image))[None]
+
+
+def mask_patches(mask: np.ndarray) -> mx.array:
+    """A [H, W] mask on each of the 3 channels, in patch layout [1, N, 3072]."""
+    return mx.array(patchify(np.broadcast_to(np.asarray(mask, dtype=np.float32), (3, *mask.shape))))[None]
+
+
+def state_noise_scale(recipe: Recipe, sampler, i: int) -> float:
+    """The scale of the noise in the sampler's state entering step ``i``: the initial noise's scale,
+    except after a flash step, which re-noises with its own ``s_noise`` of that step."""
+    if recipe.scheduler == "flash" and i > 0:
+        return sampler.s_noise(i - 1)
+    return recipe.noise_scale
+
+
+def source_at(start: Start, recipe: Recipe, sampler, schedule: Schedule, i: int) -> mx.array:
+    """The source brought to the state of step ``i`` (``i`` = the step count: clean, sigma 0):
+    ``(1 - sigma) * source + sigma * scale * noise``, the pixel-space flow every O1 sampler steps along."""
+    scale = state_noise_scale(recipe, sampler, i)
+    return noised(start.source, scale * start.noise, float(schedule.sigmas[i]))
 
 
 def _x_pred(model: HiDreamO1, state: PromptState, z: mx.array, t_model: float,
@@ -224,8 +271,14 @@ def sample(
     noise=None,
     step_noise: Optional[Callable[[int, tuple], mx.array]] = None,
     seams: Optional[SeamSmoothing] = None,
+    start: Optional[Start] = None,
 ) -> Iterator[Step]:
     """Denoise ``z`` [1, N, 3072] with the recipe's sampler, yielding each step (not evaluated).
+
+    With ``start`` (image-to-image) the run begins at step ``start.first`` from the source brought
+    to that step's state (at step 0 from ``z`` itself: the text-to-image noise, so strength 1
+    reproduces text-to-image); with a mask, after every step the kept region is replaced by the
+    source at the next step's state (clean after the last). Steps are numbered from the run's first.
 
     Flash noise comes from ``step_noise(i, shape)`` if given (replay injects recorded draws),
     else from ``noise.step(shape)``. With ``seams`` enabled, the final steps also run the model
@@ -239,9 +292,12 @@ def sample(
     times, sigmas = schedule.model_times, schedule.velocity_sigmas
     z = z.astype(mx.float32)
     total = len(schedule)
+    first = 0 if start is None else start.first
+    if first > 0:
+        z = source_at(start, recipe, sampler, schedule, first)
     first_smoothed = seams.first_step(total) if seams is not None else total
     shifted_cond = shifter = None
-    for i in range(total):
+    for i in range(first, total):
         sigma = float(sigmas[i])
         v = velocity(model, cond, z, float(times[i]), sigma, recipe.guidance)
         if i >= first_smoothed:
@@ -256,4 +312,7 @@ def sample(
         if sampler.needs_noise:
             draw = step_noise(i, z.shape) if step_noise is not None else noise.step(z.shape)
         z = sampler.step(state, i, z, -v, draw)
-        yield Step(i, total, float(schedule.timesteps[i]), z, preview)
+        if start is not None and start.repaint is not None:
+            # mask * z + keep * source (not z + keep * (source - z)): exactly the source where kept.
+            z = start.repaint * z + start.keep * source_at(start, recipe, sampler, schedule, i + 1)
+        yield Step(i - first, total - first, float(schedule.timesteps[i]), z, preview)

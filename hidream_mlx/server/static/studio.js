@@ -31,6 +31,15 @@ function readAsBase64(file) {
   });
 }
 
+// The strength slider follows the default of what is chosen (0.8 from an image, 1 with a mask)
+// until the user moves it.
+let strengthTouched = false;
+function showStrength() { $("strength-value").textContent = Number($("strength").value).toFixed(2); }
+$("strength").addEventListener("input", () => { strengthTouched = true; showStrength(); });
+$("mask").addEventListener("change", () => {
+  if (!strengthTouched) { $("strength").value = $("mask").files.length ? "1" : "0.8"; showStrength(); }
+});
+
 async function bodyFromForm() {
   const body = { prompt: $("prompt").value, seed: Number($("seed").value) };
   if ($("preset").value) body.preset = $("preset").value;
@@ -40,6 +49,12 @@ async function bodyFromForm() {
   if ($("guidance").value) body.guidance = Number($("guidance").value);
   const files = Array.from($("refs").files);
   if (files.length) body.references = await Promise.all(files.map(readAsBase64));
+  const start = $("init-image").files[0];
+  if (start) {
+    body.init_image = await readAsBase64(start);
+    body.strength = Number($("strength").value);
+    if ($("mask").files[0]) body.mask = await readAsBase64($("mask").files[0]);
+  }
   return body;
 }
 
@@ -128,15 +143,19 @@ async function addToGallery(event, body) {
   img.alt = meta.prompt;
   img.src = URL.createObjectURL(await response.blob());
   const settings = document.createElement("pre");
-  settings.textContent = `${meta.width}x${meta.height} · seed ${meta.seed} · ${meta.recipe} · ${meta.steps} steps · ` +
+  const steps = meta.init_image ? `${meta.steps_run} of ${meta.steps} steps (strength ${meta.strength})`
+    : `${meta.steps} steps`;
+  settings.textContent = `${meta.width}x${meta.height} · seed ${meta.seed} · ${meta.recipe} · ${steps} · ` +
     `guidance ${meta.guidance}${body.preset ? " · preset " + body.preset : ""}\n${meta.prompt}`;
   const again = document.createElement("button");
   again.className = "rerender";
   again.textContent = "re-render at high";
-  again.title = "same prompt, seed and references with the high preset (an explicit size is kept)";
+  again.title = "same prompt, seed, references and start image with the high preset (an explicit size is kept)";
   again.addEventListener("click", () => {
     const high = { prompt: body.prompt, seed: meta.seed, preset: "high" };
-    for (const key of ["size", "no_snap", "references"]) if (key in body) high[key] = body[key];
+    for (const key of ["size", "no_snap", "references", "init_image", "mask", "strength"]) {
+      if (key in body) high[key] = body[key];
+    }
     submit(high);
   });
   card.append(img, settings, again);
