@@ -150,6 +150,11 @@ O1_VARIANTS = {
     "recipe_settings range": (setting("recipe_settings", {"guidance": -1}),
                               "recipe_settings.guidance must be >= 0 and <= 100 (as --guidance), got -1"),
     "width range": (setting("width", 10**9), "width must be >= 1 and <= 16384 (as --width), got 1000000000"),
+    "init_image path": (setting("init_image", {"name": "/tmp/photo.png", "sha256": "0" * 64}),
+                        'init_image.name must be a file name without a folder, got "/tmp/photo.png"'),
+    "mask text": (setting("mask", "mask.png"), 'mask must be an object with "name" and "sha256", got "mask.png"'),
+    "strength range": (setting("strength", 5), "strength must be > 0 and <= 1 (as --strength), got 5"),
+    "mask_blur kind": (setting("mask_blur", 1.5), "mask_blur must be a whole number, got 1.5"),
     "seam_smoothing": (setting("seam_smoothing", "x"), 'seam_smoothing must be a JSON object, got "x"'),
     "negative_prompt": (setting("negative_prompt", 5), "negative_prompt must be text or null, got 5"),
 }
@@ -327,6 +332,19 @@ def test_a_recorded_repo_id_is_loaded_as_model_would_be_and_an_old_path_while_it
 def test_a_folder_name_or_a_path_that_is_gone_asks_for_model(value, says):
     with pytest.raises(RequestError, match=says):
         recorded_location(value, "x.png", "--model", "model", {})
+
+
+def test_an_init_image_and_a_mask_are_recorded_by_name_and_content(tmp_path):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    Image.new("RGB", (256, 256), (20, 120, 200)).save(folder / "photo.png")
+    Image.new("L", (256, 256), 255).save(folder / "mask.png")
+    out = tmp_path / "out.png"
+    result, _ = invoke(*O1, "--init-image", folder / "photo.png", "--mask", folder / "mask.png", "-o", out)
+    assert result.exit_code == 0, result.output
+    meta = read_metadata(out)
+    assert meta["init_image"] == {"name": "photo.png", "sha256": sha256_file(folder / "photo.png")}
+    assert meta["mask"]["name"] == "mask.png" and no_path_in(meta, tmp_path, FIXTURES.parent)
 
 
 def test_a_lora_and_a_converted_folder_are_recorded_by_name(tmp_path):
