@@ -288,6 +288,9 @@ class Family:
     # How long a prompt may be in its own tokens, as --help says it ("HiDream-O1 at most 2,048 of its
     # tokens"); :meth:`build_request` applies the rule (the shared builder bounds the characters).
     prompt_rule: ClassVar[str] = ""
+    # The keys only its images record, with the kind each value must be (``hidream_mlx.images``'
+    # kinds); the keys every image records are the shared schema's (``workflow/metadata.py``).
+    metadata_fields: ClassVar[dict] = {}
     # Other families (by name) whose models may replay some of its recorded cases (HiDream-E1's
     # cases that need no E1 weights replay on its base, a HiDream-I1 pipeline).
     replay_models: ClassVar[tuple[str, ...]] = ()

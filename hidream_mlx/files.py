@@ -45,17 +45,38 @@ def check_output_path(path: Path | str, overwrite: bool = False) -> Path:
     return path
 
 
-def check_name_length(path: Path, parent: Path) -> None:
-    """Refuse a name the file system cannot hold once the temporary suffix is added (the write
-    would fail only at the end, after all the work)."""
-    try:
-        limit = os.pathconf(parent, "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no answer: the usual limit
-        limit = 255
-    needed = len(os.fsencode(partial_path(path, 2**22).name))  # the longest pid Linux gives
+def check_name_length(path: Path, parent: Path, temporary: str | None = None,
+                      how: str = f"the temporary suffix .NAME.PID{PARTIAL_MARK}") -> None:
+    """Refuse a name (or a whole path) the file system cannot hold once the temporary name a
+    write goes through is used (``temporary``, default :func:`partial_path`'s, described by
+    ``how``): the write would fail only at the end, after all the work."""
+    temporary = temporary or partial_path(path, 2**22).name  # the longest pid Linux gives
+    folder = existing_folder(parent)
+    limit = _pathconf(folder, "PC_NAME_MAX", 255)  # no pathconf (Windows) or no answer: the usual limits
+    needed = len(os.fsencode(temporary))
     if needed > limit:
-        raise ValueError(f"{path}: the file name is too long for this file system ({needed} bytes with the "
-                         f"temporary suffix .NAME.PID{PARTIAL_MARK}; at most {limit}); choose a shorter name")
+        raise ValueError(f"{path}: the file name is too long for this file system ({needed} bytes with {how}; "
+                         f"at most {limit}); choose a shorter name")
+    whole = len(os.fsencode(os.path.abspath(parent / temporary)))
+    path_limit = _pathconf(folder, "PC_PATH_MAX", 1024)
+    if whole >= path_limit:
+        raise ValueError(f"{path}: the path is too long for this file system ({whole} bytes with {how}; "
+                         f"under {path_limit}); choose a shorter name or folder")
+
+
+def existing_folder(path: Path) -> Path:
+    """``path``, or its nearest ancestor that exists (what a file system limit is asked of)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _pathconf(folder: Path, name: str, default: int) -> int:
+    try:
+        return os.pathconf(folder, name)
+    except (OSError, ValueError, AttributeError):
+        return default
 
 
 def partial_path(path: Path, pid: int | None = None) -> Path:

@@ -9,6 +9,7 @@ transparency, CMYK, EXIF-rotated) become the 8-bit RGB picture an image viewer d
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -86,11 +87,126 @@ def read_metadata(path: Path | str) -> dict:
                 description = im.getexif().get(EXIF_IMAGE_DESCRIPTION)
                 if isinstance(description, str) and description.startswith(METADATA_KEY + ":"):
                     text = description[len(METADATA_KEY) + 1:]
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"{path}: not a readable image ({type(e).__name__})") from None
+    except ValueError as e:  # Pillow's bound on text chunks ("Decompressed Data Too Large")
+        raise ValueError(f"{path}: its text chunks cannot be read ({e})") from None
     if text is None:
         raise ValueError(f"{path}: no hidream-mlx metadata in this image")
-    return parse_json(text, str(path), "its hidream-mlx metadata")
+    meta = parse_json(text, str(path), "its hidream-mlx metadata")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: its hidream-mlx metadata is {shown(meta)}, not the JSON object hidream-mlx writes")
+    return meta
+
+
+# --- what the stored object may hold ------------------------------------------------------------
+# The kinds its values take, for one schema (``hidream_mlx.workflow.metadata``: the shared keys;
+# each family's ``metadata_fields``: its own) that every reader applies before using a value.
+
+def shown(value) -> str:
+    """``value`` as JSON spells it (``null``, ``"5"``, ``[1, 2]``), cut to 40 characters."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+class Kind:
+    """What one stored value must be: :meth:`problem` says why ``value`` (found at ``at``) is not."""
+
+    what = ""
+    plural = ""  # how a list of them is said, when "a list of <what>" would not read
+
+    def problem(self, value, at: str) -> Optional[str]:
+        raise NotImplementedError
+
+
+class Scalar(Kind):
+    def __init__(self, what: str, test, plural: str = ""):
+        self.what, self.test, self.plural = what, test, plural
+
+    def problem(self, value, at: str) -> Optional[str]:
+        return None if self.test(value) else f"{at} must be {self.what}, got {shown(value)}"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+TEXT = Scalar("text", lambda v: isinstance(v, str))
+WHOLE = Scalar("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool), "whole numbers")
+NUMBER = Scalar("a finite number", _is_number)
+FLAG = Scalar("true or false", lambda v: isinstance(v, bool))
+SCALAR = Scalar("text, a number, true, false or null",
+                lambda v: v is None or isinstance(v, (str, bool)) or _is_number(v))
+# A file an image was made from, recorded by its own name: never a folder (nor a path out of one).
+FILE_NAME = Scalar("a file name without a folder",
+                   lambda v: isinstance(v, str) and v not in ("", ".", "..") and not set(v) & set("/\\\0"))
+SHA256 = Scalar("a sha256 (64 hex digits)",
+                lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v))
+
+
+def one_of(*values) -> Kind:
+    """Exactly one of ``values`` (of the same JSON kind: ``true`` is not ``1``)."""
+    return Scalar("one of " + ", ".join(shown(v) for v in values),
+                  lambda v: any(type(v) is type(x) and v == x for x in values))
+
+
+class Nullable(Kind):
+    def __init__(self, kind: Kind):
+        self.kind, self.what = kind, f"{kind.what} or null"
+
+    def problem(self, value, at: str) -> Optional[str]:
+        if value is None or self.kind.problem(value, at) is None:
+            return None
+        # A scalar's refusal says that null would do too; a record's names the key inside it.
+        return Scalar.problem(self, value, at) if isinstance(self.kind, Scalar) else self.kind.problem(value, at)
+
+    def test(self, value) -> bool:
+        return False  # only asked (by Scalar.problem) once the value is known to be wrong
+
+
+def optional(kind: Kind) -> Kind:
+    """``kind`` or null."""
+    return Nullable(kind)
+
+
+class ListOf(Kind):
+    def __init__(self, item: Kind):
+        self.item, self.what = item, f"a list of {item.plural or item.what}"
+
+    def problem(self, value, at: str) -> Optional[str]:
+        if not isinstance(value, list):
+            return f"{at} must be {self.what}, got {shown(value)}"
+        return next((p for i, v in enumerate(value) if (p := self.item.problem(v, f"{at}[{i}]"))), None)
+
+
+class Record(Kind):
+    """A JSON object: ``fields`` checked where present (``required`` always), any other key
+    taken as ``rest`` says (by default: anything, so a newer version's additions still read)."""
+
+    def __init__(self, fields: dict, required: tuple = (), rest: Optional[Kind] = None, what: str = "a JSON object",
+                 plural: str = "JSON objects"):
+        self.fields, self.required, self.rest, self.what, self.plural = fields, required, rest, what, plural
+
+    def problem(self, value, at: str) -> Optional[str]:
+        if not isinstance(value, dict):
+            return f"{at} must be {self.what}, got {shown(value)}"
+        for key in self.required:
+            if key not in value:
+                return f"{at}.{key} is missing" if at else f"{key} is missing"
+        for key, item in value.items():
+            kind = self.fields.get(key, self.rest)
+            problem = kind.problem(item, f"{at}.{key}" if at else str(key)) if kind is not None else None
+            if problem:
+                return problem
+        return None
+
+
+# An input file (reference, source image, init image, mask): its name and content, never its folder.
+FILE_RECORD = Record({"name": FILE_NAME, "sha256": SHA256}, required=("name", "sha256"),
+                     what='an object with "name" and "sha256"', plural='objects with "name" and "sha256"')
 
 
 def _to_uint8(values: np.ndarray, full_scale: float) -> np.ndarray:

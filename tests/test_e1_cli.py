@@ -86,17 +86,21 @@ def test_the_model_picks_its_recipe_and_the_metadata_names_no_path_and_re_render
     meta = read_metadata(out)
     assert meta["recipe"] == "e1.1" and meta["clip_cfg_norm"] is False and meta["image_guidance"] == 2
     assert meta["reference_files"] == [{"name": "photo.png", "sha256": sha256_file(tmp_path / "photo.png")}]
-    text = json.dumps({k: v for k, v in meta.items() if k != "model"})  # "model": the shared schema's (#29)
+    text = json.dumps(meta)
     for folder in (layout["base"], layout["e1_1"], tmp_path):
         assert str(folder) not in text
+    assert meta["model"] == meta["model_name"] == layout["e1_1"].name
     assert meta["base"] == layout["base"].name and meta["base_fingerprint"].startswith("sha256:")
     described = invoke("info", out)
     assert described.exit_code == 0 and "HiDream-E1 (e1.1) on HiDream-I1-Full" in described.output
     assert "reference photo.png" in described.output
-    # the base was a local folder: recorded by name, given again with --base
+    # the model and the base were local folders: recorded by name, given again with --model and --base
     refused = invoke("generate", "--from-image", out, "-o", again)
-    assert refused.exit_code == 1 and "--base HiDream-I1-Full" in refused.output
-    rerun = invoke("generate", "--from-image", out, "--base", layout["base"], "-o", again)
+    assert refused.exit_code == 1 and "give it with --model FOLDER" in refused.output
+    refused = invoke("generate", "--from-image", out, "--model", layout["e1_1"], "-o", again)
+    assert refused.exit_code == 1 and "the local base HiDream-I1-Full" in refused.output
+    assert "give it with --base FOLDER" in refused.output and "Traceback" not in refused.output
+    rerun = invoke("generate", "--from-image", out, "--model", layout["e1_1"], "--base", layout["base"], "-o", again)
     assert rerun.exit_code == 0, rerun.output
     assert "found beside the image" in rerun.output
     np.testing.assert_array_equal(pixels(out), pixels(again))
@@ -177,3 +181,31 @@ def test_the_e1_transformer_quantizes_and_takes_an_i1_layout_lora(layout, tmp_pa
     assert result.exit_code == 0, result.output
     meta = read_metadata(quantized)
     assert meta["quantize_bits"] == 8 and meta["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("image_guidance", "x", "image_guidance must be a finite number"),
+    ("refine_strength", 2, "refine_strength must be >= 0 and <= 1 (as --refine-strength), got 2"),
+    ("e1_model", "e2", "e1_model must be one of"),
+    ("edited_size", "96x96", "edited_size must be a list of whole numbers"),
+    ("recipe", "full", "recipe must be one of \"e1.1\", \"e1-full\""),
+])
+def test_a_tampered_edit_record_is_refused_naming_the_key(layout, tmp_path, key, value, message):
+    from PIL import PngImagePlugin
+    from hidream_mlx.images import METADATA_KEY
+    out = tmp_path / "a.png"
+    width, height = e1_1_budget()
+    assert invoke("generate", "--model", layout["e1_1"], "--base", layout["base"], "--ref", layout["source"],
+                  "--prompt", "Make it blue.", "--steps", 1, "--width", width, "--height", height,
+                  "--dtype", "float32", "-o", out).exit_code == 0
+    meta = {**read_metadata(out), key: value}
+    info = PngImagePlugin.PngInfo()
+    info.add_text(METADATA_KEY, json.dumps(meta))
+    bad = tmp_path / "bad.png"
+    with Image.open(out) as im:
+        im.save(bad, pnginfo=info)
+    for args in (("info", bad), ("generate", "--from-image", bad, "--model", layout["e1_1"], "--base",
+                                 layout["base"], "-o", tmp_path / "again.png")):
+        result = invoke(*args)
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "again.png").exists()

@@ -74,7 +74,10 @@ def test_the_metadata_records_the_source_by_name_and_sha256_and_gives_the_settin
     again = recipe_from_options(settings["recipe"], settings)
     assert again == recipe
     assert (settings["prompt"], settings["seed"], settings["negative_prompt"]) == ("Make it blue.", 5, "grey")
+    # The base by its folder's name (an image keeps no local path), the model by name and fingerprint.
     assert (settings["width"], settings["height"], settings["base"]) == (*e1_1_budget(), layout["base"].name)
+    assert meta["model"] == meta["model_name"] == layout["e1_1"].name and meta["model_fingerprint"]
+    assert str(layout["base"].parent) not in json.dumps(meta)
 
 
 def test_keep_source_size_returns_the_edit_at_the_source_s_size(engines, tmp_path):

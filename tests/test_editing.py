@@ -13,6 +13,7 @@ from hidream_mlx.cli import main
 from hidream_mlx.images import read_metadata
 
 REF = str(FIXTURES / "edit_ref.png")
+REF_NAME = "edit_ref.png"  # what an image records: the name, never the folder
 
 
 def generate(tmp_path, *args, name="o.png"):
@@ -51,7 +52,7 @@ def test_single_reference_edit_records_the_reference(tmp_path):
                            "--steps", "4")
     assert result.exit_code == 0, result.output
     meta = read_metadata(out)
-    assert meta["references"] == [REF]
+    assert meta["references"] == [REF_NAME]
     assert meta["recipe"] == "dev-edit" and meta["recipe_settings"]["scheduler"] == "flow_match"
     assert Image.open(out).size == (256, 288)
     assert "< 2 MP" in result.output  # warned, not failed
@@ -63,7 +64,7 @@ def test_two_references_with_a_layout(tmp_path):
                            "--height", "256", "--recipe", "dev", "--steps", "3")
     assert result.exit_code == 0, result.output
     meta = read_metadata(out)
-    assert meta["references"] == [REF, REF] and json.loads(meta["layout"])[0]["text"] == "left"
+    assert meta["references"] == [REF_NAME, REF_NAME] and json.loads(meta["layout"])[0]["text"] == "left"
     assert meta["recipe"] == "dev"  # several references keep the flash sampler
 
 
@@ -114,7 +115,7 @@ def test_full_recipe_edits_with_cfg_over_the_same_references(tmp_path):
                            "--recipe", "full", "--steps", "3")
     assert result.exit_code == 0, result.output
     meta = read_metadata(out)
-    assert meta["recipe"] == "full" and meta["guidance"] == 5.0 and meta["references"] == [REF]
+    assert meta["recipe"] == "full" and meta["guidance"] == 5.0 and meta["references"] == [REF_NAME]
 
 
 def test_references_on_a_folder_converted_without_the_vision_tower_fail_before_loading(tmp_path, monkeypatch):

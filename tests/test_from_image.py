@@ -17,6 +17,8 @@ from hidream_mlx.family import RequestError
 
 BASE = ["generate", "--model", str(FIXTURES), "--no-snap", "--width", "256", "--height", "256",
         "--steps", "3", "--dtype", "float32", "--prompt", "a red fox"]
+# A local model is recorded by its folder's name only (no path), so a re-run names the folder again.
+FROM = ["generate", "--model", str(FIXTURES), "--from-image"]
 # Keys that legitimately differ between a run and its re-run with other steps.
 STEP_KEYS = {"steps", "official_recipe"}
 
@@ -48,7 +50,7 @@ def test_metadata_holds_what_a_rerun_needs(keeper):
 
 def test_from_image_reproduces_the_image(keeper, tmp_path):
     again = tmp_path / "again.png"
-    result = invoke("generate", "--from-image", str(keeper), "-o", str(again))
+    result = invoke(*FROM, str(keeper), "-o", str(again))
     assert result.exit_code == 0, result.output
     np.testing.assert_array_equal(pixels(keeper), pixels(again))
     assert read_metadata(again) == read_metadata(keeper)
@@ -56,7 +58,7 @@ def test_from_image_reproduces_the_image(keeper, tmp_path):
 
 def test_from_image_with_steps_changes_only_the_steps_and_info_shows_it(keeper, tmp_path):
     out = tmp_path / "two.png"
-    result = invoke("generate", "--from-image", str(keeper), "--steps", "2", "-o", str(out))
+    result = invoke(*FROM, str(keeper), "--steps", "2", "-o", str(out))
     assert result.exit_code == 0, result.output
     old, new = read_metadata(keeper), read_metadata(out)
     assert new["steps"] == 2 and new["recipe_settings"]["steps"] == 2
@@ -71,7 +73,7 @@ def test_from_image_with_steps_changes_only_the_steps_and_info_shows_it(keeper, 
 @pytest.mark.parametrize("name, quality", [("o.jpg", None), ("o.jpeg", "80"), ("o.webp", None), ("o.webp", "70")])
 def test_jpeg_and_webp_carry_metadata_info_reads_back(keeper, tmp_path, name, quality):
     out = tmp_path / name
-    args = ["generate", "--from-image", str(keeper), "-o", str(out)] + (["--quality", quality] if quality else [])
+    args = [*FROM, str(keeper), "-o", str(out)] + (["--quality", quality] if quality else [])
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     shown = invoke("info", str(out), "--json")
@@ -95,13 +97,13 @@ def test_info_and_from_image_on_an_image_without_metadata_say_so(tmp_path):
 
 def test_negative_prompt_replaces_the_unconditional_prompt_and_is_recorded(keeper, tmp_path):
     out = tmp_path / "neg.png"
-    result = invoke("generate", "--from-image", str(keeper), "--negative-prompt", "blurry", "-o", str(out))
+    result = invoke(*FROM, str(keeper), "--negative-prompt", "blurry", "-o", str(out))
     assert result.exit_code == 0, result.output
     assert read_metadata(out)["negative_prompt"] == "blurry"
     assert not np.array_equal(pixels(out), pixels(keeper))
     assert "negative prompt: 'blurry'" in invoke("info", str(out)).output
     again = tmp_path / "neg_again.png"
-    assert invoke("generate", "--from-image", str(out), "-o", str(again)).exit_code == 0
+    assert invoke(*FROM, str(out), "-o", str(again)).exit_code == 0
     np.testing.assert_array_equal(pixels(out), pixels(again))
 
 
@@ -171,13 +173,13 @@ def test_loras_recorded_by_name_are_found_beside_the_image_or_asked_for(tmp_path
     made = invoke(*BASE, "--seed", "1", "--lora", str(lora), "--lora-scale", "0.6", "-o", str(out))
     assert made.exit_code == 0, made.output
     again = tmp_path / "again.png"
-    result = invoke("generate", "--from-image", str(out), "-o", str(again))
+    result = invoke(*FROM, str(out), "-o", str(again))
     assert result.exit_code == 0, result.output
     np.testing.assert_array_equal(pixels(out), pixels(again))
     assert read_metadata(again)["loras"] == read_metadata(out)["loras"]
     moved = tmp_path / "moved.png"
     moved.write_bytes(out.read_bytes())
-    missing = invoke("generate", "--from-image", str(moved), "-o", str(tmp_path / "x.png"))
+    missing = invoke(*FROM, str(moved), "-o", str(tmp_path / "x.png"))
     assert missing.exit_code == 1 and "made with LoRA(s) lora.safetensors" in missing.output
 
 
@@ -190,7 +192,7 @@ def test_from_image_of_an_edit_reruns_the_editing_scheduler_it_was_made_with(tmp
     assert made.exit_code == 0, made.output
     assert read_metadata(first)["recipe"] == recipe
     again = tmp_path / "again.png"
-    rerun = invoke("generate", "--from-image", str(first), "--ref", ref, "-o", str(again))
+    rerun = invoke(*FROM, str(first), "--ref", ref, "-o", str(again))
     assert rerun.exit_code == 0, rerun.output
     assert read_metadata(again)["recipe"] == recipe
     assert np.array_equal(pixels(again), pixels(first))

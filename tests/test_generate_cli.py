@@ -1,5 +1,6 @@
 """`hidream-mlx generate` / `python generate_hidream_mlx.py`: the product's main job."""
 
+import json
 import os
 import subprocess
 import sys
@@ -44,7 +45,10 @@ def test_driver_script_writes_a_png_with_metadata_and_is_deterministic(tmp_path)
     assert meta["prompt"] == "a red fox" and meta["seed"] == 7
     assert (meta["width"], meta["height"]) == (256, 256)
     assert meta["recipe"] == "full" and meta["recipe_settings"]["scheduler"] == "unipc"
-    assert meta["model"] == str(FIXTURES) and "quantization" in meta and meta["tool_version"]
+    # The model by its folder's name and fingerprint: an image keeps no local path.
+    assert meta["model"] == FIXTURES.name == meta["model_name"] and meta["model_fingerprint"].startswith("sha256:")
+    assert str(FIXTURES.parent) not in json.dumps(meta)
+    assert "quantization" in meta and meta["tool_version"]
 
 
 def test_flags_override_the_recipe_and_are_recorded(tmp_path):

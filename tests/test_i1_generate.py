@@ -82,7 +82,7 @@ def test_metadata_records_what_a_rerun_needs_and_from_image_rerenders(tmp_path):
         assert key in meta, key
     assert (meta["width"], meta["height"], meta["seed"], meta["dtype"]) == (
         int(case("full")["width"]), int(case("full")["height"]), 11, "float32")
-    rerun = invoke("generate", "--from-image", str(out), "-o", str(again))
+    rerun = invoke("generate", "--model", str(FIXTURES), "--from-image", str(out), "-o", str(again))
     assert rerun.exit_code == 0, rerun.output
     np.testing.assert_array_equal(pixels(out), pixels(again))
     assert read_metadata(again)["mu_shift"] is True  # leaving --shift out kept the official second shift
@@ -92,7 +92,8 @@ def test_from_image_with_a_new_seed_redraws_the_step_noise_too(tmp_path):
     out, again = tmp_path / "a.png", tmp_path / "b.png"
     assert invoke(*base_args("fast"), "--recipe", "fast", "--steps", "2", "--seed", "3", "--step-noise-seed", "9",
                   "-o", str(out)).exit_code == 0
-    assert invoke("generate", "--from-image", str(out), "--seed", "4", "-o", str(again)).exit_code == 0
+    assert invoke("generate", "--model", str(FIXTURES), "--from-image", str(out), "--seed", "4",
+                  "-o", str(again)).exit_code == 0
     meta = read_metadata(again)
     assert meta["seed"] == 4 and meta["step_noise_seed"] == 4 and meta["steps"] == 2
 

@@ -174,7 +174,7 @@ def test_cfg_on_a_quantized_model_with_previews(tmp_path):
 def test_editing_with_a_reference(tmp_path):
     common = ["--ref", REF, "--width", "256", "--height", "288", "--recipe", "dev", "--steps", "3"]
     result, image, meta = generate(tmp_path, "e.png", *common, "--seam-smoothing", "0.34", "--seam-window", "mean")
-    assert meta["references"] == [REF] and meta["seam_passes"] == 2  # ceil(0.34 * 3), no CFG
+    assert meta["references"] == ["edit_ref.png"] and meta["seam_passes"] == 2  # ceil(0.34 * 3), no CFG
     assert image.shape[:2] == (288, 256)
     _, plain, _ = generate(tmp_path, "p.png", *common)
     assert not np.array_equal(image, plain)

@@ -18,6 +18,7 @@ from PIL import Image
 from server_helpers import QUICK, free_port, running_server
 
 from hidream_mlx.cli import main
+from hidream_mlx.files import sha256_file
 from hidream_mlx.images import read_metadata
 
 TOKEN = "s3cret"
@@ -187,8 +188,10 @@ def test_edits_take_a_multipart_upload_decoded_in_memory(client, server):
     assert response.status_code == 200, response.text
     entry = response.json()["data"][0]
     meta = read_metadata(server[2] / entry["file"])
-    assert len(meta["references"]) == 1
-    assert meta["references"][0].startswith(str(server[2] / "references"))
+    # Recorded by name and sha256 (the stored upload's), never by the server's path.
+    [name] = meta["references"]
+    assert meta["reference_files"] == [{"name": name, "sha256": sha256_file(server[2] / "references" / name)}]
+    assert str(server[2]) not in json.dumps(meta) and str(server[2]) not in response.text
 
     as_json = client.post("/v1/images/edits", json={"prompt": "make it blue", "size": "256x256", "no_snap": True,
                                                    "steps": 2, "seed": 3,

@@ -197,7 +197,7 @@ def made(tmp_path):
 def test_from_image_re_renders_with_the_files_found_beside_it(made, tmp_path):
     out, _, _ = made
     again = tmp_path / "again.png"
-    result = invoke("generate", "--from-image", out, "-o", again)
+    result = invoke("generate", "--model", O1_FIXTURES, "--from-image", out, "-o", again)
     assert result.exit_code == 0, result.output
     assert "init image found beside the image" in result.output and "6 of 10 steps (strength 0.6)" in result.output
     assert np.array_equal(pixels(again), pixels(out))
@@ -208,8 +208,8 @@ def test_from_image_re_renders_with_the_same_files_given_again(made, tmp_path):
     elsewhere = tmp_path / "moved"
     elsewhere.mkdir()
     shutil.move(out, elsewhere / out.name)
-    result = invoke("generate", "--from-image", elsewhere / out.name, "--init-image", src, "--mask", mask,
-                    "-o", tmp_path / "again.png")
+    result = invoke("generate", "--model", O1_FIXTURES, "--from-image", elsewhere / out.name, "--init-image", src,
+                    "--mask", mask, "-o", tmp_path / "again.png")
     assert result.exit_code == 0, result.output
     assert np.array_equal(pixels(tmp_path / "again.png"), pixels(elsewhere / out.name))
 
@@ -217,11 +217,12 @@ def test_from_image_re_renders_with_the_same_files_given_again(made, tmp_path):
 def test_from_image_refuses_naming_the_file_when_one_is_missing_or_differs(made, tmp_path, no_loading):
     out, src, mask = made
     mask.unlink()
-    missing = invoke("generate", "--from-image", out, "-o", tmp_path / "x.png")
+    missing = invoke("generate", "--model", O1_FIXTURES, "--from-image", out, "-o", tmp_path / "x.png")
     assert missing.exit_code == 1 and missing.output.count("\n") == 1
     assert "made from the mask mask.png, not found beside it with the recorded content" in missing.output
     other = write_picture(tmp_path / "other.png", *size_of("o1"), seed=5)
-    differs = invoke("generate", "--from-image", out, "--init-image", other, "-o", tmp_path / "x.png")
+    differs = invoke("generate", "--model", O1_FIXTURES, "--from-image", out, "--init-image", other,
+                     "-o", tmp_path / "x.png")
     assert differs.exit_code == 1 and differs.output.count("\n") == 1
     assert f"--init-image {other} differs from the init image photo.png" in differs.output
 
@@ -231,7 +232,8 @@ def test_from_image_of_an_i1_image_re_renders_it(tmp_path):
     src = write_picture(tmp_path / "photo.png", w, h)
     out = tmp_path / "made.png"
     assert invoke(*base("i1", "--init-image", src, "--strength", "0.5", "-o", out)).exit_code == 0
-    result = invoke("generate", "--from-image", out, "--dtype", "float32", "-o", tmp_path / "again.png")
+    result = invoke("generate", "--model", I1_FIXTURES, "--from-image", out, "--dtype", "float32",
+                    "-o", tmp_path / "again.png")
     assert result.exit_code == 0, result.output
     assert read_metadata(tmp_path / "again.png")["strength"] == 0.5
     assert np.array_equal(pixels(tmp_path / "again.png"), pixels(out))

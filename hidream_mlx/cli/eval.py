@@ -28,7 +28,8 @@ from hidream_mlx.harness import distributed
 from hidream_mlx.requests import limits_help
 from hidream_mlx.harness.batteries import VARIANT_KEYS, parse_seeds, parse_variants, read_battery, variant_lines
 from hidream_mlx.harness.distributed import HostLost, agree, gather_json, launch_command, lost_line, run_ranks
-from hidream_mlx.harness.evaluation import EvalRun, check_jobs, load_engine, plan_jobs, read_results, run_lock
+from hidream_mlx.harness.evaluation import (EvalRun, check_image_paths, check_jobs, load_engine, plan_jobs, read_results,
+                                            run_lock)
 from hidream_mlx.harness.reports import REPORT_FILE, compare_runs, render_comparison, write_reports
 from hidream_mlx.memory import format_bytes
 
@@ -129,8 +130,10 @@ def run_battery(battery: Optional[Path], model_arg: Optional[str], random_weight
         raise ValueError(f"--baseline {baseline!r} is not one of the variants: {', '.join(v.name for v in variants)}")
     items = read_battery(battery)
     jobs = plan_jobs(items, variants, parse_seeds(seeds))
+    # Every job's settings, the load options and the battery's LoRAs, before anything loads.
     model = None if model_arg is None else resolve_source({"model_arg": model_arg, **load_options})[1]
-    source = check_jobs(jobs, model)  # every job's settings, before anything loads
+    source = check_jobs(jobs, model, load={"dtype": dtype, "bits": quantize_bits})
+    check_image_paths(rundir, jobs)
     model_name = _model_name(model_arg, random_weights, layers)
     if group is not None:
         distributed.check_same_jobs(group, jobs)

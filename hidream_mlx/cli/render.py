@@ -20,13 +20,16 @@ from hidream_mlx.families import family_of, registered
 from hidream_mlx.family import RequestError
 from hidream_mlx.workflow.batch import (Job, build_requests, check_outputs, output_names, plan_jobs, preview_path,
                                preview_paths)
-from hidream_mlx.images import check_quality, image_format, read_metadata, save_image
+from hidream_mlx.images import check_quality, image_format, save_image
+from hidream_mlx.workflow.metadata import read_image_metadata
 from hidream_mlx.workflow.reproduce import (
+    check_family,
     check_model,
     find_loras,
     find_references,
     find_start_files,
     merge_settings,
+    recorded_location,
     recorded_model,
     recorded_settings,
 )
@@ -50,8 +53,11 @@ def given_on_command_line(ctx: click.Context, names) -> set:
 
 def from_image_settings(image: Path, params: dict, explicit: set, note: Callable[[str], None]) -> dict:
     """``params`` (generate's values) with the image's settings under the command line's own."""
-    meta = read_metadata(image)  # an image without our metadata: one clear line
-    recorded = recorded_settings(meta)
+    meta, _ = read_image_metadata(image)  # no metadata, or a key of the wrong kind: one clear line
+    model = params["model_arg"]
+    if "model_arg" in explicit and Path(model).expanduser().exists():  # said first, not as the options it lacks
+        check_family(meta, family_of(model).name, model, image)
+    recorded = recorded_settings(meta, str(image))
     recorded.pop("prompt", None) if "prompt" in explicit or "prompt_file" in explicit else None
     if "seeds" in explicit or "count" in explicit:
         recorded.pop("seed", None)
@@ -77,7 +83,8 @@ def from_image_settings(image: Path, params: dict, explicit: set, note: Callable
         out["quantize_bits"] = recorded_bits
     for key, value in recorded_load.items():
         if key not in explicit and key in out:
-            out[key] = value
+            located = {"llama": "Llama", "base": "base"}  # recorded by name: a local one is given again
+            out[key] = recorded_location(value, image, f"--{key}", located[key], meta) if key in located else value
     out["refs"] = find_references(meta, image, params["refs"], note)
     out.update(find_start_files(meta, image, {k: params.get(k) for k in ("init_image", "mask")}, note))
     lora_flags = {"loras", "lora_scales", "lora_paths", "lora_scales_mflux"}
@@ -104,7 +111,7 @@ def plan(params: dict, note: Callable[[str], None]):
     """(family, source, jobs, requests) with every output checked; nothing loads here."""
     family, source = resolve_source(params)
     if params.get("_meta"):
-        check_model(params["_meta"], source, note)
+        check_model(params["_meta"], source, note, params.get("from_image") or "the image")
     jobs = plan_jobs(params["prompt"], params["prompt_file"], tuple(params["seeds"]), params["count"])
     for job, name in zip(jobs, output_names(params["output"], jobs)):
         job.output = name

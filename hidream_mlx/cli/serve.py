@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import click
 from hidream_mlx.cli.generate import DEFAULT_MODEL
 from hidream_mlx.cli.render import resolve_source
 from hidream_mlx.families import option_choices
+from hidream_mlx.files import existing_folder
 from hidream_mlx.requests import limits_help
 from hidream_mlx.weights.precision import PRECISIONS
 
@@ -85,11 +87,16 @@ def serve(model_arg, dtype, quantize_bits, host, port, token, insecure, lora_dir
     check_exposure(host, token, insecure)
     uvicorn, ServerConfig, create_app = import_server()
     bits = int(quantize_bits) if quantize_bits else None
+    # Everything that needs no weights is refused before they load: where images go, the address,
+    # the model and its load options.
+    check_output_dir(output_dir)
+    check_address(host, port)
     params = {"model_arg": model_arg, "llama": llama, "encoder_bits": encoder_bits, "keep_loaded": keep_loaded,
               "base": base}
     family, source = resolve_source(params)
-    engine = family.load_engine(source, {"dtype": dtype, "bits": bits,
-                                         **{name: params[name] for name in family.load_options if name in params}})
+    load = {"dtype": dtype, "bits": bits, **{name: params[name] for name in family.load_options if name in params}}
+    family.check_load(source, load)
+    engine = family.load_engine(source, load)
     # A family that loads phase by phase (HiDream-I1) has loaded nothing yet: its first request does.
     loaded = (f"model loaded in {engine.load_time:.1f} s" if engine.load_time else
               f"{family.title} ready (weights load phase by phase on the first request)")
@@ -114,6 +121,30 @@ def serve(model_arg, dtype, quantize_bits, host, port, token, insecure, lora_dir
         # The app's shutdown already gave the render its grace (SHUTDOWN_GRACE_SECONDS); check once more.
         if not studio.queue.close(1.0):
             end_without_worker(studio.queue, code or 1)
+
+
+def check_output_dir(folder: Path) -> None:
+    """``--output-dir`` is a folder this user may write in, or one that can be made (the server
+    makes it, and its ``references/``, once the model is loaded)."""
+    for path in (folder, folder / "references"):
+        if os.path.lexists(path) and not path.is_dir():
+            raise ValueError(f"{path}: exists and is not a folder; --output-dir needs a folder for the images")
+    there = existing_folder(folder)
+    if not there.is_dir():
+        raise ValueError(f"{there}: is not a folder, so --output-dir {folder} cannot be made")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise PermissionError(f"{there}: not writable (--output-dir {folder})")
+
+
+def check_address(host: str, port: int) -> None:
+    """The server can listen on ``host``:``port`` (bound and released at once, as uvicorn binds it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as e:  # gaierror (an unknown host name) is an OSError too
+        raise OSError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
 
 
 def end_without_worker(queue, code: int) -> None:

@@ -32,7 +32,8 @@ import mlx.core as mx
 import psutil
 
 from hidream_mlx.families import family_named, family_of
-from hidream_mlx.files import atomic_output, read_json_file, read_text_file, sha256_file
+from hidream_mlx.files import (atomic_output, check_name_length, check_output_path, read_json_file, read_text_file,
+                               sha256_file)
 from hidream_mlx.harness.batteries import DEFAULT_SEED, DEFAULT_SIZE, START_FIELDS, BatteryItem, Variant
 from hidream_mlx.harness.grid import grid_energy_axes
 from hidream_mlx.images import save_image
@@ -99,14 +100,34 @@ def plan_jobs(items: list[BatteryItem], variants: list[Variant], seeds: Optional
     return jobs
 
 
-def check_jobs(jobs: list[Job], model, llama: Optional[str] = None):
+def check_jobs(jobs: list[Job], model, llama: Optional[str] = None, load: Optional[dict] = None):
     """The source of ``model`` (None: random weights; a resolved source as it is), after every job's
     request is built against it: a setting that cannot run is refused naming its battery line or
-    variant, before anything loads."""
+    variant, before anything loads. With ``load`` (``dtype``, ``bits``) the family also refuses load
+    options it cannot honour and reads every LoRA the battery names against the model
+    (``Family.check_load``), before loading."""
     source = family_of(model).resolve(model, {"llama": llama}) if isinstance(model, (str, Path)) else model
     for job in jobs:
         checked_request(job, source)
+    if source is not None and load is not None:
+        loras = tuple(dict.fromkeys(spec for job in jobs for spec in job.item.loras))
+        family_named(source.family).check_load(source, {**load, "loras": loras})
     return source
+
+
+def check_image_paths(rundir: Path | str, jobs: list[Job]) -> None:
+    """Every job's image can be written where it goes (its folders are folders, an earlier image a
+    plain file, its name within the file system's limits with the temporary suffix), before the
+    model loads: a write refused after sampling would lose the work."""
+    for job in jobs:
+        path = Path(rundir) / job.image_path
+        for folder in (path.parent.parent, path.parent):
+            if os.path.lexists(folder) and not folder.is_dir():
+                raise ValueError(f"{folder}: exists and is not a folder; {job.key}'s image goes there")
+        if path.parent.is_dir():
+            check_output_path(path, overwrite=True)
+        else:
+            check_name_length(path, path.parent)
 
 
 def origin(job: Job, from_variant: bool) -> str:

@@ -20,6 +20,8 @@ import secrets
 import shutil
 from pathlib import Path
 
+from hidream_mlx.files import check_name_length
+
 PARTIAL_MARKER = ".hidream-quantize-partial"  # inside a temporary folder: safe to delete
 REPORT_FILE = "quantization_report.md"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
@@ -88,6 +90,9 @@ def check_output(output: Path, source: Path, overwrite: bool) -> None:
     out, src = output.resolve(), source.resolve()
     if within(out, src) or within(src, out):
         raise ValueError(f"{output}: the output may not be, contain or lie inside the source model ({src})")
+    # The conversion is built under a temporary name first (make_temp): refused now, not after the work.
+    check_name_length(output, output.parent, temp_name(output, "0" * 8, "partial"),
+                      "the temporary name .NAME.XXXXXXXX.partial")
     if not (output.exists() or output.is_symlink()):
         return
     if not overwrite:
@@ -98,10 +103,14 @@ def check_output(output: Path, source: Path, overwrite: bool) -> None:
                               f"this one is not (or holds other files), so nothing was touched")
 
 
+def temp_name(output: Path, token: str, kind: str) -> str:
+    return f".{output.name}.{token}.{kind}"
+
+
 def make_temp(output: Path, kind: str) -> Path:
     """A sibling ``.NAME.XXXX.partial`` folder with the marker inside, created with the umask's
     ordinary permissions (mkdtemp's 0700 would become the output's mode after the rename)."""
-    tmp = output.parent / f".{output.name}.{secrets.token_hex(4)}.{kind}"
+    tmp = output.parent / temp_name(output, secrets.token_hex(4), kind)
     os.mkdir(tmp)
     (tmp / PARTIAL_MARKER).write_text("a hidream-mlx quantize run in progress or killed\n")
     return tmp

@@ -42,6 +42,7 @@ from hidream_mlx.server.fields import CLI_FIELDS, START_IMAGES, BadRequest, Limi
     parse_json, served_names
 from hidream_mlx.server.jobs import Job, JobQueue
 from hidream_mlx.weights.lora import LoRAError, lora_memory as estimate
+from hidream_mlx.workflow.metadata import check_image_metadata
 
 STATIC = Path(__file__).parent / "static"
 FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.png$")
@@ -132,7 +133,18 @@ class Studio:
                 family.check_fits(source, spec.requests[:1], load, extra_bytes=extra)
             except MemoryError as e:
                 raise BadRequest(str(e), 400, "insufficient_memory") from None
+        self.check_record(spec)
         return spec
+
+    def check_record(self, spec) -> None:
+        """What each image will record passes the schema ``info`` and ``--from-image`` read with, before
+        any work: an image this server writes always re-runs. A refusal here is a bug of ours (500)."""
+        described = {**self.engine.describe(), **self.queue.recorded_bits()}
+        for request in spec.requests:
+            try:
+                check_image_metadata({**request.metadata(), **described}, "the image's record")
+            except ValueError as e:
+                raise BadRequest(f"internal error: {e}; please report it", 500, "server_error") from None
 
     async def body_spec(self, request: HttpRequest, edits: bool = False):
         kind = request.headers.get("content-type", "")

@@ -287,7 +287,7 @@ class JobQueue:
                 raise Cancelled()
             result = self.engine.run(request, on_step)
             # The same record the CLI writes, so an image from either re-runs the same way.
-            metadata = {**result.metadata, **({"quantize_bits": self.quantize_bits} if self.quantize_bits else {})}
+            metadata = {**result.metadata, **self.recorded_bits()}
             with self.writing:
                 if job.cancel_requested.is_set():  # stopped while the last step ran: write nothing
                     raise Cancelled()
@@ -296,6 +296,10 @@ class JobQueue:
             job.emit("image", image=number, file=path.name, metadata=metadata,
                      seconds_per_step=round(result.seconds_per_step, 4), total_seconds=round(result.total_time, 3),
                      preview=jpeg_data_url(result.image))
+
+    def recorded_bits(self) -> dict:
+        """What the server adds to each image's record: ``-q``, as the CLI records it."""
+        return {"quantize_bits": self.quantize_bits} if self.quantize_bits else {}
 
     def _save(self, image: np.ndarray, metadata: dict) -> Path:
         stamp = time.strftime("%Y%m%d-%H%M%S")

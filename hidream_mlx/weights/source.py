@@ -56,8 +56,10 @@ def resolve_model_path(name_or_path: str, allow_download: bool = True, patterns:
 
 
 def model_name(name_or_path: str) -> str:
-    """The model's own name: a repo id's or a folder's last component (never its parents)."""
-    return str(name_or_path).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    """The model's own name: a repo id's or a folder's last component (never its parents); for
+    ``.`` or ``..`` the name of the folder they stand for."""
+    name = str(name_or_path).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return Path(os.path.abspath(name_or_path)).name if name in ("", ".", "..") else name
 
 
 def fingerprint(path: Path, config_bytes: bytes, index: dict[str, TensorInfo]) -> str:
@@ -72,10 +74,18 @@ def fingerprint(path: Path, config_bytes: bytes, index: dict[str, TensorInfo]) -
     return "sha256:" + digest.hexdigest()[:16]
 
 
+def recorded_name(arg: str) -> str:
+    """How an image names a model (or a Llama, a base) it was made with: a repo id as it is, a local
+    folder or file by its own name only (never the folders above it: an image keeps no local path)."""
+    text = str(arg)
+    return text if is_repo_id(text) else model_name(text)
+
+
 def model_identity(source) -> dict:
-    """What an image records about the model that made it, beside ``model``: its own name and its
-    fingerprint (with the hub revision when it came from the hub)."""
-    identity = {"model_name": source.name, "model_fingerprint": source.fingerprint}
+    """What an image records about the model that made it: ``model``, its own name (a repo id, or
+    the folder's name; never a path), the same under ``model_name``, and its fingerprint (with the
+    hub revision when it came from the hub)."""
+    identity = {"model": source.name, "model_name": source.name, "model_fingerprint": source.fingerprint}
     if source.fingerprint.startswith("hub:"):
         identity["model_revision"] = source.fingerprint[len("hub:"):]
     return identity

@@ -2,8 +2,14 @@
 
 Every output's ``hidream-mlx`` object keeps the historical top-level keys (``prompt``, ``seed``,
 ``recipe`` as a name, ``steps``, ``guidance``, ``width``, ``height``, ...) and adds what a re-run
-needs without local absolute paths: references by file name and sha256, the model's own name
-with its hub revision or a fingerprint of its config and index, the dtype and ``-q`` bits.
+needs without any local path: references and LoRAs by file name and sha256, the model by its name
+(a repo id, or a local folder's name) with its hub revision or a fingerprint of its config and
+index, the dtype and ``-q`` bits. Every reader checks the object first (``workflow/metadata.py``).
+
+``--from-image`` loads a recorded repo id as ``--model`` does (the cache, else the hub); a model
+recorded by a folder's name needs ``--model`` (the image says which name and fingerprint), and so
+does a model of another family than the image's. Images from before names were recorded hold a
+path, which is used when it is still there.
 
 ``--from-image`` precedence: flags on the command line (and what a ``--preset`` given there
 sets) > the image's settings > recipe defaults. Only settings the target recipe reads are
@@ -21,28 +27,17 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from hidream_mlx.files import sha256_file
-from hidream_mlx.images import read_metadata
 from hidream_mlx.families import family_named
 from hidream_mlx.family import RECIPE_NUMBERS, RequestError
-from hidream_mlx.weights.source import is_repo_id
+from hidream_mlx.workflow.metadata import check_image_metadata, image_family, read_image_metadata
 
 # What a --preset decides: the image's values for these give way to it.
 PRESET_DECIDES = ("width", "height", "steps", "guidance")
 
 
-def recorded_settings(meta: dict) -> dict:
+def recorded_settings(meta: dict, where: str = "the image") -> dict:
     """Option values (named like the CLI's, underscores) that re-create the image in ``meta``."""
-    if "prompt" not in meta or "seed" not in meta:
-        raise RequestError("the image's hidream-mlx metadata has no prompt or seed to re-run")
-    return image_family(meta).recorded_settings(meta)
-
-
-def image_family(meta: dict):
-    """The family that made an image (images from before families were recorded are HiDream-O1)."""
-    try:
-        return family_named(meta.get("family") or "o1")
-    except ValueError as e:
-        raise RequestError(f"the image's metadata names {e}") from None
+    return check_image_metadata(meta, where).recorded_settings(meta)
 
 
 def merge_settings(recorded: dict, explicit: dict, target_recipe: Optional[str], family: str = "o1") -> dict:
@@ -140,22 +135,60 @@ def find_loras(meta: dict, image: Path) -> tuple[tuple[str, ...], tuple[float, .
     return tuple(p for p, _ in found), tuple(s for _, s in found)
 
 
-def check_model(meta: dict, source, note: Callable[[str], None]) -> None:
-    """Warn when the model that will run is not the one the image records."""
+def check_family(meta: dict, family_name: str, model: str, image: Path | str = "the image") -> None:
+    """Refuse a model of another family than the image's: its settings mean nothing there."""
+    family = image_family(meta, str(image))
+    if family_name != family.name:
+        raise RequestError(f"{image} was made by a {family.title} model ({recorded_identity(meta)}); {model} is a "
+                           f"{family_named(family_name).title} model; give a {family.title} model with --model")
+
+
+def check_model(meta: dict, source, note: Callable[[str], None], image: Path | str = "the image") -> None:
+    """Refuse a model of another family than the image's; warn when the model that will run is not
+    the one the image records."""
+    check_family(meta, getattr(source, "family", image_family(meta).name), source.name, image)
     recorded = meta.get("model_fingerprint")
     if recorded and source.fingerprint != recorded:
         note(f"warning: model {source.name} (fingerprint {source.fingerprint}) differs from the one "
              f"that made the image ({meta.get('model_name', meta.get('model'))}, {recorded})")
 
 
+def recorded_identity(meta: dict) -> str:
+    """``NAME, fingerprint F`` of the model an image records, for messages."""
+    name = meta.get("model_name") or meta.get("model") or "no name recorded"
+    fingerprint = meta.get("model_fingerprint")
+    return f"{name}, fingerprint {fingerprint}" if fingerprint else name
+
+
+def is_recorded_path(value: str) -> bool:
+    """A path an older image recorded (``/models/o1``, ``~/m``, ``../m``, ``a/b/c``): a repo id
+    has one slash, a folder's name none."""
+    return value.startswith(("/", "~", ".")) or value.count("/") > 1 or "\\" in value
+
+
+def recorded_location(value: str, image: Path | str, flag: str, what: str, meta: dict) -> str:
+    """What a recorded model (or Llama) gives ``flag``: an older image's path while it is still
+    here, a repo id as it is (the cache, else the hub, as ``flag`` takes it); a folder's name, or
+    a path that is gone, is refused in one line asking for ``flag``."""
+    fingerprint = meta.get("model_fingerprint") if flag == "--model" else None
+    identity = f"{value}, fingerprint {fingerprint}" if fingerprint else value
+    if "/" in value or "\\" in value or value.startswith(("~", ".")):
+        if Path(value).expanduser().exists():
+            return value
+        if is_recorded_path(value):
+            raise RequestError(f"{image}: the recorded {what} {value} is not on this machine; give {flag} "
+                               f"(recorded {identity})")
+        return value
+    raise RequestError(f"{image}: made with the local {what} {identity}; images record a folder by its name "
+                       f"only, so give it with {flag} FOLDER")
+
+
 def recorded_model(meta: dict, image: Path) -> str:
+    """The ``--model`` an image re-runs with when none is given (:func:`recorded_location`)."""
     model = meta.get("model")
     if not model:
         raise RequestError(f"{image}: no model recorded; give --model")
-    if not Path(model).expanduser().exists() and not is_repo_id(model):
-        raise RequestError(f"{image}: the recorded model {model} is not on this machine; give --model "
-                           f"(recorded {meta.get('model_name', '?')}, {meta.get('model_fingerprint', '?')})")
-    return str(model)
+    return recorded_location(model, image, "--model", "model", meta)
 
 
 def start_lines(meta: dict) -> list[str]:
@@ -172,7 +205,7 @@ def start_lines(meta: dict) -> list[str]:
 
 def describe_image(path: Path | str, as_json: bool = False) -> str:
     """``hidream-mlx info IMAGE``: the recipe in readable lines, or the stored object as JSON."""
-    meta = read_metadata(path)
+    meta, family = read_image_metadata(path)
     if as_json:
         return json.dumps(meta, indent=2, sort_keys=True)
     rec = meta.get("recipe_settings") or {}
@@ -180,7 +213,7 @@ def describe_image(path: Path | str, as_json: bool = False) -> str:
              f"  prompt: {meta.get('prompt')!r}"]
     if meta.get("negative_prompt") is not None:
         lines.append(f"  negative prompt: {meta['negative_prompt']!r}")
-    lines += image_family(meta).describe_image(meta)
+    lines += family.describe_image(meta)
     official = "" if meta.get("official_recipe", True) else " (modified)"
     numbers = ", ".join(f"{k} {rec.get(k, meta.get(k))}" for k in RECIPE_NUMBERS if k in rec or k in meta)
     lines.append(f"  recipe {meta.get('recipe')}{official}: {numbers}")

@@ -153,7 +153,8 @@ class E1Engine:
             self._plan, self._planned = [], False
 
     def describe(self) -> dict:
-        return {"model": self.model_arg, "family": FAMILY, **model_metadata(self.source),
+        # The model, its base and the Llama by name (a repo id, or a folder's name: never a path).
+        return {"family": FAMILY, **model_metadata(self.source),
                 "dtype": self.dtype, "quantization": self.quantization, "encoder_bits": self.encoder_bits,
                 **({"loras": [s.to_dict() for s in self.loras]} if self.loras else {}), "tool_version": __version__,
                 **model_identity(self.source)}

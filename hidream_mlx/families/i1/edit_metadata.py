@@ -12,10 +12,8 @@ fingerprint; a re-run finds a local base again through ``--base``.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from hidream_mlx.families.i1.edit_sizes import ResizePlan, edit_max_seq
-from hidream_mlx.weights.source import is_repo_id, model_name
+from hidream_mlx.weights.source import recorded_name
 
 
 def run_metadata(request, plan: ResizePlan, source) -> dict:
@@ -24,17 +22,12 @@ def run_metadata(request, plan: ResizePlan, source) -> dict:
             "max_seq": edit_max_seq(request.width, request.height, source.pixels_per_token)}
 
 
-def recorded_name(given: Optional[str]) -> Optional[str]:
-    """How a model given as ``given`` is recorded: a repo id as such, a folder or file by its own name."""
-    if given is None:
-        return None
-    return given if is_repo_id(given) else model_name(given)
-
-
 def model_metadata(source) -> dict:
-    """The E1 model on its base as an image records them (beside the shared ``model``)."""
+    """The E1 model's kind, its base and a separate Llama as an image records them (the model itself
+    is the shared schema's ``model``, ``model_name`` and ``model_fingerprint``)."""
+    llama = source.llama.given
     return {"e1_model": source.kind, "base": source.base_name, "base_fingerprint": source.base_fingerprint,
-            "llama": recorded_name(source.llama.given)}
+            "llama": None if llama is None else recorded_name(llama)}
 
 
 def recorded_edit_settings(meta: dict) -> dict:

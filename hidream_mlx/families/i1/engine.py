@@ -42,7 +42,7 @@ from hidream_mlx.families.i1.weights import load_transformer_planned, load_vae
 from hidream_mlx.weights.lora import I1_KEYS, replace_loras
 from hidream_mlx.weights.lora_specs import LoRASpec
 from hidream_mlx.weights.precision import parse_dtype
-from hidream_mlx.weights.source import model_identity
+from hidream_mlx.weights.source import model_identity, recorded_name
 from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
 
 I1_DTYPES = ("bfloat16", "float32")
@@ -145,13 +145,13 @@ class I1Engine:
 
     def describe(self) -> dict:
         return {
-            # The folder or repo that ran (a --from-image re-render loads it again), and what it was converted from.
-            "model": self.model_arg,
-            **({"converted_from": self.stored["source"]} if self.stored.get("source") else {}),
+            # What it was converted from and the Llama, by name (a repo id, or a folder's name: never a path);
+            # the model itself by name and fingerprint (model_identity).
+            **({"converted_from": recorded_name(self.stored["source"])} if self.stored.get("source") else {}),
             "family": FAMILY,
             "dtype": self.dtype,
             "quantization": self.quantization,
-            "llama": self.source.llama.given,
+            "llama": None if self.source.llama.given is None else recorded_name(self.source.llama.given),
             "encoder_bits": self.encoder_bits,
             **({"loras": [s.to_dict() for s in self.loras]} if self.loras else {}),
             "tool_version": __version__,

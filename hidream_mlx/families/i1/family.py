@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from hidream_mlx.family import Family, RequestError
+from hidream_mlx.images import FLAG, NUMBER, TEXT, WHOLE, ListOf, one_of, optional
 from hidream_mlx.memory import parameter_bytes
 from hidream_mlx.families.i1.bench import I1BenchConfig, report_lines_i1, run_bench_i1
 from hidream_mlx.families.i1.convert import convert_i1
@@ -31,7 +32,7 @@ from hidream_mlx.families.i1.edit_memory import check_fits_e1, edit_phase_peaks
 from hidream_mlx.families.i1.edit_metadata import describe_edit_image, recorded_edit_settings
 from hidream_mlx.families.i1.edit_recipes import E1_RECIPES, FAMILY as E1
 from hidream_mlx.families.i1.edit_replay import e1_case_kind, replay_e1
-from hidream_mlx.families.i1.edit_requests import build_e1_request
+from hidream_mlx.families.i1.edit_requests import NOISE_KINDS as E1_NOISE_KINDS, build_e1_request
 from hidream_mlx.families.i1.edit_source import E1Source, e1_model_kind
 from hidream_mlx.families.i1.encoder_common import ENCODER_BITS
 from hidream_mlx.families.i1.engine import I1Engine, check_load_options
@@ -66,6 +67,8 @@ class I1Family(Family):
     load_options = ("llama", "encoder_bits", "keep_loaded")
     option_choices = {"encoder_bits": ENCODER_BITS}
     random_dims = tuple(I1_DIMS)
+    metadata_fields = {"recipe": one_of(*I1_RECIPES), "step_noise_seed": WHOLE, "shift": optional(NUMBER),
+                       "mu_shift": FLAG, "llama": optional(TEXT), "encoder_bits": optional(one_of(*ENCODER_BITS))}
 
     def recognises(self, arg: str) -> bool:
         return is_i1_pipeline(arg)
@@ -79,6 +82,7 @@ class I1Family(Family):
 
     def check_load(self, source, load: dict) -> None:
         check_load_options(load["dtype"])
+        check_loras(source, load.get("loras", ()))  # each read against the transformer's layers, before loading
 
     def check_fits(self, source, requests: list, load: dict, extra_bytes: int = 0) -> None:
         dtype_bytes = parse_dtype(load["dtype"]).size
@@ -159,6 +163,14 @@ class E1Family(Family):
         "noise": ("torch", "it picks an edit's noise generator"),
     }
     load_options = ("llama", "encoder_bits", "keep_loaded", "base")
+    metadata_fields = {
+        "recipe": one_of(*E1_RECIPES), "noise": one_of(*E1_NOISE_KINDS), "e1_model": one_of(*E1_RECIPES),
+        "image_guidance": NUMBER, "refine_strength": NUMBER, "clip_cfg_norm": FLAG, "target_prompt": TEXT,
+        "edited_size": ListOf(WHOLE), "source_size": ListOf(WHOLE), "max_seq": WHOLE,
+        # the base and a separate Llama by name (a repo id, or a folder's name: never a path)
+        "base": TEXT, "base_fingerprint": TEXT, "llama": optional(TEXT),
+        "encoder_bits": optional(one_of(*ENCODER_BITS)),
+    }
     # Other families whose models replay some of its cases: the base pipeline alone replays the
     # cases that need no E1 weights (prompt encodings, the source's latents).
     replay_models = ("i1",)

@@ -44,7 +44,7 @@ from hidream_mlx.families.o1.seams import blend_seams
 from hidream_mlx.families.o1.transformer import HiDreamO1
 from hidream_mlx.families.o1.references import ImageProcessorConfig, prepare_references
 from hidream_mlx.weights.lora import apply_loras, linear_targets, read_lora
-from hidream_mlx.weights.source import model_identity
+from hidream_mlx.weights.source import model_identity, recorded_name
 from hidream_mlx.families.o1.vision import load_vision_tower
 
 FAMILY = "o1"
@@ -102,7 +102,7 @@ class Request:
             "recipe_settings": self.recipe.settings(),
             "noise": self.noise,
             "blend_seams": self.blend_seams,
-            "references": list(self.references),
+            "references": [Path(r).name for r in self.references],  # names only (never a folder); sha256 below
             "reference_files": [file_record(r) for r in self.references],
             "layout": self.layout,
             "keep_aspect": self.keep_aspect,
@@ -209,7 +209,8 @@ class Engine:
 
     def describe(self) -> dict:
         return {
-            "model": self.stored.get("source") or self.model_arg,
+            "model": self.model_arg,  # in-memory models; a loaded one records its name (model_identity)
+            **({"converted_from": recorded_name(self.stored["source"])} if self.stored.get("source") else {}),
             "dtype": self.dtype,
             "quantization": self.quantization,
             "tool_version": __version__,

@@ -14,8 +14,9 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from hidream_mlx.family import Family, RequestError
+from hidream_mlx.family import RANGES, Family, RequestError
 from hidream_mlx.files import atomic_output
+from hidream_mlx.images import FLAG, NUMBER, WHOLE, Record, Scalar, one_of, optional
 from hidream_mlx.memory import parameter_bytes
 from hidream_mlx.noise import NOISE_KINDS
 from hidream_mlx.families.o1.bench import BenchConfig, report_lines, run_bench
@@ -40,6 +41,12 @@ from hidream_mlx.weights.precision import check_with_quantization, parse_dtype
 
 # Quantize options only an O1 checkpoint reads.
 O1_CONVERT_OPTIONS = ("no_vision", "quantize_embeddings", "report", "loras", "tokenizer")
+
+
+def within(option: str) -> Scalar:
+    """A recorded number in ``option``'s range (as the option's own check says it)."""
+    valid = RANGES[option]
+    return Scalar(f"a number {valid.text()}", lambda v: NUMBER.test(v) and valid.contains(v))
 
 
 def has_vision_tower(source: ModelSource) -> bool:
@@ -69,6 +76,14 @@ class O1Family(Family):
     recipe_options = USED_BY
     option_choices = {"noise": NOISE_KINDS, "seam_window": WINDOWS}
     random_dims = tuple(TEXT_DIMS)
+    metadata_fields = {
+        "recipe": one_of(*RECIPES), "noise": one_of(*NOISE_KINDS), "blend_seams": WHOLE, "keep_aspect": FLAG,
+        # The boxes themselves, as JSON text (never a file name a re-run would read).
+        "layout": optional(Scalar("JSON boxes as text", lambda v: isinstance(v, str) and v.strip()[:1] in ("[", "{"))),
+        "keep_aspect_budget": WHOLE, "seam_passes": WHOLE,
+        "seam_smoothing": Record({"fraction": within("seam_smoothing"), "window": one_of(*WINDOWS),
+                                  "strength": within("seam_strength")}, required=("fraction", "window", "strength")),
+    }
 
     def recognises(self, arg: str) -> bool:
         return True  # the registry's fallback: asked last
