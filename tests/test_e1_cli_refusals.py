@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from e1_support import FIXTURES, e1_1_budget, user_layout
 from hidream_mlx.cli import main
 from hidream_mlx.families.i1 import edit_engine as engine_module
+from hidream_mlx.families.i1 import phases
 from hidream_mlx.families.i1 import edit_memory
 from hidream_mlx.families.i1.text_encoding import TextEncoders
 
@@ -29,8 +30,8 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights loaded before the refusal")
 
-    for name in ("load_transformer_planned", "load_vae"):
-        monkeypatch.setattr(engine_module, name, refuse)
+    monkeypatch.setattr(engine_module, "load_transformer_planned", refuse)
+    monkeypatch.setattr(phases, "load_vae", refuse)
     monkeypatch.setattr(TextEncoders, "model", refuse)
 
 

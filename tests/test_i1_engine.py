@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from hidream_mlx.families.i1 import engine as engine_module
+from hidream_mlx.families.i1 import phases
 from hidream_mlx.families.i1.engine import I1Engine
 from hidream_mlx.families.i1.text_encoding import TextEncoders
 from hidream_mlx.requests import build_request
@@ -71,7 +72,7 @@ def test_a_run_beyond_the_embedding_budget_encodes_in_groups_with_the_same_image
     assert (counted["encode"], counted["transformer"]) == (1, 1)
 
     grouped = I1Engine.load(FIXTURES, dtype="float32")
-    monkeypatch.setattr(engine_module, "EMBEDDING_BUDGET", 2 * grouped._text_bytes())
+    monkeypatch.setattr(phases, "EMBEDDING_BUDGET", 2 * grouped._text_bytes())
     grouped.encode_prompts(jobs)
     images = [grouped.run(r).image for r in jobs]
     assert (counted["encode"], counted["transformer"]) == (1 + 2, 1 + 2)  # [fox, bird], then [frog]

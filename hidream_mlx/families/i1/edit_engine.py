@@ -2,7 +2,8 @@
 
 A request edits one source image (``request.references``, exactly one) with an instruction
 (``request.prompt``) under an :class:`~.edit_recipes.E1Recipe`; ``request.width/height`` are
-the budget (E1.1) or the exact size (E1-Full). Phases, each alone in memory as I1's:
+the budget (E1.1) or the exact size (E1-Full). Phases, each alone in memory as I1's
+(``phases.PhasedEngine``):
 
 1. prompts: the four encoders over every distinct text of the planned requests (prompt,
    negative prompt, E1-Full's target description), then freed;
@@ -22,8 +23,7 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -37,18 +37,16 @@ from hidream_mlx.families.i1.edit_sampling import EDIT, EditConditioning, EditSt
 from hidream_mlx.families.i1.edit_sizes import (ResizePlan, edit_max_seq, resize_plan, resize_source,
                                                 restore_source_size)
 from hidream_mlx.families.i1.edit_source import E1Source
-from hidream_mlx.families.i1.engine import EMBEDDING_BUDGET, I1_DTYPES, I1Step
-from hidream_mlx.families.i1.lora_targets import check_loras
+from hidream_mlx.families.i1.engine import I1_DTYPES
+from hidream_mlx.families.i1.phases import I1Step, PhasedEngine
 from hidream_mlx.families.i1.sampling import Conditioning
-from hidream_mlx.families.i1.text_encoding import PromptCache, PromptEmbedding, TextEncoders
-from hidream_mlx.families.i1.vae import to_uint8
-from hidream_mlx.families.i1.weights import load_transformer_planned, load_vae
+from hidream_mlx.families.i1.text_encoding import PromptEmbedding
+from hidream_mlx.families.i1.weights import load_transformer_planned
 from hidream_mlx.family import NonFiniteLatentError, Result
 from hidream_mlx.images import open_rgb
-from hidream_mlx.memory import format_bytes, parameter_bytes
 from hidream_mlx.noise import TorchRandn
 from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
-from hidream_mlx.weights.lora import I1_KEYS, attach_adapter, replace_loras, set_adapters_enabled
+from hidream_mlx.weights.lora import attach_adapter, set_adapters_enabled
 from hidream_mlx.weights.lora_specs import LoRASpec
 from hidream_mlx.weights.precision import parse_dtype
 from hidream_mlx.weights.source import model_identity
@@ -82,40 +80,17 @@ def load_edit_transformer(source: E1Source, dtype, bits: Optional[int] = None):
     return transformer, plan
 
 
-class E1Engine:
+class E1Engine(PhasedEngine):
     """A HiDream-E1 model on its I1-Full base, ready to edit (weights load on first need)."""
 
     family = FAMILY
+    images_word = "edits"
 
     def __init__(self, source: E1Source, dtype: str = "bfloat16", quantize_bits: Optional[int] = None,
                  encoder_bits: Optional[int] = None, loras: Sequence[LoRASpec] = ()):
         if dtype not in I1_DTYPES:
             raise ValueError(f"--dtype {dtype} is not available for HiDream-E1; choose {' or '.join(I1_DTYPES)}")
-        self.source = source
-        self.path = source.path
-        self.model_arg = source.arg
-        self.dtype = dtype
-        self.quantize_bits = quantize_bits
-        self.encoder_bits = encoder_bits
-        asked = {"bits": quantize_bits, "group_size": DEFAULT_GROUP_SIZE} if quantize_bits else None
-        self.quantization = source.quantization or asked
-        self.loras: list = []
-        self.lora_specs: tuple = tuple(check_loras(source, loras))
-        self._lora_keep: Optional[dict] = None  # originals the LoRAs replaced, kept only to switch in place
-        self._switching = False
-        self.keep_vision = False
-        self.default_recipe = source.variant
-        self.encoders = TextEncoders(source.path, dtype=parse_dtype(dtype), llama_dir=source.llama.folder,
-                                     quantize_bits=encoder_bits)
-        self.prompts = PromptCache()
-        self.transformer = None
-        self.vae = None
-        self.load_time = 0.0
-        self.phase_peaks: dict[str, int] = {}
-        self._sources: dict[tuple, tuple[mx.array, ResizePlan]] = {}  # encoded sources by file and size
-        self._plan: list[Request] = []
-        self._planned = False
-        self._unreported_encode = 0.0
+        super().__init__(source, dtype, quantize_bits, encoder_bits, loras)
 
     @classmethod
     def load(cls, model, dtype: str = "bfloat16", quantize_bits: Optional[int] = None, lazy: bool = False,
@@ -134,24 +109,6 @@ class E1Engine:
     def llama(self) -> Optional[str]:
         return self.source.llama.given
 
-    @property
-    def keep_loaded(self) -> bool:
-        return self.encoders.keep_loaded
-
-    @keep_loaded.setter
-    def keep_loaded(self, value: bool) -> None:
-        self.encoders.keep_loaded = bool(value)
-
-    @property
-    def conditioning_cache(self) -> PromptCache:
-        return self.prompts
-
-    @conditioning_cache.setter
-    def conditioning_cache(self, value) -> None:
-        if value is None:
-            self.prompts, self._sources = PromptCache(), {}
-            self._plan, self._planned = [], False
-
     def describe(self) -> dict:
         # The model, its base and the Llama by name (a repo id, or a folder's name: never a path).
         return {"family": FAMILY, **model_metadata(self.source),
@@ -162,72 +119,31 @@ class E1Engine:
     def recipe(self, name: Optional[str] = None) -> E1Recipe:
         return get_e1_recipe(name or self.default_recipe)
 
-    @contextmanager
-    def _phase(self, name: str) -> Iterator[None]:
-        mx.reset_peak_memory()
-        try:
-            yield
-        finally:
-            self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), mx.get_peak_memory())
+    def request_texts(self, request: Request) -> list[str]:
+        return request_texts(request)
 
-    def _text_bytes(self) -> int:
-        t5_width, llama_width = self.source.transformer.caption_channels
-        tokens = self.encoders.max_sequence_length
-        values = self.source.llama.num_layers * tokens * llama_width + tokens * t5_width
-        return (values + self.source.transformer.text_emb_dim) * parse_dtype(self.dtype).size
+    def _load_weights(self, dtype: mx.Dtype):
+        return load_edit_transformer(self.source, dtype, self.quantize_bits)
 
-    def _drop_transformer(self) -> None:
-        if self.transformer is not None and not self.keep_loaded:
-            self.transformer = None
-            mx.clear_cache()
+    def _reset_sources(self) -> None:
+        self._sources: dict[tuple, tuple[mx.array, ResizePlan]] = {}  # encoded sources by file and size
 
     def encode_prompts(self, requests: Sequence[Request]) -> float:
         """Plan ``requests`` (run in this order) and encode their texts before the transformer loads.
         Every request's source is checked first (one image, readable, a size its rule can make)."""
         for request in requests:
             self.edit_plan(request)
-        self._plan, self._planned = list(requests), True
-        return self._encode_group(self._plan) if self._plan else 0.0
-
-    def _encode_group(self, upcoming: Sequence[Request]) -> float:
-        group: list[str] = []
-        for request in upcoming:
-            texts = [t for t in request_texts(request) if t not in group]
-            if group and (len(group) + len(texts)) * self._text_bytes() > EMBEDDING_BUDGET:
-                break
-            group += texts
-        if all(t in self.prompts for t in group):
-            return 0.0
-        start = time.perf_counter()
-        self._drop_transformer()
-        self.prompts.keep_only(group)
-        with self._phase("encoders"):
-            embeddings = self.prompts.lookup(self.encoders, group)
-            mx.eval([(e.pooled_embeds, e.t5_embeds, e.llama_hidden_states) for e in embeddings])
-        if not self.keep_loaded:
-            self.encoders.free()
-        mx.clear_cache()
-        seconds = time.perf_counter() - start
-        self._unreported_encode += seconds
-        return seconds
+        return super().encode_prompts(requests)
 
     def _conditioning(self, request: Request) -> EditConditioning:
-        if any(t not in self.prompts for t in request_texts(request)):
-            planned = self._plan if self._plan and self._plan[0] == request else [request]
-            self._encode_group(planned)
         rec: E1Recipe = request.recipe
         edit, refine = edit_texts(request.prompt, request.negative, rec)
 
         def batch(texts):
-            e = PromptEmbedding.concatenate(self.prompts.lookup(self.encoders, texts))
+            e = PromptEmbedding.concatenate(self._embeddings(request, texts))
             return Conditioning(e.t5_embeds, e.llama_hidden_states, e.pooled_embeds)
 
         return EditConditioning(batch(edit), batch(refine) if rec.refine_steps else None)
-
-    def _vae(self):
-        if self.vae is None:
-            self.vae = load_vae(self.path / "vae", parse_dtype(self.dtype), lazy=False)
-        return self.vae
 
     def edit_plan(self, request: Request) -> ResizePlan:
         """How the request's source is resized (reads the image's size, not its weights)."""
@@ -244,39 +160,10 @@ class E1Engine:
             plan = resize_plan(rec.size_rule, image.size, request.width, request.height)
             pixels = np.asarray(resize_source(image, rec.size_rule, request.width, request.height))
             with self._phase("vae"):
-                latents = self._vae().encode_uint8(pixels).astype(mx.float32)
+                latents = self._load_vae().encode_uint8(pixels).astype(mx.float32)
                 mx.eval(latents)
             self._sources[key] = (latents, plan)
         return self._sources[key]
-
-    def load_transformer(self) -> None:
-        """Load the edit transformer if it is not resident (``load_time`` adds the seconds)."""
-        if self.transformer is not None:
-            return
-        start = time.perf_counter()
-        dtype = parse_dtype(self.dtype)
-        with self._phase("transformer"):
-            self.transformer, plan = load_edit_transformer(self.source, dtype, self.quantize_bits)
-        self.quantization = plan.description if plan is not None else None
-        if self.lora_specs:
-            self.loras, keep = replace_loras(self.transformer, self.lora_specs, {}, I1_KEYS)
-            self._lora_keep = keep if self._switching else None  # unkept originals are freed now
-        self.load_time += time.perf_counter() - start
-
-    def use_loras(self, specs: Sequence[LoRASpec]) -> None:
-        """Run with exactly ``specs`` (user LoRAs, on top of E1-Full's own adapter) from now on."""
-        specs = tuple(check_loras(self.source, specs))
-        self._switching = True
-        if specs == self.lora_specs:
-            return
-        self.lora_specs = specs
-        if self.transformer is None:
-            self.loras = []
-        elif self._lora_keep is None and self.loras:  # the originals were not kept: load afresh
-            self.transformer, self.loras = None, []
-            mx.clear_cache()
-        else:
-            self.loras, self._lora_keep = replace_loras(self.transformer, specs, self._lora_keep or {}, I1_KEYS)
 
     def _on_stage(self, stage: str) -> None:
         """The official refine swap: E1-Full's LoRA off for the refine stage (on for editing)."""
@@ -315,11 +202,6 @@ class E1Engine:
             final = sample_edit(model, cond, image_latents, latents, rec, schedule, max_seq, self._on_stage, each_step)
         return final, step_times
 
-    def _vae_image(self, latent: mx.array) -> np.ndarray:
-        image = to_uint8(self._vae().decode_latents(latent.astype(parse_dtype(self.dtype))))[0]
-        mx.eval(image)
-        return np.array(image)
-
     def run(self, request: Request, on_step: Optional[Callable] = None) -> Result:
         """One edit: embeddings (encoded once), the source's latents, the steps, the decode."""
         start = time.perf_counter()
@@ -327,17 +209,12 @@ class E1Engine:
             raise ValueError(f"unknown noise kind {request.noise!r}; choose one of {', '.join(NOISE_KINDS)}")
         self.edit_plan(request)  # one readable source at a size its rule can make, before anything loads
         cond = self._conditioning(request)
-        encode_time, self._unreported_encode = self._unreported_encode, 0.0
-        if self._plan and self._plan[0] == request:
-            self._plan.pop(0)
+        encode_time = self._take_encode_time(request)
         image_latents, plan = self.source_latents(request)
         self.load_transformer()
         latent, step_times = self._sample(request, cond, image_latents, on_step)
         del cond
-        if self._planned and not self._plan:
-            self._drop_transformer()  # no planned edit needs it again: the decode runs alone
-        with self._phase("vae"):
-            image = self._vae_image(latent)
+        image = self._decode(latent)
         if request.recipe.keep_source_size:
             image = np.asarray(restore_source_size(Image.fromarray(image), plan.source))
         total = time.perf_counter() - start
@@ -345,17 +222,6 @@ class E1Engine:
         return Result(image, request, step_times, encode_time, total, max(self.phase_peaks.values()), meta)
 
     # --- what the application drives (hidream_mlx.family.Family's engine protocol) ---
-
-    def prepare(self, requests: Sequence[Request], note: Callable[[str], None]) -> None:
-        """Every source checked and every prompt encoded first (encoders freed), then the
-        transformer loaded once."""
-        seconds = self.encode_prompts(requests)
-        note(f"prompts encoded in {seconds:.1f} s ({len(self.prompts)} distinct texts); text encoders freed")
-        self.load_transformer()
-        for lora in self.loras:
-            note(lora.line())
-        note(f"model loaded once in {self.load_time:.1f} s"
-             f"{f' for {len(requests)} edits' if len(requests) > 1 else ''}")
 
     def announce(self, request: Request) -> list[str]:
         rec: E1Recipe = request.recipe
@@ -367,22 +233,3 @@ class E1Engine:
         if not rec.official:
             lines.append(f"note: settings differ from the released {rec.name} recipe")
         return lines
-
-    def check_loras(self, specs: Sequence[LoRASpec]) -> None:
-        check_loras(self.source, specs)
-
-    def resident_bytes(self) -> int:
-        """The edit transformer's bytes once loaded (0 before: it loads after the prompts)."""
-        return parameter_bytes(self.transformer) if self.transformer is not None else 0
-
-    def preview_image(self, step: I1Step, request: Request) -> np.ndarray:
-        """The step's x0 prediction decoded by the VAE."""
-        return step.image()
-
-    def summary(self, result: Result) -> str:
-        edited, source = result.metadata.get("edited_size"), result.metadata.get("source_size")
-        size = f" | edited {edited[0]}x{edited[1]} from {source[0]}x{source[1]}" if edited and source else ""
-        return f"{size} | phases: {self.phase_summary()}"
-
-    def phase_summary(self) -> str:
-        return ", ".join(f"{name} {format_bytes(peak)}" for name, peak in self.phase_peaks.items())
