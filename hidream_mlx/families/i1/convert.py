@@ -159,7 +159,7 @@ def convert_i1(source: str, output: Path | str, recipe: QuantRecipe, bits: Optio
         written += [f"{TRANSFORMER}/{name}" for name in (*shards, INDEX_NAME, "config.json")]
         name = source if is_repo_id(source) else source_dir.resolve().name
         block = {"family": I1, "variant": i1_variant(name),
-                 "source": source if is_repo_id(source) else str(source_dir.resolve()),
+                 "source": name,  # a repo id, or the folder's own name: never the path it was made from
                  "tool_version": __version__, "quantize_recipe": recipe.name}
         if source_dir.parent.name == "snapshots":  # a hub download: the snapshot folder is the revision
             block["revision"] = source_dir.name

@@ -36,6 +36,7 @@ from hidream_mlx.quant.plans import QuantPlan, resolve_plan
 from hidream_mlx.quant.recipes import QuantRecipe
 from hidream_mlx.quant.writer import DEFAULT_SHARD_BYTES, Conversion, ShardWriter, converted_tensor
 from hidream_mlx.families.o1.recipes import recipe_for_model
+from hidream_mlx.weights.source import recorded_name
 
 COMPONENTS = ("decoder", "embed_tokens", "pixel heads", "vision tower")
 
@@ -74,7 +75,9 @@ def hidream_block(source_arg: str, source_dir: Path, stored: Optional[dict], rec
     block = {
         "variant": variant,
         "recipe": recipe_for_model(variant, stored),
-        "source": str(local.resolve()) if from_folder else source_arg,
+        # The source by name (a repo id, or the folder's or file's own name): a converted folder is shared,
+        # and the path it was made from is nobody else's business.
+        "source": recorded_name(str(local.resolve())) if from_folder else source_arg,
         "tool_version": __version__,
         "quantize_recipe": recipe.name,
         "vision_tower": include_vision,
