@@ -15,7 +15,7 @@ import uvicorn
 from hidream_mlx.families.o1.engine import Engine
 from hidream_mlx.families import family_of
 from hidream_mlx.families.i1.source import I1
-from hidream_mlx.families.i1.edit_engine import E1Engine
+from hidream_mlx.families.i1.e1.engine import E1Engine
 from hidream_mlx.families.i1.engine import I1Engine
 from hidream_mlx.server.app import ServerConfig, create_app
 

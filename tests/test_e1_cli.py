@@ -16,8 +16,8 @@ from PIL import Image
 
 from e1_support import FIXTURES, assert_image_close, e1_1_budget, e1_full_size, golden, user_layout
 from hidream_mlx.cli import main
-from hidream_mlx.families.i1 import edit_engine as engine_module
-from hidream_mlx.families.i1.edit_sizes import resize_plan
+from hidream_mlx.families.i1.e1 import engine as engine_module
+from hidream_mlx.families.i1.e1.sizes import resize_plan
 from hidream_mlx.families.i1.text_encoding import TextEncoders
 from hidream_mlx.files import sha256_file
 from hidream_mlx.images import read_metadata
@@ -158,8 +158,8 @@ def test_e1_full_notes_a_prompt_without_its_target_description(layout, tmp_path)
 
 def test_the_e1_transformer_quantizes_and_takes_an_i1_layout_lora(layout, tmp_path):
     from test_e1_lora import TARGET
-    from hidream_mlx.families.i1.edit_replay import edit_transformer
-    from hidream_mlx.families.i1.edit_source import E1Source
+    from hidream_mlx.families.i1.e1.replay import edit_transformer
+    from hidream_mlx.families.i1.e1.source import E1Source
     from hidream_mlx.weights.lora import linear_targets
     model = edit_transformer(E1Source.resolve(layout["e1_1"], layout["base"]))
     out_f, in_f = linear_targets(model)[TARGET].weight.shape

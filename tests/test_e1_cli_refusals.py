@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 from e1_support import FIXTURES, e1_1_budget, user_layout
 from hidream_mlx.cli import main
-from hidream_mlx.families.i1 import edit_engine as engine_module
+from hidream_mlx.families.i1.e1 import engine as engine_module
 from hidream_mlx.families.i1 import phases
-from hidream_mlx.families.i1 import edit_memory
+from hidream_mlx.families.i1.e1 import memory as edit_memory
 from hidream_mlx.families.i1.text_encoding import TextEncoders
 
 REPO_FIXTURES = Path(__file__).parent / "fixtures"  # beside any E1 set HIDREAM_E1_FIXTURES names

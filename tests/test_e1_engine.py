@@ -13,12 +13,12 @@ import pytest
 from PIL import Image
 
 from e1_support import assert_image_close, e1_1_budget, e1_full_size, golden, max_abs, user_layout
-from hidream_mlx.families.i1 import edit_engine as engine_module
-from hidream_mlx.families.i1.edit_engine import E1Engine, request_texts
-from hidream_mlx.families.i1.edit_metadata import recorded_edit_settings
-from hidream_mlx.families.i1.edit_sizes import resize_plan
+from hidream_mlx.families.i1.e1 import engine as engine_module
+from hidream_mlx.families.i1.e1.engine import E1Engine, request_texts
+from hidream_mlx.families.i1.e1.metadata import recorded_edit_settings
+from hidream_mlx.families.i1.e1.sizes import resize_plan
 from hidream_mlx.families.i1.text_encoding import TextEncoders
-from hidream_mlx.families.i1.edit_requests import E1Request as Request, recipe_from_options
+from hidream_mlx.families.i1.e1.requests import E1Request as Request, recipe_from_options
 from hidream_mlx.files import sha256_file
 
 

@@ -15,11 +15,11 @@ from PIL import Image
 
 from e1_support import e1_1_budget, user_layout
 from hidream_mlx.cli import main
-from hidream_mlx.families.i1 import edit_engine as engine_module
-from hidream_mlx.families.i1.edit_engine import E1Engine
+from hidream_mlx.families.i1.e1 import engine as engine_module
+from hidream_mlx.families.i1.e1.engine import E1Engine
 from hidream_mlx.families.i1.text_encoding import TextEncoders
 from hidream_mlx.files import sha256_file
-from hidream_mlx.families.i1.edit_source import E1Source
+from hidream_mlx.families.i1.e1.source import E1Source
 from hidream_mlx.harness.batteries import DEFAULT_VARIANT, read_battery
 from hidream_mlx.harness.evaluation import checked_request, plan_jobs, read_results
 from hidream_mlx.images import read_metadata

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from e1_support import e1_1_budget, e1_full_size, user_layout
-from hidream_mlx.families.i1.edit_engine import E1Engine
-from hidream_mlx.families.i1.edit_replay import edit_transformer
-from hidream_mlx.families.i1.edit_source import E1Source
-from hidream_mlx.families.i1.edit_requests import E1Request as Request
+from hidream_mlx.families.i1.e1.engine import E1Engine
+from hidream_mlx.families.i1.e1.replay import edit_transformer
+from hidream_mlx.families.i1.e1.source import E1Source
+from hidream_mlx.families.i1.e1.requests import E1Request as Request
 from hidream_mlx.weights.lora import (I1_KEYS, AdapterLinear, LoRALayer, attach_adapter, linear_targets, replace_loras, set_adapters_enabled)
 from hidream_mlx.weights.lora_specs import LoRASpec
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from e1_support import FIXTURES, user_layout
-from hidream_mlx.families.i1 import edit_memory
-from hidream_mlx.families.i1.edit_memory import adapter_bytes, check_fits_e1, edit_memory as memory_of, \
+from hidream_mlx.families.i1.e1 import memory as edit_memory
+from hidream_mlx.families.i1.e1.memory import adapter_bytes, check_fits_e1, edit_memory as memory_of, \
     edit_phase_peaks
-from hidream_mlx.families.i1.edit_recipes import E1_1, E1_FULL, get_e1_recipe
-from hidream_mlx.families.i1.edit_source import E1Source
+from hidream_mlx.families.i1.e1.recipes import E1_1, E1_FULL, get_e1_recipe
+from hidream_mlx.families.i1.e1.source import E1Source
 from hidream_mlx.families.i1.memory import phase_peaks, sampling_activations
 from hidream_mlx.families.i1.weights import expert_widths
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from e1_support import FIXTURES, TOL, golden, max_abs, user_layout
-from hidream_mlx.families.i1.edit_replay import e1_case_kind, edit_transformer, replay_e1, replay_e1_case
-from hidream_mlx.families.i1.edit_sampling import edit_model_input, image_rows
-from hidream_mlx.families.i1.edit_source import E1Source
+from hidream_mlx.families.i1.e1.replay import e1_case_kind, edit_transformer, replay_e1, replay_e1_case
+from hidream_mlx.families.i1.e1.sampling import edit_model_input, image_rows
+from hidream_mlx.families.i1.e1.source import E1Source
 from hidream_mlx.families.i1.sampling import Conditioning
 from hidream_mlx.weights.lora import set_adapters_enabled
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from e1_support import FIXTURES, assert_image_close, golden, max_abs, user_layout
-from hidream_mlx.families.i1.edit_replay import replay_e1_case
-from hidream_mlx.families.i1.edit_source import E1Source
+from hidream_mlx.families.i1.e1.replay import replay_e1_case
+from hidream_mlx.families.i1.e1.source import E1Source
 from hidream_mlx.family import ReplayError
 
 

@@ -5,10 +5,10 @@ source at a size its rule can make, and one clear error for each thing that cann
 import pytest
 
 from e1_support import user_layout
-from hidream_mlx.families.i1.edit_recipes import E1_1, E1_FULL
-from hidream_mlx.families.i1.edit_requests import build_e1_request
-from hidream_mlx.families.i1.edit_sizes import resize_plan
-from hidream_mlx.families.i1.edit_source import E1Source
+from hidream_mlx.families.i1.e1.recipes import E1_1, E1_FULL
+from hidream_mlx.families.i1.e1.requests import build_e1_request
+from hidream_mlx.families.i1.e1.sizes import resize_plan
+from hidream_mlx.families.i1.e1.source import E1Source
 from hidream_mlx.family import RequestError
 
 

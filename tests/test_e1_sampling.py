@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from e1_support import SAMPLING_CASES, golden, max_abs
-from hidream_mlx.families.i1.edit_recipes import E1_1, E1_FULL, get_e1_recipe, target_prompt
-from hidream_mlx.families.i1.edit_sampling import edit_model_input, edit_texts, guide_edit, guide_refine, image_rows
-from hidream_mlx.families.i1.edit_source import EditScheduler
+from hidream_mlx.families.i1.e1.recipes import E1_1, E1_FULL, get_e1_recipe, target_prompt
+from hidream_mlx.families.i1.e1.sampling import edit_model_input, edit_texts, guide_edit, guide_refine, image_rows
+from hidream_mlx.families.i1.e1.source import EditScheduler
 from hidream_mlx.schedulers import UniPCSampler, unipc_flow_sigmas_schedule
 
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from e1_support import e1_1_budget, e1_full_size, golden, pixels_per_token
-from hidream_mlx.families.i1.edit_sizes import (BUDGET, EXACT, EditSizeError, budget_image_size, edit_max_seq,
+from hidream_mlx.families.i1.e1.sizes import (BUDGET, EXACT, EditSizeError, budget_image_size, edit_max_seq,
                                                 resize_plan, resize_source, restore_source_size)
 
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from e1_support import FIXTURES, user_layout
-from hidream_mlx.families.i1.edit_recipes import E1_1, E1_FULL
-from hidream_mlx.families.i1.edit_source import (E1Source, E1SourceError, EditScheduler, e1_model_kind,
+from hidream_mlx.families.i1.e1.recipes import E1_1, E1_FULL
+from hidream_mlx.families.i1.e1.source import (E1Source, E1SourceError, EditScheduler, e1_model_kind,
                                                  resolve_e1_model)
-from hidream_mlx.families.i1.edit_replay import edit_transformer
+from hidream_mlx.families.i1.e1.replay import edit_transformer
 from hidream_mlx.schedulers import unipc_schedule
 from hidream_mlx.weights.loading import ModelLoadError
 from hidream_mlx.weights.lora import AdapterLinear

@@ -8,9 +8,10 @@ phases (prompts, transformer, decode) one at a time, ``memory``/``info`` predict
 
 E1 edits a source image (``--ref``) following an instruction, on the I1 transformer: E1.1 brings
 its own transformer, E1-Full a LoRA checkpoint for I1-Full's; the base (``--base``, a HiDream-I1-Full
-pipeline) gives the encoders, the VAE and the scheduler. ``edit_source`` finds both, ``edit_requests``
-checks what a user asks, ``edit_engine`` runs the phases, ``edit_memory``/``edit_info`` predict them,
-``edit_metadata`` is what an image records, ``edit_replay`` replays the golden cases.
+pipeline) gives the encoders, the VAE and the scheduler. Its package is ``e1/``: ``source`` finds both,
+``requests`` checks what a user asks, ``engine`` runs the phases (``sampling``: the editing sampler),
+``memory``/``info`` predict them, ``metadata`` is what an image records, ``replay`` replays the
+golden cases.
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ from hidream_mlx.images import FLAG, NUMBER, TEXT, WHOLE, ListOf, one_of, option
 from hidream_mlx.memory import parameter_bytes
 from hidream_mlx.families.i1.bench import I1BenchConfig, report_lines_i1, run_bench_i1
 from hidream_mlx.families.i1.convert import convert_i1
-from hidream_mlx.families.i1.edit_engine import E1Engine, load_edit_transformer, request_texts
-from hidream_mlx.families.i1.edit_info import e1_info_lines
-from hidream_mlx.families.i1.edit_memory import check_fits_e1, edit_phase_peaks
-from hidream_mlx.families.i1.edit_metadata import describe_edit_image, recorded_edit_settings
-from hidream_mlx.families.i1.edit_recipes import E1_RECIPES, FAMILY as E1
-from hidream_mlx.families.i1.edit_replay import e1_case_kind, replay_e1
-from hidream_mlx.families.i1.edit_requests import NOISE_KINDS as E1_NOISE_KINDS, build_e1_request
-from hidream_mlx.families.i1.edit_source import E1Source, e1_model_kind
+from hidream_mlx.families.i1.e1.engine import E1Engine, load_edit_transformer, request_texts
+from hidream_mlx.families.i1.e1.info import e1_info_lines
+from hidream_mlx.families.i1.e1.memory import check_fits_e1, edit_phase_peaks
+from hidream_mlx.families.i1.e1.metadata import describe_edit_image, recorded_edit_settings
+from hidream_mlx.families.i1.e1.recipes import E1_RECIPES, FAMILY as E1
+from hidream_mlx.families.i1.e1.replay import e1_case_kind, replay_e1
+from hidream_mlx.families.i1.e1.requests import NOISE_KINDS as E1_NOISE_KINDS, build_e1_request
+from hidream_mlx.families.i1.e1.source import E1Source, e1_model_kind
 from hidream_mlx.families.i1.encoder_common import ENCODER_BITS
 from hidream_mlx.families.i1.engine import I1Engine, check_load_options
 from hidream_mlx.families.i1.lora_targets import check_loras

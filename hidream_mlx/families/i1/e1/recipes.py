@@ -26,7 +26,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
-from hidream_mlx.families.i1.edit_sizes import BUDGET, EXACT
+from hidream_mlx.families.i1.e1.sizes import BUDGET, EXACT
 from hidream_mlx.family import uses_cfg
 
 FAMILY = "e1"

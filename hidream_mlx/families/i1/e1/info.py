@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from hidream_mlx.families.i1.edit_memory import adapter_bytes, edit_memory, edit_phase_peaks
-from hidream_mlx.families.i1.edit_recipes import get_e1_recipe
-from hidream_mlx.families.i1.edit_sizes import BUDGET, edit_max_seq, resize_plan
-from hidream_mlx.families.i1.edit_source import E1Source
+from hidream_mlx.families.i1.e1.memory import adapter_bytes, edit_memory, edit_phase_peaks
+from hidream_mlx.families.i1.e1.recipes import get_e1_recipe
+from hidream_mlx.families.i1.e1.sizes import BUDGET, edit_max_seq, resize_plan
+from hidream_mlx.families.i1.e1.source import E1Source
 from hidream_mlx.families.i1.memory import ENCODERS, LEVELS, QUANTIZABLE_ENCODERS
 from hidream_mlx.families.i1.text_encoding import DEFAULT_MAX_SEQUENCE_LENGTH
 from hidream_mlx.family import RequestError, check_number

@@ -1,7 +1,7 @@
 """HiDream-E1 editing behind the same engine interface as ``I1Engine`` (``run(request) -> Result``).
 
 A request edits one source image (``request.references``, exactly one) with an instruction
-(``request.prompt``) under an :class:`~.edit_recipes.E1Recipe`; ``request.width/height`` are
+(``request.prompt``) under an :class:`~.recipes.E1Recipe`; ``request.width/height`` are
 the budget (E1.1) or the exact size (E1-Full). Phases, each alone in memory as I1's
 (``phases.PhasedEngine``):
 
@@ -30,13 +30,13 @@ import numpy as np
 from PIL import Image
 
 from hidream_mlx import __version__
-from hidream_mlx.families.i1.edit_metadata import model_metadata, run_metadata
-from hidream_mlx.families.i1.edit_recipes import FAMILY, E1Recipe, get_e1_recipe
-from hidream_mlx.families.i1.edit_requests import E1Request as Request
-from hidream_mlx.families.i1.edit_sampling import EDIT, EditConditioning, EditStep, edit_texts, sample_edit
-from hidream_mlx.families.i1.edit_sizes import (ResizePlan, edit_max_seq, resize_plan, resize_source,
+from hidream_mlx.families.i1.e1.metadata import model_metadata, run_metadata
+from hidream_mlx.families.i1.e1.recipes import FAMILY, E1Recipe, get_e1_recipe
+from hidream_mlx.families.i1.e1.requests import E1Request as Request
+from hidream_mlx.families.i1.e1.sampling import EDIT, EditConditioning, EditStep, edit_texts, sample_edit
+from hidream_mlx.families.i1.e1.sizes import (ResizePlan, edit_max_seq, resize_plan, resize_source,
                                                 restore_source_size)
-from hidream_mlx.families.i1.edit_source import E1Source
+from hidream_mlx.families.i1.e1.source import E1Source
 from hidream_mlx.families.i1.engine import I1_DTYPES
 from hidream_mlx.families.i1.phases import I1Step, PhasedEngine
 from hidream_mlx.families.i1.sampling import Conditioning

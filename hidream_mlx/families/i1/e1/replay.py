@@ -6,7 +6,7 @@ are; the ``dbg.*`` intermediates are not written):
 
 * ``edit_encoding``: each prompt set (``<tag>.prompt``, ``.negative_prompt``, ``.target_prompt``)
   through the base's four encoders (``<tag>.pos.*``, ``<tag>.neg.*``, ``<tag>.target.pos.*``) and
-  the stage batches as :func:`~.edit_sampling.edit_texts` builds them;
+  the stage batches as :func:`~.sampling.edit_texts` builds them;
 * ``image_latents``: the source through each recipe's size rule and the VAE encoder;
 * ``edit_forward``: the recorded transformer inputs (``callN.*``) through the E1 model's
   transformer at the case's ``max_seq`` (``callN.output``, ``callN.kept_negated``, ``patchify.*``);
@@ -17,7 +17,7 @@ are; the ``dbg.*`` intermediates are not written):
 
 ``replay_e1`` is what the ``replay`` command runs (``--model`` an E1 model with ``--base``, or the
 base pipeline alone for the cases that need no E1 weights); ``replay_e1_case`` takes the base
-folder and, when a case needs the edit transformer, the :class:`~.edit_source.E1Source`.
+folder and, when a case needs the edit transformer, the :class:`~.source.E1Source`.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from hidream_mlx.families.i1.edit_engine import load_edit_transformer
-from hidream_mlx.families.i1.edit_recipes import E1_1, E1_FULL, E1_RECIPES, TARGET_MARKER, target_prompt
-from hidream_mlx.families.i1.edit_sampling import (EDIT, REFINE, EditConditioning, edit_model_input, edit_texts,
+from hidream_mlx.families.i1.e1.engine import load_edit_transformer
+from hidream_mlx.families.i1.e1.recipes import E1_1, E1_FULL, E1_RECIPES, TARGET_MARKER, target_prompt
+from hidream_mlx.families.i1.e1.sampling import (EDIT, REFINE, EditConditioning, edit_model_input, edit_texts,
                                                    image_rows, sample_edit)
-from hidream_mlx.families.i1.edit_sizes import resize_source
-from hidream_mlx.families.i1.edit_source import E1Source, EditScheduler, e1_model_kind, resolve_base
+from hidream_mlx.families.i1.e1.sizes import resize_source
+from hidream_mlx.families.i1.e1.source import E1Source, EditScheduler, e1_model_kind, resolve_base
 from hidream_mlx.families.i1.replay import TRANSFORMER_INPUTS, _encoders, _max_sequence_length, decode_outputs, \
     replay_text_encoding
 from hidream_mlx.families.i1.sampling import Conditioning

@@ -1,7 +1,7 @@
 """What an edited image records, and the settings and lines it gives back (``--from-image``,
 ``info IMAGE``).
 
-The request records itself (:meth:`~.edit_requests.E1Request.metadata`: the instruction, the
+The request records itself (:meth:`~.requests.E1Request.metadata`: the instruction, the
 recipe, the budget or exact size, the source by file name and sha256 under ``reference_files``
 as O1 references are recorded). The run adds what only it knows (:func:`run_metadata`: the edited
 size, the transformer's ``max_seq``) and the engine the model (:func:`model_metadata`). No local
@@ -12,7 +12,7 @@ fingerprint; a re-run finds a local base again through ``--base``.
 
 from __future__ import annotations
 
-from hidream_mlx.families.i1.edit_sizes import ResizePlan, edit_max_seq
+from hidream_mlx.families.i1.e1.sizes import ResizePlan, edit_max_seq
 from hidream_mlx.weights.source import recorded_name
 
 

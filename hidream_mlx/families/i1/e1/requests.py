@@ -3,7 +3,7 @@ rules that check it (:func:`build_e1_request`) before any weight loads.
 
 ``width`` and ``height`` are what the user asked for: E1.1's pixel budget (the source keeps its
 aspect within it) or E1-Full's exact size; the edited size follows from the source
-(:mod:`.edit_sizes`) and is recorded by the engine with the source's name and sha256.
+(:mod:`.sizes`) and is recorded by the engine with the source's name and sha256.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Optional
 
-from hidream_mlx.families.i1.edit_recipes import (E1_FULL, FAMILY, TARGET_MARKER, E1Recipe, effective_negative,
+from hidream_mlx.families.i1.e1.recipes import (E1_FULL, FAMILY, TARGET_MARKER, E1Recipe, effective_negative,
                                                   get_e1_recipe, target_prompt)
-from hidream_mlx.families.i1.edit_sizes import BUDGET, ResizePlan, resize_plan
+from hidream_mlx.families.i1.e1.sizes import BUDGET, ResizePlan, resize_plan
 from hidream_mlx.families.i1.requests import note_truncation
 from hidream_mlx.family import SEED_MAX, RequestError, option_flag
 from hidream_mlx.files import file_record

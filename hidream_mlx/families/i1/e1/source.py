@@ -30,7 +30,7 @@ from typing import ClassVar, Optional
 import mlx.core as mx
 
 from hidream_mlx.families.i1.config import TransformerConfig, VAEConfig, read_json
-from hidream_mlx.families.i1.edit_recipes import E1_1, E1_FULL
+from hidream_mlx.families.i1.e1.recipes import E1_1, E1_FULL
 from hidream_mlx.families.i1.transformer import HiDreamImageTransformer
 from hidream_mlx.families.i1.source import (I1_PIPELINE_CLASSES, I1_REPOS, FamilyError, LlamaSource, check_dims,
                                             pipeline_class, resolve_llama)

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from hidream_mlx.families.i1.edit_recipes import E1Recipe, target_prompt
+from hidream_mlx.families.i1.e1.recipes import E1Recipe, target_prompt
 from hidream_mlx.families.i1.sampling import Conditioning
 from hidream_mlx.schedulers import Schedule, UniPCSampler
 

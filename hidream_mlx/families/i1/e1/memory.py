@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from hidream_mlx.families.i1.edit_recipes import E1Recipe
-from hidream_mlx.families.i1.edit_sizes import edit_max_seq
+from hidream_mlx.families.i1.e1.recipes import E1Recipe
+from hidream_mlx.families.i1.e1.sizes import edit_max_seq
 from hidream_mlx.families.i1.memory import (ENCODERS, QUANTIZABLE_ENCODERS, I1Memory, decode_activations,
                                             embedding_bytes, encode_activations, encoder_activations,
                                             sampling_activations)
