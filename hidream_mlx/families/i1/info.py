@@ -17,6 +17,32 @@ from hidream_mlx.families.i1.weights import expert_widths
 from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
 
 
+PHASE_ROWS = (("encode (largest encoder: {})", lambda p: p.encode), ("transformer load", lambda p: p.load),
+              ("sample (load included)", lambda p: p.sample), ("VAE decode", lambda p: p.decode),
+              ("whole run (largest phase)", lambda p: p.whole))
+
+
+def phase_table(levels, table: dict, floats: str, rows, fit_note: str = "") -> list[str]:
+    """The per-phase peaks at each precision (``table``: fused attention or not -> the peaks of each
+    of ``levels``), the CPU's whole run, and whether this machine holds each; ``rows``: (label, value)."""
+    here = uses_fused_attention()
+    lines = ["predicted peak per phase on Metal (computed; the transformer and T5/Llama at each precision, "
+             f"CLIP and the VAE in {floats}){' <- this machine' if here else ''}:",
+             f"  {'phase':<34}" + "".join(f"{name:>12}" for name, _ in levels)]
+    for label, value in rows:
+        label = label.format(table[True][0].encode_by)
+        lines.append(f"  {label:<34}" + "".join(f"{format_bytes(value(p)):>12}" for p in table[True]))
+    cpu = ", ".join(f"{name} {format_bytes(p.whole)} ({p.largest})" for (name, _), p in zip(levels, table[False]))
+    lines.append(f"on CPU (attention scores and convolution buffers materialized): whole run {cpu}"
+                 f"{'' if here else ' <- this machine'}")
+    have = machine_memory()
+    fits = ", ".join(f"{name} {'fits' if p.whole <= have else 'does NOT fit'}"
+                     for (name, _), p in zip(levels, table[here]))
+    where = "Metal recommended working set" if here else "physical RAM"
+    lines.append(f"machine: {format_bytes(have)} ({where}); this request: {fits}{fit_note}")
+    return lines
+
+
 def check_i1_size(source: I1Source, width: int, height: int, no_snap: bool) -> tuple[int, int, str]:
     """The size a HiDream-I1 ``generate`` renders for this request (its ranges and size rule)."""
     check_number("width", width)
@@ -69,25 +95,7 @@ def i1_info_lines(model_arg: str, llama_arg, dtype: str, dtype_bytes: int, width
                  f"{DEFAULT_MAX_SEQUENCE_LENGTH} tokens per text encoder")
     table = {fused: [phase_peaks(memory, bits, bits, width, height, cfg_pass, dtype_bytes, fused)
                      for _, bits in levels] for fused in (True, False)}
-    here = uses_fused_attention()
-    lines.append("predicted peak per phase on Metal (computed; the transformer and T5/Llama at each precision, "
-                 f"CLIP and the VAE in {floats}){' <- this machine' if here else ''}:")
-    lines.append(f"  {'phase':<34}" + "".join(f"{name:>12}" for name, _ in levels))
-    rows = (("encode (largest encoder: {})", lambda p: p.encode), ("transformer load", lambda p: p.load),
-            ("sample (load included)", lambda p: p.sample), ("VAE decode", lambda p: p.decode),
-            ("whole run (largest phase)", lambda p: p.whole))
-    for label, value in rows:
-        label = label.format(table[True][0].encode_by)
-        lines.append(f"  {label:<34}" + "".join(f"{format_bytes(value(p)):>12}" for p in table[True]))
-    cpu = ", ".join(f"{name} {format_bytes(p.whole)} ({p.largest})" for (name, _), p in zip(levels, table[False]))
-    lines.append(f"on CPU (attention scores and convolution buffers materialized): whole run {cpu}"
-                 f"{'' if here else ' <- this machine'}")
-    have = machine_memory()
-    fits = ", ".join(f"{name} {'fits' if p.whole <= have else 'does NOT fit'}"
-                     for (name, _), p in zip(levels, table[here]))
-    where = "Metal recommended working set" if here else "physical RAM"
-    lines.append(f"machine: {format_bytes(have)} ({where}); this request: {fits}")
-    return lines
+    return lines + phase_table(levels, table, floats, PHASE_ROWS)
 
 
 def recorded_i1_settings(meta: dict) -> dict:

@@ -10,10 +10,11 @@ from hidream_mlx.families.i1.e1.memory import adapter_bytes, edit_memory, edit_p
 from hidream_mlx.families.i1.e1.recipes import get_e1_recipe
 from hidream_mlx.families.i1.e1.sizes import BUDGET, edit_max_seq, resize_plan
 from hidream_mlx.families.i1.e1.source import E1Source
+from hidream_mlx.families.i1.info import phase_table
 from hidream_mlx.families.i1.memory import ENCODERS, LEVELS, QUANTIZABLE_ENCODERS
 from hidream_mlx.families.i1.text_encoding import DEFAULT_MAX_SEQUENCE_LENGTH
 from hidream_mlx.family import RequestError, check_number
-from hidream_mlx.memory import format_bytes, machine_memory, uses_fused_attention
+from hidream_mlx.memory import format_bytes
 from hidream_mlx.quant.recipes import DEFAULT_GROUP_SIZE
 
 PHASES = (("encode (largest encoder: {})", lambda p: p.encode), ("source (VAE encode)", lambda p: p.source),
@@ -80,20 +81,5 @@ def e1_info_lines(model_arg: str, base: Optional[str], llama: Optional[str], dty
                                 memory=memory)
 
     table = {fused: [peaks(bits, fused) for _, bits in levels] for fused in (True, False)}
-    here = uses_fused_attention()
-    lines.append("predicted peak per phase on Metal (computed; the transformer and T5/Llama at each precision, "
-                 f"CLIP and the VAE in {floats}){' <- this machine' if here else ''}:")
-    lines.append(f"  {'phase':<34}" + "".join(f"{name:>12}" for name, _ in levels))
-    for label, value in PHASES:
-        label = label.format(table[True][0].encode_by)
-        lines.append(f"  {label:<34}" + "".join(f"{format_bytes(value(p)):>12}" for p in table[True]))
-    cpu = ", ".join(f"{name} {format_bytes(p.whole)} ({p.largest})" for (name, _), p in zip(levels, table[False]))
-    lines.append(f"on CPU (attention scores and convolution buffers materialized): whole run {cpu}"
-                 f"{'' if here else ' <- this machine'}")
-    have = machine_memory()
-    fits = ", ".join(f"{name} {'fits' if p.whole <= have else 'does NOT fit'}"
-                     for (name, _), p in zip(levels, table[here]))
-    where = "Metal recommended working set" if here else "physical RAM"
-    lines.append(f"machine: {format_bytes(have)} ({where}); this request: {fits} (generate checks this before "
-                 "loading; --force runs anyway)")
-    return lines
+    return lines + phase_table(levels, table, floats, PHASES,
+                               " (generate checks this before loading; --force runs anyway)")
