@@ -327,6 +327,21 @@ class PhasePeaks:
         return max((("encode", self.encode), ("sample", self.sample), ("decode", self.decode)), key=lambda p: p[1])[0]
 
 
+def encode_phase(memory: I1Memory, encoder_bits: Optional[int], texts: int, text_tokens: int,
+                 dtype_bytes: int) -> tuple[int, str]:
+    """(the encode phase's peak, the encoder that makes it): one encoder resident at a time, with its
+    load's transient and its activations over ``texts`` prompts."""
+    encode, encode_by = 0, ENCODERS[0]
+    for name in ENCODERS:
+        bits = encoder_bits if name in QUANTIZABLE_ENCODERS else None
+        weights = memory.weights[name]
+        need = (weights.size(bits, dtype_bytes).nbytes + weights.load_transient(bits, dtype_bytes)
+                + encoder_activations(name, memory.encoder_cfgs[name], texts, text_tokens, dtype_bytes))
+        if need > encode:
+            encode, encode_by = need, name
+    return encode, encode_by
+
+
 def phase_peaks(memory: I1Memory, transformer_bits: Optional[int], encoder_bits: Optional[int], width: int,
                 height: int, cfg_pass: bool, dtype_bytes: int = 2, fused: Optional[bool] = None,
                 images: int = 1, text_tokens: int = DEFAULT_MAX_SEQUENCE_LENGTH, extra_bytes: int = 0) -> PhasePeaks:
@@ -336,14 +351,7 @@ def phase_peaks(memory: I1Memory, transformer_bits: Optional[int], encoder_bits:
     fused = uses_fused_attention() if fused is None else fused
     batch = 2 if cfg_pass else 1
     vae_scale = 2 ** (len(memory.vae_cfg.block_out_channels) - 1)
-    encode, encode_by = 0, ENCODERS[0]
-    for name in ENCODERS:
-        bits = encoder_bits if name in QUANTIZABLE_ENCODERS else None
-        weights = memory.weights[name]
-        need = (weights.size(bits, dtype_bytes).nbytes + weights.load_transient(bits, dtype_bytes)
-                + encoder_activations(name, memory.encoder_cfgs[name], batch, text_tokens, dtype_bytes))
-        if need > encode:
-            encode, encode_by = need, name
+    encode, encode_by = encode_phase(memory, encoder_bits, batch, text_tokens, dtype_bytes)
     tcfg = memory.transformer_cfg
     embeddings = embedding_bytes(tcfg, memory.encoder_cfgs["llama"].num_hidden_layers, batch, text_tokens,
                                  dtype_bytes)

@@ -22,9 +22,8 @@ from typing import Optional
 
 from hidream_mlx.families.i1.e1.recipes import E1Recipe
 from hidream_mlx.families.i1.e1.sizes import edit_max_seq
-from hidream_mlx.families.i1.memory import (ENCODERS, QUANTIZABLE_ENCODERS, I1Memory, decode_activations,
-                                            embedding_bytes, encode_activations, encoder_activations,
-                                            sampling_activations)
+from hidream_mlx.families.i1.memory import (I1Memory, decode_activations, embedding_bytes, encode_activations,
+                                            encode_phase, sampling_activations)
 from hidream_mlx.families.i1.text_encoding import DEFAULT_MAX_SEQUENCE_LENGTH
 from hidream_mlx.families.i1.weights import expert_widths
 from hidream_mlx.memory import RUNTIME_BYTES, format_bytes, machine_memory, predict_load_peak_bytes, \
@@ -79,14 +78,7 @@ def edit_phase_peaks(source, recipe: E1Recipe, width: int, height: int, edited: 
     fused = uses_fused_attention() if fused is None else fused
     memory = memory or edit_memory(source)
     batch = 3 if recipe.uses_cfg else 1
-    encode, encode_by = 0, ENCODERS[0]
-    for name in ENCODERS:
-        bits = encoder_bits if name in QUANTIZABLE_ENCODERS else None
-        weights = memory.weights[name]
-        need = (weights.size(bits, dtype_bytes).nbytes + weights.load_transient(bits, dtype_bytes)
-                + encoder_activations(name, memory.encoder_cfgs[name], texts, text_tokens, dtype_bytes))
-        if need > encode:
-            encode, encode_by = need, name
+    encode, encode_by = encode_phase(memory, encoder_bits, texts, text_tokens, dtype_bytes)
     tcfg = memory.transformer_cfg
     llama_layers = memory.encoder_cfgs["llama"].num_hidden_layers
     embeddings = embedding_bytes(tcfg, llama_layers, texts, text_tokens, dtype_bytes)
