@@ -140,33 +140,30 @@ def decode_base64(text: str, field: str = "a reference") -> bytes:
                          "(server paths and remote URLs are not accepted)") from None
 
 
-def store_reference(image: Image.Image, folder: Path) -> str:
-    """Keep a decoded reference under the output folder, named by its pixels' hash, so the saved
-    image's metadata names a file that reproduces it."""
-    rgb = image.convert("RGB")
-    digest = hashlib.sha256(rgb.tobytes() + repr(rgb.size).encode()).hexdigest()[:16]
+def keep_png(picture: Image.Image, folder: Path, prefix: str, identity: bytes) -> str:
+    """Keep ``picture`` under ``folder`` as ``PREFIX-<hash of identity>.png`` (written once, atomically),
+    so the saved image's metadata names a file that reproduces it."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"ref-{digest}.png"
-    if not path.exists():
-        tmp = path.with_name(f".{path.name}.tmp")
-        rgb.save(tmp, format="PNG")
-        tmp.replace(path)
-    return str(path)
-
-
-def store_start_image(key: str, image: Image.Image, folder: Path) -> str:
-    """Keep an init image (as a viewer shows it) or a mask (as its repaint levels) under the output
-    folder, named by content hash, so the saved image's metadata names a file that reproduces it."""
-    picture = mask_levels(image) if key == "mask" else as_viewer_rgb(image)
-    prefix = "mask" if key == "mask" else "init"
-    digest = hashlib.sha256(picture.tobytes() + repr((picture.mode, picture.size)).encode()).hexdigest()[:16]
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{prefix}-{digest}.png"
+    path = folder / f"{prefix}-{hashlib.sha256(identity).hexdigest()[:16]}.png"
     if not path.exists():
         tmp = path.with_name(f".{path.name}.tmp")
         picture.save(tmp, format="PNG")
         tmp.replace(path)
     return str(path)
+
+
+def store_reference(image: Image.Image, folder: Path) -> str:
+    """Keep a decoded reference under the output folder, named by its pixels' hash."""
+    rgb = image.convert("RGB")
+    return keep_png(rgb, folder, "ref", rgb.tobytes() + repr(rgb.size).encode())
+
+
+def store_start_image(key: str, image: Image.Image, folder: Path) -> str:
+    """Keep an init image (as a viewer shows it) or a mask (as its repaint levels) under the output
+    folder, named by content hash."""
+    picture = mask_levels(image) if key == "mask" else as_viewer_rgb(image)
+    return keep_png(picture, folder, "mask" if key == "mask" else "init",
+                    picture.tobytes() + repr((picture.mode, picture.size)).encode())
 
 
 def start_images(body: dict, uploads: dict, limits: Limits, folder: Path) -> dict:
