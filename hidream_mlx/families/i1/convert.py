@@ -45,6 +45,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 COMPONENTS = ("double blocks", "single blocks", "caption projections", "embedders and final layer")
 _BLOCK = re.compile(r"(double|single)_stream_blocks\.")
 
+
 def component_of(name: str) -> str:
     """Reporting group of an I1 transformer tensor, for the size summary."""
     m = _BLOCK.match(name)
@@ -54,10 +55,12 @@ def component_of(name: str) -> str:
         return "caption projections"
     return "embedders and final layer"
 
+
 def transformer_plan(infos: dict[str, TensorInfo], recipe: QuantRecipe, bits: Optional[int],
                      group_size: Optional[int]) -> QuantPlan:
     """The plan for an I1 transformer's header index (the layers ``quant.plans.I1_LAYERS`` names)."""
     return resolve_plan(recipe, index_matrices(infos), None, bits, group_size, I1_LAYERS)
+
 
 def _carry(src: Path, dst: Path) -> None:
     """``dst`` as a hard link to ``src``'s content (a hub symlink is followed), else a copy."""
@@ -67,6 +70,7 @@ def _carry(src: Path, dst: Path) -> None:
         os.link(real, dst)
     except OSError:  # another filesystem, or links not allowed: copy instead
         shutil.copyfile(real, dst)
+
 
 def carry_components(source_dir: Path, tmp: Path, on_notice: Callable[[str], None]) -> list[str]:
     """Copy ``model_index.json`` and every component but the transformer; returns relative paths."""
@@ -92,6 +96,7 @@ def carry_components(source_dir: Path, tmp: Path, on_notice: Callable[[str], Non
                 written.append(rel)
     return written
 
+
 def _convert_transformer(infos: dict[str, TensorInfo], plan: QuantPlan, out: Path, shard_bytes: int,
                          sizes: dict[str, ComponentSize], on_progress: Callable[[int, int, str], None]):
     writer = ShardWriter(out, shard_bytes, stem=SHARD_STEM)
@@ -114,6 +119,7 @@ def _convert_transformer(infos: dict[str, TensorInfo], plan: QuantPlan, out: Pat
         mx.clear_cache()
     on_progress(len(files), len(files), "")
     return writer.finish()
+
 
 def convert_i1(source: str, output: Path | str, recipe: QuantRecipe, bits: Optional[int] = None,
                group_size: Optional[int] = None, overwrite: bool = False,
